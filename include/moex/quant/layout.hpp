@@ -1,0 +1,156 @@
+#pragma once
+/// @file layout.hpp
+/// Byte layouts of weight matrices and experts. CPU kernels, CUDA kernels, the expert store and
+/// cache files all share these layouts, so they are part of the stable format of moex.
+///
+/// ## A matrix
+/// A weight matrix has `rows` outputs and `cols` inputs and is stored row-major (Hugging Face
+/// `[out, in]` order): y = W x, with y[r] = sum_c W[r][c] * x[c].
+///
+/// **Float precisions** (f32, f16, bf16): `rows*cols` little-endian elements, row-major. f16 is
+/// IEEE binary16, bf16 the upper 16 bits of an IEEE binary32.
+///
+/// **Group-quantized precisions** (int8, int4, int2; b bits): each row is cut into `cols / G`
+/// groups of G consecutive columns (G = group_size, one of 32, 64, 128; `cols % G == 0`). The
+/// matrix occupies three sections, each starting at a multiple of kSectionAlign bytes from the
+/// start of the matrix:
+///  1. **codes**: `rows*cols*b/8` bytes, row-major. Codes are unsigned b-bit integers u packed
+///     little-end first: in each byte, the element with the lower column index sits in the lower
+///     bits (int4: element 2j in bits 0-3, 2j+1 in bits 4-7; int2: element 4j+i in bits 2i..2i+1).
+///  2. **scales**: `rows * (cols/G)` IEEE binary16 values d, row-major ([row][group]).
+///  3. **mins** (asymmetric only): `rows * (cols/G)` binary16 values m, same order.
+///
+/// Decoding an element with code u in a group with scale d (and minimum m):
+///  - symmetric:  x = d * (u - 2^(b-1))        (u - 2^(b-1) ranges over [-2^(b-1), 2^(b-1)-1])
+///  - asymmetric: x = d * u + m                (u ranges over [0, 2^b - 1])
+/// Encoding (quantize.hpp): symmetric takes the element of largest magnitude a (with its sign) and
+/// sets d = a / -2^(b-1), so that element maps exactly to the most negative code (ggml's Q4_0 rule,
+/// which uses every level); asymmetric sets m = min, d = (max - min) / (2^b - 1). Codes are
+/// round-to-nearest of the inverse, clamped. Both use the binary16-rounded d and m, so decoding is
+/// exactly what the encoder assumed.
+///
+/// ## An expert
+/// A SwiGLU expert is three matrices in one contiguous blob, each starting at a multiple of
+/// kMatrixAlign: w1 (gate, [ffn x hidden]), w3 (up, [ffn x hidden]), w2 (down, [hidden x ffn]),
+/// all in the same WeightFormat. One blob per expert per precision means one copy per expert.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "moex/types.hpp"
+
+MOEX_NAMESPACE_BEGIN
+
+/// Alignment of the sections inside a quantized matrix.
+inline constexpr std::size_t kSectionAlign = 64;
+/// Alignment of each matrix inside an expert blob (and of the blob's size).
+inline constexpr std::size_t kMatrixAlign = 256;
+
+/// Rounds n up to a multiple of a (a power of two).
+constexpr std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) & ~(a - 1); }
+
+/// Offsets and sizes of one matrix's sections, in bytes from the start of the matrix.
+struct MatrixLayout {
+  std::size_t rows = 0;
+  std::size_t cols = 0;
+  WeightFormat format{};
+  std::size_t codes_bytes = 0;    ///< float data, or quantized codes
+  std::size_t scales_offset = 0;  ///< 0 for floats
+  std::size_t mins_offset = 0;    ///< 0 unless asymmetric
+  std::size_t total_bytes = 0;
+
+  std::size_t groups_per_row() const noexcept {
+    return format.group_size ? cols / format.group_size : 0;
+  }
+};
+
+/// True when `format` is a valid storage format for a matrix with `cols` columns.
+constexpr bool format_is_valid(WeightFormat f, std::size_t cols) noexcept {
+  if (!is_quantized(f.precision)) return static_cast<std::uint8_t>(f.precision) <= 2;
+  if (f.group_size != 32 && f.group_size != 64 && f.group_size != 128) return false;
+  if (f.scheme != QuantScheme::kSymmetric && f.scheme != QuantScheme::kAsymmetric) return false;
+  return cols % f.group_size == 0;
+}
+
+/// The layout of a [rows x cols] matrix. Precondition: format_is_valid(format, cols).
+constexpr MatrixLayout matrix_layout(std::size_t rows, std::size_t cols, WeightFormat format) noexcept {
+  MatrixLayout l;
+  l.rows = rows;
+  l.cols = cols;
+  l.format = format;
+  l.codes_bytes = rows * cols * precision_bits(format.precision) / 8;
+  if (!is_quantized(format.precision)) {
+    l.total_bytes = l.codes_bytes;
+    return l;
+  }
+  const std::size_t scale_bytes = rows * (cols / format.group_size) * 2;
+  l.scales_offset = align_up(l.codes_bytes, kSectionAlign);
+  std::size_t end = l.scales_offset + scale_bytes;
+  if (format.scheme == QuantScheme::kAsymmetric) {
+    l.mins_offset = align_up(end, kSectionAlign);
+    end = l.mins_offset + scale_bytes;
+  }
+  l.total_bytes = align_up(end, kSectionAlign);
+  return l;
+}
+
+/// Offsets of the three matrices of an expert blob.
+struct ExpertLayout {
+  ExpertShape shape{};
+  WeightFormat format{};
+  MatrixLayout w1{}, w3{}, w2{};
+  std::size_t w1_offset = 0, w3_offset = 0, w2_offset = 0;
+  std::size_t total_bytes = 0;
+};
+
+/// The layout of one expert. Precondition: format_is_valid(format, hidden) and (format, ffn).
+constexpr ExpertLayout expert_layout(ExpertShape shape, WeightFormat format) noexcept {
+  ExpertLayout e;
+  e.shape = shape;
+  e.format = format;
+  e.w1 = matrix_layout(shape.ffn, shape.hidden, format);
+  e.w3 = matrix_layout(shape.ffn, shape.hidden, format);
+  e.w2 = matrix_layout(shape.hidden, shape.ffn, format);
+  e.w1_offset = 0;
+  e.w3_offset = align_up(e.w1.total_bytes, kMatrixAlign);
+  e.w2_offset = e.w3_offset + align_up(e.w3.total_bytes, kMatrixAlign);
+  e.total_bytes = e.w2_offset + align_up(e.w2.total_bytes, kMatrixAlign);
+  return e;
+}
+
+/// Bytes of one expert blob in `format`.
+constexpr std::size_t expert_bytes(ExpertShape shape, WeightFormat format) noexcept {
+  return expert_layout(shape, format).total_bytes;
+}
+
+/// True when both matrices of an expert of `shape` can be stored in `format`.
+constexpr bool expert_format_is_valid(ExpertShape shape, WeightFormat format) noexcept {
+  return shape.hidden > 0 && shape.ffn > 0 && format_is_valid(format, shape.hidden) &&
+         format_is_valid(format, shape.ffn);
+}
+
+/// A read-only view of one matrix in some format.
+struct MatrixView {
+  const std::byte* data = nullptr;
+  MatrixLayout layout{};
+};
+
+/// A read-only view of one expert: three matrices that may live apart (a checkpoint read in place
+/// keeps w1, w3 and w2 wherever the file has them) or in one blob (a cache slot, a built copy).
+struct ExpertView {
+  const std::byte* w1_data = nullptr;
+  const std::byte* w3_data = nullptr;
+  const std::byte* w2_data = nullptr;
+  ExpertLayout layout{};
+
+  /// A view of a contiguous blob laid out by expert_layout().
+  static ExpertView contiguous(const std::byte* blob, const ExpertLayout& l) noexcept {
+    return {blob + l.w1_offset, blob + l.w3_offset, blob + l.w2_offset, l};
+  }
+  bool valid() const noexcept { return w1_data && w3_data && w2_data; }
+  MatrixView w1() const noexcept { return {w1_data, layout.w1}; }
+  MatrixView w3() const noexcept { return {w3_data, layout.w3}; }
+  MatrixView w2() const noexcept { return {w2_data, layout.w2}; }
+};
+
+MOEX_NAMESPACE_END

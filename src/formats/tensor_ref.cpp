@@ -150,8 +150,8 @@ Status tensor_to_f32(const TensorRef& ref, std::span<float> out) {
   if (ref.col_stride > 1 && (bs > 1 || split_mxfp4 || scaled_fp8)) {
     return unsupported(ref.name + ": column strides need an element dtype without scales");
   }
-  if ((ref.row_stride || ref.col_stride) && ref.shape.size() != 2) {
-    return invalid_argument(ref.name + ": strided views must be 2-D");
+  if ((ref.row_stride || ref.col_stride) && ref.shape.size() != 2 && !(ref.shape.size() == 1 && ref.row_stride == 0)) {
+    return invalid_argument(ref.name + ": strided views must be 2-D (or 1-D with a column stride)");
   }
   const std::uint64_t rs = ref.row_stride ? ref.row_stride : cols;
   const std::uint64_t cs = ref.col_stride ? ref.col_stride : 1;

@@ -1,57 +1,161 @@
-// Reference-quality CPU kernels. Scalar for now: decode a row, dot it with every token.
+// matmul_rows dispatch (per-ISA kernels in kernels_*.cpp, a portable one here), the SwiGLU expert
+// FFN over a thread pool, and view validation.
 #include "moex/cpu/expert_ffn.hpp"
 
+#include <algorithm>
 #include <cmath>
-#include <vector>
+#include <cstdint>
+#include <limits>
+#include <string>
 
-#include "moex/quant/quantize.hpp"
+#include "moex/cpu/cpu_isa.hpp"
+#include "moex/cpu/cpu_kernels.hpp"
+#include "moex/quant/ggml.hpp"
 #include "moex/thread_pool.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
-void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y,
-                 std::size_t ldy, std::size_t row_begin, std::size_t row_end) noexcept {
+namespace {
+
+// Columns decoded per step by the portable kernel: a multiple of every group (128) and block
+// (256) size; 4 KiB of stack.
+constexpr std::size_t kScalarChunk = 1024;
+
+// Portable kernel for any decodable view: decode a chunk of a row once, dot it with every token,
+// accumulating the chunk partial sums into y.
+void matmul_rows_decoded(const MatrixView& w, const detail::MatmulArgs& a) noexcept {
+  float buf[kScalarChunk];
   const std::size_t cols = w.layout.cols;
-  std::vector<float> row(cols);
-  for (std::size_t r = row_begin; r < row_end; ++r) {
-    dequantize_row(w, r, row.data());
-    for (std::size_t t = 0; t < n; ++t) {
-      const float* xt = x + t * ldx;
-      float acc = 0.f;
-      for (std::size_t c = 0; c < cols; ++c) acc += row[c] * xt[c];
-      y[t * ldy + r] = acc;
+  for (std::size_t r = a.row_begin; r < a.row_end; ++r) {
+    for (std::size_t t = 0; t < a.n; ++t) a.y[t * a.ldy + r] = 0.f;
+    for (std::size_t c0 = 0; c0 < cols; c0 += kScalarChunk) {
+      const std::size_t len = std::min(kScalarChunk, cols - c0);
+      detail::decode_row_range(w, r, c0, len, buf);
+      for (std::size_t t = 0; t < a.n; ++t) {
+        const float* xt = a.x + t * a.ldx + c0;
+        float acc = 0.f;
+        for (std::size_t c = 0; c < len; ++c) acc += buf[c] * xt[c];
+        a.y[t * a.ldy + r] += acc;
+      }
     }
   }
+}
+
+float silu(float v) noexcept { return v / (1.f + std::exp(-v)); }
+
+struct FfnJob {
+  ExpertView e;
+  const float* x;
+  std::size_t n;
+  float* gate;  // [n x ffn]: w1 x, then silu(w1 x) * (w3 x)
+  float* up;    // [n x ffn]: w3 x
+  float* y;
+
+  void up_rows(std::size_t b, std::size_t end) const noexcept {
+    const std::size_t hidden = e.layout.shape.hidden, ffn = e.layout.shape.ffn;
+    matmul_rows(e.w1(), x, n, hidden, gate, ffn, b, end);
+    matmul_rows(e.w3(), x, n, hidden, up, ffn, b, end);
+    for (std::size_t t = 0; t < n; ++t) {
+      float* g = gate + t * ffn;
+      const float* u = up + t * ffn;
+      for (std::size_t r = b; r < end; ++r) g[r] = silu(g[r]) * u[r];
+    }
+  }
+  void down_rows(std::size_t b, std::size_t end) const noexcept {
+    const std::size_t hidden = e.layout.shape.hidden, ffn = e.layout.shape.ffn;
+    matmul_rows(e.w2(), gate, n, ffn, y, hidden, b, end);
+  }
+};
+
+// Rows per parallel_for chunk at least: a multiple of every kernel's row tile (4).
+constexpr std::size_t kRowGrain = 16;
+
+}  // namespace
+
+namespace detail {
+
+void matmul_rows_scalar(const MatmulArgs& a) noexcept {
+  const MatrixView w{a.w, a.layout};
+  matmul_rows_decoded(w, a);
+}
+
+}  // namespace detail
+
+Status check_matrix_view(const MatrixView& m) noexcept {
+  if (m.data == nullptr) return invalid_argument("matrix view: null data");
+  const MatrixLayout& l = m.layout;
+  if (l.rows == 0 || l.cols == 0) return invalid_argument("matrix view: zero rows or columns");
+  if (l.rows > std::numeric_limits<std::size_t>::max() / 8 / l.cols)
+    return invalid_argument("matrix view: size overflows");
+  const Precision p = l.format.precision;
+  if (is_block_format(p)) {
+    if (p == Precision::kFp8E4M3)
+      return unsupported("matrix view: fp8 e4m3 needs its separate block scales");
+    const std::size_t bs = block_format_block_size(p);
+    if (bs == 0 || l.cols % bs != 0)
+      return invalid_argument("matrix view: " + std::string(to_string(p)) +
+                              " rows must be whole blocks");
+    return Status::ok();
+  }
+  if (!format_is_valid(l.format, l.cols))
+    return invalid_argument("matrix view: invalid format for " + std::to_string(l.cols) + " columns");
+  const MatrixLayout want = matrix_layout(l.rows, l.cols, l.format);
+  if (want.codes_bytes != l.codes_bytes || want.scales_offset != l.scales_offset ||
+      want.mins_offset != l.mins_offset || want.total_bytes != l.total_bytes)
+    return invalid_argument("matrix view: layout differs from matrix_layout(rows, cols, format)");
+  return Status::ok();
+}
+
+void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y,
+                 std::size_t ldy, std::size_t row_begin, std::size_t row_end) noexcept {
+  if (w.data == nullptr || x == nullptr || y == nullptr || n == 0) return;
+  row_end = std::min(row_end, w.layout.rows);
+  if (row_begin >= row_end) return;
+  if (!check_matrix_view(w).is_ok()) return;
+  const detail::MatmulArgs a{w.data, w.layout, x, n, ldx, y, ldy, row_begin, row_end};
+  if (is_block_format(w.layout.format.precision)) {
+    matmul_rows_decoded(w, a);
+    return;
+  }
+  switch (active_cpu_isa()) {
+    case CpuIsa::kAvx512Bf16: detail::matmul_rows_avx512bf16(a); return;
+    case CpuIsa::kAvx512: detail::matmul_rows_avx512(a); return;
+    case CpuIsa::kAvx2: detail::matmul_rows_avx2(a); return;
+    case CpuIsa::kScalar: break;
+  }
+  detail::matmul_rows_scalar(a);
 }
 
 Status expert_ffn(const ExpertView& e, const float* x, std::size_t n, float* y,
                   std::span<float> workspace, ThreadPool* pool) noexcept {
   const ExpertShape s = e.layout.shape;
   if (!e.valid() || x == nullptr || y == nullptr) return invalid_argument("expert_ffn: null pointer");
+  if (s.hidden == 0 || s.ffn == 0) return invalid_argument("expert_ffn: empty expert shape");
+  const MatrixView views[3] = {e.w1(), e.w3(), e.w2()};
+  const std::size_t want_rows[3] = {s.ffn, s.ffn, s.hidden};
+  const std::size_t want_cols[3] = {s.hidden, s.hidden, s.ffn};
+  for (int i = 0; i < 3; ++i) {
+    MOEX_RETURN_IF_ERROR(check_matrix_view(views[i]));
+    if (views[i].layout.rows != want_rows[i] || views[i].layout.cols != want_cols[i])
+      return invalid_argument("expert_ffn: a matrix does not match the expert shape");
+  }
   if (n == 0) return Status::ok();
-  if (workspace.size() < expert_ffn_workspace(s, n)) return invalid_argument("expert_ffn: workspace too small");
-  float* g = workspace.data();       // [n x ffn] gate, then the activation
-  float* u = g + std::size_t{s.ffn} * n;  // [n x ffn] up
-  auto up = [&](std::size_t b, std::size_t end) {
-    matmul_rows(e.w1(), x, n, s.hidden, g, s.ffn, b, end);
-    matmul_rows(e.w3(), x, n, s.hidden, u, s.ffn, b, end);
-    for (std::size_t t = 0; t < n; ++t)
-      for (std::size_t r = b; r < end; ++r) {
-        const float a = g[t * s.ffn + r];
-        g[t * s.ffn + r] = a / (1.f + std::exp(-a)) * u[t * s.ffn + r];
-      }
-  };
-  auto down = [&](std::size_t b, std::size_t end) { matmul_rows(e.w2(), g, n, s.ffn, y, s.hidden, b, end); };
-  if (pool) {
-    pool->parallel_for(s.ffn, 16, up);
-    pool->parallel_for(s.hidden, 16, down);
+  if (n > std::numeric_limits<std::size_t>::max() / 2 / s.ffn)
+    return invalid_argument("expert_ffn: token count overflows");
+  if (workspace.data() == nullptr || workspace.size() < expert_ffn_workspace(s, n))
+    return invalid_argument("expert_ffn: workspace too small");
+  const FfnJob job{e, x, n, workspace.data(), workspace.data() + std::size_t{s.ffn} * n, y};
+  const FfnJob* jp = &job;  // one pointer: fits std::function's local buffer, no allocation
+  if (pool != nullptr && pool->size() > 1) {
+    pool->parallel_for(s.ffn, kRowGrain, [jp](std::size_t b, std::size_t end) { jp->up_rows(b, end); });
+    pool->parallel_for(s.hidden, kRowGrain, [jp](std::size_t b, std::size_t end) { jp->down_rows(b, end); });
   } else {
-    up(0, s.ffn);
-    down(0, s.hidden);
+    job.up_rows(0, s.ffn);
+    job.down_rows(0, s.hidden);
   }
   return Status::ok();
 }
 
-const char* cpu_kernel_isa() noexcept { return "scalar"; }
+const char* cpu_kernel_isa() noexcept { return to_string(active_cpu_isa()).data(); }
 
 MOEX_NAMESPACE_END

@@ -1,7 +1,15 @@
 #pragma once
 /// @file expert_ffn.hpp
 /// CPU kernels: matrix-times-tokens in every storage format, the SwiGLU expert FFN, combine.
-/// Instruction sets are chosen at run time (AVX-512 / AVX-512-BF16 / AVX2 / scalar).
+/// Instruction sets are chosen at run time (AVX-512 / AVX-512-BF16 / AVX2 / scalar; see
+/// cpu_isa.hpp, MOEX_CPU_ISA forces a lower one).
+///
+/// Weights are decoded on the fly, a few rows at a time in registers: no dequantized matrix is
+/// ever materialized, so at batch 1 the kernels stream the stored bytes once. Accumulation is f32.
+/// Accuracy (against float64 math on the decoded weights): f32 FMA accumulation in every path,
+/// except bf16 weights under CpuIsa::kAvx512Bf16, where activations are rounded to bf16 once per
+/// use (relative error of a dot product about 2^-9 / sqrt(cols) for random data, 3e-3 bound).
+/// Results do not depend on how rows are split across threads (bit-identical).
 
 #include <cstddef>
 #include <span>
@@ -13,8 +21,17 @@ MOEX_NAMESPACE_BEGIN
 
 class ThreadPool;
 
+/// Checks that `m` can be read by matmul_rows / dequantize_row: non-null data, rows and cols > 0,
+/// a layout equal to matrix_layout(rows, cols, format) for moex's own formats, or a block format
+/// whose block size divides cols. Errors: kInvalidArgument; kUnsupported for fp8 e4m3 (its
+/// scales are kept apart from the matrix).
+Status check_matrix_view(const MatrixView& m) noexcept;
+
 /// y[t*ldy + r] = sum_c W[r][c] * x[t*ldx + c] for tokens t in [0, n) and rows r in
 /// [row_begin, row_end). Accumulates in f32. The building block of every CPU expert kernel.
+/// Preconditions: check_matrix_view(w) is ok, row_end <= rows, x holds n rows of ldx >= cols
+/// floats, y holds n rows of ldy >= row_end floats. Null pointers make it return without writing.
+/// Block formats (quant/ggml.hpp) are decoded through decode_block_row, 1024 columns at a time.
 void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y,
                  std::size_t ldy, std::size_t row_begin, std::size_t row_end) noexcept;
 
@@ -25,12 +42,15 @@ constexpr std::size_t expert_ffn_workspace(ExpertShape shape, std::size_t n) noe
 
 /// SwiGLU expert: y = W2 (silu(W1 x) * (W3 x)) for n tokens; x is [n x hidden], y is
 /// [n x hidden], both row-major f32. `workspace` holds expert_ffn_workspace(shape, n) floats.
-/// Rows are split across `pool` (null: the calling thread only).
+/// Rows are split across `pool` (null: the calling thread only); w1 and w3 rows are computed
+/// together with the SwiGLU activation in one pass. y may alias x.
+/// Errors: kInvalidArgument for null pointers, views whose layouts do not match the shape, an
+/// invalid format or a short workspace; kUnsupported for fp8 e4m3 weights.
 Status expert_ffn(const ExpertView& e, const float* x, std::size_t n, float* y,
                   std::span<float> workspace, ThreadPool* pool = nullptr) noexcept;
 
-/// The instruction set the kernels picked on this machine: "avx512bf16", "avx512", "avx2",
-/// "scalar".
+/// The instruction set the kernels use now (active_cpu_isa()): "avx512bf16", "avx512", "avx2",
+/// "scalar". Never null; static storage.
 const char* cpu_kernel_isa() noexcept;
 
 MOEX_NAMESPACE_END

@@ -1,0 +1,20 @@
+#pragma once
+/// @file default_policies.hpp
+/// DefaultPolicies: every replaceable piece of the executor, with its default. Override by deriving:
+/// @code
+///   struct LfuPolicies : moex::DefaultPolicies { using Eviction = moex::LfuEviction; };
+///   auto ex = moex::MoeLayerExecutor<LfuPolicies>::create(store, {.cache_bytes = 1 << 30});
+/// @endcode
+
+#include "moex/concepts/gate.hpp"
+#include "moex/policies/lru_eviction.hpp"
+
+MOEX_NAMESPACE_BEGIN
+
+/// The exact path: the router's top-k, least-recently-used eviction.
+struct DefaultPolicies {
+  using Eviction = LruEviction;
+  using Gate = FixedTopKGate;
+};
+
+MOEX_NAMESPACE_END

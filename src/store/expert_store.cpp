@@ -1,0 +1,183 @@
+#include "moex/store/expert_store.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <string>
+
+#include "moex/quant/quantize.hpp"
+#include "moex/route/router.hpp"
+#include "moex/thread_pool.hpp"
+
+MOEX_NAMESPACE_BEGIN
+
+Status validate(const MoeModelSpec& s) noexcept {
+  if (s.n_layers == 0) return invalid_argument("model spec: n_layers must be > 0");
+  if (s.n_experts == 0) return invalid_argument("model spec: n_experts must be > 0");
+  if (s.shape.hidden == 0 || s.shape.ffn == 0) return invalid_argument("model spec: expert shape has a zero dimension");
+  if (s.router.n_experts != s.n_experts) return invalid_argument("model spec: router.n_experts differs from n_experts");
+  // Guard sizes that would overflow or could never be allocated.
+  if (static_cast<std::uint64_t>(s.n_layers) * s.n_experts > (1ull << 24))
+    return invalid_argument("model spec: more than 2^24 experts");
+  if (static_cast<std::uint64_t>(s.shape.hidden) * s.shape.ffn > (1ull << 34))
+    return invalid_argument("model spec: expert larger than 2^34 weights per matrix");
+  return validate(s.router);
+}
+
+Result<ExpertStore> ExpertStore::create(const MoeModelSpec& spec, WeightFormat master_format) {
+  MOEX_RETURN_IF_ERROR(validate(spec));
+  if (!expert_format_is_valid(spec.shape, master_format))
+    return invalid_argument("ExpertStore: format " + std::string(to_string(master_format.precision)) +
+                            " cannot hold experts of hidden " + std::to_string(spec.shape.hidden) +
+                            " and ffn " + std::to_string(spec.shape.ffn));
+  ExpertStore s;
+  s.spec_ = spec;
+  s.master_format_ = master_format;
+  s.master_layout_ = expert_layout(spec.shape, master_format);
+  const std::size_t n = std::size_t{spec.n_layers} * spec.n_experts;
+  s.master_views_.assign(n, ExpertView{nullptr, nullptr, nullptr, s.master_layout_});
+  s.routers_.assign(std::size_t{spec.n_layers} * spec.n_experts * spec.shape.hidden, 0.f);
+  s.biases_.resize(spec.n_layers);
+  return s;
+}
+
+Status ExpertStore::check_key(ExpertKey k) const noexcept {
+  if (k.layer >= spec_.n_layers || k.expert >= spec_.n_experts)
+    return invalid_argument("expert (" + std::to_string(k.layer) + ", " + std::to_string(k.expert) +
+                            ") is out of range for " + std::to_string(spec_.n_layers) + " layers x " +
+                            std::to_string(spec_.n_experts) + " experts");
+  return Status::ok();
+}
+
+Status ExpertStore::set_expert(ExpertKey key, const float* w1, const float* w3, const float* w2) {
+  MOEX_RETURN_IF_ERROR(check_key(key));
+  if (!w1 || !w3 || !w2) return invalid_argument("set_expert: null weights");
+  if (is_block_format(master_format_.precision))
+    return unsupported("set_expert: block formats are read in place (set_expert_view), not encoded");
+  if (master_blob_.empty()) master_blob_.resize(master_views_.size() * master_layout_.total_bytes);
+  std::byte* dst = master_blob_.data() + index(key) * master_layout_.total_bytes;
+  MOEX_RETURN_IF_ERROR(pack_expert(w1, w3, w2, spec_.shape, master_format_,
+                                   std::span<std::byte>(dst, master_layout_.total_bytes)));
+  master_views_[index(key)] = ExpertView::contiguous(dst, master_layout_);
+  return Status::ok();
+}
+
+Status ExpertStore::set_expert_view(ExpertKey key, const ExpertView& view, Tier tier) {
+  MOEX_RETURN_IF_ERROR(check_key(key));
+  if (!view.valid()) return invalid_argument("set_expert_view: null matrix pointer");
+  if (!(view.layout.shape == spec_.shape) || !(view.layout.format == master_format_))
+    return invalid_argument("set_expert_view: the view's shape or format differs from the store's");
+  master_views_[index(key)] = view;
+  master_views_[index(key)].layout = master_layout_;
+  master_tier_ = tier;
+  return Status::ok();
+}
+
+void ExpertStore::keep_alive(std::shared_ptr<const void> owner) { owners_.push_back(std::move(owner)); }
+
+Status ExpertStore::set_router(std::uint32_t layer, std::span<const float> weights, std::span<const float> bias) {
+  if (layer >= spec_.n_layers) return invalid_argument("set_router: layer out of range");
+  const std::size_t per = std::size_t{spec_.n_experts} * spec_.shape.hidden;
+  if (weights.size() != per)
+    return invalid_argument("set_router: expected " + std::to_string(per) + " weights, got " +
+                            std::to_string(weights.size()));
+  if (!bias.empty() && bias.size() != spec_.n_experts) return invalid_argument("set_router: bias size differs from n_experts");
+  for (float w : weights)
+    if (!std::isfinite(w)) return invalid_argument("set_router: non-finite router weight");
+  std::copy(weights.begin(), weights.end(), routers_.begin() + static_cast<std::ptrdiff_t>(layer * per));
+  biases_[layer].assign(bias.begin(), bias.end());
+  return Status::ok();
+}
+
+const float* ExpertStore::router_weights(std::uint32_t layer) const noexcept {
+  if (layer >= spec_.n_layers) return nullptr;
+  return routers_.data() + std::size_t{layer} * spec_.n_experts * spec_.shape.hidden;
+}
+
+std::span<const float> ExpertStore::router_bias(std::uint32_t layer) const noexcept {
+  if (layer >= spec_.n_layers) return {};
+  return biases_[layer];
+}
+
+bool ExpertStore::complete() const noexcept {
+  return std::all_of(master_views_.begin(), master_views_.end(), [](const ExpertView& v) { return v.valid(); });
+}
+
+Status ExpertStore::build_precision(WeightFormat format, ThreadPool* pool, const ProgressFn& progress) {
+  if (!is_quantized(format.precision) && format.precision != Precision::kBF16 &&
+      format.precision != Precision::kF16 && format.precision != Precision::kF32)
+    return unsupported("build_precision: copies can be f32, f16, bf16, int8, int4 or int2");
+  if (format.precision == master_format_.precision)
+    return invalid_argument("build_precision: the master copy already has this precision");
+  if (!expert_format_is_valid(spec_.shape, format))
+    return invalid_argument("build_precision: format cannot hold this model's expert shape");
+  if (!complete()) return invalid_argument("build_precision: some experts have no master copy yet");
+  Copy c;
+  c.format = format;
+  c.layout = expert_layout(spec_.shape, format);
+  const std::size_t n = master_views_.size();
+  c.blob.resize(n * c.layout.total_bytes);
+  ThreadPool& tp = pool ? *pool : ThreadPool::global();
+  // Progress goes out per layer from the calling thread (callbacks need not be thread-safe).
+  std::atomic<int> failed{0};
+  // Parallel across experts; each conversion single-threaded (no nested parallel_for).
+  const std::size_t per_layer = spec_.n_experts;
+  for (std::uint32_t l = 0; l < spec_.n_layers; ++l) {
+    tp.parallel_for(per_layer, 1, [&](std::size_t b, std::size_t e) {
+      for (std::size_t i = l * per_layer + b; i < l * per_layer + e; ++i) {
+        Status s = convert_expert(master_views_[i], format,
+                                  std::span<std::byte>(c.blob.data() + i * c.layout.total_bytes, c.layout.total_bytes));
+        if (!s.is_ok()) failed.store(1);
+      }
+    });
+    if (progress) progress((l + 1) * per_layer, n, "building low-precision copies");
+  }
+  if (failed.load()) return internal_error("build_precision: converting an expert failed");
+  auto it = std::find_if(copies_.begin(), copies_.end(), [&](const Copy& x) { return x.format.precision == format.precision; });
+  if (it != copies_.end()) {
+    *it = std::move(c);
+  } else {
+    copies_.push_back(std::move(c));
+  }
+  return Status::ok();
+}
+
+bool ExpertStore::has_precision(Precision p) const noexcept {
+  if (p == master_format_.precision) return complete();
+  return std::any_of(copies_.begin(), copies_.end(), [&](const Copy& c) { return c.format.precision == p; });
+}
+
+std::optional<WeightFormat> ExpertStore::format(Precision p) const noexcept {
+  if (p == master_format_.precision) return master_format_;
+  for (const Copy& c : copies_)
+    if (c.format.precision == p) return c.format;
+  return std::nullopt;
+}
+
+std::vector<Precision> ExpertStore::precisions() const {
+  std::vector<Precision> v{master_format_.precision};
+  for (const Copy& c : copies_) v.push_back(c.format.precision);
+  return v;
+}
+
+std::size_t ExpertStore::expert_bytes(Precision p) const noexcept {
+  if (p == master_format_.precision) return master_layout_.total_bytes;
+  for (const Copy& c : copies_)
+    if (c.format.precision == p) return c.layout.total_bytes;
+  return 0;
+}
+
+Result<ExpertView> ExpertStore::view(ExpertKey key, Precision p) const noexcept {
+  MOEX_RETURN_IF_ERROR(check_key(key));
+  if (p == master_format_.precision) {
+    const ExpertView& v = master_views_[index(key)];
+    if (!v.valid()) return not_found("expert has no master copy yet");
+    return v;
+  }
+  for (const Copy& c : copies_)
+    if (c.format.precision == p)
+      return ExpertView::contiguous(c.blob.data() + index(key) * c.layout.total_bytes, c.layout);
+  return not_found("the store holds no " + std::string(to_string(p)) + " copy of its experts");
+}
+
+MOEX_NAMESPACE_END

@@ -1,0 +1,184 @@
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "moex/executor/moe_layer_executor.hpp"
+#include "moex/quant/quantize.hpp"
+#include "support/test_support.hpp"
+
+namespace {
+
+struct TinyModel {
+  moex::MoeModelSpec spec;
+  moex::ExpertStore store;
+};
+
+TinyModel make_model(moex::WeightFormat fmt, std::uint32_t layers = 2, std::uint32_t experts = 4,
+                     std::uint32_t top_k = 2, std::uint32_t hidden = 64, std::uint32_t ffn = 96) {
+  moex::MoeModelSpec spec{layers, experts, {hidden, ffn}, {moex::RouterKind::kSoftmaxTopKRenorm, experts, top_k}};
+  auto store = moex::ExpertStore::create(spec, fmt);
+  REQUIRE(store.is_ok());
+  std::uint64_t salt = 1;
+  for (std::uint32_t l = 0; l < layers; ++l) {
+    for (std::uint32_t e = 0; e < experts; ++e) {
+      auto w1 = moex::test::random_normal(std::size_t{ffn} * hidden, 0.1f, salt++);
+      auto w3 = moex::test::random_normal(std::size_t{ffn} * hidden, 0.1f, salt++);
+      auto w2 = moex::test::random_normal(std::size_t{hidden} * ffn, 0.1f, salt++);
+      REQUIRE(store->set_expert({l, e}, w1.data(), w3.data(), w2.data()).is_ok());
+    }
+    auto r = moex::test::random_normal(std::size_t{experts} * hidden, 0.5f, salt++);
+    REQUIRE(store->set_router(l, r).is_ok());
+  }
+  return {spec, std::move(*store)};
+}
+
+// Dense reference in double from the dequantized master weights: every expert computed, the
+// selected ones combined with the router's weights.
+std::vector<double> dense_reference(const moex::ExpertStore& store, std::uint32_t layer, const std::vector<float>& x,
+                                    std::size_t n) {
+  const auto& spec = store.spec();
+  const std::size_t h = spec.shape.hidden, f = spec.shape.ffn;
+  std::vector<double> out(n * h, 0.0);
+  std::vector<float> logits(spec.n_experts);
+  for (std::size_t t = 0; t < n; ++t) {
+    moex::router_logits(store.router_weights(layer), spec.n_experts, h, &x[t * h], 1, logits.data());
+    moex::TokenRouting r;
+    REQUIRE(moex::route_token(spec.router, logits, {}, r).is_ok());
+    for (std::uint32_t j = 0; j < r.k; ++j) {
+      auto v = store.master({layer, r.experts[j]});
+      REQUIRE(v.is_ok());
+      std::vector<float> w1(f * h), w3(f * h), w2(h * f);
+      moex::dequantize_matrix(v->w1(), w1.data());
+      moex::dequantize_matrix(v->w3(), w3.data());
+      moex::dequantize_matrix(v->w2(), w2.data());
+      std::vector<double> act(f);
+      for (std::size_t i = 0; i < f; ++i) {
+        double g = 0, u = 0;
+        for (std::size_t c = 0; c < h; ++c) {
+          g += double(w1[i * h + c]) * x[t * h + c];
+          u += double(w3[i * h + c]) * x[t * h + c];
+        }
+        act[i] = g / (1 + std::exp(-g)) * u;
+      }
+      for (std::size_t o = 0; o < h; ++o) {
+        double y = 0;
+        for (std::size_t i = 0; i < f; ++i) y += double(w2[o * f + i]) * act[i];
+        out[t * h + o] += r.weights[j] * y;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_SUITE("cpu") {
+TEST_CASE("the executor's output equals a dense computation of the same layer") {
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  // f32 weights: f32 accumulation over K <= 96 terms, twice: relative error far below 1e-5.
+  constexpr double kTolF32 = 1e-5;
+  // bf16/int weights: the reference uses the same dequantized weights, but the CPU kernels may
+  // round activations to bf16 (vdpbf16ps paths): 2^-9 relative per operand, ~4e-3 after two
+  // layers of random-sign sums; 1e-2 leaves room without hiding a wrong expert or weight.
+  constexpr double kTolBf16Activations = 1e-2;
+  for (auto fmt : {moex::float_format(moex::Precision::kF32), moex::float_format(moex::Precision::kBF16),
+                   moex::quant_format(moex::Precision::kInt4, 32)}) {
+    CAPTURE(moex::to_string(fmt.precision));
+    auto m = make_model(fmt);
+    auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 2 * m.store.expert_bytes(fmt.precision)});
+    REQUIRE(ex.is_ok());
+    for (std::size_t n : {1u, 3u, 8u}) {
+      for (std::uint32_t layer = 0; layer < 2; ++layer) {
+        auto x = moex::test::random_normal(n * 64, 1.f, 100 + n + layer);
+        std::vector<float> y(n * 64, NAN);
+        REQUIRE(ex->forward(layer, x.data(), n, y.data()).is_ok());
+        const double tol = fmt.precision == moex::Precision::kF32 ? kTolF32 : kTolBf16Activations;
+        CHECK(moex::test::rel_error(y, dense_reference(m.store, layer, x, n)) < tol);
+      }
+    }
+    const auto total = ex->stats().total();
+    CHECK(total.hits + total.misses == total.expert_calls);
+    CHECK(total.bytes_loaded == total.misses * m.store.expert_bytes(fmt.precision));
+  }
+}
+
+TEST_CASE("LRU through the executor: hits, misses and eviction order with two slots") {
+  auto m = make_model(moex::float_format(moex::Precision::kBF16), 1, 4, 1);
+  const std::size_t eb = m.store.expert_bytes(moex::Precision::kBF16);
+  auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 2 * eb + eb / 2});
+  REQUIRE(ex.is_ok());
+  CHECK(ex->slot_count() == 2);
+  auto x = moex::test::random_normal(64, 1.f, 7);
+  std::vector<float> y(64);
+  auto step = [&](std::uint32_t e) {
+    moex::TokenRouting r;
+    r.k = 1;
+    r.experts[0] = e;
+    r.weights[0] = 1.f;
+    REQUIRE(ex->forward_routed(0, std::span(&r, 1), x.data(), 1, y.data()).is_ok());
+  };
+  step(0);  // miss
+  step(1);  // miss
+  step(0);  // hit; 1 is now least recent
+  step(2);  // miss, evicts 1
+  CHECK(ex->resident({0, 0}));
+  CHECK_FALSE(ex->resident({0, 1}));
+  CHECK(ex->resident({0, 2}));
+  step(1);  // miss, evicts 0
+  CHECK_FALSE(ex->resident({0, 0}));
+  const auto s = ex->stats().layers[0];
+  CHECK(s.hits == 1);
+  CHECK(s.misses == 4);
+  CHECK(s.evictions == 2);
+  CHECK(s.bytes_loaded == 4 * eb);
+}
+
+TEST_CASE("bad input to the executor is an error, never a crash") {
+  auto m = make_model(moex::float_format(moex::Precision::kBF16));
+  const std::size_t eb = m.store.expert_bytes(moex::Precision::kBF16);
+  SUBCASE("a budget smaller than one expert is refused") {
+    auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = eb - 1});
+    CHECK(ex.status().code() == moex::StatusCode::kInvalidArgument);
+  }
+  SUBCASE("a cache precision the store does not hold is refused") {
+    auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 4 * eb, .cache_precision = moex::Precision::kInt4});
+    CHECK(ex.status().code() == moex::StatusCode::kInvalidArgument);
+  }
+  auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 4 * eb});
+  REQUIRE(ex.is_ok());
+  auto x = moex::test::random_normal(2 * 64, 1.f, 9);
+  std::vector<float> y(2 * 64);
+  SUBCASE("non-finite hidden states") {
+    x[70] = NAN;
+    CHECK(ex->forward(0, x.data(), 2, y.data()).code() == moex::StatusCode::kInvalidArgument);
+    x[70] = INFINITY;
+    CHECK(ex->forward(0, x.data(), 2, y.data()).code() == moex::StatusCode::kInvalidArgument);
+  }
+  SUBCASE("wrong layer, zero tokens, null pointers") {
+    CHECK_FALSE(ex->forward(2, x.data(), 2, y.data()).is_ok());
+    CHECK_FALSE(ex->forward(0, x.data(), 0, y.data()).is_ok());
+    CHECK_FALSE(ex->forward(0, nullptr, 2, y.data()).is_ok());
+    CHECK_FALSE(ex->forward(0, x.data(), 2, nullptr).is_ok());
+  }
+  SUBCASE("a routing naming an expert that does not exist") {
+    moex::TokenRouting r;
+    r.k = 1;
+    r.experts[0] = 99;
+    r.weights[0] = 1.f;
+    CHECK_FALSE(ex->forward_routed(0, std::span(&r, 1), x.data(), 1, y.data()).is_ok());
+  }
+}
+
+TEST_CASE("an incomplete store or a bad spec is refused") {
+  moex::MoeModelSpec spec{1, 2, {64, 64}, {moex::RouterKind::kSoftmaxTopKRenorm, 2, 1}};
+  auto store = moex::ExpertStore::create(spec, moex::float_format(moex::Precision::kBF16));
+  REQUIRE(store.is_ok());
+  CHECK_FALSE(moex::MoeLayerExecutor<>::create(*store, {}).is_ok());
+  spec.shape.hidden = 0;
+  CHECK_FALSE(moex::ExpertStore::create(spec, moex::float_format(moex::Precision::kBF16)).is_ok());
+  spec.shape.hidden = 60;  // not a multiple of any group size
+  CHECK_FALSE(moex::ExpertStore::create(spec, moex::quant_format(moex::Precision::kInt4, 32)).is_ok());
+}
+}

@@ -19,6 +19,7 @@
 #include "moex/executor/default_policies.hpp"
 #include "moex/executor/executor_config.hpp"
 #include "moex/executor/stats.hpp"
+#include "moex/formats/trace.hpp"
 #include "moex/route/router.hpp"
 #include "moex/store/expert_store.hpp"
 
@@ -65,6 +66,15 @@ class MoeLayerExecutor {
   Status forward_routed(std::uint32_t layer, std::span<const TokenRouting> routing, const float* hidden,
                         std::size_t n, float* out);
 
+  /// Starts (or stops) recording the routing each forward call uses (after the gate) into a
+  /// RoutingTrace; starting clears what was recorded. Token t of layer l is the t-th token that
+  /// layer has seen since recording started.
+  void record_trace(bool on);
+  /// Marks the start of a new sequence in the recorded trace (e.g. a new prompt).
+  void begin_sequence();
+  /// What was recorded (empty when recording never started).
+  const RoutingTrace& recorded_trace() const noexcept { return trace_; }
+
   const ExecutorStats& stats() const noexcept { return stats_; }
   void reset_stats() noexcept { stats_.reset(); }
   const ExecutorConfig& config() const noexcept { return config_; }
@@ -95,12 +105,38 @@ class MoeLayerExecutor {
   ExpertLayout cache_layout_{};
   std::uint64_t step_ = 0;
   ExecutorStats stats_;
+  // Routing trace being recorded.
+  bool recording_ = false;
+  RoutingTrace trace_;
+  std::vector<std::uint32_t> trace_next_;  // per layer: next token index
   // Scratch reused across steps.
   std::vector<float> logits_, xg_, yg_;
   std::vector<TokenRouting> routing_;
 };
 
 // ---- implementation (out of class, so extern template works) ----------------------------------
+
+template <ExecutorPolicies P>
+void MoeLayerExecutor<P>::record_trace(bool on) {
+  recording_ = on;
+  if (!on) return;
+  const MoeModelSpec& spec = store_->spec();
+  trace_ = RoutingTrace{};
+  trace_.n_layers = spec.n_layers;
+  trace_.n_experts = spec.n_experts;
+  trace_.top_k = spec.router.top_k;
+  trace_.seq_start = {0};
+  trace_.source = "recorded by moex::MoeLayerExecutor";
+  trace_next_.assign(spec.n_layers, 0);
+}
+
+template <ExecutorPolicies P>
+void MoeLayerExecutor<P>::begin_sequence() {
+  if (!recording_) return;
+  const std::uint32_t next = trace_next_.empty() ? 0 : *std::max_element(trace_next_.begin(), trace_next_.end());
+  std::fill(trace_next_.begin(), trace_next_.end(), next);
+  if (trace_.seq_start.empty() || trace_.seq_start.back() != next) trace_.seq_start.push_back(next);
+}
 
 template <ExecutorPolicies P>
 Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store, ExecutorConfig config,
@@ -217,6 +253,19 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     TokenRouting r = routing[t];
     if (r.k == 0 || r.k > kMaxTopK) return invalid_argument("forward: routing of token " + std::to_string(t) + " has bad k");
     ls.skipped += gate_.apply(layer, r);
+    if (recording_) {
+      const std::size_t tok = trace_next_[layer]++;
+      const std::size_t per = std::size_t{trace_.n_layers} * trace_.top_k;
+      if (trace_.expert_ids.size() < (tok + 1) * per) {
+        trace_.expert_ids.resize((tok + 1) * per, kNoExpert);
+        trace_.gate_weights.resize((tok + 1) * per, 0.f);
+      }
+      const std::size_t off = (tok * trace_.n_layers + layer) * trace_.top_k;
+      for (std::uint32_t j = 0; j < trace_.top_k; ++j) {
+        trace_.expert_ids[off + j] = j < r.k ? r.experts[j] : kNoExpert;
+        trace_.gate_weights[off + j] = j < r.k ? r.weights[j] : 0.f;
+      }
+    }
     for (std::uint32_t j = 0; j < r.k; ++j) {
       if (r.experts[j] >= spec.n_experts) return invalid_argument("forward: routed expert id out of range");
       users[r.experts[j]].emplace_back(static_cast<std::uint32_t>(t), r.weights[j]);

@@ -182,3 +182,25 @@ TEST_CASE("an incomplete store or a bad spec is refused") {
   CHECK_FALSE(moex::ExpertStore::create(spec, moex::quant_format(moex::Precision::kInt4, 32)).is_ok());
 }
 }
+
+TEST_CASE("the executor records the routing it used as a trace") {
+  auto m = make_model(moex::float_format(moex::Precision::kBF16), 2, 4, 2);
+  auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 8 * m.store.expert_bytes(moex::Precision::kBF16)});
+  REQUIRE(ex.is_ok());
+  ex->record_trace(true);
+  auto x = moex::test::random_normal(3 * 64, 1.f, 11);
+  std::vector<float> y(3 * 64);
+  for (std::uint32_t l = 0; l < 2; ++l) REQUIRE(ex->forward(l, x.data(), 3, y.data()).is_ok());
+  ex->begin_sequence();
+  for (std::uint32_t l = 0; l < 2; ++l) REQUIRE(ex->forward(l, x.data(), 1, y.data()).is_ok());
+  const auto& tr = ex->recorded_trace();
+  REQUIRE(tr.validate().is_ok());
+  CHECK(tr.tokens() == 4);
+  CHECK(tr.seq_start == std::vector<std::uint32_t>{0, 3});
+  std::vector<moex::TokenRouting> want(1);
+  REQUIRE(ex->route(1, x.data(), 1, want).is_ok());
+  REQUIRE(tr.experts(3, 1).size() == 2);
+  CHECK(tr.experts(3, 1)[0] == want[0].experts[0]);
+  CHECK(tr.experts(3, 1)[1] == want[0].experts[1]);
+  CHECK(tr.weights(3, 1)[0] == doctest::Approx(want[0].weights[0]));
+}

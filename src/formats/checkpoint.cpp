@@ -1,6 +1,8 @@
 #include "moex/formats/checkpoint.hpp"
 
 #include <algorithm>
+#include <cstring>
+#include <fstream>
 #include <map>
 #include <set>
 #include <system_error>
@@ -487,7 +489,12 @@ Result<std::unique_ptr<Checkpoint>> Checkpoint::open(const fs::path& path, Progr
       else return not_found(path.string() + ": no model.safetensors.index.json, model.safetensors or single .gguf file");
     } else {
       const auto n = path.filename().string();
-      if (ends_with(n, ".gguf")) gguf = path;
+      char magic[4] = {};
+      {
+        std::ifstream in(path, std::ios::binary);
+        in.read(magic, 4);
+      }
+      if (ends_with(n, ".gguf") || std::memcmp(magic, "GGUF", 4) == 0) gguf = path;
       else if (ends_with(n, ".index.json")) index = path;
       else shards.push_back(path);
     }

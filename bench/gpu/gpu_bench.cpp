@@ -1,0 +1,394 @@
+// GPU microbenchmarks: weight-streaming bandwidth of every GEMV format at batch 1 against a
+// device-to-device copy ceiling measured in the same run, bf16 against cuBLAS, slot uploads against
+// the pinned host-to-device ceiling, and an upload with kernels running at once.
+// Timing: cudaEvents around each iteration, warm-up first, median over iterations; counters GBps
+// and ratio (to the ceiling). Inputs are random (never zeros).
+#include <benchmark/benchmark.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "kernels.hpp"
+#include "moex/backend/cuda_backend.hpp"
+#include "moex/quant/layout.hpp"
+
+namespace {
+
+namespace mc = moex::cuda;
+using moex::Precision;
+
+constexpr std::size_t kStreamBytes = 256ull << 20;  // >> 50 MB of L2: every pass streams from HBM
+constexpr std::size_t kCols = 4096;
+
+double g_d2d_gbps = 0;  // device-to-device copy ceiling, (read + write) bytes / s
+double g_h2d_gbps = 0;  // pinned host-to-device ceiling
+
+bool ok(cudaError_t e) {
+  if (e != cudaSuccess) std::fprintf(stderr, "CUDA error: %s\n", cudaGetErrorString(e));
+  return e == cudaSuccess;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+/// Median milliseconds of fn() over reps runs on `s`, after 3 warm-up runs.
+template <class F>
+double time_ms(cudaStream_t s, int reps, F&& fn) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  for (int i = 0; i < 3; ++i) fn();
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a, s);
+    fn();
+    cudaEventRecord(b, s);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    t.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return median(t);
+}
+
+/// Random bytes with valid scales / floats for a matrix of `l` (no NaN, no zeros).
+std::vector<std::byte> random_matrix(const moex::MatrixLayout& l, std::uint64_t seed) {
+  std::vector<std::byte> m(l.total_bytes);
+  std::mt19937_64 rng(seed);
+  auto* w = reinterpret_cast<std::uint64_t*>(m.data());
+  for (std::size_t i = 0; i < m.size() / 8; ++i) w[i] = rng();
+  auto fix16 = [&](std::size_t off, std::size_t count, std::uint16_t keep, std::uint16_t set) {
+    auto* h = reinterpret_cast<std::uint16_t*>(m.data() + off);
+    for (std::size_t i = 0; i < count; ++i) h[i] = static_cast<std::uint16_t>((h[i] & keep) | set);
+  };
+  const std::size_t n = l.rows * l.cols;
+  if (l.format.precision == Precision::kBF16) fix16(0, n, 0x807F, 0x3F00);        // |x| in [0.5, 1)
+  else if (l.format.precision == Precision::kF16) fix16(0, n, 0x83FF, 0x3800);    // |x| in [0.5, 1)
+  else {
+    const std::size_t groups = l.rows * l.groups_per_row();
+    fix16(l.scales_offset, groups, 0x03FF, 0x2000);                               // small positive
+    if (l.mins_offset) fix16(l.mins_offset, groups, 0x83FF, 0x2000);
+  }
+  return m;
+}
+
+struct FormatCase {
+  const char* name;
+  moex::WeightFormat f;
+};
+const FormatCase kFormats[] = {
+    {"bf16", moex::float_format(Precision::kBF16)},
+    {"f16", moex::float_format(Precision::kF16)},
+    {"int8_g64", moex::quant_format(Precision::kInt8, 64)},
+    {"int8_g128_asym", moex::quant_format(Precision::kInt8, 128, moex::QuantScheme::kAsymmetric)},
+    {"int4_g32", moex::quant_format(Precision::kInt4, 32)},
+    {"int4_g64", moex::quant_format(Precision::kInt4, 64)},
+    {"int4_g128_asym", moex::quant_format(Precision::kInt4, 128, moex::QuantScheme::kAsymmetric)},
+    {"int2_g32", moex::quant_format(Precision::kInt2, 32)},
+    {"int2_g64_asym", moex::quant_format(Precision::kInt2, 64, moex::QuantScheme::kAsymmetric)},
+    {"int2_g128", moex::quant_format(Precision::kInt2, 128)},
+};
+
+/// A ~256 MB matrix of format f on the device, with x and y for 8 tokens.
+struct GemvSetup {
+  moex::MatrixLayout l;
+  void* w = nullptr;
+  float* x = nullptr;
+  float* y = nullptr;
+  explicit GemvSetup(moex::WeightFormat f) {
+    const std::size_t row_bytes = moex::matrix_layout(1, kCols, f).total_bytes;
+    l = moex::matrix_layout(kStreamBytes / row_bytes, kCols, f);
+    const auto host = random_matrix(l, 42);
+    ok(cudaMalloc(&w, l.total_bytes));
+    ok(cudaMemcpy(w, host.data(), l.total_bytes, cudaMemcpyHostToDevice));
+    std::vector<float> hx(8 * kCols);
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd;
+    for (float& v : hx) v = nd(rng);
+    ok(cudaMalloc(&x, hx.size() * sizeof(float)));
+    ok(cudaMemcpy(x, hx.data(), hx.size() * sizeof(float), cudaMemcpyHostToDevice));
+    ok(cudaMalloc(&y, 8 * l.rows * sizeof(float)));
+  }
+  ~GemvSetup() {
+    cudaFree(w);
+    cudaFree(x);
+    cudaFree(y);
+  }
+  mc::GemvArgs args(std::uint32_t n) const {
+    mc::GemvArgs a;
+    a.w = static_cast<const std::byte*>(w);
+    a.layout = l;
+    a.x = x;
+    a.ldx = kCols;
+    a.y = y;
+    a.ldy = l.rows;
+    a.n = n;
+    return a;
+  }
+};
+
+void report(benchmark::State& state, const std::vector<double>& ms, double bytes, double ceiling) {
+  const double med = median(ms);
+  state.counters["GBps"] = bytes / (med * 1e-3) / 1e9;
+  state.counters["ratio"] = bytes / (med * 1e-3) / 1e9 / ceiling;
+  state.counters["us"] = med * 1e3;
+}
+
+/// Runs fn once per iteration between events on s; reports the median.
+template <class F>
+void timed_loop(benchmark::State& state, cudaStream_t s, double bytes, double ceiling, F&& fn) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  for (int i = 0; i < 3; ++i) fn();  // warm-up
+  cudaStreamSynchronize(s);
+  std::vector<double> ms;
+  for (auto _ : state) {
+    cudaEventRecord(a, s);
+    fn();
+    cudaEventRecord(b, s);
+    cudaEventSynchronize(b);
+    float t = 0;
+    cudaEventElapsedTime(&t, a, b);
+    ms.push_back(t);
+    state.SetIterationTime(t * 1e-3);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  report(state, ms, bytes, ceiling);
+}
+
+void BM_gemv(benchmark::State& state) {
+  const FormatCase& fc = kFormats[state.range(0)];
+  const auto n = static_cast<std::uint32_t>(state.range(1));
+  state.SetLabel(fc.name);
+  GemvSetup g(fc.f);
+  const mc::GemvArgs a = g.args(n);
+  bool good = true;
+  timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes), g_d2d_gbps,
+             [&] { good = good && mc::gemv(a, nullptr).is_ok(); });
+  if (!good) state.SkipWithError("gemv failed");
+}
+
+void BM_cublas_bf16(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  GemvSetup g(moex::float_format(Precision::kBF16));
+  std::uint16_t* xb = nullptr;
+  ok(cudaMalloc(&xb, 8 * kCols * 2));
+  if (!mc::convert_f32_to_bf16(g.x, xb, 8 * kCols, nullptr).is_ok()) state.SkipWithError("convert");
+  cublasContext* h = nullptr;
+  if (!mc::cublas_create(&h).is_ok()) state.SkipWithError("cublas");
+  mc::GemmBf16Args a{static_cast<const std::uint16_t*>(g.w), g.l.rows, kCols, xb, kCols, g.y, g.l.rows, n};
+  bool good = true;
+  timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes), g_d2d_gbps,
+             [&] { good = good && mc::gemm_bf16(h, a, nullptr).is_ok(); });
+  if (!good) state.SkipWithError("gemm failed");
+  mc::cublas_destroy(h);
+  cudaFree(xb);
+}
+
+/// All of a step's experts in one grouped launch: 8 Mixtral-shaped experts, one token each.
+void BM_grouped_experts(benchmark::State& state) {
+  const FormatCase& fc = kFormats[state.range(0)];
+  state.SetLabel(fc.name);
+  const moex::ExpertShape shape{4096, 14336};
+  const moex::ExpertLayout l = moex::expert_layout(shape, fc.f);
+  const std::uint32_t experts = 8;
+  void* w = nullptr;
+  float *x = nullptr, *out = nullptr, *ws = nullptr;
+  ok(cudaMalloc(&w, experts * l.total_bytes));
+  for (std::uint32_t e = 0; e < experts; ++e) {
+    // Each matrix's scales must be valid: build per-matrix random data.
+    const moex::MatrixLayout* ms[3] = {&l.w1, &l.w3, &l.w2};
+    const std::size_t offs[3] = {l.w1_offset, l.w3_offset, l.w2_offset};
+    for (int k = 0; k < 3; ++k) {
+      const auto m = random_matrix(*ms[k], 100 + e * 3 + k);
+      ok(cudaMemcpy(static_cast<std::byte*>(w) + e * l.total_bytes + offs[k], m.data(), m.size(),
+                    cudaMemcpyHostToDevice));
+    }
+  }
+  ok(cudaMalloc(&x, 8 * shape.hidden * sizeof(float)));
+  ok(cudaMemset(x, 0x3c, 8 * shape.hidden * sizeof(float)));  // 0x3c3c3c3c = 0.0115f, not zero
+  ok(cudaMalloc(&out, 8 * shape.hidden * sizeof(float)));
+  ok(cudaMalloc(&ws, mc::grouped_expert_workspace_bytes(shape, experts)));
+  std::vector<mc::ExpertTask> tasks(experts);
+  for (std::uint32_t e = 0; e < experts; ++e) {
+    const auto v = moex::ExpertView::contiguous(static_cast<std::byte*>(w) + e * l.total_bytes, l);
+    tasks[e].w1 = v.w1_data;
+    tasks[e].w3 = v.w3_data;
+    tasks[e].w2 = v.w2_data;
+    tasks[e].n = 1;
+    tasks[e].token[0] = e % 8;
+    tasks[e].weight[0] = 0.125f;
+  }
+  mc::GroupedExpertArgs a;
+  a.layout = l;
+  a.tasks = tasks.data();
+  a.count = experts;
+  a.x = x;
+  a.ldx = shape.hidden;
+  a.out = out;
+  a.ldo = shape.hidden;
+  a.workspace = ws;
+  bool good = true;
+  timed_loop(state, nullptr, static_cast<double>(experts * l.total_bytes), g_d2d_gbps,
+             [&] { good = good && mc::grouped_expert_ffn(a, nullptr).is_ok(); });
+  if (!good) state.SkipWithError("grouped expert failed");
+  cudaFree(w);
+  cudaFree(x);
+  cudaFree(out);
+  cudaFree(ws);
+}
+
+/// A slot upload from registered (pinned) host memory, or pageable memory through the staging
+/// buffer (range(0) == 1).
+void BM_slot_upload(benchmark::State& state) {
+  const bool pageable = state.range(0) == 1;
+  state.SetLabel(pageable ? "pageable-staged" : "registered");
+  const std::size_t bytes = kStreamBytes;
+  moex::CudaBackendConfig cfg;
+  cfg.slot_bytes = bytes;
+  cfg.slot_count = 2;
+  cfg.max_shape = {4096, 14336};
+  auto be = moex::CudaBackend::create(cfg);
+  if (!be.is_ok()) {
+    state.SkipWithError(be.status().to_string().c_str());
+    return;
+  }
+  std::vector<std::byte> host(bytes);
+  std::mt19937_64 rng(1);
+  for (std::size_t i = 0; i < bytes / 8; ++i) {
+    const std::uint64_t r = rng();
+    std::memcpy(host.data() + 8 * i, &r, 8);
+  }
+  if (!pageable && !(*be)->register_host(host.data(), bytes).is_ok()) state.SkipWithError("register");
+  auto copy = static_cast<cudaStream_t>((*be)->copy_stream());
+  std::uint32_t slot = 0;
+  bool good = true;
+  timed_loop(state, copy, static_cast<double>(bytes), g_h2d_gbps, [&] {
+    good = good && (*be)->upload_slot(slot, host.data(), bytes).is_ok();
+    slot ^= 1;
+  });
+  if (!good) state.SkipWithError("upload failed");
+  if (!pageable) (void)(*be)->unregister_host(host.data());
+}
+
+/// An upload (copy stream) while GEMV kernels stream weights (compute stream): each one's
+/// bandwidth during the overlap, against its own ceiling.
+void BM_upload_with_gemv(benchmark::State& state) {
+  const FormatCase& fc = kFormats[state.range(0)];
+  state.SetLabel(fc.name);
+  const std::size_t bytes = kStreamBytes;
+  moex::CudaBackendConfig cfg;
+  cfg.slot_bytes = bytes;
+  cfg.slot_count = 1;
+  cfg.max_shape = {4096, 14336};
+  auto be = moex::CudaBackend::create(cfg);
+  if (!be.is_ok()) {
+    state.SkipWithError(be.status().to_string().c_str());
+    return;
+  }
+  std::vector<std::byte> host(bytes, std::byte{0x5a});
+  if (!(*be)->register_host(host.data(), bytes).is_ok()) state.SkipWithError("register");
+  GemvSetup g(fc.f);
+  const mc::GemvArgs a = g.args(1);
+  auto copy = static_cast<cudaStream_t>((*be)->copy_stream());
+  auto comp = static_cast<cudaStream_t>((*be)->compute_stream());
+  // Enough launches to cover the upload: upload time / kernel time at the ceilings.
+  const int launches = std::max(1, static_cast<int>(g_d2d_gbps / g_h2d_gbps * static_cast<double>(bytes) / static_cast<double>(g.l.total_bytes)));
+  cudaEvent_t c0, c1, k0, k1;
+  cudaEventCreate(&c0);
+  cudaEventCreate(&c1);
+  cudaEventCreate(&k0);
+  cudaEventCreate(&k1);
+  std::vector<double> copy_ms, kern_ms;
+  bool good = true;
+  for (auto _ : state) {
+    cudaEventRecord(c0, copy);
+    cudaEventRecord(k0, comp);
+    good = good && (*be)->upload_slot(0, host.data(), bytes).is_ok();
+    cudaEventRecord(c1, copy);
+    for (int i = 0; i < launches; ++i) good = good && mc::gemv(a, comp).is_ok();
+    cudaEventRecord(k1, comp);
+    cudaEventSynchronize(c1);
+    cudaEventSynchronize(k1);
+    float tc = 0, tk = 0;
+    cudaEventElapsedTime(&tc, c0, c1);
+    cudaEventElapsedTime(&tk, k0, k1);
+    copy_ms.push_back(tc);
+    kern_ms.push_back(tk);
+    state.SetIterationTime(std::max(tc, tk) * 1e-3);
+  }
+  if (!good) state.SkipWithError("overlap run failed");
+  const double mc_ = median(copy_ms), mk = median(kern_ms);
+  state.counters["copy_GBps"] = static_cast<double>(bytes) / (mc_ * 1e-3) / 1e9;
+  state.counters["copy_ratio"] = static_cast<double>(bytes) / (mc_ * 1e-3) / 1e9 / g_h2d_gbps;
+  state.counters["gemv_GBps"] = launches * static_cast<double>(g.l.total_bytes) / (mk * 1e-3) / 1e9;
+  state.counters["gemv_ratio"] =
+      launches * static_cast<double>(g.l.total_bytes) / (mk * 1e-3) / 1e9 / g_d2d_gbps;
+  cudaEventDestroy(c0);
+  cudaEventDestroy(c1);
+  cudaEventDestroy(k0);
+  cudaEventDestroy(k1);
+  (void)(*be)->unregister_host(host.data());
+}
+
+void measure_ceilings() {
+  void *a = nullptr, *b = nullptr, *h = nullptr;
+  ok(cudaMalloc(&a, kStreamBytes));
+  ok(cudaMalloc(&b, kStreamBytes));
+  ok(cudaMemset(a, 0x5a, kStreamBytes));
+  const double d2d = time_ms(nullptr, 20, [&] { cudaMemcpyAsync(b, a, kStreamBytes, cudaMemcpyDeviceToDevice); });
+  g_d2d_gbps = 2.0 * kStreamBytes / (d2d * 1e-3) / 1e9;
+  ok(cudaHostAlloc(&h, kStreamBytes, cudaHostAllocDefault));
+  std::memset(h, 0x5a, kStreamBytes);
+  const double h2d = time_ms(nullptr, 10, [&] { cudaMemcpyAsync(a, h, kStreamBytes, cudaMemcpyHostToDevice); });
+  g_h2d_gbps = kStreamBytes / (h2d * 1e-3) / 1e9;
+  cudaFreeHost(h);
+  cudaFree(a);
+  cudaFree(b);
+  cudaDeviceProp p{};
+  cudaGetDeviceProperties(&p, 0);
+  std::printf("device: %s, %d SMs, L2 %d MB\n", p.name, p.multiProcessorCount, p.l2CacheSize >> 20);
+  std::printf("ceiling d2d_copy_GBps=%.1f (read+write, %zu MB, median of 20)\n", g_d2d_gbps, kStreamBytes >> 20);
+  std::printf("ceiling h2d_pinned_GBps=%.1f (%zu MB, median of 10)\n", g_h2d_gbps, kStreamBytes >> 20);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    std::printf("no CUDA device: GPU benchmarks skipped\n");
+    return 0;
+  }
+  measure_ceilings();
+  const int nf = static_cast<int>(std::size(kFormats));
+  for (int f = 0; f < nf; ++f)
+    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)->Args({f, 1})->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+  for (int f : {0, 5, 7})
+    benchmark::RegisterBenchmark("gemv/batch8", BM_gemv)->Args({f, 8})->UseManualTime()->Iterations(30)->Unit(benchmark::kMicrosecond);
+  for (int n : {1, 8, 64})
+    benchmark::RegisterBenchmark("cublas_bf16", BM_cublas_bf16)->Arg(n)->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+  for (int f : {0, 5, 7})
+    benchmark::RegisterBenchmark("grouped_experts8", BM_grouped_experts)->Arg(f)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+  for (int p : {0, 1})
+    benchmark::RegisterBenchmark("slot_upload", BM_slot_upload)->Arg(p)->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
+  for (int f : {0, 5})
+    benchmark::RegisterBenchmark("upload_with_gemv", BM_upload_with_gemv)->Arg(f)->UseManualTime()->Iterations(8)->Unit(benchmark::kMillisecond);
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,153 @@
+#pragma once
+/// @file kernels.hpp
+/// Host-visible declarations of moex's CUDA kernels (moex::cuda). Every launcher takes an Args
+/// struct and the caller's stream, never allocates, and returns a Status: kInvalidArgument for a
+/// malformed request, kUnsupported for a valid one whose format/size combination is not
+/// instantiated, kInternal when the launch itself fails.
+///
+/// Conventions shared by every kernel:
+///  - Weights use the byte layouts of moex/quant/layout.hpp (row-major [rows x cols]).
+///  - Activations are f32 in device memory: x is [n x cols] with row stride ldx, y is [n x rows]
+///    with row stride ldy (elements). f32 keeps the kernels exact references of the CPU ones and
+///    costs nothing measurable at batch <= 8, where the weights dominate the bytes moved.
+///  - x must be 16-byte aligned with ldx a multiple of 4 (the kernels read it with 16-byte loads).
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "moex/quant/layout.hpp"
+#include "moex/status.hpp"
+
+struct cublasContext;  // cuBLAS's handle type (cublasHandle_t), so users need no cuBLAS header
+
+MOEX_NAMESPACE_BEGIN
+namespace cuda {
+
+/// Most tokens one GEMV / expert launch serves (decode batches); larger batches go to cuBLAS.
+inline constexpr std::uint32_t kMaxGemvTokens = 8;
+/// Most experts one grouped launch runs.
+inline constexpr std::uint32_t kMaxGroupExperts = 32;
+
+/// y[t*ldy + r] = sum_c W[r][c] * x[t*ldx + c] for t < n, r < rows (or y += ... when accumulate).
+struct GemvArgs {
+  const std::byte* w = nullptr;  ///< device pointer to the matrix
+  MatrixLayout layout{};         ///< its layout (rows, cols, format)
+  const float* x = nullptr;
+  std::size_t ldx = 0;
+  float* y = nullptr;
+  std::size_t ldy = 0;
+  std::uint32_t n = 1;           ///< tokens, 1..kMaxGemvTokens
+  bool accumulate = false;
+};
+
+/// True when gemv() serves `format` for a matrix of `cols` columns on this build (bf16, f16 and
+/// int8/int4/int2 with group 32/64/128, either scheme; cols a multiple of the elements that one
+/// 16-byte load holds: 8 for 16-bit, 16/32/64 for int8/int4/int2).
+bool gemv_supported(WeightFormat format, std::size_t cols) noexcept;
+
+/// Fused dequantize-GEMV (kernel family dequant_gemv).
+Status gemv(const GemvArgs& args, cudaStream_t stream) noexcept;
+
+/// One expert's share of a grouped launch: its three matrices (laid out by the shared
+/// ExpertLayout) and the tokens routed to it with their gate weights.
+struct ExpertTask {
+  const std::byte* w1 = nullptr;
+  const std::byte* w3 = nullptr;
+  const std::byte* w2 = nullptr;
+  std::uint32_t n = 0;                        ///< tokens, 1..kMaxGemvTokens
+  std::uint32_t token[kMaxGemvTokens] = {};   ///< row of x (and of out) of each token
+  float weight[kMaxGemvTokens] = {};          ///< gate weight of each token
+};
+
+/// All experts of one step in two launches (fused SwiGLU over w1/w3, then w2 with the weighted
+/// scatter-add): out[token] += weight * W2 (silu(W1 x[token]) * (W3 x[token])).
+/// `out` accumulates (the caller initializes it: zeros, or the residual); additions from several
+/// experts into one token use atomics, so the order of the f32 sums is not fixed.
+struct GroupedExpertArgs {
+  ExpertLayout layout{};                 ///< shared by every task
+  const ExpertTask* tasks = nullptr;     ///< host array, copied into the launch parameters
+  std::uint32_t count = 0;               ///< 1..kMaxGroupExperts
+  const float* x = nullptr;              ///< [tokens x hidden]
+  std::size_t ldx = 0;
+  float* out = nullptr;                  ///< [tokens x hidden]
+  std::size_t ldo = 0;
+  float* workspace = nullptr;            ///< grouped_expert_workspace_bytes(); 16-byte aligned
+};
+
+/// Device scratch that grouped_expert_ffn needs for `count` experts of `shape`.
+constexpr std::size_t grouped_expert_workspace_bytes(ExpertShape shape, std::uint32_t count) noexcept {
+  return static_cast<std::size_t>(count) * kMaxGemvTokens * shape.ffn * sizeof(float);
+}
+
+/// Fused SwiGLU experts (kernel family swiglu_gemv + down_scatter_gemv).
+Status grouped_expert_ffn(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
+
+/// Router variants (all of the CPU router's).
+enum class RouterScore : std::uint8_t {
+  kSoftmax = 0,  ///< p = softmax(logits); select top-k of p (Mixtral, Qwen2-MoE)
+  kSigmoid = 1,  ///< s = sigmoid(logits); select top-k of s + bias; weights from s (DeepSeek-V3)
+};
+
+/// Top-k routing, one warp per token: idx[t*k + j], weight[t*k + j] for j < k, ordered by
+/// decreasing selection score (ties: lower expert first).
+///  - Mixtral:     kSoftmax, renormalize = true,  scaling = 1
+///  - Qwen2-MoE:   kSoftmax, renormalize = false, scaling = 1
+///  - DeepSeek-V3: kSigmoid, bias = e_score_correction_bias, renormalize = true, scaling = 2.5
+/// (DeepSeek-V3's group-limited selection is not implemented: n_group = 1.)
+struct RouterArgs {
+  const float* logits = nullptr;  ///< [tokens x experts], row stride ld
+  std::size_t ld = 0;
+  std::uint32_t tokens = 0;
+  std::uint32_t experts = 0;      ///< 1..256
+  std::uint32_t k = 0;            ///< 1..min(kMaxTopK, experts)
+  RouterScore score = RouterScore::kSoftmax;
+  const float* bias = nullptr;    ///< [experts], selection only; null: none
+  bool renormalize = true;        ///< divide the k weights by their sum
+  float scaling = 1.f;            ///< multiplies the final weights
+  std::int32_t* idx = nullptr;    ///< [tokens x k]
+  float* weight = nullptr;        ///< [tokens x k]
+};
+Status route_topk(const RouterArgs& args, cudaStream_t stream) noexcept;
+
+/// Weighted combine: out[t*ldo + c] (+)= sum_{j<k} weight[t*k + j] * eo[(t*k + j)*ld_eo + c].
+struct CombineArgs {
+  const float* eo = nullptr;      ///< expert outputs, one row per (token, choice)
+  std::size_t ld_eo = 0;
+  const float* weight = nullptr;  ///< [tokens x k]
+  std::uint32_t tokens = 0;
+  std::uint32_t k = 0;
+  std::uint32_t hidden = 0;
+  float* out = nullptr;
+  std::size_t ldo = 0;
+  bool accumulate = false;
+};
+Status weighted_combine(const CombineArgs& args, cudaStream_t stream) noexcept;
+
+/// dst[i] = bf16(src[i]) (round to nearest even), for i < count.
+Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t count,
+                           cudaStream_t stream) noexcept;
+
+/// cuBLAS path for larger batches: y[t*ldy + r] = sum_c W[r][c] x[t*ldx + c] with W bf16
+/// [rows x cols] row-major, x bf16 [n x cols], y f32; f32 accumulation (cublasGemmEx).
+struct GemmBf16Args {
+  const std::uint16_t* w = nullptr;
+  std::size_t rows = 0;
+  std::size_t cols = 0;
+  const std::uint16_t* x = nullptr;
+  std::size_t ldx = 0;
+  float* y = nullptr;
+  std::size_t ldy = 0;
+  std::size_t n = 0;
+};
+/// Creates / destroys a cuBLAS handle (so callers need no cuBLAS header).
+Status cublas_create(cublasContext** handle) noexcept;
+void cublas_destroy(cublasContext* handle) noexcept;
+Status gemm_bf16(cublasContext* handle, const GemmBf16Args& args, cudaStream_t stream) noexcept;
+
+/// Status from a CUDA error code ("<what>: <cuda error string>"); ok for cudaSuccess.
+Status cuda_status(cudaError_t err, const char* what) noexcept;
+
+}  // namespace cuda
+MOEX_NAMESPACE_END

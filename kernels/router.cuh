@@ -1,0 +1,125 @@
+#pragma once
+/// @file router.cuh
+/// Device template of the top-k router (route_topk): one warp per token, up to 8 experts per lane.
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "moex/types.hpp"
+
+MOEX_NAMESPACE_BEGIN
+namespace cuda {
+namespace detail {
+
+inline constexpr int kRouterWarps = 4;
+inline constexpr int kRouterPerLane = 8;  ///< experts per lane: 256 experts at most
+
+struct RouterParams {
+  const float* logits;
+  std::size_t ld;
+  std::uint32_t tokens, experts, k;
+  bool sigmoid;
+  const float* bias;
+  bool renormalize;
+  float scaling;
+  std::int32_t* idx;
+  float* weight;
+};
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_add(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(const RouterParams p) {
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const std::size_t tok = static_cast<std::size_t>(blockIdx.x) * kRouterWarps + threadIdx.x / 32;
+  if (tok >= p.tokens) return;
+  const float* lg = p.logits + tok * p.ld;
+  const float kNegInf = -__int_as_float(0x7f800000);
+  float sel[kRouterPerLane], wt[kRouterPerLane];
+#pragma unroll
+  for (int i = 0; i < kRouterPerLane; ++i) {
+    const std::uint32_t e = static_cast<std::uint32_t>(lane + 32 * i);
+    sel[i] = e < p.experts ? lg[e] : kNegInf;
+  }
+  if (!p.sigmoid) {
+    float mx = kNegInf;
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i) mx = fmaxf(mx, sel[i]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i) {
+      const std::uint32_t e = static_cast<std::uint32_t>(lane + 32 * i);
+      wt[i] = e < p.experts ? expf(sel[i] - mx) : 0.f;
+      sum += wt[i];
+    }
+    sum = warp_add(sum);
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i) {
+      const std::uint32_t e = static_cast<std::uint32_t>(lane + 32 * i);
+      wt[i] /= sum;
+      sel[i] = e < p.experts ? wt[i] : kNegInf;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i) {
+      const std::uint32_t e = static_cast<std::uint32_t>(lane + 32 * i);
+      if (e < p.experts) {
+        wt[i] = 1.f / (1.f + expf(-sel[i]));
+        sel[i] = wt[i] + (p.bias ? p.bias[e] : 0.f);
+      } else {
+        wt[i] = 0.f;
+      }
+    }
+  }
+  float total = 0.f;
+  for (std::uint32_t j = 0; j < p.k; ++j) {
+    float bv = kNegInf, bw = 0.f;
+    int bi = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i) {
+      const int e = lane + 32 * i;
+      if (sel[i] > bv) {  // strict: the lower index of a lane wins ties
+        bv = sel[i];
+        bi = e;
+        bw = wt[i];
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      const float ow = __shfl_xor_sync(0xffffffffu, bw, o);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+        bw = ow;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i)
+      if (bi == lane + 32 * i) sel[i] = kNegInf;
+    total += bw;
+    if (lane == 0) {
+      p.idx[tok * p.k + j] = bi;
+      p.weight[tok * p.k + j] = bw;
+    }
+  }
+  __syncwarp();
+  const float scale = p.renormalize ? p.scaling / total : p.scaling;
+  for (std::uint32_t j = static_cast<std::uint32_t>(lane); j < p.k; j += 32)
+    p.weight[tok * p.k + j] *= scale;
+}
+
+}  // namespace detail
+}  // namespace cuda
+MOEX_NAMESPACE_END

@@ -1,0 +1,366 @@
+// The CUDA kernels against float64 references on the CPU, on fresh random data, outputs poisoned
+// (NaN) before every launch.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "gpu_test_support.hpp"
+#include "kernels.hpp"
+#include "moex/quant/half.hpp"
+#include "moex/quant/quantize.hpp"
+#include "support/test_support.hpp"
+
+namespace {
+
+using moex::Precision;
+using moex::QuantScheme;
+using moex::WeightFormat;
+namespace mc = moex::cuda;
+
+// Kernels and reference use the same dequantized weights; what differs is f32 accumulation order
+// over <= 1408 products and the per-word scale factoring d*S + m*X: 1e-4 in norm leaves ~100x
+// margin over the f32 rounding while any indexing error shows up as O(1).
+constexpr double kGemvTol = 1e-4;
+// SwiGLU adds __expf (a few ulp) and atomics in any order: same bound.
+constexpr double kExpertTol = 1e-4;
+// Router: softmax/sigmoid in f32 against f64; weights are O(0.1).
+constexpr double kRouterTol = 1e-5;
+// cuBLAS bf16 x bf16 products are exact in f32; only accumulation order differs.
+constexpr double kGemmTol = 1e-5;
+
+std::vector<WeightFormat> all_formats() {
+  std::vector<WeightFormat> f = {moex::float_format(Precision::kBF16), moex::float_format(Precision::kF16)};
+  for (Precision p : {Precision::kInt8, Precision::kInt4, Precision::kInt2})
+    for (const std::uint16_t g : {std::uint16_t{32}, std::uint16_t{64}, std::uint16_t{128}})
+      for (QuantScheme s : {QuantScheme::kSymmetric, QuantScheme::kAsymmetric})
+        f.push_back(moex::quant_format(p, g, s));
+  return f;
+}
+
+std::vector<std::byte> encode(const std::vector<float>& w, std::size_t rows, std::size_t cols, WeightFormat f) {
+  std::vector<std::byte> blob(moex::matrix_layout(rows, cols, f).total_bytes);
+  REQUIRE(moex::quantize_matrix(w.data(), rows, cols, f, blob).is_ok());
+  return blob;
+}
+
+/// The matrix as the kernels must read it (decoded from its bytes), in f32.
+std::vector<float> decode(const std::vector<std::byte>& blob, std::size_t rows, std::size_t cols, WeightFormat f) {
+  std::vector<float> w(rows * cols);
+  moex::dequantize_matrix({blob.data(), moex::matrix_layout(rows, cols, f)}, w.data());
+  return w;
+}
+
+std::uint64_t salt_of(WeightFormat f, std::uint64_t k) {
+  return (static_cast<std::uint64_t>(f.precision) << 32) ^ (static_cast<std::uint64_t>(f.group_size) << 16) ^
+         (static_cast<std::uint64_t>(f.scheme) << 8) ^ k;
+}
+
+}  // namespace
+
+TEST_SUITE("cuda") {
+TEST_CASE("the GEMV dispatch rejects combinations that are not instantiated") {
+  std::vector<float> dummy(16);
+  mc::GemvArgs a;
+  a.w = reinterpret_cast<const std::byte*>(dummy.data());
+  a.x = dummy.data();
+  a.y = dummy.data();
+  a.ldx = 256;
+  a.ldy = 16;
+  a.layout = moex::matrix_layout(16, 256, {Precision::kQ4_K, QuantScheme::kSymmetric, 0});
+  CHECK(mc::gemv(a, nullptr).code() == moex::StatusCode::kUnsupported);
+  a.layout = moex::matrix_layout(16, 96, moex::quant_format(Precision::kInt2, 32));
+  CHECK(mc::gemv(a, nullptr).code() == moex::StatusCode::kUnsupported);  // 96 % 64 != 0
+  a.layout = moex::matrix_layout(16, 256, moex::quant_format(Precision::kInt4, 64));
+  a.n = 9;
+  CHECK(mc::gemv(a, nullptr).code() == moex::StatusCode::kInvalidArgument);
+  CHECK(mc::gemv_supported(moex::quant_format(Precision::kInt4, 128), 4096));
+  CHECK_FALSE(mc::gemv_supported(moex::float_format(Precision::kF32), 4096));
+}
+}
+
+TEST_SUITE("gpu" * doctest::skip(!moex::test::gpu_available())) {
+TEST_CASE("dequant_gemv matches the float64 reference in every format, batch 1..8") {
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  struct Shape { std::size_t rows, cols; };
+  for (const WeightFormat f : all_formats()) {
+    for (const Shape sh : {Shape{37, 1408}, Shape{130, 640}}) {
+      for (const std::uint32_t n : {1u, 3u, 8u}) {
+        CAPTURE(moex::to_string(f.precision));
+        CAPTURE(f.group_size);
+        CAPTURE(static_cast<int>(f.scheme));
+        CAPTURE(sh.rows);
+        CAPTURE(sh.cols);
+        CAPTURE(n);
+        const std::size_t rows = sh.rows, cols = sh.cols, ldx = cols + 4, ldy = rows + 3;
+        const auto wf = moex::test::random_normal(rows * cols, 0.05f, salt_of(f, rows + n));
+        const auto blob = encode(wf, rows, cols, f);
+        const auto w = decode(blob, rows, cols, f);
+        const auto x = moex::test::random_normal(n * ldx, 1.f, salt_of(f, 7 + n));
+        std::vector<double> ref(n * rows);
+        for (std::size_t t = 0; t < n; ++t)
+          for (std::size_t r = 0; r < rows; ++r) {
+            double s = 0;
+            for (std::size_t c = 0; c < cols; ++c) s += double(w[r * cols + c]) * x[t * ldx + c];
+            ref[t * rows + r] = s;
+          }
+        moex::test::DeviceBuffer<std::byte> dw(blob.size());
+        moex::test::DeviceBuffer<float> dx(x.size()), dy(n * ldy);
+        REQUIRE(dw.upload(blob));
+        REQUIRE(dx.upload(x));
+        REQUIRE(dy.poison());
+        mc::GemvArgs a;
+        a.w = dw.get();
+        a.layout = moex::matrix_layout(rows, cols, f);
+        a.x = dx.get();
+        a.ldx = ldx;
+        a.y = dy.get();
+        a.ldy = ldy;
+        a.n = n;
+        const moex::Status st = mc::gemv(a, nullptr);
+        INFO(st.to_string());
+        REQUIRE(st.is_ok());
+        MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+        const auto y = dy.download(n * ldy);
+        std::vector<float> got(n * rows);
+        for (std::size_t t = 0; t < n; ++t)
+          for (std::size_t r = 0; r < rows; ++r) got[t * rows + r] = y[t * ldy + r];
+        CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
+        CHECK(moex::test::rel_error(got, ref) < kGemvTol);
+        // Padding between rows of y stays poisoned: nothing writes outside [rows).
+        CHECK(std::isnan(y[rows]));
+      }
+    }
+  }
+}
+
+TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the float64 reference") {
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  const moex::ExpertShape shape{640, 1408};
+  const std::size_t tokens = 6, experts = 5, ld = shape.hidden + 4;
+  for (const WeightFormat f : all_formats()) {
+    CAPTURE(moex::to_string(f.precision));
+    CAPTURE(f.group_size);
+    CAPTURE(static_cast<int>(f.scheme));
+    const moex::ExpertLayout l = moex::expert_layout(shape, f);
+    std::vector<std::vector<std::byte>> blobs(experts);
+    std::vector<std::vector<float>> w1(experts), w3(experts), w2(experts);
+    for (std::size_t e = 0; e < experts; ++e) {
+      const auto a = moex::test::random_normal(shape.ffn * shape.hidden, 0.05f, salt_of(f, 100 + e));
+      const auto b = moex::test::random_normal(shape.ffn * shape.hidden, 0.05f, salt_of(f, 200 + e));
+      const auto c = moex::test::random_normal(shape.hidden * shape.ffn, 0.05f, salt_of(f, 300 + e));
+      blobs[e].resize(l.total_bytes);
+      REQUIRE(moex::pack_expert(a.data(), b.data(), c.data(), shape, f, blobs[e]).is_ok());
+      const moex::ExpertView v = moex::ExpertView::contiguous(blobs[e].data(), l);
+      w1[e].resize(a.size());
+      w3[e].resize(b.size());
+      w2[e].resize(c.size());
+      moex::dequantize_matrix(v.w1(), w1[e].data());
+      moex::dequantize_matrix(v.w3(), w3[e].data());
+      moex::dequantize_matrix(v.w2(), w2[e].data());
+    }
+    const auto x = moex::test::random_normal(tokens * ld, 1.f, salt_of(f, 400));
+    const auto out0 = moex::test::random_normal(tokens * ld, 1.f, salt_of(f, 401));
+    const auto gate = moex::test::random_normal(experts * 8, 0.5f, salt_of(f, 402));
+    // Expert e serves tokens e, e+1, ... (wrapping), e+1 of them (capped at 6): counts 1..5.
+    std::vector<mc::ExpertTask> tasks(experts);
+    std::vector<double> ref(out0.begin(), out0.end());
+    moex::test::DeviceBuffer<std::byte> dw(experts * l.total_bytes);
+    for (std::size_t e = 0; e < experts; ++e) {
+      MOEX_CUDA_REQUIRE(cudaMemcpy(dw.get() + e * l.total_bytes, blobs[e].data(), l.total_bytes,
+                                   cudaMemcpyHostToDevice));
+      const moex::ExpertView v = moex::ExpertView::contiguous(dw.get() + e * l.total_bytes, l);
+      tasks[e].w1 = v.w1_data;
+      tasks[e].w3 = v.w3_data;
+      tasks[e].w2 = v.w2_data;
+      tasks[e].n = static_cast<std::uint32_t>(std::min<std::size_t>(e + 1, tokens));
+      for (std::uint32_t j = 0; j < tasks[e].n; ++j) {
+        const std::size_t t = (e + j) % tokens;
+        tasks[e].token[j] = static_cast<std::uint32_t>(t);
+        tasks[e].weight[j] = gate[e * 8 + j];
+        std::vector<double> h(shape.ffn);
+        for (std::size_t r = 0; r < shape.ffn; ++r) {
+          double g = 0, u = 0;
+          for (std::size_t c = 0; c < shape.hidden; ++c) {
+            g += double(w1[e][r * shape.hidden + c]) * x[t * ld + c];
+            u += double(w3[e][r * shape.hidden + c]) * x[t * ld + c];
+          }
+          h[r] = g / (1 + std::exp(-g)) * u;
+        }
+        for (std::size_t r = 0; r < shape.hidden; ++r) {
+          double s = 0;
+          for (std::size_t c = 0; c < shape.ffn; ++c) s += double(w2[e][r * shape.ffn + c]) * h[c];
+          ref[t * ld + r] += double(gate[e * 8 + j]) * s;
+        }
+      }
+    }
+    moex::test::DeviceBuffer<float> dx(x.size()), dout(out0.size());
+    moex::test::DeviceBuffer<std::byte> ws(mc::grouped_expert_workspace_bytes(shape, experts));
+    REQUIRE(dx.upload(x));
+    REQUIRE(dout.upload(out0));
+    MOEX_CUDA_REQUIRE(cudaMemset(ws.get(), 0xFF, ws.size()));  // poisoned scratch
+    mc::GroupedExpertArgs a;
+    a.layout = l;
+    a.tasks = tasks.data();
+    a.count = experts;
+    a.x = dx.get();
+    a.ldx = ld;
+    a.out = dout.get();
+    a.ldo = ld;
+    a.workspace = reinterpret_cast<float*>(ws.get());
+    const moex::Status st = mc::grouped_expert_ffn(a, nullptr);
+    INFO(st.to_string());
+    REQUIRE(st.is_ok());
+    MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+    const auto got = dout.download(out0.size());
+    CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
+    // Compare the delta (out - out0) so the check is not diluted by the initial contents.
+    std::vector<float> delta(got.size());
+    std::vector<double> ref_delta(got.size());
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      delta[i] = got[i] - out0[i];
+      ref_delta[i] = ref[i] - out0[i];
+    }
+    CHECK(moex::test::rel_error(delta, ref_delta) < kExpertTol);
+  }
+}
+
+TEST_CASE("route_topk matches the Mixtral, Qwen2-MoE and DeepSeek-V3 routers") {
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  struct Variant { const char* name; std::uint32_t experts, k; mc::RouterScore score; bool bias, renorm; float scaling; };
+  const Variant variants[] = {{"mixtral", 8, 2, mc::RouterScore::kSoftmax, false, true, 1.f},
+                              {"qwen2-moe", 60, 4, mc::RouterScore::kSoftmax, false, false, 1.f},
+                              {"deepseek-v3", 256, 8, mc::RouterScore::kSigmoid, true, true, 2.5f}};
+  const std::uint32_t tokens = 37;
+  for (const Variant& v : variants) {
+    CAPTURE(v.name);
+    const std::size_t ld = v.experts + 1;
+    const auto logits = moex::test::random_normal(tokens * ld, 2.f, v.experts);
+    const auto bias = moex::test::random_normal(v.experts, 0.1f, v.experts + 1);
+    moex::test::DeviceBuffer<float> dl(logits.size()), db(bias.size()), dw(tokens * v.k);
+    moex::test::DeviceBuffer<std::int32_t> di(tokens * v.k);
+    REQUIRE(dl.upload(logits));
+    REQUIRE(db.upload(bias));
+    REQUIRE(dw.poison());
+    REQUIRE(di.poison());
+    mc::RouterArgs a;
+    a.logits = dl.get();
+    a.ld = ld;
+    a.tokens = tokens;
+    a.experts = v.experts;
+    a.k = v.k;
+    a.score = v.score;
+    a.bias = v.bias ? db.get() : nullptr;
+    a.renormalize = v.renorm;
+    a.scaling = v.scaling;
+    a.idx = di.get();
+    a.weight = dw.get();
+    REQUIRE(mc::route_topk(a, nullptr).is_ok());
+    MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+    const auto idx = di.download(tokens * v.k);
+    const auto wt = dw.download(tokens * v.k);
+    for (std::uint32_t t = 0; t < tokens; ++t) {
+      CAPTURE(t);
+      std::vector<double> score(v.experts), sel(v.experts);
+      double mx = -1e300, sum = 0;
+      for (std::uint32_t e = 0; e < v.experts; ++e) mx = std::max(mx, double(logits[t * ld + e]));
+      for (std::uint32_t e = 0; e < v.experts; ++e) sum += std::exp(double(logits[t * ld + e]) - mx);
+      for (std::uint32_t e = 0; e < v.experts; ++e) {
+        const double l = logits[t * ld + e];
+        score[e] = v.score == mc::RouterScore::kSoftmax ? std::exp(l - mx) / sum : 1 / (1 + std::exp(-l));
+        sel[e] = score[e] + (v.bias ? double(bias[e]) : 0.0);
+      }
+      std::vector<std::uint32_t> order(v.experts);
+      std::iota(order.begin(), order.end(), 0u);
+      std::stable_sort(order.begin(), order.end(), [&](std::uint32_t a1, std::uint32_t b1) { return sel[a1] > sel[b1]; });
+      double total = 0;
+      for (std::uint32_t j = 0; j < v.k; ++j) total += score[order[j]];
+      for (std::uint32_t j = 0; j < v.k; ++j) {
+        CHECK(idx[t * v.k + j] == static_cast<std::int32_t>(order[j]));
+        const double want = score[order[j]] * (v.renorm ? v.scaling / total : v.scaling);
+        CHECK(std::fabs(wt[t * v.k + j] - want) <= kRouterTol * std::max(1.0, std::fabs(want)));
+      }
+    }
+  }
+}
+
+TEST_CASE("weighted_combine sums k weighted rows per token, overwriting or accumulating") {
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  const std::uint32_t tokens = 5, k = 3, hidden = 640;
+  const std::size_t ld_eo = hidden + 8, ldo = hidden + 2;
+  const auto eo = moex::test::random_normal(tokens * k * ld_eo, 1.f, 501);
+  const auto w = moex::test::random_normal(tokens * k, 0.5f, 502);
+  const auto base = moex::test::random_normal(tokens * ldo, 1.f, 503);
+  moex::test::DeviceBuffer<float> deo(eo.size()), dw(w.size()), dout(base.size());
+  REQUIRE(deo.upload(eo));
+  REQUIRE(dw.upload(w));
+  for (const bool acc : {false, true}) {
+    CAPTURE(acc);
+    if (acc) {
+      REQUIRE(dout.upload(base));
+    } else {
+      REQUIRE(dout.poison());
+    }
+    mc::CombineArgs a{deo.get(), ld_eo, dw.get(), tokens, k, hidden, dout.get(), ldo, acc};
+    REQUIRE(mc::weighted_combine(a, nullptr).is_ok());
+    MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+    const auto out = dout.download(base.size());
+    std::vector<float> got;
+    std::vector<double> ref;
+    for (std::uint32_t t = 0; t < tokens; ++t)
+      for (std::uint32_t c = 0; c < hidden; ++c) {
+        double s = acc ? base[t * ldo + c] : 0.0;
+        for (std::uint32_t j = 0; j < k; ++j) s += double(w[t * k + j]) * eo[(t * k + j) * ld_eo + c];
+        ref.push_back(s);
+        got.push_back(out[t * ldo + c]);
+      }
+    CHECK(moex::test::rel_error(got, ref) < kGemvTol);
+  }
+}
+
+TEST_CASE("the cuBLAS bf16 path and the bf16 conversion agree with the reference") {
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  const std::size_t rows = 300, cols = 640, n = 16;
+  const auto wf = moex::test::random_normal(rows * cols, 0.05f, 601);
+  const auto x = moex::test::random_normal(n * cols, 1.f, 602);
+  std::vector<std::uint16_t> wb(rows * cols), xb(n * cols);
+  for (std::size_t i = 0; i < wb.size(); ++i) wb[i] = moex::float_to_bf16(wf[i]);
+  for (std::size_t i = 0; i < xb.size(); ++i) xb[i] = moex::float_to_bf16(x[i]);
+  moex::test::DeviceBuffer<std::uint16_t> dw(wb.size()), dxb(xb.size());
+  moex::test::DeviceBuffer<float> dx(x.size()), dy(n * rows);
+  REQUIRE(dw.upload(wb));
+  REQUIRE(dx.upload(x));
+  REQUIRE(dxb.poison());
+  REQUIRE(dy.poison());
+  REQUIRE(mc::convert_f32_to_bf16(dx.get(), dxb.get(), xb.size(), nullptr).is_ok());
+  MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+  CHECK(dxb.download(xb.size()) == xb);  // bit-exact round to nearest even
+  cublasContext* handle = nullptr;
+  REQUIRE(mc::cublas_create(&handle).is_ok());
+  mc::GemmBf16Args a{dw.get(), rows, cols, dxb.get(), cols, dy.get(), rows, n};
+  const moex::Status st = mc::gemm_bf16(handle, a, nullptr);
+  INFO(st.to_string());
+  REQUIRE(st.is_ok());
+  MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+  mc::cublas_destroy(handle);
+  const auto y = dy.download(n * rows);
+  std::vector<double> ref(n * rows);
+  for (std::size_t t = 0; t < n; ++t)
+    for (std::size_t r = 0; r < rows; ++r) {
+      double s = 0;
+      for (std::size_t c = 0; c < cols; ++c)
+        s += double(moex::bf16_to_float(wb[r * cols + c])) * moex::bf16_to_float(xb[t * cols + c]);
+      ref[t * rows + r] = s;
+    }
+  CHECK(moex::test::rel_error(y, ref) < kGemmTol);
+}
+}

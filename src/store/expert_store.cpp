@@ -41,6 +41,25 @@ Result<ExpertStore> ExpertStore::create(const MoeModelSpec& spec, WeightFormat m
   return s;
 }
 
+Result<ExpertStore> ExpertStore::create_virtual(const MoeModelSpec& spec, WeightFormat master_format,
+                                                std::span<const WeightFormat> extra_formats) {
+  auto s = create(spec, master_format);
+  if (!s) return s.status();
+  s->virtual_ = true;
+  s->routers_.clear();
+  s->routers_.shrink_to_fit();
+  for (WeightFormat f : extra_formats) {
+    if (f.precision == master_format.precision) continue;
+    if (!expert_format_is_valid(spec.shape, f))
+      return invalid_argument("create_virtual: a format cannot hold this model's expert shape");
+    Copy c;
+    c.format = f;
+    c.layout = expert_layout(spec.shape, f);
+    s->copies_.push_back(std::move(c));
+  }
+  return s;
+}
+
 Status ExpertStore::check_key(ExpertKey k) const noexcept {
   if (k.layer >= spec_.n_layers || k.expert >= spec_.n_experts)
     return invalid_argument("expert (" + std::to_string(k.layer) + ", " + std::to_string(k.expert) +
@@ -50,6 +69,7 @@ Status ExpertStore::check_key(ExpertKey k) const noexcept {
 }
 
 Status ExpertStore::set_expert(ExpertKey key, const float* w1, const float* w3, const float* w2) {
+  if (virtual_) return unsupported("set_expert: a virtual store has no data");
   MOEX_RETURN_IF_ERROR(check_key(key));
   if (!w1 || !w3 || !w2) return invalid_argument("set_expert: null weights");
   if (is_block_format(master_format_.precision))
@@ -76,6 +96,7 @@ Status ExpertStore::set_expert_view(ExpertKey key, const ExpertView& view, Tier 
 void ExpertStore::keep_alive(std::shared_ptr<const void> owner) { owners_.push_back(std::move(owner)); }
 
 Status ExpertStore::set_router(std::uint32_t layer, std::span<const float> weights, std::span<const float> bias) {
+  if (virtual_) return unsupported("set_router: a virtual store has no data");
   if (layer >= spec_.n_layers) return invalid_argument("set_router: layer out of range");
   const std::size_t per = std::size_t{spec_.n_experts} * spec_.shape.hidden;
   if (weights.size() != per)
@@ -90,7 +111,7 @@ Status ExpertStore::set_router(std::uint32_t layer, std::span<const float> weigh
 }
 
 const float* ExpertStore::router_weights(std::uint32_t layer) const noexcept {
-  if (layer >= spec_.n_layers) return nullptr;
+  if (layer >= spec_.n_layers || virtual_) return nullptr;
   return routers_.data() + std::size_t{layer} * spec_.n_experts * spec_.shape.hidden;
 }
 
@@ -100,10 +121,12 @@ std::span<const float> ExpertStore::router_bias(std::uint32_t layer) const noexc
 }
 
 bool ExpertStore::complete() const noexcept {
+  if (virtual_) return true;
   return std::all_of(master_views_.begin(), master_views_.end(), [](const ExpertView& v) { return v.valid(); });
 }
 
 Status ExpertStore::build_precision(WeightFormat format, ThreadPool* pool, const ProgressFn& progress) {
+  if (virtual_) return unsupported("build_precision: a virtual store has no data (pass formats to create_virtual)");
   if (!is_quantized(format.precision) && format.precision != Precision::kBF16 &&
       format.precision != Precision::kF16 && format.precision != Precision::kF32)
     return unsupported("build_precision: copies can be f32, f16, bf16, int8, int4 or int2");
@@ -169,6 +192,10 @@ std::size_t ExpertStore::expert_bytes(Precision p) const noexcept {
 
 Result<ExpertView> ExpertStore::view(ExpertKey key, Precision p) const noexcept {
   MOEX_RETURN_IF_ERROR(check_key(key));
+  if (virtual_) {
+    if (auto f = format(p)) return ExpertView{nullptr, nullptr, nullptr, expert_layout(spec_.shape, *f)};
+    return not_found("the store holds no " + std::string(to_string(p)) + " copy of its experts");
+  }
   if (p == master_format_.precision) {
     const ExpertView& v = master_views_[index(key)];
     if (!v.valid()) return not_found("expert has no master copy yet");

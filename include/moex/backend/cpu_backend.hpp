@@ -13,6 +13,7 @@
 #include <span>
 #include <vector>
 
+#include "moex/concepts/backend.hpp"
 #include "moex/cpu/expert_ffn.hpp"
 #include "moex/quant/layout.hpp"
 #include "moex/status.hpp"
@@ -30,7 +31,11 @@ struct CpuBackendConfig {
 /// Thread safety: one executor uses one backend from one thread.
 class CpuBackend {
  public:
-  explicit CpuBackend(CpuBackendConfig config = {})
+  /// Experts carry real weights here (see ExecutionBackend).
+  static constexpr bool kHasData = true;
+
+  /// Implicit, so that a CpuBackendConfig can stand where a backend is expected.
+  CpuBackend(CpuBackendConfig config = {})  // NOLINT(google-explicit-constructor)
       : config_(config), pool_(std::make_unique<ThreadPool>(config.threads)) {}
 
   /// Clock in nanoseconds (steady wall time).
@@ -111,5 +116,7 @@ class CpuBackend {
   std::size_t slots_ = 0;
   std::vector<float> workspace_;
 };
+
+static_assert(ExecutionBackend<CpuBackend>);
 
 MOEX_NAMESPACE_END

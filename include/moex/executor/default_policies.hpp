@@ -6,15 +6,17 @@
 ///   auto ex = moex::MoeLayerExecutor<LfuPolicies>::create(store, {.cache_bytes = 1 << 30});
 /// @endcode
 
+#include "moex/backend/cpu_backend.hpp"
 #include "moex/concepts/gate.hpp"
 #include "moex/policies/lru_eviction.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
-/// The exact path: the router's top-k, least-recently-used eviction.
+/// The exact path: the router's top-k, least-recently-used eviction, on the CPU backend.
 struct DefaultPolicies {
   using Eviction = LruEviction;
   using Gate = FixedTopKGate;
+  using Backend = CpuBackend;
 };
 
 MOEX_NAMESPACE_END

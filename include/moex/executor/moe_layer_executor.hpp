@@ -14,6 +14,7 @@
 
 #include "moex/backend/cpu_backend.hpp"
 #include "moex/cache/mixed_precision_cache.hpp"
+#include "moex/concepts/backend.hpp"
 #include "moex/concepts/eviction.hpp"
 #include "moex/concepts/gate.hpp"
 #include "moex/executor/default_policies.hpp"
@@ -27,7 +28,8 @@ MOEX_NAMESPACE_BEGIN
 
 /// Every role of the executor, checked one by one so that an error names the role that failed.
 template <class P>
-concept ExecutorPolicies = EvictionPolicy<typename P::Eviction> && GatePolicy<typename P::Gate>;
+concept ExecutorPolicies = EvictionPolicy<typename P::Eviction> && GatePolicy<typename P::Gate> &&
+                           ExecutionBackend<typename P::Backend>;
 
 /// Runs the MoE layers of one model over an ExpertStore.
 ///
@@ -44,12 +46,13 @@ class MoeLayerExecutor {
   using Policies = P;
   using Eviction = typename P::Eviction;
   using Gate = typename P::Gate;
+  using Backend = typename P::Backend;
 
   /// Validates the configuration against the store and reserves the fast tier.
   /// Errors: kInvalidArgument for an incomplete store, a missing cache precision, or a budget
   /// smaller than one expert; kOutOfMemory when the fast tier cannot be reserved.
   static Result<MoeLayerExecutor> create(const ExpertStore& store, ExecutorConfig config,
-                                         CpuBackendConfig backend = {}, Eviction eviction = {},
+                                         Backend backend = {}, Eviction eviction = {},
                                          Gate gate = {});
 
   MoeLayerExecutor(MoeLayerExecutor&&) noexcept = default;
@@ -87,19 +90,21 @@ class MoeLayerExecutor {
   /// The fast-tier cache (read-only: residency, budgets, its own counters).
   const MixedPrecisionCache<Eviction>& cache() const noexcept { return cache_; }
   const Gate& gate() const noexcept { return gate_; }
+  Backend& backend() noexcept { return backend_; }
+  const Backend& backend() const noexcept { return backend_; }
   Eviction& eviction() noexcept { return cache_.policy(); }
 
  private:
-  MoeLayerExecutor(const ExpertStore& store, ExecutorConfig config, CpuBackendConfig backend,
+  MoeLayerExecutor(const ExpertStore& store, ExecutorConfig config, Backend backend,
                    MixedPrecisionCache<Eviction> cache, Gate g)
-      : store_(&store), config_(config), backend_(backend), cache_(std::move(cache)), gate_(std::move(g)) {}
+      : store_(&store), config_(config), backend_(std::move(backend)), cache_(std::move(cache)), gate_(std::move(g)) {}
 
   /// Makes `key` resident; returns its slot. Counts hit/miss/stall in `ls`.
   Result<std::size_t> acquire(ExpertKey key, LayerStats& ls);
 
   const ExpertStore* store_ = nullptr;
   ExecutorConfig config_;
-  CpuBackend backend_;
+  Backend backend_;
   MixedPrecisionCache<Eviction> cache_;
   [[no_unique_address]] Gate gate_;
   ExpertLayout cache_layout_{};
@@ -140,8 +145,10 @@ void MoeLayerExecutor<P>::begin_sequence() {
 
 template <ExecutorPolicies P>
 Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store, ExecutorConfig config,
-                                                        CpuBackendConfig backend, Eviction eviction, Gate gate) {
+                                                        Backend backend, Eviction eviction, Gate gate) {
   if (!store.complete()) return invalid_argument("executor: the store has experts without a master copy");
+  if (Backend::kHasData && store.is_virtual())
+    return invalid_argument("executor: a virtual (shape-only) store needs a simulated backend");
   const MoeModelSpec& spec = store.spec();
   const Precision p = config.cache_precision.value_or(store.master_format().precision);
   const auto fmt = store.format(p);
@@ -162,7 +169,7 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
   cc.budget_bytes = n_slots64 * layout.total_bytes;
   auto cache = MixedPrecisionCache<Eviction>::create(std::move(cc), std::move(eviction));
   if (!cache) return cache.status();
-  MoeLayerExecutor ex(store, config, backend, std::move(*cache), std::move(gate));
+  MoeLayerExecutor ex(store, config, std::move(backend), std::move(*cache), std::move(gate));
   ex.cache_layout_ = layout;
   MOEX_RETURN_IF_ERROR(ex.backend_.allocate_slots(layout.total_bytes, static_cast<std::size_t>(n_slots64)));
   ex.stats_.layers.resize(spec.n_layers);
@@ -176,6 +183,7 @@ Status MoeLayerExecutor<P>::route(std::uint32_t layer, const float* hidden, std:
   if (layer >= spec.n_layers) return invalid_argument("route: layer " + std::to_string(layer) + " out of range");
   if (hidden == nullptr && n > 0) return invalid_argument("route: hidden is null");
   if (out.size() < n) return invalid_argument("route: output span shorter than n");
+  if (store_->is_virtual()) return unsupported("route: a virtual store has no routers; replay routing with forward_routed");
   if (config_.check_finite)
     for (std::size_t i = 0; i < n * spec.shape.hidden; ++i)
       if (!std::isfinite(hidden[i]))
@@ -234,10 +242,12 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
   const MoeModelSpec& spec = store_->spec();
   if (layer >= spec.n_layers) return invalid_argument("forward: layer " + std::to_string(layer) + " out of range");
   if (n == 0) return invalid_argument("forward: zero tokens");
-  if (hidden == nullptr || out == nullptr) return invalid_argument("forward: null hidden or out");
+  if constexpr (Backend::kHasData) {
+    if (hidden == nullptr || out == nullptr) return invalid_argument("forward: null hidden or out");
+  }
   if (routing.size() < n) return invalid_argument("forward: fewer routings than tokens");
   const std::size_t h = spec.shape.hidden;
-  if (config_.check_finite)
+  if (config_.check_finite && hidden != nullptr)
     for (std::size_t i = 0; i < n * h; ++i)
       if (!std::isfinite(hidden[i]))
         return invalid_argument("forward: non-finite hidden state at token " + std::to_string(i / h));
@@ -271,7 +281,7 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
       users[r.experts[j]].emplace_back(static_cast<std::uint32_t>(t), r.weights[j]);
     }
   }
-  std::fill(out, out + n * h, 0.f);
+  if (out != nullptr) std::fill(out, out + n * h, 0.f);
   for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
     const auto& u = users[e];
     if (u.empty()) continue;
@@ -279,14 +289,17 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     if (!slot) return slot.status();
     const ExpertView view = backend_.slot_view(*slot, cache_layout_);
     const std::size_t m = u.size();
-    xg_.resize(m * h);
-    yg_.resize(m * h);
-    for (std::size_t i = 0; i < m; ++i) std::memcpy(&xg_[i * h], hidden + std::size_t{u[i].first} * h, h * sizeof(float));
+    const bool data = hidden != nullptr && out != nullptr;
+    if (data) {
+      xg_.resize(m * h);
+      yg_.resize(m * h);
+      for (std::size_t i = 0; i < m; ++i) std::memcpy(&xg_[i * h], hidden + std::size_t{u[i].first} * h, h * sizeof(float));
+    }
     const std::uint64_t t0 = backend_.now_ns();
-    MOEX_RETURN_IF_ERROR(backend_.expert_ffn(view, xg_.data(), m, yg_.data()));
+    MOEX_RETURN_IF_ERROR(backend_.expert_ffn(view, data ? xg_.data() : nullptr, m, data ? yg_.data() : nullptr));
     ls.compute_ns += backend_.now_ns() - t0;
     ++ls.expert_calls;
-    for (std::size_t i = 0; i < m; ++i) {
+    for (std::size_t i = 0; data && i < m; ++i) {
       float* o = out + std::size_t{u[i].first} * h;
       const float w = u[i].second;
       for (std::size_t c = 0; c < h; ++c) o[c] += w * yg_[i * h + c];

@@ -50,6 +50,14 @@ class ExpertStore {
   /// An empty store whose experts will be held in `master_format`. Routers start as zeros.
   static Result<ExpertStore> create(const MoeModelSpec& spec, WeightFormat master_format);
 
+  /// A store of shapes only, for simulation (SimBackend): every expert "exists" in the master
+  /// format and in each of `extra_formats`, views have the right layouts but null data, and there
+  /// are no router weights. Data backends refuse it.
+  static Result<ExpertStore> create_virtual(const MoeModelSpec& spec, WeightFormat master_format,
+                                            std::span<const WeightFormat> extra_formats = {});
+  /// True for a store made by create_virtual.
+  bool is_virtual() const noexcept { return virtual_; }
+
   const MoeModelSpec& spec() const noexcept { return spec_; }
   WeightFormat master_format() const noexcept { return master_format_; }
   /// Where the master copies live: kHost (owned RAM) or kDisk (a mapped file).
@@ -104,6 +112,7 @@ class ExpertStore {
   MoeModelSpec spec_{};
   WeightFormat master_format_{};
   Tier master_tier_ = Tier::kHost;
+  bool virtual_ = false;
   ExpertLayout master_layout_{};
   std::vector<std::byte> master_blob_;       // owned master copies (set_expert)
   std::vector<ExpertView> master_views_;     // per expert; w1_data null until set

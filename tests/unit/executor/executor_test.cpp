@@ -204,3 +204,73 @@ TEST_CASE("the executor records the routing it used as a trace") {
   CHECK(tr.experts(3, 1)[1] == want[0].experts[1]);
   CHECK(tr.weights(3, 1)[0] == doctest::Approx(want[0].weights[0]));
 }
+
+#include "moex/backend/sim_execution_backend.hpp"
+
+namespace {
+struct SimPolicies : moex::DefaultPolicies {
+  using Backend = moex::SimExecutionBackend;
+};
+moex::DeviceProfile test_profile(std::uint64_t link_bps) {
+  moex::DeviceProfile p;
+  p.name = "test";
+  p.links[static_cast<std::size_t>(moex::SimLink::kHostToDevice)] = {1000, link_bps};
+  p.compute[static_cast<std::size_t>(moex::SimDevice::kGpu)].read_bytes_per_s = 1'000'000'000'000ull;
+  return p;
+}
+}  // namespace
+
+TEST_CASE("the same executor replays routing on the simulator, with exact virtual-time accounting") {
+  moex::MoeModelSpec spec{2, 4, {4096, 14336}, {moex::RouterKind::kSoftmaxTopKRenorm, 4, 1}};
+  auto store = moex::ExpertStore::create_virtual(spec, moex::float_format(moex::Precision::kBF16));
+  REQUIRE(store.is_ok());
+  const std::uint64_t eb = store->expert_bytes(moex::Precision::kBF16);
+  REQUIRE(eb == 3ull * 4096 * 14336 * 2);
+  auto ex = moex::MoeLayerExecutor<SimPolicies>::create(*store, {.cache_bytes = 2 * eb},
+                                                        moex::SimExecutionBackend(test_profile(50'000'000'000ull)));
+  REQUIRE(ex.is_ok());
+  moex::TokenRouting r;
+  r.k = 1;
+  r.weights[0] = 1.f;
+  const std::uint32_t seq[] = {0, 1, 0, 2};
+  for (std::uint32_t e : seq) {
+    r.experts[0] = e;
+    REQUIRE(ex->forward_routed(0, std::span(&r, 1), nullptr, 1, nullptr).is_ok());
+  }
+  const auto s = ex->stats().layers[0];
+  CHECK(s.misses == 3);
+  CHECK(s.hits == 1);
+  // Each miss: 1000 ns latency + bytes / 50 GB/s, rounded up to the nanosecond; nothing overlaps.
+  const std::uint64_t copy_ns = 1000 + moex::sim_duration_ns(eb, 50'000'000'000ull);
+  CHECK(s.stall_ns == 3 * copy_ns);
+  const std::uint64_t compute_ns = moex::sim_duration_ns(eb, 1'000'000'000'000ull);
+  CHECK(s.compute_ns == 4 * compute_ns);
+  CHECK(ex->backend().now_ns() == 3 * copy_ns + 4 * compute_ns);
+  SUBCASE("a virtual store cannot drive a data backend") {
+    CHECK_FALSE(moex::MoeLayerExecutor<>::create(*store, {.cache_bytes = 2 * eb}).is_ok());
+  }
+}
+
+TEST_CASE("with infinite bandwidth the simulated time equals the compute-only time") {
+  moex::MoeModelSpec spec{1, 8, {1024, 3584}, {moex::RouterKind::kSoftmaxTopKRenorm, 8, 2}};
+  auto store = moex::ExpertStore::create_virtual(spec, moex::float_format(moex::Precision::kBF16));
+  REQUIRE(store.is_ok());
+  const std::uint64_t eb = store->expert_bytes(moex::Precision::kBF16);
+  moex::DeviceProfile p = test_profile(0);  // 0 = infinite bandwidth
+  p.links[static_cast<std::size_t>(moex::SimLink::kHostToDevice)].latency_ns = 0;
+  auto ex = moex::MoeLayerExecutor<SimPolicies>::create(*store, {.cache_bytes = 2 * eb}, moex::SimExecutionBackend(p));
+  REQUIRE(ex.is_ok());
+  moex::TokenRouting r;
+  r.k = 2;
+  r.weights[0] = r.weights[1] = 0.5f;
+  for (std::uint32_t t = 0; t < 50; ++t) {
+    r.experts[0] = t % 8;
+    r.experts[1] = (t * 3 + 1) % 8;
+    if (r.experts[1] == r.experts[0]) r.experts[1] = (r.experts[0] + 1) % 8;
+    REQUIRE(ex->forward_routed(0, std::span(&r, 1), nullptr, 1, nullptr).is_ok());
+  }
+  const auto s = ex->stats().total();
+  CHECK(s.stall_ns == 0);
+  CHECK(ex->backend().now_ns() == s.compute_ns);
+  CHECK(s.compute_ns == 100 * moex::sim_duration_ns(eb, 1'000'000'000'000ull));
+}

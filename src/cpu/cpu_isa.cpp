@@ -5,6 +5,10 @@
 #include <cstdlib>
 #include <string>
 
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#  include <cpuid.h>
+#endif
+
 MOEX_NAMESPACE_BEGIN
 
 namespace {
@@ -13,13 +17,19 @@ CpuIsa detect() noexcept {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   // __builtin_cpu_supports also checks that the OS saves the YMM/ZMM state (XGETBV).
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+  // F16C: CPUID leaf 1, ECX bit 29 (clang 14's __builtin_cpu_supports lacks "f16c").
+  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+  const bool f16c = __get_cpuid(1, &a1, &b1, &c1, &d1) != 0 && (c1 & (1u << 29)) != 0;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
   if (!avx2) return CpuIsa::kScalar;
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl");
   if (!avx512) return CpuIsa::kAvx2;
-  if (__builtin_cpu_supports("avx512bf16")) return CpuIsa::kAvx512Bf16;
+  // clang 14 does not know "avx512bf16" in __builtin_cpu_supports: read CPUID leaf 7 subleaf 1,
+  // EAX bit 5 (AVX512_BF16). The OS saves ZMM state: checked by the avx512f test above.
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 5)) != 0)
+    return CpuIsa::kAvx512Bf16;
   return CpuIsa::kAvx512;
 #else
   return CpuIsa::kScalar;

@@ -84,6 +84,12 @@ int parse_args(int argc, char** argv, Options& o) {
       o.json = true;
       continue;
     }
+    static const char* const kValued[] = {"--layers", "--experts", "--top-k", "--hidden", "--ffn", "--tokens", "--batch",
+                                          "--budget", "--locality", "--format", "--model", "--dir", "--seed"};
+    if (std::none_of(std::begin(kValued), std::end(kValued), [&](const char* k) { return a == k; })) {
+      std::fprintf(stderr, "moex-demo: unknown option %s (see --help)\n", a.c_str());
+      return 2;
+    }
     if (i + 1 >= argc) {
       std::fprintf(stderr, "moex-demo: %s needs a value (see --help)\n", a.c_str());
       return 2;
@@ -103,10 +109,6 @@ int parse_args(int argc, char** argv, Options& o) {
     else if (a == "--model") o.model = v;
     else if (a == "--dir") o.dir = v;
     else if (a == "--seed") o.seed = std::strtoull(v, nullptr, 10);
-    else {
-      std::fprintf(stderr, "moex-demo: unknown option %s (see --help)\n", a.c_str());
-      return 2;
-    }
     if (!ok) {
       std::fprintf(stderr, "moex-demo: bad value '%s' for %s (see --help)\n", v, a.c_str());
       return 2;

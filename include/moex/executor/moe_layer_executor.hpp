@@ -78,6 +78,11 @@ class MoeLayerExecutor {
   /// What was recorded (empty when recording never started).
   const RoutingTrace& recorded_trace() const noexcept { return trace_; }
 
+  /// Number of forward calls so far: the step the next call runs at. Replaying a trace at batch 1
+  /// layer by layer, token t of layer l runs at step t * n_layers + l (RoutingTrace::step), which
+  /// is what BeladyOracleEviction's future is indexed by.
+  std::uint64_t step() const noexcept { return step_; }
+
   const ExecutorStats& stats() const noexcept { return stats_; }
   void reset_stats() noexcept { stats_.reset(); }
   const ExecutorConfig& config() const noexcept { return config_; }
@@ -253,7 +258,6 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         return invalid_argument("forward: non-finite hidden state at token " + std::to_string(i / h));
   const std::uint64_t t_begin = backend_.now_ns();
   LayerStats& ls = stats_.layers[layer];
-  ++step_;
   ++ls.steps;
   ls.tokens += n;
 
@@ -306,6 +310,7 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     }
   }
   ls.total_ns += backend_.now_ns() - t_begin;
+  ++step_;
   return Status::ok();
 }
 

@@ -1,11 +1,39 @@
 #ifndef MOEX_H
 #define MOEX_H
-/* moex.h: the stable C ABI of moex (placeholder until the C API lands). */
+/**
+ * @file moex.h
+ * The stable C ABI of moex: run Mixture-of-Experts layers with experts offloaded to slow memory,
+ * from C and from any language with a C FFI (Rust, Go, C#, Python ctypes, ...).
+ *
+ * Rules that hold for every function (see docs/embedding.md):
+ * - Every function that can fail returns a moex_status: MOEX_OK (0) or a negative error code.
+ *   The values are pinned forever. On failure moex_last_error_message() says why.
+ * - Constructors set `*out = NULL` on failure.
+ * - Parameter and output structs start with `struct_size`, which is their version: initialize
+ *   them with the matching `_init` function. Zero in any field means "library default". An older
+ *   (smaller) struct is accepted with defaults for the missing tail; a newer (larger) one only if
+ *   the tail this library does not know is all zero (else MOEX_ERR_STRUCT_SIZE). Output structs:
+ *   the library writes min(caller's struct_size, its own size) bytes.
+ * - Ownership is stated on every pointer. Every object has a destroy function that accepts NULL.
+ * - Thread safety: functions taking `const moex_x*` may run concurrently with each other;
+ *   functions taking `moex_x*` need exclusive access to that object. Models are shareable; use
+ *   one executor per thread.
+ * - Handles are checked against a registry of live objects: a NULL handle, a handle of the wrong
+ *   kind, or one already destroyed gives MOEX_ERR_INVALID_ARGUMENT (as long as its address has not
+ *   been reused by a new object).
+ * - Strings are UTF-8 and NUL-terminated. Text goes out as static strings or by copy into a
+ *   caller buffer with snprintf semantics.
+ * - The library never prints, aborts or lets a C++ exception escape.
+ *
+ * This header includes only <stddef.h> and <stdint.h> and is valid C99 and C++.
+ */
 #include <stddef.h>
 #include <stdint.h>
 
 #if defined(_WIN32)
-#if defined(MOEX_BUILDING_LIBRARY)
+#if defined(MOEX_STATIC)
+#define MOEX_API
+#elif defined(MOEX_BUILDING_LIBRARY)
 #define MOEX_API __declspec(dllexport)
 #else
 #define MOEX_API __declspec(dllimport)
@@ -14,17 +42,440 @@
 #define MOEX_API __attribute__((visibility("default")))
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define MOEX_DEPRECATED(msg) __attribute__((deprecated(msg)))
+#else
+#define MOEX_DEPRECATED(msg)
+#endif
+
+/* Compile-time version (the same macros as moex/version.hpp; zstd's number formula). */
+#ifndef MOEX_VERSION_MAJOR
 #define MOEX_VERSION_MAJOR 0
 #define MOEX_VERSION_MINOR 1
 #define MOEX_VERSION_PATCH 0
 #define MOEX_VERSION_NUMBER (MOEX_VERSION_MAJOR * 10000 + MOEX_VERSION_MINOR * 100 + MOEX_VERSION_PATCH)
+#endif
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-/** The library's version as MOEX_VERSION_NUMBER computes it. @since 0.1 */
+/* ==== versions ================================================================================ */
+
+/** The library's version as MOEX_VERSION_NUMBER computes it; compare with the header's. @since 0.1 */
 MOEX_API uint32_t moex_version_number(void);
+/** The library's version as "major.minor.patch"; static text, never NULL. @since 0.1 */
+MOEX_API const char* moex_version_string(void);
+
+/* ==== status codes (pinned forever; retired values are never reused) ========================= */
+
+/** Result of every function that can fail: 0 on success, negative on error. @since 0.1 */
+typedef int32_t moex_status;
+#define MOEX_OK 0
+#define MOEX_ERR_INVALID_ARGUMENT -1 /* NULL/out-of-range argument, bad or destroyed handle */
+#define MOEX_ERR_UNSUPPORTED -2      /* a valid request this build cannot serve (e.g. no CUDA) */
+#define MOEX_ERR_STRUCT_SIZE -3      /* a struct from a newer moex.h uses fields this library lacks */
+#define MOEX_ERR_OUT_OF_MEMORY -4
+#define MOEX_ERR_IO -5               /* a file could not be opened, read or written */
+#define MOEX_ERR_CORRUPT -6          /* a file is malformed */
+#define MOEX_ERR_NOT_FOUND -7        /* a file, tensor or key does not exist */
+#define MOEX_ERR_INTERNAL -99        /* a bug in moex */
+
+/** Static text for a status code ("ok", "invalid argument", ...); never NULL. Thread-safe. @since 0.1 */
+MOEX_API const char* moex_status_string(moex_status status);
+
+/**
+ * The message of the last failed moex call on this thread ("" if none). Never NULL.
+ * Thread-local; borrowed, valid until the next moex call on this thread.
+ * @since 0.1
+ */
+MOEX_API const char* moex_last_error_message(void);
+
+/* ==== logging ================================================================================= */
+
+#define MOEX_LOG_ERROR 1
+#define MOEX_LOG_WARN 2
+#define MOEX_LOG_INFO 3
+#define MOEX_LOG_DEBUG 4
+
+/**
+ * A log sink. `message` is borrowed, valid during the call only. Called on the thread of the
+ * moex call that logs; calls from different threads may run at the same time. The callback may
+ * call moex functions (e.g. moex_set_log_callback).
+ * @since 0.1
+ */
+typedef void (*moex_log_fn)(int32_t level, const char* message, void* user_data);
+
+/**
+ * Sets the process-wide log callback (NULL: silent, the default) and the most verbose level to
+ * deliver (0 = MOEX_LOG_INFO). `user_data` is passed back unchanged and must stay valid until the
+ * callback is replaced. Thread-safe. Returns MOEX_ERR_INVALID_ARGUMENT for a level outside 0..4.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_set_log_callback(moex_log_fn fn, int32_t max_level, void* user_data);
+
+/* ==== enums (values pinned; a value this build does not know gives MOEX_ERR_UNSUPPORTED) ======= */
+
+/* Weight precisions. */
+#define MOEX_PRECISION_DEFAULT 0
+#define MOEX_PRECISION_F32 1
+#define MOEX_PRECISION_F16 2
+#define MOEX_PRECISION_BF16 3
+#define MOEX_PRECISION_INT8 4 /* group-quantized, group 64, symmetric */
+#define MOEX_PRECISION_INT4 5 /* group-quantized, group 64, symmetric */
+#define MOEX_PRECISION_INT2 6 /* group-quantized, group 64, asymmetric */
+
+/* Compute backends. */
+#define MOEX_BACKEND_DEFAULT 0 /* CPU */
+#define MOEX_BACKEND_CPU 1
+#define MOEX_BACKEND_CUDA 2    /* MOEX_ERR_UNSUPPORTED in builds without CUDA */
+
+/* Eviction policies of the fast-tier cache. */
+#define MOEX_EVICTION_DEFAULT 0 /* LRU */
+#define MOEX_EVICTION_LRU 1
+#define MOEX_EVICTION_LFU 2
+#define MOEX_EVICTION_LRFU 3    /* uses moex_executor_params.lrfu_lambda */
+#define MOEX_EVICTION_HOBBIT 4  /* HOBBIT's score, equal weights */
+#define MOEX_EVICTION_STATIC_HOT_SET 5 /* needs a profile: MOEX_ERR_UNSUPPORTED through this API in 0.1 */
+#define MOEX_EVICTION_BELADY 6  /* offline oracle: MOEX_ERR_UNSUPPORTED through this API in 0.1 */
+
+/* Gating: how many of the router's experts a token really uses. */
+#define MOEX_GATING_DEFAULT 0 /* fixed top-k */
+#define MOEX_GATING_FIXED_TOP_K 1
+
+/* Expert prediction / prefetching. */
+#define MOEX_PREDICTION_DEFAULT 0 /* none */
+#define MOEX_PREDICTION_NONE 1
+
+/* Trace file formats. */
+#define MOEX_TRACE_FORMAT_DEFAULT 0 /* binary */
+#define MOEX_TRACE_FORMAT_BINARY 1
+#define MOEX_TRACE_FORMAT_JSONL 2
+
+/* ==== demo model ============================================================================== */
+
+/**
+ * Shape of a generated demo model. Zero = default (2 layers, 4 experts, top-2, hidden 64,
+ * ffn 128, seed 1, bf16 weights). Layout: 40 bytes, no padding.
+ * @since 0.1
+ */
+typedef struct moex_demo_params {
+  uint64_t struct_size;   /* set by moex_demo_params_init */
+  uint32_t n_layers;      /* MoE layers, 1..256 */
+  uint32_t n_experts;     /* 1..256 */
+  uint32_t top_k;         /* 1..min(n_experts, 16) */
+  uint32_t hidden;        /* 1..16384 */
+  uint32_t ffn;           /* 1..65536 */
+  int32_t precision;      /* MOEX_PRECISION_F32, _F16 or _BF16 (default) */
+  uint64_t seed;          /* same seed, same weights, on every platform */
+} moex_demo_params;
+
+/** Fills `params` (borrowed) with defaults and sets struct_size; NULL is a no-op. @since 0.1 */
+MOEX_API void moex_demo_params_init(moex_demo_params* params);
+
+/**
+ * Writes a random Mixtral-shaped checkpoint (config.json + model.safetensors in Hugging Face
+ * layout) into the folder `dir` (created if missing; existing files of those names are replaced),
+ * for tests and examples. Weights are deterministic in the seed.
+ * @param dir     borrowed, UTF-8 path.
+ * @param params  borrowed; NULL means all defaults.
+ * @return MOEX_OK, MOEX_ERR_INVALID_ARGUMENT, MOEX_ERR_STRUCT_SIZE, MOEX_ERR_UNSUPPORTED, MOEX_ERR_IO.
+ * Thread safety: any thread; concurrent calls must use different folders.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_model_write_demo(const char* dir, const moex_demo_params* params);
+
+/* ==== models ================================================================================== */
+
+/** An opened checkpoint and the store of its experts. Opaque. @since 0.1 */
+typedef struct moex_model moex_model;
+
+/**
+ * Progress of a long operation: `done` of `total` units of the step named `what` (borrowed,
+ * valid during the call). Called on the calling thread. @since 0.1
+ */
+typedef void (*moex_progress_fn)(uint64_t done, uint64_t total, const char* what, void* user_data);
+
+#define MOEX_MODEL_FLAG_COPY_TO_RAM 1u /* decode experts into RAM instead of using the mapped file */
+
+/**
+ * How to open a model. Zero = default. Layout: 24 bytes, no padding.
+ * @since 0.1
+ */
+typedef struct moex_model_params {
+  uint64_t struct_size;      /* set by moex_model_params_init */
+  uint32_t flags;            /* MOEX_MODEL_FLAG_* */
+  int32_t master_precision;  /* precision of decoded master copies; 0 = BF16 */
+  uint32_t extra_precisions; /* bit (1u << MOEX_PRECISION_x): also build copies in precision x */
+  uint32_t reserved0;        /* must be 0 */
+} moex_model_params;
+
+/** Fills `params` (borrowed) with defaults and sets struct_size; NULL is a no-op. @since 0.1 */
+MOEX_API void moex_model_params_init(moex_model_params* params);
+
+/**
+ * Opens a model: a .safetensors file (config.json beside it), a folder with config.json and
+ * model.safetensors or a sharded index, or a .gguf file.
+ * @param path       borrowed, UTF-8.
+ * @param params     borrowed; NULL means all defaults.
+ * @param progress   may be NULL; called during loading with `user_data`.
+ * @param out        on success a new model owned by the caller (free with moex_model_destroy);
+ *                   on failure set to NULL.
+ * @return MOEX_OK, MOEX_ERR_INVALID_ARGUMENT, MOEX_ERR_STRUCT_SIZE, MOEX_ERR_UNSUPPORTED,
+ *         MOEX_ERR_IO, MOEX_ERR_CORRUPT, MOEX_ERR_NOT_FOUND, MOEX_ERR_OUT_OF_MEMORY.
+ * Thread safety: any thread.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_model_open(const char* path, const moex_model_params* params,
+                                     moex_progress_fn progress, void* user_data, moex_model** out);
+
+/**
+ * Destroys a model; NULL is a no-op. Executors created from it stay usable (they keep what they
+ * need alive). Not concurrent with other calls on this model.
+ * @since 0.1
+ */
+MOEX_API void moex_model_destroy(moex_model* model);
+
+/**
+ * What a model is (output struct: set struct_size, e.g. with moex_model_info_init). 48 bytes.
+ * @since 0.1
+ */
+typedef struct moex_model_info {
+  uint64_t struct_size;
+  uint32_t n_layers;          /* MoE layers (the layer index of every executor call) */
+  uint32_t n_experts;         /* routed experts per layer */
+  uint32_t top_k;             /* experts per token */
+  uint32_t hidden;            /* hidden size */
+  uint32_t ffn;               /* intermediate size of one expert */
+  int32_t master_precision;   /* MOEX_PRECISION_* of the master copies */
+  uint64_t expert_bytes;      /* bytes of one expert in the master precision */
+  uint32_t n_checkpoint_layers; /* all layers of the checkpoint, dense ones included */
+  uint32_t reserved0;
+} moex_model_info;
+
+/** Sets struct_size and zeroes the rest; NULL is a no-op. @since 0.1 */
+MOEX_API void moex_model_info_init(moex_model_info* info);
+
+/**
+ * Reads the model's shape into `info` (borrowed; struct_size set by the caller).
+ * @return MOEX_OK, MOEX_ERR_INVALID_ARGUMENT (NULL, bad handle, struct_size < 8).
+ * Thread safety: concurrent with any call taking a const model.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_model_get_info(const moex_model* model, moex_model_info* info);
+
+/**
+ * Bytes of one expert in `precision` (MOEX_PRECISION_*; 0 = master) into `*bytes`; 0 when the
+ * model holds no copy in that precision.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_model_expert_bytes(const moex_model* model, int32_t precision, uint64_t* bytes);
+
+/**
+ * The checkpoint's architecture name (e.g. "mixtral") copied into `buf` (borrowed, may be NULL
+ * when size is 0), NUL-terminated and truncated to size-1 characters; `*needed` (may be NULL)
+ * receives the full length without the NUL (snprintf semantics).
+ * @since 0.1
+ */
+MOEX_API moex_status moex_model_architecture(const moex_model* model, char* buf, size_t size, size_t* needed);
+
+/* ==== executors =============================================================================== */
+
+/** Runs the MoE layers of one model with a fast-tier expert cache. Opaque. @since 0.1 */
+typedef struct moex_executor moex_executor;
+
+#define MOEX_EXECUTOR_FLAG_NO_FINITE_CHECK 1u /* skip the NaN/inf check of hidden states */
+
+/**
+ * Executor parameters. Zero in any field means "library default". 72 bytes, no padding.
+ * @since 0.1
+ */
+typedef struct moex_executor_params {
+  uint64_t struct_size;     /* set by moex_executor_params_init */
+  uint64_t cache_bytes;     /* fast-tier budget; 0 = a quarter of all experts (at least one) */
+  int32_t backend;          /* MOEX_BACKEND_* */
+  int32_t device;           /* device ordinal for GPU backends; must be 0 for the CPU */
+  uint32_t threads;         /* worker threads for expert compute; 0 = all cores */
+  int32_t eviction;         /* MOEX_EVICTION_* */
+  int32_t gating;           /* MOEX_GATING_* */
+  int32_t prediction;       /* MOEX_PREDICTION_* */
+  int32_t cache_precision;  /* MOEX_PRECISION_* held in the fast tier; 0 = the master's; the model
+                               must hold it (moex_model_params.extra_precisions) */
+  uint32_t flags;           /* MOEX_EXECUTOR_FLAG_* */
+  double lrfu_lambda;       /* MOEX_EVICTION_LRFU decay per step; 0 = 0.05 */
+  double gate_threshold;    /* reserved for threshold gating; must be 0 in 0.1 */
+  uint32_t prefetch_depth;  /* reserved for prediction; must be 0 in 0.1 */
+  uint32_t reserved0;       /* must be 0 */
+} moex_executor_params;
+
+/** Fills `params` (borrowed) with defaults and sets struct_size; NULL is a no-op. @since 0.1 */
+MOEX_API void moex_executor_params_init(moex_executor_params* params);
+
+/**
+ * Creates an executor over `model`.
+ * @param model   borrowed; the executor keeps the model's data alive, so the model may be
+ *                destroyed first.
+ * @param params  borrowed; NULL means all defaults.
+ * @param out     on success a new executor owned by the caller (free with moex_executor_destroy);
+ *                on failure set to NULL.
+ * @return MOEX_OK, MOEX_ERR_INVALID_ARGUMENT, MOEX_ERR_STRUCT_SIZE, MOEX_ERR_UNSUPPORTED
+ *         (a policy, backend or precision not built into this library), MOEX_ERR_OUT_OF_MEMORY.
+ * Thread safety: concurrent with any call taking `const moex_model*`.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_executor_create(const moex_model* model, const moex_executor_params* params,
+                                          moex_executor** out);
+
+/** Destroys an executor; NULL is a no-op. Not concurrent with other calls on it. @since 0.1 */
+MOEX_API void moex_executor_destroy(moex_executor* executor);
+
+/**
+ * One MoE layer for n tokens: out[n x hidden] = sum over each token's top-k experts of
+ * gate weight * expert(hidden) (the MoE output only; the caller adds the residual).
+ * @param layer   0 <= layer < moex_model_info.n_layers.
+ * @param hidden  borrowed, n_tokens x hidden floats, row-major.
+ * @param out     borrowed, n_tokens x hidden floats; must not overlap `hidden`.
+ * @return MOEX_OK, MOEX_ERR_INVALID_ARGUMENT (NULL, layer out of range, n_tokens 0, non-finite
+ *         input), MOEX_ERR_OUT_OF_MEMORY, MOEX_ERR_IO.
+ * Thread safety: exclusive access to the executor.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_executor_forward_f32(moex_executor* executor, uint32_t layer, const float* hidden,
+                                               size_t n_tokens, float* out);
+
+/**
+ * moex_executor_forward_f32 with bf16 hidden states (uint16_t bit patterns) in and out; the
+ * computation runs in f32 and the result is rounded to nearest even once.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_executor_forward_bf16(moex_executor* executor, uint32_t layer, const uint16_t* hidden,
+                                                size_t n_tokens, uint16_t* out);
+
+/**
+ * A whole step through all MoE layers in order, with the residual:
+ *   h_0 = hidden;  h_{l+1} = h_l + moe_l(h_l)  for l = 0 .. n_layers-1;  out = h_{n_layers}.
+ * (No normalization or attention in between: those belong to the embedding engine, which calls
+ * moex_executor_forward_* per layer when it has them.)
+ * @param hidden  borrowed, n_tokens x hidden.
+ * @param out     borrowed, n_tokens x hidden; may be the same pointer as `hidden` (in place),
+ *                must not partially overlap it.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_executor_step_f32(moex_executor* executor, const float* hidden, size_t n_tokens,
+                                            float* out);
+
+/** moex_executor_step_f32 in bf16 (f32 inside, rounded once at the end). @since 0.1 */
+MOEX_API moex_status moex_executor_step_bf16(moex_executor* executor, const uint16_t* hidden, size_t n_tokens,
+                                             uint16_t* out);
+
+/* ---- statistics ---- */
+
+/** Select the sum over all layers in moex_executor_get_stats. */
+#define MOEX_ALL_LAYERS 0xFFFFFFFFu
+
+/**
+ * Counters of one layer or all (output struct: set struct_size, e.g. with moex_stats_init).
+ * Times in nanoseconds. 128 bytes.
+ * @since 0.1
+ */
+typedef struct moex_stats {
+  uint64_t struct_size;
+  uint64_t steps;         /* forward calls */
+  uint64_t tokens;        /* tokens routed */
+  uint64_t expert_calls;  /* (expert, step) pairs computed */
+  uint64_t hits;          /* expert lookups served from the fast tier */
+  uint64_t misses;        /* lookups that were not */
+  uint64_t bytes_loaded;  /* bytes moved from the slow tier into the fast tier */
+  uint64_t evictions;
+  uint64_t skipped;       /* experts dropped by the gate */
+  uint64_t prefetches;
+  uint64_t prefetch_hits;
+  uint64_t stall_ns;      /* waiting for loads */
+  uint64_t compute_ns;    /* computing experts */
+  uint64_t route_ns;      /* routing */
+  uint64_t total_ns;      /* in forward, all included */
+  double hit_rate;        /* hits / (hits + misses); 0 when nothing was looked up */
+} moex_stats;
+
+/** Sets struct_size and zeroes the rest; NULL is a no-op. @since 0.1 */
+MOEX_API void moex_stats_init(moex_stats* stats);
+
+/**
+ * Reads the counters of `layer` (or MOEX_ALL_LAYERS) into `stats` (borrowed).
+ * Thread safety: concurrent with other const calls, not with forward on the same executor.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_executor_get_stats(const moex_executor* executor, uint32_t layer, moex_stats* stats);
+
+/**
+ * The statistics as JSON ({"total": {...}, "layers": [...]}) copied into `buf` (borrowed, may be
+ * NULL when size is 0) with snprintf semantics; `*needed` (may be NULL) receives the full length
+ * without the NUL.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_executor_stats_json(const moex_executor* executor, char* buf, size_t size,
+                                              size_t* needed);
+
+/** Zeroes the counters. Exclusive access. @since 0.1 */
+MOEX_API moex_status moex_executor_reset_stats(moex_executor* executor);
+
+/* ---- routing traces ---- */
+
+/** A routing trace: per token and layer, the experts used and their weights. Opaque. @since 0.1 */
+typedef struct moex_trace moex_trace;
+
+/**
+ * Starts (`on` = 1, clearing what was recorded) or stops (`on` = 0) recording the routing each
+ * forward call uses. Exclusive access.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_executor_record_trace(moex_executor* executor, uint32_t on);
+
+/** Marks the start of a new sequence in the recorded trace. Exclusive access. @since 0.1 */
+MOEX_API moex_status moex_executor_begin_sequence(moex_executor* executor);
+
+/**
+ * A copy of what was recorded so far.
+ * @param out  on success a new trace owned by the caller (free with moex_trace_destroy); else NULL.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_executor_get_trace(const moex_executor* executor, moex_trace** out);
+
+/**
+ * Loads a trace file (moex binary or JSONL, NumPy router logits, Mixtral JSONL or FLAME CSV;
+ * detected from the content).
+ * @param out  on success a new trace owned by the caller (free with moex_trace_destroy); else NULL.
+ * @return MOEX_OK, MOEX_ERR_INVALID_ARGUMENT, MOEX_ERR_IO, MOEX_ERR_CORRUPT, MOEX_ERR_NOT_FOUND.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_trace_load(const char* path, moex_trace** out);
+
+/** Writes a trace in `format` (MOEX_TRACE_FORMAT_*). @since 0.1 */
+MOEX_API moex_status moex_trace_write(const moex_trace* trace, const char* path, int32_t format);
+
+/** Destroys a trace; NULL is a no-op. @since 0.1 */
+MOEX_API void moex_trace_destroy(moex_trace* trace);
+
+/**
+ * The trace's shape; every out pointer may be NULL.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_trace_shape(const moex_trace* trace, uint64_t* n_tokens, uint32_t* n_layers,
+                                      uint32_t* top_k, uint32_t* n_experts);
+
+/** Marks padding in moex_trace_copy's expert ids (a token that used fewer than top_k experts). */
+#define MOEX_NO_EXPERT 0xFFFFFFFFu
+
+/**
+ * Copies the trace as dense arrays [n_tokens][n_layers][top_k] of expert ids (MOEX_NO_EXPERT
+ * pads) and gate weights. `capacity` is the number of entries each of `experts` and `weights`
+ * (borrowed; either may be NULL) can hold; `*needed` (may be NULL) receives the number of entries
+ * of the whole trace. Returns MOEX_ERR_INVALID_ARGUMENT, copying nothing, when a non-NULL array
+ * is smaller than needed.
+ * @since 0.1
+ */
+MOEX_API moex_status moex_trace_copy(const moex_trace* trace, uint32_t* experts, float* weights, uint64_t capacity,
+                                     uint64_t* needed);
 
 #ifdef __cplusplus
 }

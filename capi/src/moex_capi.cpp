@@ -1,3 +1,902 @@
+// The C ABI boundary: every exported function runs its body through guarded(), validates handles
+// against a registry of live objects, reads size-versioned structs with read_sized(), and maps
+// moex::Status to the pinned moex_status codes (moex::StatusCode uses the same numbers).
 #include "moex.h"
 
-extern "C" uint32_t moex_version_number(void) { return MOEX_VERSION_NUMBER; }
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <shared_mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "moex/moex.hpp"
+#include "moex/policies/hobbit_score_eviction.hpp"
+#include "moex/policies/lfu_eviction.hpp"
+#include "moex/policies/lrfu_eviction.hpp"
+#include "moex/policies/lru_eviction.hpp"
+#include "moex/quant/half.hpp"
+
+// ---- the objects behind the handles (global namespace: they complete the C declarations) --------
+
+namespace moex_capi {
+
+/// What a model handle owns; shared with the executors created from it.
+struct ModelData {
+  moex::OpenedModel opened;
+};
+
+/// The one interface behind every pre-instantiated executor (type erasure happens once, here).
+struct AnyExecutor {
+  virtual ~AnyExecutor() = default;
+  virtual moex::Status forward(std::uint32_t layer, const float* hidden, std::size_t n, float* out) = 0;
+  virtual const moex::ExecutorStats& stats() const noexcept = 0;
+  virtual void reset_stats() noexcept = 0;
+  virtual void record_trace(bool on) = 0;
+  virtual void begin_sequence() = 0;
+  virtual const moex::RoutingTrace& trace() const noexcept = 0;
+};
+
+}  // namespace moex_capi
+
+struct moex_model {
+  std::shared_ptr<moex_capi::ModelData> data;
+};
+
+struct moex_executor {
+  std::shared_ptr<moex_capi::ModelData> model;  // keeps the store alive
+  std::unique_ptr<moex_capi::AnyExecutor> impl;
+  std::vector<float> a, b;                      // scratch for bf16 and whole steps
+};
+
+struct moex_trace {
+  moex::RoutingTrace trace;
+};
+
+namespace moex_capi {
+namespace {
+
+// ---- errors --------------------------------------------------------------------------------------
+
+thread_local std::string g_last_error;
+
+// ---- logging -------------------------------------------------------------------------------------
+
+struct LogSink {
+  std::mutex mutex;
+  moex_log_fn fn = nullptr;
+  void* user_data = nullptr;
+  std::int32_t max_level = MOEX_LOG_INFO;
+};
+
+LogSink& log_sink() {
+  static LogSink sink;
+  return sink;
+}
+
+void log(std::int32_t level, const std::string& message) noexcept {
+  moex_log_fn fn = nullptr;
+  void* ud = nullptr;
+  {
+    LogSink& s = log_sink();
+    std::lock_guard lock(s.mutex);
+    if (s.fn == nullptr || level > s.max_level) return;
+    fn = s.fn;
+    ud = s.user_data;
+  }
+  fn(level, message.c_str(), ud);  // outside the lock: the callback may call back into moex
+}
+
+moex_status fail(moex_status code, std::string message) noexcept {
+  try {
+    g_last_error = std::move(message);
+    log(MOEX_LOG_DEBUG, std::string(moex_status_string(code)) + ": " + g_last_error);
+  } catch (...) {
+  }
+  return code;
+}
+
+moex_status fail(const moex::Status& s) noexcept {
+  return fail(static_cast<moex_status>(s.code()), s.message());
+}
+
+/// Every exported function body runs through here: no exception crosses the C ABI.
+template <class Body>
+moex_status guarded(Body&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return fail(MOEX_ERR_OUT_OF_MEMORY, "out of memory");
+  } catch (const std::exception& e) {
+    return fail(MOEX_ERR_INTERNAL, e.what());
+  } catch (...) {
+    return fail(MOEX_ERR_INTERNAL, "unknown C++ exception");
+  }
+}
+
+// ---- live-handle registry --------------------------------------------------------------------------
+
+enum class Kind : std::uint8_t { kModel, kExecutor, kTrace };
+
+struct Registry {
+  std::shared_mutex mutex;
+  std::unordered_map<const void*, Kind> live;
+};
+
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+void register_handle(const void* p, Kind k) {
+  Registry& r = registry();
+  std::unique_lock lock(r.mutex);
+  r.live.emplace(p, k);
+}
+
+/// Removes `p`; false when it was not a live handle of kind `k`.
+bool unregister_handle(const void* p, Kind k) noexcept {
+  Registry& r = registry();
+  std::unique_lock lock(r.mutex);
+  auto it = r.live.find(p);
+  if (it == r.live.end() || it->second != k) return false;
+  r.live.erase(it);
+  return true;
+}
+
+bool is_live(const void* p, Kind k) noexcept {
+  Registry& r = registry();
+  std::shared_lock lock(r.mutex);
+  auto it = r.live.find(p);
+  return it != r.live.end() && it->second == k;
+}
+
+constexpr const char* kind_name(Kind k) noexcept {
+  switch (k) {
+    case Kind::kModel: return "model";
+    case Kind::kExecutor: return "executor";
+    case Kind::kTrace: return "trace";
+  }
+  return "handle";
+}
+
+/// MOEX_OK, or INVALID_ARGUMENT naming a NULL, foreign or destroyed handle.
+moex_status check_handle(const void* p, Kind k) noexcept {
+  if (p == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(kind_name(k)) + " is NULL");
+  if (!is_live(p, k))
+    return fail(MOEX_ERR_INVALID_ARGUMENT,
+                std::string(kind_name(k)) + " handle is not a live moex_" + kind_name(k) + " (destroyed?)");
+  return MOEX_OK;
+}
+
+// ---- size-versioned structs ------------------------------------------------------------------------
+
+/// Largest struct_size accepted: a guard against garbage (no struct will grow this far).
+constexpr std::uint64_t kMaxStructSize = 4096;
+
+/// Reads a caller's params struct over `out` (already holding the defaults). Older, smaller
+/// structs keep the defaults for their missing tail; newer ones are accepted if the unknown tail
+/// is zero. NULL keeps all defaults.
+template <class T>
+moex_status read_sized(const T* user, T& out, const char* what) noexcept {
+  if (user == nullptr) return MOEX_OK;
+  const std::uint64_t size = user->struct_size;
+  if (size < sizeof(std::uint64_t) || size > kMaxStructSize)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(size) +
+                                               " (initialize the struct with its _init function)");
+  const auto* bytes = reinterpret_cast<const unsigned char*>(user);
+  for (std::uint64_t i = sizeof(T); i < size; ++i)
+    if (bytes[i] != 0)
+      return fail(MOEX_ERR_STRUCT_SIZE, std::string(what) + " comes from a newer moex.h (" + std::to_string(size) +
+                                            " bytes, this library knows " + std::to_string(sizeof(T)) +
+                                            ") and sets fields this library lacks");
+  const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(size, sizeof(T)));
+  std::memcpy(reinterpret_cast<unsigned char*>(&out) + sizeof(std::uint64_t), bytes + sizeof(std::uint64_t),
+              n - sizeof(std::uint64_t));
+  out.struct_size = sizeof(T);
+  return MOEX_OK;
+}
+
+/// Writes min(caller, library) bytes of `full` into the caller's output struct and sets its
+/// struct_size to the number of bytes written.
+template <class T>
+moex_status write_sized(T* user, const T& full, const char* what) noexcept {
+  if (user == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + " is NULL");
+  const std::uint64_t size = user->struct_size;
+  if (size < sizeof(std::uint64_t) || size > kMaxStructSize)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(size) +
+                                               " (initialize the struct with its _init function)");
+  const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(size, sizeof(T)));
+  std::memcpy(reinterpret_cast<unsigned char*>(user) + sizeof(std::uint64_t),
+              reinterpret_cast<const unsigned char*>(&full) + sizeof(std::uint64_t), n - sizeof(std::uint64_t));
+  user->struct_size = n;
+  return MOEX_OK;
+}
+
+/// snprintf-style copy of `s` into buf[size].
+moex_status copy_string(const std::string& s, char* buf, std::size_t size, std::size_t* needed) noexcept {
+  if (buf == nullptr && size != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "buf is NULL but size is not 0");
+  if (needed != nullptr) *needed = s.size();
+  if (size != 0) {
+    const std::size_t n = std::min(s.size(), size - 1);
+    std::memcpy(buf, s.data(), n);
+    buf[n] = '\0';
+  }
+  return MOEX_OK;
+}
+
+// ---- enums -----------------------------------------------------------------------------------------
+
+/// MOEX_PRECISION_* -> moex::Precision (index = C value; DEFAULT has none).
+constexpr std::array<std::optional<moex::Precision>, 7> kPrecisions = {
+    std::nullopt,          moex::Precision::kF32,  moex::Precision::kF16,  moex::Precision::kBF16,
+    moex::Precision::kInt8, moex::Precision::kInt4, moex::Precision::kInt2,
+};
+
+std::int32_t to_c_precision(moex::Precision p) noexcept {
+  for (std::size_t i = 1; i < kPrecisions.size(); ++i)
+    if (kPrecisions[i] == p) return static_cast<std::int32_t>(i);
+  return MOEX_PRECISION_DEFAULT;  // a block format (GGUF) with no C name yet
+}
+
+/// The weight format of a C precision (quantized ones: group 64, as moex-demo builds them).
+moex::WeightFormat format_of(moex::Precision p) noexcept {
+  switch (p) {
+    case moex::Precision::kInt8: return moex::quant_format(p, 64);
+    case moex::Precision::kInt4: return moex::quant_format(p, 64);
+    case moex::Precision::kInt2: return moex::quant_format(p, 64, moex::QuantScheme::kAsymmetric);
+    default: return moex::float_format(p);
+  }
+}
+
+/// Reads an enum field: negative -> INVALID_ARGUMENT; beyond what this build knows -> UNSUPPORTED
+/// (a newer header may name policies this library lacks).
+moex_status check_enum(std::int32_t v, std::size_t known, const char* what) noexcept {
+  if (v < 0) return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + " is negative (" + std::to_string(v) + ")");
+  if (static_cast<std::size_t>(v) >= known)
+    return fail(MOEX_ERR_UNSUPPORTED, std::string(what) + " " + std::to_string(v) + " is not built into this library");
+  return MOEX_OK;
+}
+
+// ---- executor factory table --------------------------------------------------------------------------
+
+/// One pre-instantiated executor.
+template <class P>
+struct ExecutorModel final : AnyExecutor {
+  explicit ExecutorModel(moex::MoeLayerExecutor<P> e) : impl(std::move(e)) {}
+  moex::Status forward(std::uint32_t layer, const float* hidden, std::size_t n, float* out) override {
+    return impl.forward(layer, hidden, n, out);
+  }
+  const moex::ExecutorStats& stats() const noexcept override { return impl.stats(); }
+  void reset_stats() noexcept override { impl.reset_stats(); }
+  void record_trace(bool on) override { impl.record_trace(on); }
+  void begin_sequence() override { impl.begin_sequence(); }
+  const moex::RoutingTrace& trace() const noexcept override { return impl.recorded_trace(); }
+  moex::MoeLayerExecutor<P> impl;
+};
+
+/// The policies of one combination.
+template <class E, class G>
+struct Combination : moex::DefaultPolicies {
+  using Eviction = E;
+  using Gate = G;
+};
+
+/// An eviction policy configured from the C params (those with a config struct get it here).
+template <class E>
+E make_eviction(const moex_executor_params&) { return E{}; }
+template <>
+moex::LrfuEviction make_eviction<moex::LrfuEviction>(const moex_executor_params& p) {
+  moex::LrfuConfig c;
+  if (p.lrfu_lambda != 0.0) c.lambda = p.lrfu_lambda;
+  return moex::LrfuEviction(c);
+}
+
+using Made = moex::Result<std::unique_ptr<AnyExecutor>>;
+using Factory = Made (*)(const moex::ExpertStore&, const moex::ExecutorConfig&, const moex::CpuBackendConfig&,
+                         const moex_executor_params&);
+
+template <class P>
+Made make(const moex::ExpertStore& store, const moex::ExecutorConfig& config, const moex::CpuBackendConfig& backend,
+          const moex_executor_params& params) {
+  auto ex = moex::MoeLayerExecutor<P>::create(store, config, backend,
+                                              make_eviction<typename P::Eviction>(params), typename P::Gate{});
+  if (!ex) return ex.status();
+  return std::unique_ptr<AnyExecutor>(std::make_unique<ExecutorModel<P>>(std::move(*ex)));
+}
+
+constexpr std::size_t kEvictionCount = 7;  // MOEX_EVICTION_DEFAULT .. MOEX_EVICTION_BELADY
+
+/// Every eviction policy (index = MOEX_EVICTION_*) with gate G; nullptr = needs input the C API
+/// does not take yet (a profile, the future).
+template <class G>
+constexpr std::array<Factory, kEvictionCount> eviction_row() {
+  return {&make<Combination<moex::LruEviction, G>>,  &make<Combination<moex::LruEviction, G>>,
+          &make<Combination<moex::LfuEviction, G>>,  &make<Combination<moex::LrfuEviction, G>>,
+          &make<Combination<moex::HobbitScoreEviction, G>>, nullptr, nullptr};
+}
+
+/// The instantiated combinations, [MOEX_GATING_*][MOEX_EVICTION_*]. A new gate is one line here.
+constexpr std::array<std::array<Factory, kEvictionCount>, 2> kFactories = {
+    eviction_row<moex::FixedTopKGate>(),  // MOEX_GATING_DEFAULT
+    eviction_row<moex::FixedTopKGate>(),  // MOEX_GATING_FIXED_TOP_K
+};
+
+/// Prediction policies built in (index = MOEX_PREDICTION_*); a new predictor is one line here.
+constexpr std::array<bool, 2> kPredictions = {
+    true,  // MOEX_PREDICTION_DEFAULT: none
+    true,  // MOEX_PREDICTION_NONE
+};
+
+/// Backends built in (index = MOEX_BACKEND_*).
+constexpr std::array<bool, 3> kBackends = {true, true, false};
+
+// ---- demo model -------------------------------------------------------------------------------------
+
+/// Deterministic uniform values of standard deviation `stddev` (xorshift64; the same bits everywhere).
+void fill_random(std::vector<float>& v, float stddev, std::uint64_t seed) {
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  const float scale = stddev * std::sqrt(3.f) / 2147483648.f;
+  for (auto& x : v) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    x = static_cast<float>(static_cast<std::int32_t>(s >> 32)) * scale;
+  }
+}
+
+moex::Status write_demo(const std::filesystem::path& dir, const moex_demo_params& p, moex::DType dtype) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return moex::io_error("cannot create " + dir.string() + ": " + ec.message());
+  moex::ModelConfig c;
+  c.arch = moex::Architecture::kMixtral;
+  c.architecture = "mixtral";
+  c.n_layers = p.n_layers;
+  c.n_experts = p.n_experts;
+  c.top_k = p.top_k;
+  c.hidden = p.hidden;
+  c.expert_ffn = p.ffn;
+  c.n_heads = std::max(1u, p.hidden / 128);
+  c.n_kv_heads = c.n_heads;
+  c.head_dim = p.hidden / c.n_heads;
+  c.vocab = 256;
+  c.max_pos = 4096;
+  MOEX_RETURN_IF_ERROR(moex::write_config_json(dir, c));
+  moex::SafetensorsWriter w;
+  w.set_metadata("format", "pt");
+  w.set_metadata("generator", "moex_model_write_demo");
+  std::vector<float> buf;
+  for (std::uint32_t l = 0; l < p.n_layers; ++l) {
+    for (std::uint32_t e = 0; e < p.n_experts; ++e) {
+      const std::uint64_t salt = (std::uint64_t{l} * p.n_experts + e) * 4 + p.seed * 1000003;
+      for (int which = 0; which < 3; ++which) {
+        const bool down = which == 2;
+        const std::uint64_t rows = down ? p.hidden : p.ffn, cols = down ? p.ffn : p.hidden;
+        buf.resize(rows * cols);
+        fill_random(buf, 1.f / std::sqrt(static_cast<float>(cols)), salt + static_cast<std::uint64_t>(which));
+        MOEX_RETURN_IF_ERROR(w.add_floats(moex::hf_expert_tensor_name(c.arch, l, e, which), dtype, {rows, cols}, buf));
+      }
+    }
+    buf.resize(std::size_t{p.n_experts} * p.hidden);
+    fill_random(buf, 4.f / std::sqrt(static_cast<float>(p.hidden)), 77 + l + p.seed * 7919);
+    MOEX_RETURN_IF_ERROR(w.add_floats(moex::hf_router_tensor_name(c.arch, l), dtype, {p.n_experts, p.hidden}, buf));
+  }
+  return w.write_file(dir / "model.safetensors");
+}
+
+// ---- executor helpers ---------------------------------------------------------------------------------
+
+/// n * hidden elements, or nullopt when that overflows a buffer of `elem` bytes each.
+std::optional<std::size_t> elements(std::size_t n, std::uint32_t hidden, std::size_t elem) noexcept {
+  if (hidden == 0 || n > std::numeric_limits<std::size_t>::max() / hidden / elem) return std::nullopt;
+  return n * hidden;
+}
+
+bool overlap(const void* a, const void* b, std::size_t bytes) noexcept {
+  const auto x = reinterpret_cast<std::uintptr_t>(a), y = reinterpret_cast<std::uintptr_t>(b);
+  return x < y + bytes && y < x + bytes;
+}
+
+/// Validates the common arguments of forward/step; sets `count` to n * hidden.
+moex_status check_run(const moex_executor* ex, const void* hidden, std::size_t n, const void* out, std::size_t elem,
+                      std::size_t& count) noexcept {
+  if (moex_status s = check_handle(ex, Kind::kExecutor); s != MOEX_OK) return s;
+  if (hidden == nullptr || out == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "hidden or out is NULL");
+  if (n == 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "n_tokens is 0");
+  const auto c = elements(n, ex->model->opened.store.spec().shape.hidden, elem);
+  if (!c) return fail(MOEX_ERR_INVALID_ARGUMENT, "n_tokens x hidden overflows");
+  count = *c;
+  return MOEX_OK;
+}
+
+/// h <- h + moe_l(h) for every layer, in f32, in place over ex->a (n tokens); uses ex->b.
+moex_status run_step(moex_executor* ex, std::size_t n, std::size_t count) {
+  ex->b.resize(count);
+  const std::uint32_t layers = ex->model->opened.store.spec().n_layers;
+  for (std::uint32_t l = 0; l < layers; ++l) {
+    if (moex::Status s = ex->impl->forward(l, ex->a.data(), n, ex->b.data()); !s.is_ok()) return fail(s);
+    for (std::size_t i = 0; i < count; ++i) ex->a[i] += ex->b[i];
+  }
+  return MOEX_OK;
+}
+
+std::string stats_json(const moex::ExecutorStats& st) { return st.to_json(); }
+
+}  // namespace
+}  // namespace moex_capi
+
+using namespace moex_capi;  // NOLINT: the exported functions below are the only code here
+
+// ==== versions, status, logging =========================================================================
+
+extern "C" MOEX_API std::uint32_t moex_version_number(void) { return MOEX_VERSION_NUMBER; }
+
+extern "C" MOEX_API const char* moex_version_string(void) {
+#define MOEX_STR2(x) #x
+#define MOEX_STR(x) MOEX_STR2(x)
+  return MOEX_STR(MOEX_VERSION_MAJOR) "." MOEX_STR(MOEX_VERSION_MINOR) "." MOEX_STR(MOEX_VERSION_PATCH);
+#undef MOEX_STR
+#undef MOEX_STR2
+}
+
+extern "C" MOEX_API const char* moex_status_string(moex_status status) {
+  switch (status) {
+    case MOEX_OK: return "ok";
+    case MOEX_ERR_INVALID_ARGUMENT: return "invalid argument";
+    case MOEX_ERR_UNSUPPORTED: return "unsupported";
+    case MOEX_ERR_STRUCT_SIZE: return "struct size";
+    case MOEX_ERR_OUT_OF_MEMORY: return "out of memory";
+    case MOEX_ERR_IO: return "I/O error";
+    case MOEX_ERR_CORRUPT: return "corrupt input";
+    case MOEX_ERR_NOT_FOUND: return "not found";
+    case MOEX_ERR_INTERNAL: return "internal error";
+    default: return "unknown status";
+  }
+}
+
+extern "C" MOEX_API const char* moex_last_error_message(void) { return g_last_error.c_str(); }
+
+extern "C" MOEX_API moex_status moex_set_log_callback(moex_log_fn fn, std::int32_t max_level, void* user_data) {
+  return guarded([&]() -> moex_status {
+    if (max_level < 0 || max_level > MOEX_LOG_DEBUG)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "max_level must be 0..4 (MOEX_LOG_*)");
+    LogSink& s = log_sink();
+    std::lock_guard lock(s.mutex);
+    s.fn = fn;
+    s.user_data = user_data;
+    s.max_level = max_level == 0 ? MOEX_LOG_INFO : max_level;
+    return MOEX_OK;
+  });
+}
+
+// ==== demo model ===========================================================================================
+
+extern "C" MOEX_API void moex_demo_params_init(moex_demo_params* params) {
+  if (params == nullptr) return;
+  *params = moex_demo_params{};
+  params->struct_size = sizeof(moex_demo_params);
+  params->n_layers = 2;
+  params->n_experts = 4;
+  params->top_k = 2;
+  params->hidden = 64;
+  params->ffn = 128;
+  params->precision = MOEX_PRECISION_BF16;
+  params->seed = 1;
+}
+
+extern "C" MOEX_API moex_status moex_model_write_demo(const char* dir, const moex_demo_params* params) {
+  return guarded([&]() -> moex_status {
+    if (dir == nullptr || *dir == '\0') return fail(MOEX_ERR_INVALID_ARGUMENT, "dir is NULL or empty");
+    moex_demo_params defaults;
+    moex_demo_params_init(&defaults);
+    moex_demo_params p{};
+    p.struct_size = sizeof p;  // zero fields take the defaults below
+    if (params == nullptr) p = defaults;
+    else if (moex_status s = read_sized(params, p, "moex_demo_params"); s != MOEX_OK) return s;
+    if (p.n_layers == 0) p.n_layers = defaults.n_layers;
+    if (p.n_experts == 0) p.n_experts = defaults.n_experts;
+    if (p.top_k == 0) p.top_k = std::min(defaults.top_k, p.n_experts);
+    if (p.hidden == 0) p.hidden = defaults.hidden;
+    if (p.ffn == 0) p.ffn = defaults.ffn;
+    if (p.precision == 0) p.precision = defaults.precision;
+    if (p.seed == 0) p.seed = defaults.seed;
+    if (p.n_layers > 256 || p.n_experts > 256 || p.hidden > 16384 || p.ffn > 65536)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "demo shape out of range (layers/experts <= 256, hidden <= 16384, ffn <= 65536)");
+    if (p.top_k > p.n_experts || p.top_k > moex::kMaxTopK)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "top_k must be at most n_experts and " + std::to_string(moex::kMaxTopK));
+    const std::uint64_t weights = std::uint64_t{p.n_layers} * p.n_experts * 3 * p.hidden * p.ffn;
+    if (weights > (std::uint64_t{1} << 28))
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "demo model too large (at most 2^28 expert weights)");
+    if (moex_status s = check_enum(p.precision, kPrecisions.size(), "precision"); s != MOEX_OK) return s;
+    moex::DType dtype;
+    switch (p.precision) {
+      case MOEX_PRECISION_F32: dtype = moex::DType::kF32; break;
+      case MOEX_PRECISION_F16: dtype = moex::DType::kF16; break;
+      case MOEX_PRECISION_BF16: dtype = moex::DType::kBF16; break;
+      default: return fail(MOEX_ERR_UNSUPPORTED, "demo weights are f32, f16 or bf16");
+    }
+    if (moex::Status s = write_demo(std::filesystem::u8path(dir), p, dtype); !s.is_ok()) return fail(s);
+    log(MOEX_LOG_INFO, std::string("wrote demo model to ") + dir);
+    return MOEX_OK;
+  });
+}
+
+// ==== models ===============================================================================================
+
+extern "C" MOEX_API void moex_model_params_init(moex_model_params* params) {
+  if (params == nullptr) return;
+  *params = moex_model_params{};
+  params->struct_size = sizeof(moex_model_params);
+}
+
+extern "C" MOEX_API moex_status moex_model_open(const char* path, const moex_model_params* params,
+                                                moex_progress_fn progress, void* user_data, moex_model** out) {
+  return guarded([&]() -> moex_status {
+    if (out == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = nullptr;
+    if (path == nullptr || *path == '\0') return fail(MOEX_ERR_INVALID_ARGUMENT, "path is NULL or empty");
+    moex_model_params p;
+    moex_model_params_init(&p);
+    if (moex_status s = read_sized(params, p, "moex_model_params"); s != MOEX_OK) return s;
+    if (p.reserved0 != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_model_params.reserved0 must be 0");
+    if ((p.flags & ~MOEX_MODEL_FLAG_COPY_TO_RAM) != 0)
+      return fail(MOEX_ERR_UNSUPPORTED, "moex_model_params.flags has bits this library does not know");
+    if (moex_status s = check_enum(p.master_precision, kPrecisions.size(), "master_precision"); s != MOEX_OK) return s;
+    if ((p.extra_precisions >> kPrecisions.size()) != 0 || (p.extra_precisions & 1u) != 0)
+      return fail(MOEX_ERR_UNSUPPORTED, "extra_precisions names precisions this library does not know");
+
+    moex::StoreOptions so;
+    so.in_place = (p.flags & MOEX_MODEL_FLAG_COPY_TO_RAM) == 0;
+    if (p.master_precision != MOEX_PRECISION_DEFAULT) {
+      const moex::Precision mp = *kPrecisions[static_cast<std::size_t>(p.master_precision)];
+      so.master_format = format_of(mp);
+    }
+    for (std::size_t i = 1; i < kPrecisions.size(); ++i)
+      if ((p.extra_precisions >> i) & 1u) so.extra_formats.push_back(format_of(*kPrecisions[i]));
+    if (progress != nullptr) {
+      so.progress = [progress, user_data](std::uint64_t done, std::uint64_t total, std::string_view what) {
+        const std::string w(what);
+        progress(done, total, w.c_str(), user_data);
+      };
+    }
+    auto opened = moex::open_expert_store(std::filesystem::u8path(path), so);
+    if (!opened) return fail(opened.status());
+    auto data = std::make_shared<ModelData>(ModelData{std::move(*opened)});
+    auto model = std::make_unique<moex_model>(moex_model{std::move(data)});
+    register_handle(model.get(), Kind::kModel);
+    const moex::MoeModelSpec& spec = model->data->opened.store.spec();
+    log(MOEX_LOG_INFO, std::string("opened ") + path + ": " + std::to_string(spec.n_layers) + " MoE layers x " +
+                           std::to_string(spec.n_experts) + " experts");
+    *out = model.release();
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API void moex_model_destroy(moex_model* model) {
+  if (model == nullptr || !unregister_handle(model, Kind::kModel)) return;
+  delete model;
+}
+
+extern "C" MOEX_API void moex_model_info_init(moex_model_info* info) {
+  if (info == nullptr) return;
+  *info = moex_model_info{};
+  info->struct_size = sizeof(moex_model_info);
+}
+
+extern "C" MOEX_API moex_status moex_model_get_info(const moex_model* model, moex_model_info* info) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(model, Kind::kModel); s != MOEX_OK) return s;
+    const moex::OpenedModel& m = model->data->opened;
+    const moex::MoeModelSpec& spec = m.store.spec();
+    moex_model_info full{};
+    full.struct_size = sizeof full;
+    full.n_layers = spec.n_layers;
+    full.n_experts = spec.n_experts;
+    full.top_k = spec.router.top_k;
+    full.hidden = spec.shape.hidden;
+    full.ffn = spec.shape.ffn;
+    full.master_precision = to_c_precision(m.store.master_format().precision);
+    full.expert_bytes = m.store.expert_bytes(m.store.master_format().precision);
+    full.n_checkpoint_layers = m.checkpoint ? m.checkpoint->config().n_layers : spec.n_layers;
+    return write_sized(info, full, "info");
+  });
+}
+
+extern "C" MOEX_API moex_status moex_model_expert_bytes(const moex_model* model, std::int32_t precision,
+                                                        std::uint64_t* bytes) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(model, Kind::kModel); s != MOEX_OK) return s;
+    if (bytes == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "bytes is NULL");
+    *bytes = 0;
+    if (moex_status s = check_enum(precision, kPrecisions.size(), "precision"); s != MOEX_OK) return s;
+    const moex::ExpertStore& store = model->data->opened.store;
+    const moex::Precision p = kPrecisions[static_cast<std::size_t>(precision)].value_or(store.master_format().precision);
+    *bytes = store.expert_bytes(p);
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_model_architecture(const moex_model* model, char* buf, std::size_t size,
+                                                        std::size_t* needed) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(model, Kind::kModel); s != MOEX_OK) return s;
+    const auto& ck = model->data->opened.checkpoint;
+    return copy_string(ck ? ck->config().architecture : std::string(), buf, size, needed);
+  });
+}
+
+// ==== executors =============================================================================================
+
+extern "C" MOEX_API void moex_executor_params_init(moex_executor_params* params) {
+  if (params == nullptr) return;
+  *params = moex_executor_params{};
+  params->struct_size = sizeof(moex_executor_params);
+}
+
+extern "C" MOEX_API moex_status moex_executor_create(const moex_model* model, const moex_executor_params* params,
+                                                     moex_executor** out) {
+  return guarded([&]() -> moex_status {
+    if (out == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = nullptr;
+    if (moex_status s = check_handle(model, Kind::kModel); s != MOEX_OK) return s;
+    moex_executor_params p;
+    moex_executor_params_init(&p);
+    if (moex_status s = read_sized(params, p, "moex_executor_params"); s != MOEX_OK) return s;
+    if (p.reserved0 != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_executor_params.reserved0 must be 0");
+    if ((p.flags & ~MOEX_EXECUTOR_FLAG_NO_FINITE_CHECK) != 0)
+      return fail(MOEX_ERR_UNSUPPORTED, "moex_executor_params.flags has bits this library does not know");
+    if (moex_status s = check_enum(p.backend, kBackends.size(), "backend"); s != MOEX_OK) return s;
+    if (!kBackends[static_cast<std::size_t>(p.backend)])
+      return fail(MOEX_ERR_UNSUPPORTED, "backend " + std::to_string(p.backend) + " is not built into this library");
+    if (p.device != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "device must be 0 for the CPU backend");
+    if (moex_status s = check_enum(p.eviction, kEvictionCount, "eviction"); s != MOEX_OK) return s;
+    if (moex_status s = check_enum(p.gating, kFactories.size(), "gating"); s != MOEX_OK) return s;
+    if (moex_status s = check_enum(p.prediction, kPredictions.size(), "prediction"); s != MOEX_OK) return s;
+    if (!kPredictions[static_cast<std::size_t>(p.prediction)])
+      return fail(MOEX_ERR_UNSUPPORTED, "prediction " + std::to_string(p.prediction) + " is not built into this library");
+    if (moex_status s = check_enum(p.cache_precision, kPrecisions.size(), "cache_precision"); s != MOEX_OK) return s;
+    if (!std::isfinite(p.lrfu_lambda) || p.lrfu_lambda < 0)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "lrfu_lambda must be finite and >= 0");
+    if (p.gate_threshold != 0.0) return fail(MOEX_ERR_UNSUPPORTED, "gate_threshold: no threshold gating in this library");
+    if (p.prefetch_depth != 0) return fail(MOEX_ERR_UNSUPPORTED, "prefetch_depth: no prediction in this library");
+    const Factory factory = kFactories[static_cast<std::size_t>(p.gating)][static_cast<std::size_t>(p.eviction)];
+    if (factory == nullptr)
+      return fail(MOEX_ERR_UNSUPPORTED, "eviction policy " + std::to_string(p.eviction) +
+                                            " needs input the C API does not take yet (a profile or the future)");
+
+    moex::ExecutorConfig config;
+    config.cache_bytes = p.cache_bytes;
+    config.cache_precision = kPrecisions[static_cast<std::size_t>(p.cache_precision)];
+    config.check_finite = (p.flags & MOEX_EXECUTOR_FLAG_NO_FINITE_CHECK) == 0;
+    moex::CpuBackendConfig backend;
+    backend.threads = p.threads;
+    auto ex = std::make_unique<moex_executor>();
+    ex->model = model->data;
+    auto impl = factory(ex->model->opened.store, config, backend, p);
+    if (!impl) return fail(impl.status());
+    ex->impl = std::move(*impl);
+    register_handle(ex.get(), Kind::kExecutor);
+    *out = ex.release();
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API void moex_executor_destroy(moex_executor* executor) {
+  if (executor == nullptr || !unregister_handle(executor, Kind::kExecutor)) return;
+  delete executor;
+}
+
+extern "C" MOEX_API moex_status moex_executor_forward_f32(moex_executor* executor, std::uint32_t layer,
+                                                          const float* hidden, std::size_t n_tokens, float* out) {
+  return guarded([&]() -> moex_status {
+    std::size_t count = 0;
+    if (moex_status s = check_run(executor, hidden, n_tokens, out, sizeof(float), count); s != MOEX_OK) return s;
+    if (overlap(hidden, out, count * sizeof(float))) return fail(MOEX_ERR_INVALID_ARGUMENT, "hidden and out overlap");
+    if (moex::Status s = executor->impl->forward(layer, hidden, n_tokens, out); !s.is_ok()) return fail(s);
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_forward_bf16(moex_executor* executor, std::uint32_t layer,
+                                                           const std::uint16_t* hidden, std::size_t n_tokens,
+                                                           std::uint16_t* out) {
+  return guarded([&]() -> moex_status {
+    std::size_t count = 0;
+    if (moex_status s = check_run(executor, hidden, n_tokens, out, sizeof(float), count); s != MOEX_OK) return s;
+    executor->a.resize(count);
+    executor->b.resize(count);
+    for (std::size_t i = 0; i < count; ++i) executor->a[i] = moex::bf16_to_float(hidden[i]);
+    if (moex::Status s = executor->impl->forward(layer, executor->a.data(), n_tokens, executor->b.data()); !s.is_ok())
+      return fail(s);
+    for (std::size_t i = 0; i < count; ++i) out[i] = moex::float_to_bf16(executor->b[i]);
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_step_f32(moex_executor* executor, const float* hidden,
+                                                       std::size_t n_tokens, float* out) {
+  return guarded([&]() -> moex_status {
+    std::size_t count = 0;
+    if (moex_status s = check_run(executor, hidden, n_tokens, out, sizeof(float), count); s != MOEX_OK) return s;
+    if (hidden != out && overlap(hidden, out, count * sizeof(float)))
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "hidden and out partially overlap");
+    executor->a.assign(hidden, hidden + count);
+    if (moex_status s = run_step(executor, n_tokens, count); s != MOEX_OK) return s;
+    std::memcpy(out, executor->a.data(), count * sizeof(float));
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_step_bf16(moex_executor* executor, const std::uint16_t* hidden,
+                                                        std::size_t n_tokens, std::uint16_t* out) {
+  return guarded([&]() -> moex_status {
+    std::size_t count = 0;
+    if (moex_status s = check_run(executor, hidden, n_tokens, out, sizeof(float), count); s != MOEX_OK) return s;
+    if (hidden != out && overlap(hidden, out, count * sizeof(std::uint16_t)))
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "hidden and out partially overlap");
+    executor->a.resize(count);
+    for (std::size_t i = 0; i < count; ++i) executor->a[i] = moex::bf16_to_float(hidden[i]);
+    if (moex_status s = run_step(executor, n_tokens, count); s != MOEX_OK) return s;
+    for (std::size_t i = 0; i < count; ++i) out[i] = moex::float_to_bf16(executor->a[i]);
+    return MOEX_OK;
+  });
+}
+
+// ---- statistics ----
+
+extern "C" MOEX_API void moex_stats_init(moex_stats* stats) {
+  if (stats == nullptr) return;
+  *stats = moex_stats{};
+  stats->struct_size = sizeof(moex_stats);
+}
+
+extern "C" MOEX_API moex_status moex_executor_get_stats(const moex_executor* executor, std::uint32_t layer,
+                                                        moex_stats* stats) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    const moex::ExecutorStats& st = executor->impl->stats();
+    moex::LayerStats ls;
+    if (layer == MOEX_ALL_LAYERS) ls = st.total();
+    else if (layer < st.layers.size()) ls = st.layers[layer];
+    else return fail(MOEX_ERR_INVALID_ARGUMENT, "layer " + std::to_string(layer) + " out of range");
+    moex_stats full{};
+    full.struct_size = sizeof full;
+    full.steps = ls.steps;
+    full.tokens = ls.tokens;
+    full.expert_calls = ls.expert_calls;
+    full.hits = ls.hits;
+    full.misses = ls.misses;
+    full.bytes_loaded = ls.bytes_loaded;
+    full.evictions = ls.evictions;
+    full.skipped = ls.skipped;
+    full.prefetches = ls.prefetches;
+    full.prefetch_hits = ls.prefetch_hits;
+    full.stall_ns = ls.stall_ns;
+    full.compute_ns = ls.compute_ns;
+    full.route_ns = ls.route_ns;
+    full.total_ns = ls.total_ns;
+    full.hit_rate = ls.hit_rate();
+    return write_sized(stats, full, "stats");
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_stats_json(const moex_executor* executor, char* buf, std::size_t size,
+                                                         std::size_t* needed) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    return copy_string(stats_json(executor->impl->stats()), buf, size, needed);
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_reset_stats(moex_executor* executor) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    executor->impl->reset_stats();
+    return MOEX_OK;
+  });
+}
+
+// ---- traces ----
+
+extern "C" MOEX_API moex_status moex_executor_record_trace(moex_executor* executor, std::uint32_t on) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    if (on > 1) return fail(MOEX_ERR_INVALID_ARGUMENT, "on must be 0 or 1");
+    executor->impl->record_trace(on == 1);
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_begin_sequence(moex_executor* executor) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    executor->impl->begin_sequence();
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_get_trace(const moex_executor* executor, moex_trace** out) {
+  return guarded([&]() -> moex_status {
+    if (out == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = nullptr;
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    auto t = std::make_unique<moex_trace>(moex_trace{executor->impl->trace()});
+    register_handle(t.get(), Kind::kTrace);
+    *out = t.release();
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_trace_load(const char* path, moex_trace** out) {
+  return guarded([&]() -> moex_status {
+    if (out == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = nullptr;
+    if (path == nullptr || *path == '\0') return fail(MOEX_ERR_INVALID_ARGUMENT, "path is NULL or empty");
+    auto r = moex::load_trace(std::filesystem::u8path(path));
+    if (!r) return fail(r.status());
+    auto t = std::make_unique<moex_trace>(moex_trace{std::move(*r)});
+    register_handle(t.get(), Kind::kTrace);
+    *out = t.release();
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_trace_write(const moex_trace* trace, const char* path, std::int32_t format) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(trace, Kind::kTrace); s != MOEX_OK) return s;
+    if (path == nullptr || *path == '\0') return fail(MOEX_ERR_INVALID_ARGUMENT, "path is NULL or empty");
+    if (moex_status s = check_enum(format, 3, "format"); s != MOEX_OK) return s;
+    const auto p = std::filesystem::u8path(path);
+    const moex::Status s = format == MOEX_TRACE_FORMAT_JSONL ? moex::write_trace_jsonl(trace->trace, p)
+                                                             : moex::write_trace_binary(trace->trace, p);
+    return s.is_ok() ? MOEX_OK : fail(s);
+  });
+}
+
+extern "C" MOEX_API void moex_trace_destroy(moex_trace* trace) {
+  if (trace == nullptr || !unregister_handle(trace, Kind::kTrace)) return;
+  delete trace;
+}
+
+extern "C" MOEX_API moex_status moex_trace_shape(const moex_trace* trace, std::uint64_t* n_tokens,
+                                                 std::uint32_t* n_layers, std::uint32_t* top_k,
+                                                 std::uint32_t* n_experts) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(trace, Kind::kTrace); s != MOEX_OK) return s;
+    const moex::RoutingTrace& t = trace->trace;
+    if (n_tokens) *n_tokens = t.tokens();
+    if (n_layers) *n_layers = t.n_layers;
+    if (top_k) *top_k = t.top_k;
+    if (n_experts) *n_experts = t.n_experts;
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_trace_copy(const moex_trace* trace, std::uint32_t* experts, float* weights,
+                                                std::uint64_t capacity, std::uint64_t* needed) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(trace, Kind::kTrace); s != MOEX_OK) return s;
+    const moex::RoutingTrace& t = trace->trace;
+    const std::uint64_t n = t.expert_ids.size();
+    if (needed) *needed = n;
+    if ((experts != nullptr || weights != nullptr) && capacity < n)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "capacity " + std::to_string(capacity) + " < " + std::to_string(n) +
+                                                 " entries needed");
+    if (experts && n) std::memcpy(experts, t.expert_ids.data(), n * sizeof(std::uint32_t));
+    if (weights && n) std::memcpy(weights, t.gate_weights.data(), n * sizeof(float));
+    return MOEX_OK;
+  });
+}

@@ -347,7 +347,7 @@ inline std::vector<std::byte> encode_q8_0(const float* x, std::size_t n) {
     float amax = 0;
     for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
     const float d = amax / 127.f;
-    const float id = d ? 1.f / d : 0.f;
+    const float id = d != 0.f ? 1.f / d : 0.f;
     const std::uint16_t dh = float_to_f16(d);
     out.push_back(std::byte(dh & 0xff));
     out.push_back(std::byte(dh >> 8));

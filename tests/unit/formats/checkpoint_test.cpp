@@ -144,7 +144,9 @@ TEST_CASE("GGUF checkpoints of every architecture, merged experts sliced exactly
 
 TEST_CASE("the shared tiny-mixtral checkpoints") {
   MOEX_REQUIRE_SHARED(shared);
-  for (auto [name, experts, top_k, ffn] : {std::tuple{"tiny-mixtral-8e", 8u, 2u, 256u}, std::tuple{"tiny-mixtral-32e", 32u, 4u, 64u}}) {
+  for (const auto& model : {std::tuple{"tiny-mixtral-8e", 8u, 2u, 256u}, std::tuple{"tiny-mixtral-32e", 32u, 4u, 64u}}) {
+    const std::string name = std::get<0>(model);
+    const std::uint32_t experts = std::get<1>(model), top_k = std::get<2>(model), ffn = std::get<3>(model);
     CAPTURE(name);
     std::uint64_t last = 0, total = 0;
     auto ck = Checkpoint::open(shared / "models" / name, [&](std::uint64_t d, std::uint64_t t, std::string_view) {

@@ -77,7 +77,7 @@ void check_model(const fs::path& path, const test::WrittenModel& w, bool bytes_e
 
 TEST_SUITE("formats") {
 
-TEST_CASE("safetensors checkpoints of every architecture, single and sharded") {
+TEST_CASE("safetensors checkpoints of every architecture: single and sharded") {
   CAPTURE(test::seed());
   for (auto arch : {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe, Architecture::kDeepseekV2,
                     Architecture::kDeepseekV3, Architecture::kOlmoe}) {
@@ -124,7 +124,7 @@ TEST_CASE("gpt-oss fused gate_up: bf16 and MXFP4 layouts") {
   }
 }
 
-TEST_CASE("GGUF checkpoints of every architecture, merged experts sliced exactly") {
+TEST_CASE("GGUF checkpoints of every architecture: merged experts sliced exactly") {
   CAPTURE(test::seed());
   for (auto arch : {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe, Architecture::kDeepseekV2,
                     Architecture::kDeepseekV3, Architecture::kOlmoe, Architecture::kGptOss}) {

@@ -100,7 +100,7 @@ TEST_CASE("safetensors: bad inputs") {
   }
 }
 
-TEST_CASE("GGUF: metadata of every type, tensor infos, alignment") {
+TEST_CASE("GGUF: metadata of every type and tensor infos and alignment") {
   test::GgufWriter g;
   g.set_alignment(64);
   g.kv_string("general.architecture", "x");
@@ -194,7 +194,7 @@ TEST_CASE("GGUF: bad inputs") {
   }
 }
 
-TEST_CASE("config.json: every architecture, and errors naming the key") {
+TEST_CASE("config.json: every architecture and errors naming the key") {
   for (auto arch : {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe, Architecture::kDeepseekV2,
                     Architecture::kDeepseekV3, Architecture::kOlmoe, Architecture::kGptOss}) {
     CAPTURE(to_string(arch));

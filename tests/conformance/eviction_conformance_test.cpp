@@ -72,7 +72,7 @@ TEST_CASE_TEMPLATE_DEFINE("EvictionPolicy conformance", Policy, eviction_conform
     }
     CHECK(a.choose_victim(slots) == b.choose_victim(slots));
   }
-  SUBCASE("works inside a cache: never evicts protected entries, keeps the budget") {
+  SUBCASE("works inside a cache and never evicts protected entries or exceeds the budget") {
     moex::CacheConfig cfg;
     cfg.n_layers = kLayers;
     cfg.n_experts = kExperts;

@@ -145,7 +145,7 @@ TEST_CASE("LFU on a hand-worked sequence") {
   CHECK(c->contains(ExpertKey{0, 1}));
 }
 
-TEST_CASE("LRFU: large lambda acts as LRU, zero lambda as a frequency count") {
+TEST_CASE("LRFU with a large lambda acts as LRU and with zero lambda as a frequency count") {
   auto lru_like = MixedPrecisionCache<LrfuEviction>::create(shared_config(1, 8, 2), LrfuEviction(LrfuConfig{4.0}));
   REQUIRE(lru_like.is_ok());
   touch(*lru_like, 1, 0);

@@ -104,7 +104,7 @@ TEST_CASE("the executor's output equals a dense computation of the same layer") 
   }
 }
 
-TEST_CASE("LRU through the executor: hits, misses and eviction order with two slots") {
+TEST_CASE("LRU through the executor counts hits and misses and evicts in order with two slots") {
   auto m = make_model(moex::float_format(moex::Precision::kBF16), 1, 4, 1);
   const std::size_t eb = m.store.expert_bytes(moex::Precision::kBF16);
   auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 2 * eb + eb / 2});
@@ -135,7 +135,7 @@ TEST_CASE("LRU through the executor: hits, misses and eviction order with two sl
   CHECK(s.bytes_loaded == 4 * eb);
 }
 
-TEST_CASE("bad input to the executor is an error, never a crash") {
+TEST_CASE("bad input to the executor is an error and never a crash") {
   auto m = make_model(moex::float_format(moex::Precision::kBF16));
   const std::size_t eb = m.store.expert_bytes(moex::Precision::kBF16);
   SUBCASE("a budget smaller than one expert is refused") {
@@ -156,7 +156,7 @@ TEST_CASE("bad input to the executor is an error, never a crash") {
     x[70] = INFINITY;
     CHECK(ex->forward(0, x.data(), 2, y.data()).code() == moex::StatusCode::kInvalidArgument);
   }
-  SUBCASE("wrong layer, zero tokens, null pointers") {
+  SUBCASE("wrong layer or zero tokens or null pointers") {
     CHECK_FALSE(ex->forward(2, x.data(), 2, y.data()).is_ok());
     CHECK_FALSE(ex->forward(0, x.data(), 0, y.data()).is_ok());
     CHECK_FALSE(ex->forward(0, nullptr, 2, y.data()).is_ok());
@@ -220,7 +220,7 @@ moex::DeviceProfile test_profile(std::uint64_t link_bps) {
 }
 }  // namespace
 
-TEST_CASE("the same executor replays routing on the simulator, with exact virtual-time accounting") {
+TEST_CASE("the same executor replays routing on the simulator with exact virtual-time accounting") {
   moex::MoeModelSpec spec{2, 4, {4096, 14336}, {moex::RouterKind::kSoftmaxTopKRenorm, 4, 1}};
   auto store = moex::ExpertStore::create_virtual(spec, moex::float_format(moex::Precision::kBF16));
   REQUIRE(store.is_ok());

@@ -46,7 +46,7 @@ TokenRouting reference_route(const RouterConfig& c, const std::vector<float>& lo
 }  // namespace
 
 TEST_SUITE("cpu") {
-TEST_CASE("Mixtral routing: softmax, top-2, renormalized, on a hand-computed case") {
+TEST_CASE("Mixtral routing is softmax then top-2 then renormalized on a hand-computed case") {
   RouterConfig c{RouterKind::kSoftmaxTopKRenorm, 4, 2};
   const float logits[4] = {1.f, 3.f, 2.f, 0.f};
   TokenRouting r;
@@ -70,7 +70,7 @@ TEST_CASE("Qwen2-MoE routing keeps the softmax probabilities without renormalizi
   CHECK(r.weights[1] == doctest::Approx(0.25));
 }
 
-TEST_CASE("DeepSeek-V3 routing selects by score plus bias but weighs by score, scaled") {
+TEST_CASE("DeepSeek-V3 routing selects by score plus bias but weighs by the scaled score") {
   RouterConfig c{RouterKind::kSigmoidBiasScaled, 4, 2, 2.5f};
   const float logits[4] = {2.f, 1.f, 0.f, -1.f};
   const float bias[4] = {0.f, 0.f, 1.f, 0.f};  // lifts expert 2 above expert 1 for selection
@@ -119,7 +119,7 @@ TEST_CASE("every router variant matches the reference formula on random logits")
   }
 }
 
-TEST_CASE("bad router input is an error, not a crash") {
+TEST_CASE("bad router input is an error and not a crash") {
   TokenRouting r;
   const float logits[4] = {0.f, 1.f, NAN, 0.f};
   CHECK(moex::route_token({RouterKind::kSoftmaxTopKRenorm, 4, 2}, logits, {}, r).code() == moex::StatusCode::kInvalidArgument);

@@ -97,7 +97,7 @@ TEST_CASE("binary and JSONL round trips are exact") {
   }
 }
 
-TEST_CASE("corrupt binary traces are rejected, never crash") {
+TEST_CASE("corrupt binary traces are rejected and never crash") {
   const auto dir = test::temp_dir("trace_bad");
   const RoutingTrace t = small_trace(true);
   REQUIRE(write_trace_binary(t, dir / "t.bin").is_ok());

@@ -6,11 +6,10 @@
 /// Work split: a warp owns NR rows; each lane streams 16 bytes of every row per step (coalesced:
 /// the warp reads 512 contiguous bytes of each row), U steps unrolled so that NR*U independent
 /// 16-byte loads are in flight per lane before the first use. Quantized codes are decoded with
-/// the 2^23 float trick (one OR and one FADD per element, no I2F); each 32-bit word of codes is
-/// multiplied by the x values it covers, then scaled once by its group's scale:
-///   sum_j d*(u_j - o)*x_j = d*S + (-d*o)*X        (symmetric, o = 2^(b-1))
-///   sum_j (d*u_j + m)*x_j = d*S + m*X             (asymmetric)
-/// with S = sum_j u_j*x_j and X = sum_j x_j (X is shared by the warp's rows).
+/// a mantissa trick (f = 1 + u/2^b built by one shift and one and-or; no I2F, no FADD); each 32-bit
+/// word of codes is multiplied by the x values it covers, then scaled once by its group's scale:
+///   sum_j (d*u_j + m)*x_j = (2^b d)*F + (m - 2^b d)*X      (symmetric: m = -2^(b-1) d)
+/// with F = sum_j f_j*x_j and X = sum_j x_j (X is shared by the warp's rows).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -92,11 +91,17 @@ __device__ __forceinline__ void decode_word(std::uint32_t w, float (&f)[kPerWord
     f[0] = v.x;
     f[1] = v.y;
   } else {
+    // Code u goes to the top b mantissa bits of 1.0f: f = 1 + u / 2^b, exactly, in one shift and
+    // one LOP3 (and-or). The caller removes the 1s with X = sum x (see dot_rows).
     constexpr int b = FormatTraits<P>::kBits;
-    constexpr std::uint32_t mask = (1u << b) - 1u;
+    constexpr std::uint32_t top = ((1u << b) - 1u) << (23 - b);
 #pragma unroll
-    for (int j = 0; j < kPerWord<P>; ++j)
-      f[j] = __uint_as_float(0x4B000000u | ((w >> (b * j)) & mask)) - 8388608.f;
+    for (int j = 0; j < kPerWord<P>; ++j) {
+      constexpr int kTop = 23 - b;
+      const int sh = kTop - b * j;
+      const std::uint32_t moved = sh >= 0 ? (w << sh) : (w >> -sh);
+      f[j] = __uint_as_float((moved & top) | 0x3F800000u);
+    }
   }
 }
 
@@ -131,6 +136,7 @@ __device__ __forceinline__ void dot_rows(const RowPtr (&row)[NR], std::size_t co
   constexpr int kW = kPerWord<P>;
   constexpr int kGroups = Tr::kQuant ? (kE > G ? kE / G : 1) : 1;  // groups one load spans
   constexpr float kOffset = Tr::kQuant ? static_cast<float>(1u << (Tr::kBits - 1)) : 0.f;
+  constexpr float kLevels = Tr::kQuant ? static_cast<float>(1u << Tr::kBits) : 0.f;
 #pragma unroll
   for (int r = 0; r < NR; ++r)
 #pragma unroll
@@ -153,8 +159,12 @@ __device__ __forceinline__ void dot_rows(const RowPtr (&row)[NR], std::size_t co
 #pragma unroll
             for (int g = 0; g < kGroups; ++g) {
               const std::size_t gi = c / G + g;
-              d[u][r][g] = __half2float(row[r].scales[gi]);
-              m[u][r][g] = row[r].mins ? __half2float(row[r].mins[gi]) : -kOffset * d[u][r][g];
+              // With f = 1 + u/2^b: sum_j (d*u_j + m)*x_j = (2^b d)*F + (m - 2^b d)*X, where
+              // F = sum f_j x_j and X = sum x_j; symmetric has m = -2^(b-1) d.
+              const float dd = __half2float(row[r].scales[gi]);
+              const float mm = row[r].mins ? __half2float(row[r].mins[gi]) : -kOffset * dd;
+              d[u][r][g] = kLevels * dd;
+              m[u][r][g] = mm - kLevels * dd;
             }
           }
         }

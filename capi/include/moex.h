@@ -380,7 +380,7 @@ MOEX_API moex_status moex_executor_step_bf16(moex_executor* executor, const uint
  */
 typedef struct moex_stats {
   uint64_t struct_size;
-  uint64_t steps;         /* forward calls */
+  uint64_t steps;         /* forward calls (MOEX_ALL_LAYERS: of the busiest layer) */
   uint64_t tokens;        /* tokens routed */
   uint64_t expert_calls;  /* (expert, step) pairs computed */
   uint64_t hits;          /* expert lookups served from the fast tier */

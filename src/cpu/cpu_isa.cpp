@@ -1,6 +1,8 @@
 // Run-time instruction-set selection for the CPU kernels (cpu_isa.hpp).
 #include "moex/cpu/cpu_isa.hpp"
 
+#include "moex/cpu/cpu_kernels.hpp"
+
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -40,6 +42,23 @@ constexpr int kUnset = -1;
 std::atomic<int> g_active{kUnset};
 
 }  // namespace
+
+namespace detail {
+
+bool cpu_has_avx512vnni() noexcept {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    if (detected_cpu_isa() < CpuIsa::kAvx512) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 11)) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace detail
 
 Result<CpuIsa> parse_cpu_isa(std::string_view name) noexcept {
   for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16})

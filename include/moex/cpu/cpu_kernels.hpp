@@ -35,6 +35,10 @@ void matmul_rows_avx512(const MatmulArgs& a) noexcept;
 /// (src/cpu/kernels_avx512bf16.cpp).
 void matmul_rows_avx512bf16(const MatmulArgs& a) noexcept;
 
+/// True when the CPU has AVX512-VNNI (CPUID leaf 7, ECX bit 11) on top of detected AVX-512:
+/// the kAvx512Bf16 level then runs integer weight formats through the int8-activation kernel.
+bool cpu_has_avx512vnni() noexcept;
+
 /// Decodes columns [c0, c0+len) of row `row` into dst. c0 and len are multiples of the group size
 /// (integer formats) or block size (block formats); any value for float formats.
 /// Precondition: the view passed check_matrix_view().

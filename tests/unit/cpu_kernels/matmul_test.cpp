@@ -2,6 +2,7 @@
 // math on the DEQUANTIZED weights (so only the kernels' arithmetic error is measured).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "moex/cpu/cpu_isa.hpp"
+#include "moex/cpu/cpu_kernels.hpp"
 #include "moex/cpu/expert_ffn.hpp"
 #include "moex/quant/quantize.hpp"
 #include "moex/thread_pool.hpp"
@@ -28,10 +30,21 @@ constexpr double kF32AccumTol = 1e-5;
 // bf16 weights on the avx512bf16 path: activations are rounded to bf16 (8 significant bits,
 // relative error <= 2^-9 each), bounded by 2^-8 of sum |w*x| with room for the f32 sums.
 constexpr double kBf16ActivationTol = 0x1p-8;
+// Integer weights on the int8-activation paths (avx2, avx512bf16 with VNNI; q8_kernel.hpp):
+// x is rounded to d_x * q with d_x = max|x_group| / 127, an error <= d_x / 2 per element, so
+// |y - y_exact| <= sum_g (d_x[g] / 2) * sum_{c in g} |w_c| exactly (integer sums are exact); the
+// factor leaves 1% for the f32 rounding of the d_w * d_x products, on top of kF32AccumTol * mag.
+constexpr double kQ8StepBound = 1.01;
+// The same paths, norm-wise: the rounding error is ~uniform with rms d_x / sqrt(12), about 0.3%
+// of a Gaussian group's rms for G = 32..128 (max ~2.5-3.2 sigma); 1e-2 gives 3x headroom.
+constexpr double kQ8NormTol = 1e-2;
 // expert_ffn, norm-wise relative error: two chained f32 matmuls plus f32 silu (std::exp, 1 ulp).
 constexpr double kFfnF32Tol = 2e-5;
 // expert_ffn with bf16 activations (x and the hidden activation each rounded to bf16).
 constexpr double kFfnBf16Tol = 4e-3;
+// expert_ffn on the int8-activation paths: x and the hidden activation each quantized per group
+// (~0.3% rms each, see kQ8NormTol), compounded through silu and a second matmul: 2e-2.
+constexpr double kFfnQ8Tol = 2e-2;
 
 std::vector<WeightFormat> all_formats() {
   std::vector<WeightFormat> v = {moex::float_format(Precision::kF32), moex::float_format(Precision::kF16),
@@ -64,6 +77,12 @@ std::string fmt_name(const WeightFormat& f) {
 
 bool lowers_activations(CpuIsa isa, const WeightFormat& f) {
   return isa == CpuIsa::kAvx512Bf16 && f.precision == Precision::kBF16;
+}
+
+// Integer weights whose kernel quantizes activations to int8 (expert_ffn.hpp documents which).
+bool int8_activations(CpuIsa isa, const WeightFormat& f) {
+  if (!moex::is_quantized(f.precision)) return false;
+  return isa == CpuIsa::kAvx2 || (isa == CpuIsa::kAvx512Bf16 && moex::detail::cpu_has_avx512vnni());
 }
 
 }  // namespace
@@ -112,7 +131,8 @@ TEST_CASE("matmul_rows matches float64 math on the decoded weights in every form
         CAPTURE(n);
         const std::size_t ldx = sh.cols + 3, ldy = sh.rows + 5;  // strided on purpose
         const auto x = moex::test::random_normal(n * ldx, 1.f, ++salt);
-        std::vector<double> ref(n * sh.rows), mag(n * sh.rows);
+        std::vector<double> ref(n * sh.rows), mag(n * sh.rows), q8b(n * sh.rows, 0.0);
+        const std::size_t gs = f.group_size ? f.group_size : sh.cols;
         for (std::size_t t = 0; t < n; ++t)
           for (std::size_t r = 0; r < sh.rows; ++r) {
             double s = 0, a = 0;
@@ -123,6 +143,15 @@ TEST_CASE("matmul_rows matches float64 math on the decoded weights in every form
             }
             ref[t * sh.rows + r] = s;
             mag[t * sh.rows + r] = a;
+            if (sh.cols % gs != 0) continue;
+            for (std::size_t c0 = 0; c0 < sh.cols; c0 += gs) {  // sum_g (d_x/2) sum |w|
+              double amax = 0, wsum = 0;
+              for (std::size_t c = c0; c < c0 + gs; ++c) {
+                amax = std::max(amax, std::fabs(static_cast<double>(x[t * ldx + c])));
+                wsum += std::fabs(static_cast<double>(dq[r * sh.cols + c]));
+              }
+              q8b[t * sh.rows + r] += amax / 127.0 / 2.0 * wsum;
+            }
           }
         const std::size_t rb = sh.rows > 8 ? 3 : 0, re = sh.rows > 8 ? sh.rows - 2 : sh.rows;
         for (CpuIsa isa : isas_here()) {
@@ -132,7 +161,9 @@ TEST_CASE("matmul_rows matches float64 math on the decoded weights in every form
           std::vector<float> y(n * ldy, sentinel);
           moex::matmul_rows(m, x.data(), n, ldx, y.data(), ldy, rb, re);
           const double tol = lowers_activations(isa, f) ? kBf16ActivationTol : kF32AccumTol;
+          const bool q8 = int8_activations(isa, f);
           std::size_t bad = 0;
+          double err2 = 0, ref2 = 0;
           for (std::size_t t = 0; t < n; ++t)
             for (std::size_t r = 0; r < ldy; ++r) {
               const float got = y[t * ldy + r];
@@ -140,10 +171,15 @@ TEST_CASE("matmul_rows matches float64 math on the decoded weights in every form
                 bad += got != sentinel;  // rows outside the range stay untouched
                 continue;
               }
-              const double err = std::fabs(got - ref[t * sh.rows + r]);
-              bad += !(err <= tol * mag[t * sh.rows + r] + 1e-30);
+              const std::size_t i = t * sh.rows + r;
+              const double err = std::fabs(got - ref[i]);
+              err2 += err * err;
+              ref2 += ref[i] * ref[i];
+              const double bound = tol * mag[i] + (q8 ? kQ8StepBound * q8b[i] : 0.0);
+              bad += !(err <= bound + 1e-30);
             }
           CHECK(bad == 0);
+          if (q8) CHECK(std::sqrt(err2 / ref2) <= kQ8NormTol);
         }
       }
     }
@@ -204,7 +240,9 @@ TEST_CASE("expert_ffn matches float64 SwiGLU in every format and ISA, pool or no
           REQUIRE(moex::expert_ffn(ev, x.data(), n, y1.data(), ws, nullptr).is_ok());
           REQUIRE(moex::expert_ffn(ev, x.data(), n, yp.data(), ws, &pool).is_ok());
           CHECK(std::memcmp(y1.data(), yp.data(), y1.size() * sizeof(float)) == 0);
-          const double tol = lowers_activations(isa, f) ? kFfnBf16Tol : kFfnF32Tol;
+          const double tol = lowers_activations(isa, f)  ? kFfnBf16Tol
+                             : int8_activations(isa, f) ? kFfnQ8Tol
+                                                        : kFfnF32Tol;
           CHECK(moex::test::rel_error(y1.data(), ref.data(), ref.size()) <= tol);
         }
       }

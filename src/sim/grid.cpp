@@ -91,10 +91,12 @@ Status replay(const RoutingTrace& trace, std::size_t begin, std::size_t end, con
   r.misses = s.misses;
   r.bytes_loaded = s.bytes_loaded;
   r.stall_ns = s.stall_ns;
-  r.compute_ns = s.compute_ns;
-  r.sim_ns = sim.now();
+  // Time and busy figures from the simulator's own queues, so they hold whether the executor
+  // waits for each computation or queues it: the run ends when every queue has drained.
+  r.compute_ns = sim.device_stats(SimDevice::kGpu).busy_ns + sim.device_stats(SimDevice::kHostCpu).busy_ns;
+  r.sim_ns = std::max({sim.now(), sim.device_free_at(SimDevice::kGpu), sim.device_free_at(SimDevice::kHostCpu),
+                       sim.link_free_at(SimLink::kHostToDevice)});
   r.link_busy_ns = sim.link_stats(SimLink::kHostToDevice).busy_ns;
-  r.cache_slots = ex->slot_count();
   return Status::ok();
 }
 
@@ -306,6 +308,7 @@ Result<SimRunResult> run_simulation(const SimRunConfig& c) {
     return invalid_argument("run_simulation: a budget of " + fmt_double(c.budget_fraction) +
                             " of all expert bytes holds no whole expert");
 
+  r.cache_slots = slots;
   ExecutorConfig cfg;
   cfg.cache_bytes = slots * r.expert_bytes;
   cfg.cache_precision = c.cache_precision;
@@ -342,6 +345,12 @@ Result<SimRunResult> run_simulation(const SimRunConfig& c) {
         if (split.size() != trace.n_layers)
           return invalid_argument("lru-dp: " + std::to_string(split.size()) + " layer budgets for " +
                                   std::to_string(trace.n_layers) + " layers");
+        std::uint64_t used = 0;
+        for (std::uint32_t x : split) used += x;
+        if (used == 0 || used > slots)
+          return invalid_argument("lru-dp: the layer budgets hold " + std::to_string(used) + " experts, not 1.." +
+                                  std::to_string(slots));
+        r.cache_slots = used;
         set_layer_cache_bytes(cfg, slots_to_bytes(split, r.expert_bytes));
         s = replay(trace, begin, end, *store, cfg, prof, LruEviction{}, r);
       }

@@ -1,0 +1,3 @@
+module moex.example/moexgo
+
+go 1.19

@@ -1,0 +1,11 @@
+# ctest script: installs the build tree into a fresh prefix. -DBUILD=<build dir> -DPREFIX=<prefix>
+file(REMOVE_RECURSE ${PREFIX})
+execute_process(COMMAND ${CMAKE_COMMAND} --install ${BUILD} --prefix ${PREFIX} RESULT_VARIABLE rc OUTPUT_QUIET)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "cmake --install ${BUILD} --prefix ${PREFIX} failed (is everything built?)")
+endif()
+file(GLOB_RECURSE libs ${PREFIX}/lib*/libmoex.so)
+if(NOT libs OR NOT EXISTS ${PREFIX}/include/moex.h)
+  message(FATAL_ERROR "the install tree lacks libmoex.so or moex.h")
+endif()
+message(STATUS "installed into ${PREFIX}")

@@ -171,6 +171,42 @@ void BM_ExpertFfn(benchmark::State& state) {
                  (isa >= 0 ? "/" + std::string(moex::to_string(static_cast<moex::CpuIsa>(isa))) : ""));
 }
 
+// matmul_rows on one cache-resident [256 x 4096] matrix (compute rate, no DRAM): weights per
+// second. Args: format, batch, isa (-1: default).
+void BM_MatmulHot(benchmark::State& state) {
+  const int fi = static_cast<int>(state.range(0));
+  const auto n = static_cast<std::size_t>(state.range(1));
+  const int isa = static_cast<int>(state.range(2));
+  const moex::CpuIsa saved = moex::active_cpu_isa();
+  if (isa >= 0 && !moex::set_cpu_isa(static_cast<moex::CpuIsa>(isa)).is_ok()) {
+    state.SkipWithError("ISA not supported on this CPU");
+    return;
+  }
+  constexpr std::size_t rows = 256, cols = 4096;
+  std::vector<float> w(rows * cols);
+  for (std::size_t i = 0; i < w.size(); ++i) w[i] = static_cast<float>((i * 7919) % 201) * 1e-3f - 0.1f;
+  const auto l = moex::matrix_layout(rows, cols, kFormats[fi].f);
+  std::vector<std::byte> blob(l.total_bytes);
+  if (!moex::quantize_matrix(w.data(), rows, cols, kFormats[fi].f, blob).is_ok()) {
+    state.SkipWithError("quantize failed");
+    return;
+  }
+  const moex::MatrixView m{blob.data(), l};
+  std::vector<float> x(n * cols, 0.01f), y(n * rows);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 13) * 0.01f - 0.06f;
+  for (auto _ : state) {
+    moex::matmul_rows(m, x.data(), n, cols, y.data(), rows, 0, rows);
+    benchmark::DoNotOptimize(y.data());
+  }
+  (void)moex::set_cpu_isa(saved);
+  state.counters["Gweights_per_s"] = benchmark::Counter(
+      static_cast<double>(rows * cols) * static_cast<double>(state.iterations()) / 1e9,
+      benchmark::Counter::kIsRate);
+  state.SetBytesProcessed(static_cast<std::int64_t>(l.total_bytes) * static_cast<std::int64_t>(state.iterations()));
+  state.SetLabel(std::string(kFormats[fi].name) + "/n" + std::to_string(n) +
+                 (isa >= 0 ? "/" + std::string(moex::to_string(static_cast<moex::CpuIsa>(isa))) : ""));
+}
+
 void register_all() {
   benchmark::AddCustomContext("cpu_kernel_isa", moex::cpu_kernel_isa());
   benchmark::AddCustomContext("threads_all", std::to_string(moex::ThreadPool::global().size()));
@@ -192,6 +228,14 @@ void register_all() {
           ->Unit(benchmark::kMillisecond);
 }
 
+void register_hot() {
+  for (int fi = 0; fi < static_cast<int>(std::size(kFormats)); ++fi)
+    for (int n : {1, 8})
+      for (int isa : {-1, 1, 2})
+        benchmark::RegisterBenchmark("BM_MatmulHot", BM_MatmulHot)->Args({fi, n, isa})->Unit(benchmark::kMicrosecond);
+}
+
+const bool kRegisteredHot = (register_hot(), true);
 const bool kRegistered = (register_all(), true);
 
 }  // namespace

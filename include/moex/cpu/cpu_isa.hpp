@@ -18,11 +18,25 @@ MOEX_NAMESPACE_BEGIN
 
 /// Instruction-set levels of the CPU kernels, lowest first. Values are ordered: a level
 /// implies every level below it.
+///
+/// Which arithmetic each level uses (exact = f32 activations, f32 accumulation; see expert_ffn.hpp):
+///
+/// | level       | f32 / f16 weights | bf16 weights             | int8 / int4 / int2 weights          |
+/// |-------------|-------------------|--------------------------|-------------------------------------|
+/// | kScalar     | exact             | exact                    | exact (the reference)               |
+/// | kAvx2       | exact             | exact                    | int8 activations (vpmaddubsw)       |
+/// | kAvx512     | exact             | exact                    | exact (f32 FMA; the exact SIMD path)|
+/// | kAvx512Bf16 | exact             | bf16 activations         | int8 activations (VNNI vpdpbusd)    |
+///
+/// kAvx512Bf16 uses int8 activations only where the CPU has AVX512-VNNI (every CPU with
+/// AVX512-BF16 does); otherwise its integer formats take the exact kAvx512 path. To keep exact
+/// activations on a fast CPU, set `MOEX_CPU_ISA=avx512` or call set_cpu_isa(CpuIsa::kAvx512).
 enum class CpuIsa : std::uint8_t {
-  kScalar = 0,      ///< portable C++ (any x86-64 or other CPU)
-  kAvx2 = 1,        ///< AVX2 + FMA + F16C, 8-lane f32 accumulation
-  kAvx512 = 2,      ///< AVX-512 F/BW/VL, 16-lane f32 accumulation
+  kScalar = 0,      ///< portable C++ (any x86-64 or other CPU), exact
+  kAvx2 = 1,        ///< AVX2 + FMA + F16C; integer weights with int8-quantized activations
+  kAvx512 = 2,      ///< AVX-512 F/BW/VL, 16-lane f32 accumulation, exact activations everywhere
   kAvx512Bf16 = 3,  ///< kAvx512 plus vdpbf16ps for bf16 weights (activations rounded to bf16)
+                    ///< and, with VNNI, vpdpbusd for integer weights (activations to int8)
 };
 
 /// "scalar", "avx2", "avx512", "avx512bf16".

@@ -4,12 +4,13 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "moex/types.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
-/// Settings of an executor. Zero means "default" wherever it says so.
+/// Settings of an executor. Zero or empty means "default" wherever it says so.
 struct ExecutorConfig {
   /// Fast-tier budget in bytes (device memory on a GPU backend, RAM on the CPU backend);
   /// 0 = a quarter of all expert bytes in the cache precision.
@@ -18,6 +19,16 @@ struct ExecutorConfig {
   std::optional<Precision> cache_precision;
   /// Check hidden states for NaN/inf before use (cheap; on by default).
   bool check_finite = true;
+  /// A second pool for low-precision copies (HOBBIT): misses and prefetches the policies choose to
+  /// fetch in low precision land there. The store must hold this precision. Empty = none.
+  std::optional<Precision> low_precision;
+  /// Share of the budget given to the low-precision pool (0 < share < 1).
+  double low_precision_share = 0.25;
+  /// Per-layer budgets in bytes (AdapMoE's allocation, see cache/layer_budget.hpp); when
+  /// non-empty (one per layer) each layer is its own eviction group and cache_bytes is ignored.
+  std::vector<std::uint64_t> layer_cache_bytes;
+  /// Bound on prefetched bytes in flight; 0 = two experts at the cache precision.
+  std::uint64_t max_prefetch_bytes_in_flight = 0;
 };
 
 MOEX_NAMESPACE_END

@@ -1,26 +1,32 @@
 #pragma once
 /// @file moe_layer_executor.hpp
-/// MoeLayerExecutor: one MoE layer's step — route, gate, fetch experts through the cache, compute,
-/// combine — for every layer of a model, composed from policy types.
+/// MoeLayerExecutor: one MoE layer's step — route, gate, fetch experts through the cache (or run
+/// them where they live), predict and prefetch the next layers, compute, combine — for every
+/// layer of a model, composed from policy types.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
-#include "moex/backend/cpu_backend.hpp"
 #include "moex/cache/mixed_precision_cache.hpp"
 #include "moex/concepts/backend.hpp"
 #include "moex/concepts/eviction.hpp"
 #include "moex/concepts/gate.hpp"
+#include "moex/concepts/miss_policy.hpp"
+#include "moex/concepts/predictor.hpp"
+#include "moex/concepts/prefetch_precision.hpp"
 #include "moex/executor/default_policies.hpp"
 #include "moex/executor/executor_config.hpp"
 #include "moex/executor/stats.hpp"
 #include "moex/formats/trace.hpp"
+#include "moex/prefetch/prefetch_scheduler.hpp"
 #include "moex/route/router.hpp"
 #include "moex/store/expert_store.hpp"
 
@@ -29,15 +35,20 @@ MOEX_NAMESPACE_BEGIN
 /// Every role of the executor, checked one by one so that an error names the role that failed.
 template <class P>
 concept ExecutorPolicies = EvictionPolicy<typename P::Eviction> && GatePolicy<typename P::Gate> &&
-                           ExecutionBackend<typename P::Backend>;
+                           ExecutionBackend<typename P::Backend> && Predictor<typename P::Predictor> &&
+                           MissPolicy<typename P::Miss> && PrefetchPrecisionPolicy<typename P::PrefetchPrecision>;
 
 /// Runs the MoE layers of one model over an ExpertStore.
 ///
-/// For each layer step: the router picks each token's experts, the Gate may drop some, each
-/// selected expert is looked up in the fast tier (a hit), or loaded from its master copy in the
-/// slow tier into a slot freed by the Eviction policy (a miss), computed for its tokens, and the
-/// outputs are combined with the gate weights.
+/// For each layer step: the router picks each token's experts (or a pre-gate already did), the
+/// Gate may drop some, and each selected expert is served: from the fast tier when resident (a
+/// hit, perhaps still arriving from a prefetch), else as the Miss policy decides — loaded in full
+/// or low precision into a slot the Eviction policy frees, computed where its master copy lives,
+/// or skipped. Before computing, the Predictor names the experts of the next layers and the
+/// PrefetchScheduler starts their transfers, so they overlap this layer's compute. Outputs are
+/// combined with the gate weights (renormalized over skipped experts).
 ///
+/// With DefaultPolicies every step is exact: the output equals the dense layer's.
 /// Thread safety: one executor per thread; the store may be shared by several executors.
 /// Errors: every method returns a Status; nothing throws or aborts.
 template <ExecutorPolicies P = DefaultPolicies>
@@ -47,25 +58,29 @@ class MoeLayerExecutor {
   using Eviction = typename P::Eviction;
   using Gate = typename P::Gate;
   using Backend = typename P::Backend;
+  using PredictorType = typename P::Predictor;
+  using Miss = typename P::Miss;
+  using PrefetchPrecision = typename P::PrefetchPrecision;
 
   /// Validates the configuration against the store and reserves the fast tier.
-  /// Errors: kInvalidArgument for an incomplete store, a missing cache precision, or a budget
-  /// smaller than one expert; kOutOfMemory when the fast tier cannot be reserved.
-  static Result<MoeLayerExecutor> create(const ExpertStore& store, ExecutorConfig config,
-                                         Backend backend = {}, Eviction eviction = {},
-                                         Gate gate = {});
+  /// Errors: kInvalidArgument for an incomplete store, a precision the store does not hold, or a
+  /// budget smaller than one expert; kOutOfMemory when the fast tier cannot be reserved.
+  static Result<MoeLayerExecutor> create(const ExpertStore& store, ExecutorConfig config, Backend backend = {},
+                                         Eviction eviction = {}, Gate gate = {}, PredictorType predictor = {},
+                                         Miss miss = {}, PrefetchPrecision prefetch_precision = {});
 
   MoeLayerExecutor(MoeLayerExecutor&&) noexcept = default;
   MoeLayerExecutor& operator=(MoeLayerExecutor&&) noexcept = default;
 
-  /// Routes n tokens of `layer`: out[t] gets token t's experts and weights (gate not applied).
+  /// Routes n tokens of `layer` with its router: out[t] gets token t's experts and weights.
   Status route(std::uint32_t layer, const float* hidden, std::size_t n, std::span<TokenRouting> out);
 
   /// out[n x hidden] = sum over each token's experts of weight * expert(hidden) (the MoE output;
-  /// the caller adds the residual). hidden and out may not alias.
+  /// the caller adds the residual). hidden and out must not alias.
   Status forward(std::uint32_t layer, const float* hidden, std::size_t n, float* out);
 
-  /// Like forward with the routing given (from a trace, or routed by the caller).
+  /// Like forward with the routing given (from a trace, or routed by the caller). On a backend
+  /// without data (the simulator) hidden and out may be null.
   Status forward_routed(std::uint32_t layer, std::span<const TokenRouting> routing, const float* hidden,
                         std::size_t n, float* out);
 
@@ -82,49 +97,169 @@ class MoeLayerExecutor {
   /// layer by layer, token t of layer l runs at step t * n_layers + l (RoutingTrace::step), which
   /// is what BeladyOracleEviction's future is indexed by.
   std::uint64_t step() const noexcept { return step_; }
-
   const ExecutorStats& stats() const noexcept { return stats_; }
   void reset_stats() noexcept { stats_.reset(); }
   const ExecutorConfig& config() const noexcept { return config_; }
-  /// Number of expert slots in the fast tier.
-  std::size_t slot_count() const noexcept { return backend_.slot_count(); }
-  /// Precision of resident experts.
-  Precision cache_precision() const noexcept { return cache_layout_.format.precision; }
-  /// True when `key` is resident.
+  /// Number of expert slots in the fast tier at the cache precision.
+  std::size_t slot_count() const noexcept { return backend_.slot_count(full_.format.precision); }
+  /// Precision of resident experts (the full-precision pool).
+  Precision cache_precision() const noexcept { return full_.format.precision; }
+  /// True when `key` is resident (or arriving).
   bool resident(ExpertKey key) const noexcept { return cache_.contains(key); }
   /// The fast-tier cache (read-only: residency, budgets, its own counters).
   const MixedPrecisionCache<Eviction>& cache() const noexcept { return cache_; }
-  const Gate& gate() const noexcept { return gate_; }
+  Eviction& eviction() noexcept { return cache_.policy(); }
+  Gate& gate() noexcept { return gate_; }
+  PredictorType& predictor() noexcept { return predictor_; }
+  Miss& miss_policy() noexcept { return miss_; }
   Backend& backend() noexcept { return backend_; }
   const Backend& backend() const noexcept { return backend_; }
-  Eviction& eviction() noexcept { return cache_.policy(); }
+  /// True when no policy in use can change the model's function.
+  bool exact() const noexcept { return gate_.exact() && miss_.exact() && prefetch_.precision_policy().exact() && !pregate_routing_; }
 
  private:
-  MoeLayerExecutor(const ExpertStore& store, ExecutorConfig config, Backend backend,
-                   MixedPrecisionCache<Eviction> cache, Gate g)
-      : store_(&store), config_(config), backend_(std::move(backend)), cache_(std::move(cache)), gate_(std::move(g)) {}
+  struct InFlight {
+    LoadTicket ticket = 0;
+    std::uint64_t bytes = 0;
+    bool prefetch = false;
+  };
+  struct Serve {
+    std::uint32_t expert = 0;
+    enum Kind : std::uint8_t { kResident, kLoad, kAtSource, kSkip } kind = kResident;
+    Precision precision = Precision::kBF16;
+    std::uint32_t slot = 0;
+    std::size_t first_row = 0;  // its rows in ys_
+  };
 
-  /// Makes `key` resident; returns its slot. Counts hit/miss/stall in `ls`.
-  Result<std::size_t> acquire(ExpertKey key, LayerStats& ls);
+  MoeLayerExecutor(const ExpertStore& store, ExecutorConfig config, Backend backend, MixedPrecisionCache<Eviction> cache,
+                   Gate g, PredictorType pred, Miss miss, PrefetchScheduler<PrefetchPrecision> sched)
+      : store_(&store), config_(std::move(config)), backend_(std::move(backend)), cache_(std::move(cache)),
+        gate_(std::move(g)), predictor_(std::move(pred)), miss_(std::move(miss)), prefetch_(std::move(sched)) {}
+
+  const ExpertLayout& layout_of(Precision p) const noexcept { return p == full_.format.precision ? full_ : low_; }
+  /// Inserts key in precision p (protected when prefetched) and starts its load. A demand load
+  /// frees prefetch protection and retries once when protected entries leave no room.
+  Status load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out);
+  void release_prefetch_protection() noexcept;
+  void forget_in_flight(ExpertKey key) noexcept { in_flight_.erase(key.packed()); }
 
   const ExpertStore* store_ = nullptr;
   ExecutorConfig config_;
   Backend backend_;
   MixedPrecisionCache<Eviction> cache_;
   [[no_unique_address]] Gate gate_;
-  ExpertLayout cache_layout_{};
+  [[no_unique_address]] PredictorType predictor_;
+  [[no_unique_address]] Miss miss_;
+  PrefetchScheduler<PrefetchPrecision> prefetch_;
+  ExpertLayout full_{}, low_{};
+  bool has_low_ = false;
+  bool pregate_routing_ = false;
   std::uint64_t step_ = 0;
   ExecutorStats stats_;
+  std::unordered_map<std::uint64_t, InFlight> in_flight_;
+  std::uint64_t prefetch_bytes_in_flight_ = 0;
+  std::vector<std::vector<std::uint8_t>> predicted_;  // [layer][expert]: predicted, not yet served
   // Routing trace being recorded.
   bool recording_ = false;
   RoutingTrace trace_;
-  std::vector<std::uint32_t> trace_next_;  // per layer: next token index
+  std::vector<std::uint32_t> trace_next_;
   // Scratch reused across steps.
-  std::vector<float> logits_, xg_, yg_;
-  std::vector<TokenRouting> routing_;
+  std::vector<float> logits_, xg_, ys_;
+  std::vector<TokenRouting> routing_, gated_;
+  std::vector<std::vector<std::pair<std::uint32_t, float>>> users_;
+  std::vector<Serve> serve_;
+  std::vector<Prediction> predictions_;
+  std::vector<PrefetchRequest> issue_;
+  std::vector<std::uint8_t> skipped_;
 };
 
 // ---- implementation (out of class, so extern template works) ----------------------------------
+
+template <ExecutorPolicies P>
+Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store, ExecutorConfig config, Backend backend,
+                                                        Eviction eviction, Gate gate, PredictorType predictor, Miss miss,
+                                                        PrefetchPrecision prefetch_precision) {
+  if (!store.complete()) return invalid_argument("executor: the store has experts without a master copy");
+  if (Backend::kHasData && store.is_virtual())
+    return invalid_argument("executor: a virtual (shape-only) store needs a simulated backend");
+  const MoeModelSpec& spec = store.spec();
+  const Precision p = config.cache_precision.value_or(store.master_format().precision);
+  auto fmt = store.format(p);
+  if (!fmt)
+    return invalid_argument("executor: the store holds no " + std::string(to_string(p)) +
+                            " copy of its experts (build it with ExpertStore::build_precision)");
+  const ExpertLayout full = expert_layout(spec.shape, *fmt);
+  ExpertLayout low = full;
+  const bool has_low = config.low_precision.has_value() && *config.low_precision != p;
+  if (has_low) {
+    auto lf = store.format(*config.low_precision);
+    if (!lf)
+      return invalid_argument("executor: low_precision " + std::string(to_string(*config.low_precision)) +
+                              " is not held by the store");
+    low = expert_layout(spec.shape, *lf);
+    if (!(config.low_precision_share > 0.0 && config.low_precision_share < 1.0))
+      return invalid_argument("executor: low_precision_share must lie strictly between 0 and 1");
+  }
+  const std::uint64_t all = std::uint64_t{spec.n_layers} * spec.n_experts * full.total_bytes;
+  if (!config.layer_cache_bytes.empty() && config.layer_cache_bytes.size() != spec.n_layers)
+    return invalid_argument("executor: layer_cache_bytes needs one budget per layer (" + std::to_string(spec.n_layers) + ")");
+  if (config.layer_cache_bytes.empty() && config.cache_bytes == 0)
+    config.cache_bytes = std::max<std::uint64_t>(all / 4, full.total_bytes);
+  if (config.layer_cache_bytes.empty() && config.cache_bytes < full.total_bytes)
+    return invalid_argument("executor: cache budget of " + std::to_string(config.cache_bytes) +
+                            " bytes is smaller than one expert (" + std::to_string(full.total_bytes) + " bytes)");
+  if (config.max_prefetch_bytes_in_flight == 0) config.max_prefetch_bytes_in_flight = 2 * full.total_bytes;
+
+  CacheConfig cc;
+  cc.n_layers = spec.n_layers;
+  cc.n_experts = spec.n_experts;
+  cc.budget_bytes = config.cache_bytes;
+  cc.layer_budget_bytes = config.layer_cache_bytes;
+  if (has_low) {
+    const std::uint64_t total = config.layer_cache_bytes.empty()
+                                    ? config.cache_bytes
+                                    : [&] { std::uint64_t s = 0; for (auto b : config.layer_cache_bytes) s += b; return s; }();
+    cc.pools = PoolMode::kPerPrecision;
+    const auto low_bytes = static_cast<std::uint64_t>(static_cast<double>(total) * config.low_precision_share);
+    cc.precision_budget_bytes[static_cast<std::size_t>(p)] = total - low_bytes;
+    cc.precision_budget_bytes[static_cast<std::size_t>(*config.low_precision)] = low_bytes;
+  }
+  auto cache = MixedPrecisionCache<Eviction>::create(std::move(cc), std::move(eviction));
+  if (!cache) return cache.status();
+  // Slots each pool can need: the sum over its eviction groups of what fits in the group.
+  auto slots_for = [&](Precision prec, std::uint64_t bytes) {
+    std::uint64_t n = 0;
+    std::vector<std::uint8_t> seen(cache->group_count(), 0);
+    for (std::uint32_t l = 0; l < spec.n_layers; ++l) {
+      const std::size_t g = cache->group_of({l, 0}, prec);
+      if (g < seen.size() && !seen[g]) {
+        seen[g] = 1;
+        n += cache->group_budget(g) / bytes;
+      }
+    }
+    return std::min<std::uint64_t>(n, std::uint64_t{spec.n_layers} * spec.n_experts);
+  };
+  const std::uint64_t n_full = slots_for(p, full.total_bytes);
+  if (n_full == 0) return invalid_argument("executor: no layer's budget holds one expert at the cache precision");
+  PrefetchScheduler<PrefetchPrecision> sched(PrefetchConfig{config.max_prefetch_bytes_in_flight, 1024},
+                                             std::move(prefetch_precision));
+  MoeLayerExecutor ex(store, config, std::move(backend), std::move(*cache), std::move(gate), std::move(predictor),
+                      std::move(miss), std::move(sched));
+  ex.full_ = full;
+  ex.low_ = low;
+  ex.has_low_ = has_low;
+  if constexpr (RoutingPredictor<PredictorType>) ex.pregate_routing_ = true;
+  MOEX_RETURN_IF_ERROR(ex.backend_.allocate_slots(p, full.total_bytes, static_cast<std::size_t>(n_full)));
+  if (has_low) {
+    const std::uint64_t n_low = slots_for(*config.low_precision, low.total_bytes);
+    if (n_low > 0)
+      MOEX_RETURN_IF_ERROR(ex.backend_.allocate_slots(*config.low_precision, low.total_bytes, static_cast<std::size_t>(n_low)));
+  }
+  ex.stats_.layers.resize(spec.n_layers);
+  ex.predicted_.assign(spec.n_layers, std::vector<std::uint8_t>(spec.n_experts, 0));
+  ex.users_.resize(spec.n_experts);
+  return ex;
+}
 
 template <ExecutorPolicies P>
 void MoeLayerExecutor<P>::record_trace(bool on) {
@@ -149,41 +284,7 @@ void MoeLayerExecutor<P>::begin_sequence() {
 }
 
 template <ExecutorPolicies P>
-Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store, ExecutorConfig config,
-                                                        Backend backend, Eviction eviction, Gate gate) {
-  if (!store.complete()) return invalid_argument("executor: the store has experts without a master copy");
-  if (Backend::kHasData && store.is_virtual())
-    return invalid_argument("executor: a virtual (shape-only) store needs a simulated backend");
-  const MoeModelSpec& spec = store.spec();
-  const Precision p = config.cache_precision.value_or(store.master_format().precision);
-  const auto fmt = store.format(p);
-  if (!fmt)
-    return invalid_argument("executor: the store holds no " + std::string(to_string(p)) +
-                            " copy of its experts (build it with ExpertStore::build_precision)");
-  const ExpertLayout layout = expert_layout(spec.shape, *fmt);
-  const std::uint64_t all = std::uint64_t{spec.n_layers} * spec.n_experts * layout.total_bytes;
-  if (config.cache_bytes == 0) config.cache_bytes = std::max<std::uint64_t>(all / 4, layout.total_bytes);
-  const std::uint64_t n_slots64 = std::min<std::uint64_t>(config.cache_bytes / layout.total_bytes,
-                                                          std::uint64_t{spec.n_layers} * spec.n_experts);
-  if (n_slots64 == 0)
-    return invalid_argument("executor: cache budget of " + std::to_string(config.cache_bytes) +
-                            " bytes is smaller than one expert (" + std::to_string(layout.total_bytes) + " bytes)");
-  CacheConfig cc;
-  cc.n_layers = spec.n_layers;
-  cc.n_experts = spec.n_experts;
-  cc.budget_bytes = n_slots64 * layout.total_bytes;
-  auto cache = MixedPrecisionCache<Eviction>::create(std::move(cc), std::move(eviction));
-  if (!cache) return cache.status();
-  MoeLayerExecutor ex(store, config, std::move(backend), std::move(*cache), std::move(gate));
-  ex.cache_layout_ = layout;
-  MOEX_RETURN_IF_ERROR(ex.backend_.allocate_slots(layout.total_bytes, static_cast<std::size_t>(n_slots64)));
-  ex.stats_.layers.resize(spec.n_layers);
-  return ex;
-}
-
-template <ExecutorPolicies P>
-Status MoeLayerExecutor<P>::route(std::uint32_t layer, const float* hidden, std::size_t n,
-                                  std::span<TokenRouting> out) {
+Status MoeLayerExecutor<P>::route(std::uint32_t layer, const float* hidden, std::size_t n, std::span<TokenRouting> out) {
   const MoeModelSpec& spec = store_->spec();
   if (layer >= spec.n_layers) return invalid_argument("route: layer " + std::to_string(layer) + " out of range");
   if (hidden == nullptr && n > 0) return invalid_argument("route: hidden is null");
@@ -207,38 +308,58 @@ Status MoeLayerExecutor<P>::forward(std::uint32_t layer, const float* hidden, st
   if (n == 0) return invalid_argument("forward: zero tokens");
   const std::uint64_t t0 = backend_.now_ns();
   routing_.resize(n);
-  MOEX_RETURN_IF_ERROR(route(layer, hidden, n, routing_));
+  bool routed = false;
+  if constexpr (RoutingPredictor<PredictorType>) routed = predictor_.take_routing(layer, routing_);
+  if (!routed) MOEX_RETURN_IF_ERROR(route(layer, hidden, n, routing_));
   stats_.layers[layer].route_ns += backend_.now_ns() - t0;
   return forward_routed(layer, routing_, hidden, n, out);
 }
 
 template <ExecutorPolicies P>
-Result<std::size_t> MoeLayerExecutor<P>::acquire(ExpertKey key, LayerStats& ls) {
-  if (auto hit = cache_.lookup(key, step_)) {
-    ++ls.hits;
-    return std::size_t{hit->slot};
-  }
-  const Precision p = cache_layout_.format.precision;
-  ++ls.misses;
-  ++ls.misses_by_precision[static_cast<std::size_t>(p)];
+void MoeLayerExecutor<P>::release_prefetch_protection() noexcept {
+  for (std::uint32_t l = 0; l < predicted_.size(); ++l)
+    for (std::uint32_t e = 0; e < predicted_[l].size(); ++e)
+      if (predicted_[l][e]) (void)cache_.unprotect({l, e});
+}
+
+template <ExecutorPolicies P>
+Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out) {
   auto src = store_->view(key, p);
   if (!src) return src.status();
-  auto ins = cache_.insert(key, p, cache_layout_.total_bytes, step_);
-  if (!ins) return ins.status();
-  ls.evictions += ins->evicted.size();
-  const std::size_t slot = ins->slot;
-  if (slot >= backend_.slot_count()) {
-    (void)cache_.erase(key);
-    return internal_error("cache returned slot " + std::to_string(slot) + " beyond the backend's slots");
+  const std::uint64_t bytes = layout_of(p).total_bytes;
+  // Prefetched experts stay protected until used or proven wrong; demand loads are used at once.
+  auto ins = cache_.insert(key, p, bytes, step_, /*protect=*/prefetch);
+  if (!ins && ins.status().code() == StatusCode::kOutOfMemory && !prefetch) {
+    release_prefetch_protection();
+    ins = cache_.insert(key, p, bytes, step_, false);
   }
-  const std::uint64_t t0 = backend_.now_ns();
-  if (Status s = backend_.load(slot, *src); !s.is_ok()) {
+  if (!ins) return ins.status();
+  for (const EvictedEntry& ev : ins->evicted) {
+    ++stats_.layers[ev.key.layer].evictions;
+    if (auto it = in_flight_.find(ev.key.packed()); it != in_flight_.end()) {  // evicted while arriving
+      backend_.cancel_load(it->second.ticket);
+      if (it->second.prefetch) {
+        prefetch_bytes_in_flight_ -= it->second.bytes;
+        stats_.layers[ev.key.layer].prefetch_wasted_bytes += it->second.bytes;
+      }
+      in_flight_.erase(it);
+    }
+    if (ev.key.layer < predicted_.size() && predicted_[ev.key.layer][ev.key.expert] && ev.precision == p)
+      stats_.layers[ev.key.layer].prefetch_wasted_bytes += ev.bytes;
+  }
+  if (ins->slot >= backend_.slot_count(p)) {
+    (void)cache_.erase(key);
+    return internal_error("cache returned slot " + std::to_string(ins->slot) + " beyond the backend's slots");
+  }
+  LoadTicket ticket = 0;
+  if (Status s = backend_.start_load(p, ins->slot, *src, ticket); !s.is_ok()) {
     (void)cache_.erase(key);  // never leave a half-loaded expert resident
     return s;
   }
-  ls.stall_ns += backend_.now_ns() - t0;
-  ls.bytes_loaded += cache_layout_.total_bytes;
-  return slot;
+  in_flight_[key.packed()] = InFlight{ticket, bytes, prefetch};
+  if (prefetch) prefetch_bytes_in_flight_ += bytes;
+  slot_out = ins->slot;
+  return Status::ok();
 }
 
 template <ExecutorPolicies P>
@@ -256,16 +377,23 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     for (std::size_t i = 0; i < n * h; ++i)
       if (!std::isfinite(hidden[i]))
         return invalid_argument("forward: non-finite hidden state at token " + std::to_string(i / h));
+  for (std::size_t t = 0; t < n; ++t) {
+    if (routing[t].k == 0 || routing[t].k > kMaxTopK)
+      return invalid_argument("forward: routing of token " + std::to_string(t) + " has bad k");
+    for (std::uint32_t j = 0; j < routing[t].k; ++j)
+      if (routing[t].experts[j] >= spec.n_experts) return invalid_argument("forward: routed expert id out of range");
+  }
   const std::uint64_t t_begin = backend_.now_ns();
   LayerStats& ls = stats_.layers[layer];
   ++ls.steps;
   ls.tokens += n;
+  const bool data = hidden != nullptr && out != nullptr;
 
-  // Gate, then group tokens by expert: (token, weight) lists in expert order.
-  std::vector<std::vector<std::pair<std::uint32_t, float>>> users(spec.n_experts);
+  // 1. Gate, record, and group tokens by expert.
+  gated_.assign(routing.begin(), routing.begin() + static_cast<std::ptrdiff_t>(n));
+  for (auto& u : users_) u.clear();
   for (std::size_t t = 0; t < n; ++t) {
-    TokenRouting r = routing[t];
-    if (r.k == 0 || r.k > kMaxTopK) return invalid_argument("forward: routing of token " + std::to_string(t) + " has bad k");
+    TokenRouting& r = gated_[t];
     ls.skipped += gate_.apply(layer, r);
     if (recording_) {
       const std::size_t tok = trace_next_[layer]++;
@@ -280,33 +408,217 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         trace_.gate_weights[off + j] = j < r.k ? r.weights[j] : 0.f;
       }
     }
-    for (std::uint32_t j = 0; j < r.k; ++j) {
-      if (r.experts[j] >= spec.n_experts) return invalid_argument("forward: routed expert id out of range");
-      users[r.experts[j]].emplace_back(static_cast<std::uint32_t>(t), r.weights[j]);
+    for (std::uint32_t j = 0; j < r.k; ++j) users_[r.experts[j]].emplace_back(static_cast<std::uint32_t>(t), r.weights[j]);
+  }
+
+  // 2. Predictions made for this layer: recall, and stale ones dropped.
+  prefetch_.drop_layer(layer);
+  std::vector<std::uint8_t>& pred = predicted_[layer];
+  for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
+    const bool sel = !users_[e].empty();
+    ls.selected += sel;
+    if (!pred[e]) continue;
+    ++ls.predicted;
+    ls.predicted_correct += sel;
+    if (!sel) {
+      const ExpertKey key{layer, e};
+      if (auto it = in_flight_.find(key.packed()); it != in_flight_.end() && !backend_.load_done(it->second.ticket)) {
+        // Still arriving and proven wrong: cancel it and give its slot back.
+        backend_.cancel_load(it->second.ticket);
+        prefetch_bytes_in_flight_ -= it->second.prefetch ? it->second.bytes : 0;
+        ls.prefetch_wasted_bytes += it->second.bytes;
+        in_flight_.erase(it);
+        (void)cache_.erase(key);
+      } else if (cache_.contains(key)) {
+        (void)cache_.unprotect(key);
+        if (auto e2 = cache_.peek(key); e2 && e2->hits == 0) ls.prefetch_wasted_bytes += e2->bytes;
+      }
     }
   }
-  if (out != nullptr) std::fill(out, out + n * h, 0.f);
+
+  // 3. Decide how each selected expert is served.
+  serve_.clear();
+  std::size_t rows = 0;
+  const Precision full_p = full_.format.precision;
+  const Precision low_p = has_low_ ? low_.format.precision : full_p;
   for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
-    const auto& u = users[e];
+    const auto& u = users_[e];
     if (u.empty()) continue;
-    auto slot = acquire({layer, e}, ls);
-    if (!slot) return slot.status();
-    const ExpertView view = backend_.slot_view(*slot, cache_layout_);
-    const std::size_t m = u.size();
-    const bool data = hidden != nullptr && out != nullptr;
-    if (data) {
-      xg_.resize(m * h);
-      yg_.resize(m * h);
-      for (std::size_t i = 0; i < m; ++i) std::memcpy(&xg_[i * h], hidden + std::size_t{u[i].first} * h, h * sizeof(float));
+    const ExpertKey key{layer, e};
+    Serve s;
+    s.expert = e;
+    s.first_row = rows;
+    if (auto hit = cache_.lookup(key, step_)) {
+      ++ls.hits;
+      if (pred[e]) ++ls.prefetch_hits;
+      s.kind = Serve::kResident;
+      s.precision = hit->precision;
+      s.slot = hit->slot;
+    } else {
+      // HOBBIT's importance of this expert for its tokens: its best rank and weight.
+      MissContext mc;
+      mc.key = key;
+      mc.rank = kMaxTopK;
+      mc.unimportance = 1.f;
+      for (const auto& [t, w] : u) {
+        const TokenRouting& r = gated_[t];
+        float total = 0.f, before = 0.f;
+        std::uint32_t rank = 0;
+        for (std::uint32_t j = 0; j < r.k; ++j) total += r.weights[j];
+        for (std::uint32_t j = 0; j < r.k && r.experts[j] != e; ++j) {
+          before += r.weights[j];
+          ++rank;
+        }
+        const float norm = total > 0.f ? 1.f / total : 0.f;
+        mc.rank = std::min(mc.rank, rank);
+        mc.weight = std::max(mc.weight, w * norm);
+        mc.unimportance = std::min(mc.unimportance, before * norm);
+      }
+      mc.tokens = static_cast<std::uint32_t>(u.size());
+      mc.cache_precision = full_p;
+      mc.low_precision = low_p;
+      mc.now_ns = backend_.now_ns();
+      mc.load_eta_ns = backend_.load_eta_ns(full_.total_bytes);
+      mc.load_low_eta_ns = backend_.load_eta_ns(low_.total_bytes);
+      mc.source_eta_ns = backend_.source_eta_ns(expert_layout(spec.shape, store_->master_format()), u.size());
+      const MissDecision d = miss_.decide(mc);
+      ++ls.misses;
+      if (d.action == MissAction::kSkip) {
+        s.kind = Serve::kSkip;
+        ls.skipped += u.size();
+      } else if (d.action == MissAction::kComputeAtSource) {
+        s.kind = Serve::kAtSource;
+        s.precision = store_->master_format().precision;
+        ++ls.computed_at_source;
+      } else {
+        s.kind = Serve::kLoad;
+        s.precision = (d.precision == low_p && has_low_) ? low_p : full_p;
+      }
     }
+    if (s.kind != Serve::kSkip) rows += u.size();
+    serve_.push_back(s);
+  }
+
+  // 4. Predict the next layers' experts (the transfers start after this layer's own loads).
+  if (predictor_.depth() > 0 && layer + 1 < spec.n_layers) {
+    predictions_.clear();
+    PredictContext pc{layer, hidden, n, std::span<const TokenRouting>(gated_.data(), n), step_, store_};
+    MOEX_RETURN_IF_ERROR(predictor_.predict(pc, predictions_));
+    for (const Prediction& pr : predictions_) {
+      if (pr.key.layer <= layer || pr.key.layer >= spec.n_layers || pr.key.expert >= spec.n_experts) continue;
+      predicted_[pr.key.layer][pr.key.expert] = 1;
+      const bool have = cache_.contains(pr.key);
+      if (have) (void)cache_.protect(pr.key);  // keep a predicted resident expert until it is used
+      prefetch_.request(pr, full_p, low_p, full_.total_bytes, low_.total_bytes, have);
+    }
+  }
+
+  // 5. Compute: resident experts (hits ready first, then prefetches still arriving), experts at
+  //    their source (the host runs them while copies arrive), then the misses, each loaded and
+  //    run in turn (compute is asynchronous on accelerators, so expert i runs while i+1 loads).
+  if (data) {
+    xg_.resize(rows * h);
+    ys_.resize(rows * h);
+    for (const Serve& s : serve_) {
+      if (s.kind == Serve::kSkip) continue;
+      const auto& u = users_[s.expert];
+      for (std::size_t i = 0; i < u.size(); ++i)
+        std::memcpy(&xg_[(s.first_row + i) * h], hidden + std::size_t{u[i].first} * h, h * sizeof(float));
+    }
+  }
+  std::uint64_t compute_ns = 0;
+  auto run = [&](const Serve& s) -> Status {
+    const auto& u = users_[s.expert];
+    const float* x = data ? &xg_[s.first_row * h] : nullptr;
+    float* y = data ? &ys_[s.first_row * h] : nullptr;
     const std::uint64_t t0 = backend_.now_ns();
-    MOEX_RETURN_IF_ERROR(backend_.expert_ffn(view, data ? xg_.data() : nullptr, m, data ? yg_.data() : nullptr));
-    ls.compute_ns += backend_.now_ns() - t0;
+    Status st;
+    if (s.kind == Serve::kAtSource) {
+      auto v = store_->master({layer, s.expert});
+      if (!v) return v.status();
+      st = backend_.expert_ffn_at_source(*v, x, u.size(), y);
+    } else {
+      st = backend_.expert_ffn(backend_.slot_view(s.precision, s.slot, layout_of(s.precision)), x, u.size(), y);
+    }
+    compute_ns += backend_.now_ns() - t0;
     ++ls.expert_calls;
-    for (std::size_t i = 0; data && i < m; ++i) {
-      float* o = out + std::size_t{u[i].first} * h;
-      const float w = u[i].second;
-      for (std::size_t c = 0; c < h; ++c) o[c] += w * yg_[i * h + c];
+    return st;
+  };
+  for (int pass = 0; pass < 4; ++pass) {
+    for (Serve& s : serve_) {
+      if (s.kind == Serve::kSkip) continue;
+      const ExpertKey key{layer, s.expert};
+      auto it = in_flight_.find(key.packed());
+      bool arriving = s.kind == Serve::kResident && it != in_flight_.end();
+      const int want = s.kind == Serve::kLoad ? 3 : s.kind == Serve::kAtSource ? 2 : (arriving ? 1 : 0);
+      if (want != pass) continue;
+      const std::uint64_t t0 = backend_.now_ns();
+      if (s.kind == Serve::kLoad) {
+        MOEX_RETURN_IF_ERROR(load(key, s.precision, false, s.slot));
+        ++ls.misses_by_precision[static_cast<std::size_t>(s.precision)];
+        ls.bytes_loaded += layout_of(s.precision).total_bytes;
+        it = in_flight_.find(key.packed());
+        arriving = true;
+      }
+      if (arriving) {
+        MOEX_RETURN_IF_ERROR(backend_.wait_load(it->second.ticket));
+        if (it->second.prefetch) prefetch_bytes_in_flight_ -= it->second.bytes;
+        in_flight_.erase(it);
+        ls.stall_ns += backend_.now_ns() - t0;
+      }
+      MOEX_RETURN_IF_ERROR(run(s));
+    }
+  }
+
+  std::fill(pred.begin(), pred.end(), 0);  // this layer's predictions are settled
+
+  // 6. Start the predicted transfers, behind this layer's own loads on the link; they overlap
+  //    the compute still queued and the next layers' routing.
+  if (predictor_.depth() > 0 && layer + 1 < spec.n_layers) {
+    // Retire finished prefetches, then issue within the in-flight bound.
+    for (auto it = in_flight_.begin(); it != in_flight_.end();) {
+      if (it->second.prefetch && backend_.load_done(it->second.ticket)) {
+        prefetch_bytes_in_flight_ -= it->second.bytes;
+        it = in_flight_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    issue_.clear();
+    prefetch_.take_issuable(prefetch_bytes_in_flight_, layer, spec.n_layers, issue_);
+    for (const PrefetchRequest& rq : issue_) {
+      if (cache_.contains(rq.key)) continue;
+      std::uint32_t slot = 0;
+      if (load(rq.key, rq.precision, true, slot).is_ok()) ++stats_.layers[rq.key.layer].prefetches;
+    }
+  }
+
+  {
+    const std::uint64_t t0 = backend_.now_ns();
+    MOEX_RETURN_IF_ERROR(backend_.sync());
+    ls.compute_ns += compute_ns + (backend_.now_ns() - t0);
+  }
+
+  // 7. Combine, renormalizing each token over the experts it kept.
+  if (data) {
+    std::fill(out, out + n * h, 0.f);
+    skipped_.assign(spec.n_experts, 0);
+    for (const Serve& s : serve_) skipped_[s.expert] = s.kind == Serve::kSkip;
+    for (const Serve& s : serve_) {
+      if (s.kind == Serve::kSkip) continue;
+      const auto& u = users_[s.expert];
+      for (std::size_t i = 0; i < u.size(); ++i) {
+        const TokenRouting& r = gated_[u[i].first];
+        float total = 0.f, kept = 0.f;
+        for (std::uint32_t j = 0; j < r.k; ++j) {
+          total += r.weights[j];
+          kept += skipped_[r.experts[j]] ? 0.f : r.weights[j];
+        }
+        const float w = kept > 0.f ? u[i].second * (total / kept) : 0.f;
+        float* o = out + std::size_t{u[i].first} * h;
+        const float* y = &ys_[(s.first_row + i) * h];
+        for (std::size_t c = 0; c < h; ++c) o[c] += w * y[c];
+      }
     }
   }
   ls.total_ns += backend_.now_ns() - t_begin;

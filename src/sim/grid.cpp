@@ -415,6 +415,10 @@ Result<std::vector<SimRunResult>> run_grid(const RoutingTrace& trace, const SimG
             if (eb == 0) return invalid_argument("run_grid: zero-byte expert");
             const long double all = static_cast<long double>(trace.n_layers) * trace.n_experts * eb;
             const auto slots = static_cast<std::uint64_t>(std::floor(all * static_cast<long double>(b))) / eb;
+            if (slots < trace.n_layers) {  // a layer with no slot cannot load: no lru-dp row here
+              ++done;
+              continue;
+            }
             auto dp = dp_slots_of(trace, 0, prof_end, slots);
             if (!dp) return Status(dp.status().code(), what + ": " + dp.status().message());
             rc.layer_slots = std::move(*dp);

@@ -146,7 +146,8 @@ struct SimGridConfig {
 /// Progress of a grid: `done` of `total` runs; `what` names the run about to start.
 using SimProgressFn = std::function<void(std::size_t done, std::size_t total, std::string_view what)>;
 
-/// Runs the grid; results ordered shape, profile, policy, budget (budgets ascending as given).
+/// Runs the grid; results ordered shape, profile, policy, budget (budgets as given). lru-dp runs
+/// only at budgets holding at least one expert per layer; at smaller ones it has no row.
 /// Profiles (static-hot scores, lru-dp slots) are computed once per budget and shape from the
 /// profile tokens of the split. Errors: the first failing run's, naming it.
 Result<std::vector<SimRunResult>> run_grid(const RoutingTrace& trace, const SimGridConfig& config,

@@ -55,9 +55,11 @@ concept Predictor = std::move_constructible<P> &&
 /// block i selects block i+1's experts). `take_routing(layer, out)` fills the routing of `layer`
 /// for the tokens of the last predict call and returns true, or returns false to let the layer's
 /// own router decide.
+/// `routes_layers()` says whether it does so at all (then the executor is not exact).
 template <class P>
-concept RoutingPredictor = Predictor<P> && requires(P& p, std::uint32_t layer, std::span<TokenRouting> out) {
+concept RoutingPredictor = Predictor<P> && requires(P& p, const P& cp, std::uint32_t layer, std::span<TokenRouting> out) {
   { p.take_routing(layer, out) } -> std::same_as<bool>;
+  { cp.routes_layers() } noexcept -> std::same_as<bool>;
 };
 
 /// No prediction (on-demand loading only).

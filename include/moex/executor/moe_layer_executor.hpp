@@ -115,7 +115,11 @@ class MoeLayerExecutor {
   Backend& backend() noexcept { return backend_; }
   const Backend& backend() const noexcept { return backend_; }
   /// True when no policy in use can change the model's function.
-  bool exact() const noexcept { return gate_.exact() && miss_.exact() && prefetch_.precision_policy().exact() && !pregate_routing_; }
+  bool exact() const noexcept {
+    bool routes = false;
+    if constexpr (RoutingPredictor<PredictorType>) routes = predictor_.routes_layers();
+    return gate_.exact() && miss_.exact() && prefetch_.precision_policy().exact() && !routes;
+  }
 
  private:
   struct InFlight {
@@ -153,7 +157,6 @@ class MoeLayerExecutor {
   PrefetchScheduler<PrefetchPrecision> prefetch_;
   ExpertLayout full_{}, low_{};
   bool has_low_ = false;
-  bool pregate_routing_ = false;
   std::uint64_t step_ = 0;
   ExecutorStats stats_;
   std::unordered_map<std::uint64_t, InFlight> in_flight_;
@@ -240,6 +243,7 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
     return std::min<std::uint64_t>(n, std::uint64_t{spec.n_layers} * spec.n_experts);
   };
   const std::uint64_t n_full = slots_for(p, full.total_bytes);
+  const std::uint64_t n_low = has_low ? slots_for(*config.low_precision, low.total_bytes) : 0;
   if (n_full == 0) return invalid_argument("executor: no layer's budget holds one expert at the cache precision");
   PrefetchScheduler<PrefetchPrecision> sched(PrefetchConfig{config.max_prefetch_bytes_in_flight, 1024},
                                              std::move(prefetch_precision));
@@ -248,10 +252,8 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
   ex.full_ = full;
   ex.low_ = low;
   ex.has_low_ = has_low;
-  if constexpr (RoutingPredictor<PredictorType>) ex.pregate_routing_ = true;
   MOEX_RETURN_IF_ERROR(ex.backend_.allocate_slots(p, full.total_bytes, static_cast<std::size_t>(n_full)));
   if (has_low) {
-    const std::uint64_t n_low = slots_for(*config.low_precision, low.total_bytes);
     if (n_low > 0)
       MOEX_RETURN_IF_ERROR(ex.backend_.allocate_slots(*config.low_precision, low.total_bytes, static_cast<std::size_t>(n_low)));
   }
@@ -441,6 +443,9 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
   std::size_t rows = 0;
   const Precision full_p = full_.format.precision;
   const Precision low_p = has_low_ ? low_.format.precision : full_p;
+  const ExpertLayout master_layout = expert_layout(spec.shape, store_->master_format());
+  // Work this step has already planned for each path, so that ETAs see the queues it builds.
+  std::uint64_t planned_link_bytes = 0, planned_source_ns = 0;
   for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
     const auto& u = users_[e];
     if (u.empty()) continue;
@@ -478,9 +483,10 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
       mc.cache_precision = full_p;
       mc.low_precision = low_p;
       mc.now_ns = backend_.now_ns();
-      mc.load_eta_ns = backend_.load_eta_ns(full_.total_bytes);
-      mc.load_low_eta_ns = backend_.load_eta_ns(low_.total_bytes);
-      mc.source_eta_ns = backend_.source_eta_ns(expert_layout(spec.shape, store_->master_format()), u.size());
+      mc.load_eta_ns = backend_.load_eta_ns(planned_link_bytes + full_.total_bytes);
+      mc.load_low_eta_ns = backend_.load_eta_ns(planned_link_bytes + low_.total_bytes);
+      const std::uint64_t source_alone = backend_.source_eta_ns(master_layout, u.size());
+      mc.source_eta_ns = source_alone == UINT64_MAX ? UINT64_MAX : source_alone + planned_source_ns;
       const MissDecision d = miss_.decide(mc);
       ++ls.misses;
       if (d.action == MissAction::kSkip) {
@@ -488,11 +494,13 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         ls.skipped += u.size();
       } else if (d.action == MissAction::kComputeAtSource) {
         s.kind = Serve::kAtSource;
+        planned_source_ns += source_alone - std::min(source_alone, mc.now_ns);
         s.precision = store_->master_format().precision;
         ++ls.computed_at_source;
       } else {
         s.kind = Serve::kLoad;
         s.precision = (d.precision == low_p && has_low_) ? low_p : full_p;
+        planned_link_bytes += layout_of(s.precision).total_bytes;
       }
     }
     if (s.kind != Serve::kSkip) rows += u.size();

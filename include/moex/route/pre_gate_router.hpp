@@ -74,6 +74,7 @@ class PreGateRouter {
 
   Status predict(const PredictContext& ctx, std::vector<Prediction>& out);
   bool take_routing(std::uint32_t layer, std::span<TokenRouting> out);
+  bool routes_layers() const noexcept { return mode_ == PreGateMode::kTrainedRouting; }
   std::uint32_t depth() const noexcept { return depth_; }
   std::string_view name() const noexcept;
   PreGateMode mode() const noexcept { return mode_; }

@@ -129,6 +129,11 @@ Status weighted_combine(const CombineArgs& args, cudaStream_t stream) noexcept;
 Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t count,
                            cudaStream_t stream) noexcept;
 
+/// out[i] = bf16(silu(gate[i]) * up[i]) for i < count (the SwiGLU activation of the cuBLAS path,
+/// rounded to bf16 as the next product's input).
+Status swiglu_to_bf16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
+                      cudaStream_t stream) noexcept;
+
 /// cuBLAS path for larger batches: y[t*ldy + r] = sum_c W[r][c] x[t*ldx + c] with W bf16
 /// [rows x cols] row-major, x bf16 [n x cols], y f32; f32 accumulation (cublasGemmEx).
 struct GemmBf16Args {

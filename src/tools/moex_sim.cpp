@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +22,9 @@
 #include "moex/backend/sim_backend.hpp"
 #include "moex/formats/trace.hpp"
 #include "moex/sim/grid.hpp"
+#include "moex/sim/quality.hpp"
+#include "moex/sim/techniques.hpp"
+#include "moex/store/open_expert_store.hpp"
 
 namespace {
 
@@ -50,6 +54,30 @@ int usage(std::FILE* out) {
       "  --json FILE           write every run as JSON\n"
       "  --markdown FILE       write the tables as Markdown\n"
       "  --plot PREFIX         draw PREFIX_<shape>_<profile>_{hitrate,stall,bytes}.png with gnuplot\n"
+      "Technique rows (issue 4; docs/simulator.md):\n"
+      "  --techniques LIST     after the grid, one table per shape and profile at one budget: on-demand\n"
+      "                        LRU, then each technique added alone, then all combined. LIST: all or\n"
+      "                        comma-separated baseline,prefetch,layer-budgets,adaptive-gate,\n"
+      "                        low-precision,cpu-compute,combined\n"
+      "  --techniques-only     skip the eviction grid\n"
+      "  --technique-budget F  budget of the technique rows (default 0.25)\n"
+      "  --recall R            predictor recall in [0,1] for every layer (default: recall_at_k per\n"
+      "                        layer from training_report.json beside the trace, else 0.8)\n"
+      "  --recall-from FILE    per-layer recall from a training_report.json\n"
+      "  --prefetch-depth D    layers of look-ahead (default 1)\n"
+      "  --gate-keep F         adaptive gate target: F x top-k experts per token (default 0.75)\n"
+      "  --sensitivities S     model (estimated from the checkpoint beside the trace; the default\n"
+      "                        where there is one), depth (1 falling to 0.25 with depth; the default\n"
+      "                        otherwise), or a comma-separated list, one per layer\n"
+      "  --low-precision P     HOBBIT's low copy: int8, int4 (default), int2\n"
+      "  --low-share F         fraction of the budget for the low-precision pool (default 0.25)\n"
+      "  --hobbit TH,TS        HOBBIT thresholds (default: t_high = median unimportance of the non-top\n"
+      "                        experts of the profile tokens, t_skip = 0.9)\n"
+      "  --quality-text DIR    real text for quality runs: the .py files of DIR (default\n"
+      "                        /usr/lib/python3.11)\n"
+      "  --quality-tokens N    bytes of that text to run (default 2048)\n"
+      "  --no-quality          skip quality runs on the checkpoint beside the trace\n"
+      "  --techniques-csv FILE, --techniques-json FILE   write the technique rows\n"
       "  --progress            force the progress bar (default: only when stderr is a terminal)\n"
       "  --no-progress         never draw the progress bar\n"
       "  --quiet               print no table\n"
@@ -274,6 +302,75 @@ bool draw_plots(const std::string& prefix, const std::vector<Group>& groups, con
   return true;
 }
 
+// A technique table (text or Markdown) with the details of each row under it.
+std::string technique_table(const std::vector<moex::SimTechniqueResult>& rows, bool markdown) {
+  const char* head[] = {"technique", "eviction", "hit rate", "ms/token", "stall ms/tok", "vs base", "GB/token",
+                        "PCIe busy", "CPU busy", "speedup", "experts/tok", "rel. error (real model)"};
+  constexpr std::size_t kCols = sizeof head / sizeof head[0];
+  std::vector<std::vector<std::string>> cells;
+  for (const auto& r : rows) {
+    std::string q = r.quality ? fmt("%.2e", *r.quality) : std::string();
+    if (!r.quality_note.empty()) q += (q.empty() ? "" : " ") + r.quality_note;
+    cells.push_back({std::string(moex::technique_label(r.technique)), r.run.policy, fmt("%.4f", r.run.hit_rate),
+                     fmt("%.3f", r.run.ms_per_token), fmt("%.3f", r.run.stall_ms_per_token),
+                     r.technique == moex::SimTechnique::kBaseline ? "-" : fmt("%+.1f%%", -100.0 * r.stall_cut),
+                     fmt("%.3f", r.run.bytes_per_token / 1e9), fmt("%.1f%%", 100.0 * r.run.pcie_busy_fraction),
+                     fmt("%.1f%%", 100.0 * r.cpu_busy_fraction), fmt("%.2fx", r.speedup), fmt("%.2f", r.avg_k), q});
+  }
+  std::size_t w[kCols];
+  for (std::size_t c = 0; c < kCols; ++c) {
+    w[c] = std::strlen(head[c]);
+    for (const auto& row : cells) w[c] = std::max(w[c], row[c].size());
+  }
+  auto line = [&](const std::vector<std::string>& cs) {
+    std::string out = markdown ? "|" : "";
+    for (std::size_t c = 0; c < kCols; ++c) {
+      std::string cell = cs[c];
+      const std::size_t pad = w[c] - std::min(w[c], cell.size());
+      cell = c < 2 || c + 1 == kCols ? cell + std::string(pad, ' ') : std::string(pad, ' ') + cell;
+      out += markdown ? " " + cell + " |" : (c ? "  " : "") + cell;
+    }
+    return out + "\n";
+  };
+  std::string out = line(std::vector<std::string>(head, head + kCols));
+  if (markdown) {
+    out += "|";
+    for (std::size_t c = 0; c < kCols; ++c)
+      out += " " + std::string(w[c], '-') + (c < 2 || c + 1 == kCols ? " |" : ":|");
+    out += "\n";
+  } else {
+    std::size_t total = 0;
+    for (std::size_t c = 0; c < kCols; ++c) total += w[c] + (c ? 2 : 0);
+    out += std::string(total, '-') + "\n";
+  }
+  for (const auto& row : cells) out += line(row);
+  out += markdown ? "\n" : "";
+  for (const auto& r : rows)
+    out += (markdown ? "- " : "  ") + std::string(moex::technique_label(r.technique)) + ": " + r.detail + "\n";
+  return out;
+}
+
+// A checkpoint beside the trace whose MoE layers match it (the shared models), if any.
+std::optional<moex::OpenedModel> model_beside(const fs::path& trace_path, const moex::RoutingTrace& trace) {
+  const fs::path dir = trace_path.parent_path().empty() ? fs::path(".") : trace_path.parent_path();
+  std::error_code ec;
+  if (!fs::is_regular_file(dir / "config.json", ec)) return std::nullopt;
+  bool has_weights = false;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+    if (it->path().extension() == ".safetensors") has_weights = true;
+  if (!has_weights) return std::nullopt;
+  moex::StoreOptions so;
+  auto m = moex::open_expert_store(dir, so);
+  if (!m) {
+    std::fprintf(stderr, "moex-sim: checkpoint %s not usable for quality: %s\n", dir.c_str(),
+                 m.status().to_string().c_str());
+    return std::nullopt;
+  }
+  const auto& spec = m->store.spec();
+  if (spec.n_layers != trace.n_layers || spec.n_experts != trace.n_experts) return std::nullopt;
+  return std::move(*m);
+}
+
 bool write_file(const std::string& path, const std::string& text) {
   std::ofstream f(path, std::ios::binary);
   if (!f) return false;
@@ -290,6 +387,15 @@ int main(int argc, char** argv) {
   std::uint32_t top_k = 0;
   bool quiet = false;
   int progress_mode = -1;  // -1 auto, 0 off, 1 on
+  // Technique rows.
+  std::vector<moex::SimTechnique> techniques;
+  bool techniques_only = false, quality = true;
+  double technique_budget = 0.25;
+  std::optional<float> recall;
+  std::string recall_from, sensitivities_mode, techniques_csv, techniques_json;
+  std::string quality_text = "/usr/lib/python3.11";
+  std::size_t quality_tokens = 2048;
+  moex::SimTechniqueSettings tset;
 
   std::vector<std::string> args(argv + 1, argv + argc);
   for (std::size_t i = 0; i < args.size(); ++i) {
@@ -313,6 +419,85 @@ int main(int argc, char** argv) {
     std::string v;
     if (a == "-h" || a == "--help") return usage(stdout);
     if (a == "--quiet") quiet = true;
+    else if (a == "--techniques-only") techniques_only = true;
+    else if (a == "--no-quality") quality = false;
+    else if (a == "--techniques" || a == "--technique-budget" || a == "--recall" || a == "--recall-from" ||
+             a == "--prefetch-depth" || a == "--gate-keep" || a == "--sensitivities" || a == "--low-precision" ||
+             a == "--low-share" || a == "--hobbit" || a == "--quality-text" || a == "--quality-tokens" ||
+             a == "--techniques-csv" || a == "--techniques-json") {
+      if (!value(v)) return fail_usage(a + " needs a value");
+      if (a == "--techniques") {
+        techniques.clear();
+        if (v == "all") {
+          techniques = moex::all_sim_techniques();
+        } else {
+          for (const auto& n : split_list(v)) {
+            auto t = moex::parse_sim_technique(n);
+            if (!t) return fail_usage(t.status().message());
+            techniques.push_back(*t);
+          }
+        }
+      } else if (a == "--technique-budget") {
+        const auto d = parse_double(v);
+        if (!d || !(*d > 0.0 && *d <= 1.0)) return fail_usage("bad --technique-budget '" + v + "' (a fraction in (0, 1])");
+        technique_budget = *d;
+      } else if (a == "--recall") {
+        const auto d = parse_double(v);
+        if (!d || !(*d >= 0.0 && *d <= 1.0)) return fail_usage("bad --recall '" + v + "' (a fraction in [0, 1])");
+        recall = static_cast<float>(*d);
+      } else if (a == "--recall-from") {
+        recall_from = v;
+      } else if (a == "--prefetch-depth") {
+        const auto d = parse_double(v);
+        if (!d || *d < 1 || *d > 64 || *d != static_cast<double>(static_cast<std::uint32_t>(*d)))
+          return fail_usage("bad --prefetch-depth '" + v + "' (an integer from 1)");
+        tset.prefetch_depth = static_cast<std::uint32_t>(*d);
+      } else if (a == "--gate-keep") {
+        const auto d = parse_double(v);
+        if (!d || !(*d > 0.0 && *d <= 1.0)) return fail_usage("bad --gate-keep '" + v + "' (a fraction in (0, 1])");
+        tset.gate_keep_fraction = *d;
+      } else if (a == "--sensitivities") {
+        if (v == "model" || v == "depth") {
+          sensitivities_mode = v;
+        } else {
+          sensitivities_mode = "list";
+          for (const auto& x : split_list(v)) {
+            const auto d = parse_double(x);
+            if (!d || !(*d >= 0.0) || !std::isfinite(*d))
+              return fail_usage("bad --sensitivities value '" + x + "' (model, depth, or non-negative numbers)");
+            tset.sensitivities.push_back(static_cast<float>(*d));
+          }
+        }
+      } else if (a == "--low-precision") {
+        const auto p = parse_precision(v);
+        if (!p || !(*p == moex::Precision::kInt8 || *p == moex::Precision::kInt4 || *p == moex::Precision::kInt2))
+          return fail_usage("bad --low-precision '" + v + "' (int8, int4 or int2)");
+        tset.low_precision = *p;
+      } else if (a == "--low-share") {
+        const auto d = parse_double(v);
+        if (!d || !(*d > 0.0 && *d < 1.0)) return fail_usage("bad --low-share '" + v + "' (a fraction in (0, 1))");
+        tset.low_precision_share = *d;
+      } else if (a == "--hobbit") {
+        const auto parts = split_list(v);
+        const auto th = parts.size() == 2 ? parse_double(parts[0]) : std::nullopt;
+        const auto ts = parts.size() == 2 ? parse_double(parts[1]) : std::nullopt;
+        if (!th || !ts || !(*th >= 0.0 && *th <= 1.0) || !(*ts >= *th && *ts <= 1.0))
+          return fail_usage("bad --hobbit '" + v + "' (T_HIGH,T_SKIP with 0 <= T_HIGH <= T_SKIP <= 1)");
+        tset.hobbit_t_high = static_cast<float>(*th);
+        tset.hobbit_t_skip = static_cast<float>(*ts);
+      } else if (a == "--quality-text") {
+        quality_text = v;
+      } else if (a == "--quality-tokens") {
+        const auto d = parse_double(v);
+        if (!d || *d < 1 || *d > 1e6 || *d != static_cast<double>(static_cast<std::size_t>(*d)))
+          return fail_usage("bad --quality-tokens '" + v + "' (an integer in 1..1000000)");
+        quality_tokens = static_cast<std::size_t>(*d);
+      } else if (a == "--techniques-csv") {
+        techniques_csv = v;
+      } else {
+        techniques_json = v;
+      }
+    }
     else if (a == "--progress") progress_mode = 1;
     else if (a == "--no-progress") progress_mode = 0;
     else if (a == "--policies" || a == "--budgets" || a == "--profile" || a == "--shape" || a == "--precision" ||
@@ -408,11 +593,17 @@ int main(int argc, char** argv) {
   const bool show_progress = progress_mode == 1 || (progress_mode == -1 && isatty(STDERR_FILENO));
   moex::SimProgressFn progress;
   if (show_progress) progress = progress_bar;
-  auto results = moex::run_grid(*trace, grid, progress);
-  if (!results) {
-    std::fprintf(stderr, "moex-sim: %s\n", results.status().to_string().c_str());
-    return 1;
+  if (techniques_only && techniques.empty()) techniques = moex::all_sim_techniques();
+  std::vector<moex::SimRunResult> grid_results;
+  if (!techniques_only) {
+    auto results = moex::run_grid(*trace, grid, progress);
+    if (!results) {
+      std::fprintf(stderr, "moex-sim: %s\n", results.status().to_string().c_str());
+      return 1;
+    }
+    grid_results = std::move(*results);
   }
+  const std::vector<moex::SimRunResult>* results = &grid_results;
 
   const std::size_t T = trace->tokens();
   const std::size_t begin = grid.split == moex::TraceSplit::kHalf ? T / 2 : 0;
@@ -444,12 +635,187 @@ int main(int argc, char** argv) {
     bound = "Belady bound: VIOLATED (a bug in the cache or a policy):\n";
     for (const auto& v : violations) bound += "  " + v + "\n";
   }
-  text += "\n" + bound;
-  md += bound;
+  if (!techniques_only) {
+    text += "\n" + bound;
+    md += bound;
+  }
+
+  // Technique rows.
+  std::vector<moex::SimTechniqueResult> all_rows;
+  moex::SimTechniqueParams last_params;
+  if (!techniques.empty()) {
+    const fs::path trace_dir = fs::path(trace_path).parent_path();
+    std::string recall_src;
+    if (recall) {
+      tset.recall = *recall;
+      recall_src = fmt("%.2f", *recall) + " for every layer (--recall)";
+    } else {
+      const fs::path rp = recall_from.empty() ? trace_dir / "training_report.json" : fs::path(recall_from);
+      auto r = moex::load_predictor_recall(rp);
+      if (r && r->size() + 1 == trace->n_layers) {
+        tset.layer_recall = *r;
+        recall_src = "per-layer recall_at_k of the speculative predictor from " + rp.string();
+      } else if (!recall_from.empty()) {
+        std::fprintf(stderr, "moex-sim: --recall-from %s: %s\n", recall_from.c_str(),
+                     r ? "recall list does not have n_layers - 1 entries" : r.status().to_string().c_str());
+        return 1;
+      } else {
+        recall_src = fmt("%.2f", tset.recall) + " for every layer (default; no measured recall for this trace)";
+      }
+    }
+    std::optional<moex::OpenedModel> model;
+    if (quality || sensitivities_mode.empty() || sensitivities_mode == "model") model = model_beside(trace_path, *trace);
+    if (sensitivities_mode == "model" && !model) {
+      std::fprintf(stderr, "moex-sim: --sensitivities model needs a checkpoint beside the trace matching it\n");
+      return 1;
+    }
+    std::vector<float> q_inputs, s_inputs;
+    std::string text_src;
+    if (model) {
+      auto bytes = moex::read_text_corpus(quality_text, 2 * quality_tokens);
+      if (!bytes) {
+        std::fprintf(stderr, "moex-sim: quality text: %s\n", bytes.status().to_string().c_str());
+      } else {
+        const std::size_t half = bytes->size() / 2;
+        auto a = moex::embed_bytes(*model, std::span<const std::uint8_t>(bytes->data(), half));
+        auto b = moex::embed_bytes(*model, std::span<const std::uint8_t>(bytes->data() + half, bytes->size() - half));
+        if (a && b) {
+          s_inputs = std::move(*a);
+          q_inputs = std::move(*b);
+          text_src = std::to_string(bytes->size() - half) + " bytes of " + quality_text + "/*.py (sorted) for quality, the " +
+                     std::to_string(half) + " before them for sensitivities";
+        } else {
+          std::fprintf(stderr, "moex-sim: embeddings: %s\n", (a ? b.status() : a.status()).to_string().c_str());
+        }
+      }
+    }
+    std::string sens_src;
+    if (sensitivities_mode == "list") {
+      sens_src = "given (--sensitivities)";
+    } else if (model && !s_inputs.empty() && sensitivities_mode != "depth") {
+      auto sv = moex::estimate_model_sensitivities(*model, s_inputs);
+      if (!sv) {
+        std::fprintf(stderr, "moex-sim: sensitivities: %s\n", sv.status().to_string().c_str());
+        return 1;
+      }
+      tset.sensitivities = *sv;
+      sens_src = "estimated from the checkpoint (gradient-free Fisher proxy on embedded real text)";
+    } else {
+      sens_src = "assumed: falling linearly with depth from 1 to 0.25 (AdapMoE's observation; no weights)";
+    }
+    std::map<std::string, moex::Result<moex::QualityResult>> quality_cache;
+    std::string ttext = "\nTechnique rows at budget " + fmt("%.0f%%", 100 * technique_budget) + " (measured tokens [" +
+                        std::to_string(begin) + ", " + std::to_string(T) + ")):\n  predictor recall: " + recall_src +
+                        "\n  gate sensitivities: " + sens_src + "\n  quality: " +
+                        (model ? (quality && !q_inputs.empty() ? "relative error of the MoE layer outputs vs the exact "
+                                                                 "path on the real checkpoint, " + text_src
+                                                               : std::string("not measured"))
+                               : std::string("n/a (no weights beside the trace)")) +
+                        "\n";
+    std::string tmd = "#### Technique rows at budget " + fmt("%.0f%%", 100 * technique_budget) + "\n\n" +
+                      "- predictor recall: " + recall_src + "\n- gate sensitivities: " + sens_src + "\n- quality: " +
+                      (model ? (quality && !q_inputs.empty() ? "relative error of the MoE layer outputs vs the exact "
+                                                               "path on the real checkpoint, " + text_src
+                                                             : std::string("not measured"))
+                             : std::string("n/a (no weights beside the trace)")) +
+                      "\n";
+    for (const auto& shape : grid.shapes) {
+      for (const auto& prof : grid.profiles) {
+        moex::SimTechniqueConfig tc;
+        tc.trace = &*trace;
+        tc.shape = shape;
+        tc.profile = prof;
+        tc.budget_fraction = technique_budget;
+        tc.cache_precision = grid.cache_precision;
+        tc.split = grid.split;
+        tc.settings = tset;
+        tc.techniques = techniques;
+        if (progress) progress(0, 1, "techniques " + shape.name + " " + prof.name);
+        moex::SimTechniqueParams params;
+        auto rows = moex::run_techniques(tc, &params);
+        if (progress) progress(1, 1, "done");
+        if (!rows) {
+          std::fprintf(stderr, "moex-sim: techniques (%s, %s): %s\n", shape.name.c_str(), prof.name.c_str(),
+                       rows.status().to_string().c_str());
+          return 1;
+        }
+        for (auto& r : *rows) {
+          if (r.exact) {
+            r.quality = 0.0;
+            r.quality_note = "exact";
+            continue;
+          }
+          if (!model) {
+            r.quality_note = "n/a (no weights)";
+            continue;
+          }
+          if (!quality || q_inputs.empty()) {
+            r.quality_note = "not measured";
+            continue;
+          }
+          const bool gate = r.technique == moex::SimTechnique::kAdaptiveGate || r.technique == moex::SimTechnique::kCombined;
+          const bool low = r.technique == moex::SimTechnique::kLowPrecision || r.technique == moex::SimTechnique::kCombined;
+          const bool layers = r.technique == moex::SimTechnique::kCombined;
+          moex::QualityPolicy qp;
+          qp.budget_fraction = technique_budget;
+          if (layers) {
+            qp.eviction = params.best_eviction;
+            qp.layer_slots = params.layer_slots;
+          }
+          if (gate) {
+            qp.sensitivities = params.sensitivities;
+            qp.gate_threshold = params.gate_threshold;
+          }
+          if (low) {
+            qp.low_precision_on_miss = true;
+            qp.low_precision = tset.low_precision;
+            qp.low_precision_share = tset.low_precision_share;
+            qp.t_high = params.hobbit_t_high;
+            qp.t_skip = params.hobbit_t_skip;
+          }
+          std::string key = std::string(moex::to_string(r.technique)) + "/" + qp.eviction;
+          for (auto x : qp.layer_slots) key += "," + std::to_string(x);
+          auto it = quality_cache.find(key);
+          if (it == quality_cache.end()) it = quality_cache.emplace(key, moex::measure_moe_quality(*model, q_inputs, qp)).first;
+          if (!it->second) {
+            r.quality_note = "failed: " + it->second.status().message();
+            continue;
+          }
+          r.quality = it->second->rel_error;
+          r.quality_note = fmt("(k %.2f", it->second->avg_k) + fmt(", %.0f%% of misses low)",
+                                                                   it->second->misses
+                                                                       ? 100.0 * static_cast<double>(it->second->low_precision_loads) /
+                                                                             static_cast<double>(it->second->misses)
+                                                                       : 0.0);
+          if (!low) r.quality_note = fmt("(k %.2f)", it->second->avg_k);
+        }
+        const auto& r0 = rows->front().run;
+        const std::string sub = "shape " + shape.name + " (" + std::to_string(r0.expert_shape.hidden) + "x" +
+                                std::to_string(r0.expert_shape.ffn) + ", " +
+                                fmt("%.1f", static_cast<double>(r0.expert_bytes) / 1e6) + " MB per expert), profile " +
+                                prof.name + ", " + std::to_string(r0.cache_slots) + " slots\n";
+        ttext += "\n" + sub + technique_table(*rows, false);
+        tmd += "\n##### techniques: " + sub + "\n" + technique_table(*rows, true);
+        last_params = params;
+        all_rows.insert(all_rows.end(), rows->begin(), rows->end());
+      }
+    }
+    text += ttext;
+    md += "\n" + tmd;
+  }
   if (!quiet) std::fputs(text.c_str(), stdout);
   std::fflush(stdout);
 
   int rc = violations.empty() ? 0 : 1;
+  if (!techniques_csv.empty() && !write_file(techniques_csv, moex::sim_techniques_to_csv(name, all_rows))) {
+    std::fprintf(stderr, "moex-sim: cannot write %s\n", techniques_csv.c_str());
+    rc = 1;
+  }
+  if (!techniques_json.empty() &&
+      !write_file(techniques_json, moex::sim_techniques_to_json(name, last_params, all_rows) + "\n")) {
+    std::fprintf(stderr, "moex-sim: cannot write %s\n", techniques_json.c_str());
+    rc = 1;
+  }
   if (!csv.empty() && !write_file(csv, moex::sim_results_to_csv(name, *results))) {
     std::fprintf(stderr, "moex-sim: cannot write %s\n", csv.c_str());
     rc = 1;

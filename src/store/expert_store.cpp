@@ -165,6 +165,32 @@ Status ExpertStore::build_precision(WeightFormat format, ThreadPool* pool, const
   return Status::ok();
 }
 
+std::span<const std::byte> ExpertStore::copy_blob(Precision p) const noexcept {
+  for (const Copy& c : copies_)
+    if (c.format.precision == p) return c.blob;
+  return {};
+}
+
+Status ExpertStore::adopt_copy(WeightFormat format, std::vector<std::byte> blob) {
+  if (virtual_) return unsupported("adopt_copy: a virtual store has no data");
+  if (format.precision == master_format_.precision) return invalid_argument("adopt_copy: that is the master's precision");
+  if (!expert_format_is_valid(spec_.shape, format)) return invalid_argument("adopt_copy: format cannot hold this shape");
+  Copy c;
+  c.format = format;
+  c.layout = expert_layout(spec_.shape, format);
+  if (blob.size() != master_views_.size() * c.layout.total_bytes)
+    return invalid_argument("adopt_copy: blob has " + std::to_string(blob.size()) + " bytes, expected " +
+                            std::to_string(master_views_.size() * c.layout.total_bytes));
+  c.blob = std::move(blob);
+  auto it = std::find_if(copies_.begin(), copies_.end(), [&](const Copy& x) { return x.format.precision == format.precision; });
+  if (it != copies_.end()) {
+    *it = std::move(c);
+  } else {
+    copies_.push_back(std::move(c));
+  }
+  return Status::ok();
+}
+
 bool ExpertStore::has_precision(Precision p) const noexcept {
   if (p == master_format_.precision) return complete();
   return std::any_of(copies_.begin(), copies_.end(), [&](const Copy& c) { return c.format.precision == p; });

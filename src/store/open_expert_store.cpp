@@ -1,8 +1,11 @@
 #include "moex/store/open_expert_store.hpp"
 
+#include <algorithm>
+#include <fstream>
 #include <string>
 #include <vector>
 
+#include "moex/store/copy_cache_file.hpp"
 #include "moex/thread_pool.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -29,6 +32,41 @@ Status decode(const TensorRef& t, std::uint64_t rows, std::uint64_t cols, std::v
                    std::to_string(rows * cols));
   out.resize(rows * cols);
   return tensor_to_f32(t, out);
+}
+
+// Identifies the checkpoint's contents cheaply: each file's name, size, modification time and first
+// 64 KiB, and the MoE shape.
+std::uint64_t fingerprint(const Checkpoint& ck, const MoeModelSpec& spec) {
+  std::vector<std::byte> acc;
+  auto put = [&](const void* p, std::size_t n) {
+    const auto* b = static_cast<const std::byte*>(p);
+    acc.insert(acc.end(), b, b + n);
+  };
+  put(&spec.n_layers, 4);
+  put(&spec.n_experts, 4);
+  put(&spec.shape, sizeof spec.shape);
+  for (const auto& f : ck.files()) {
+    std::error_code ec;
+    const std::string name = f.filename().string();
+    put(name.data(), name.size());
+    const auto size = std::filesystem::file_size(f, ec);
+    put(&size, sizeof size);
+    const auto mtime = std::filesystem::last_write_time(f, ec).time_since_epoch().count();
+    put(&mtime, sizeof mtime);
+    std::ifstream in(f, std::ios::binary);
+    std::vector<char> head(65536);
+    in.read(head.data(), static_cast<std::streamsize>(head.size()));
+    put(head.data(), static_cast<std::size_t>(std::max<std::streamsize>(0, in.gcount())));
+  }
+  return checksum64(acc);
+}
+
+std::filesystem::path cache_path(const Checkpoint& ck, const StoreOptions& o, WeightFormat f) {
+  const auto files = ck.files();
+  const std::filesystem::path first = files.empty() ? std::filesystem::path("model") : files.front();
+  const std::filesystem::path dir = o.cache_dir.empty() ? first.parent_path() / ".moex-cache" : o.cache_dir;
+  return dir / (first.stem().string() + "-" + std::string(to_string(f.precision)) +
+                (f.scheme == QuantScheme::kAsymmetric ? "-asym" : "-sym") + "-g" + std::to_string(f.group_size) + ".bin");
 }
 
 }  // namespace
@@ -98,8 +136,24 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
     MOEX_RETURN_IF_ERROR(store->set_router(sl, router, bias));
   }
   if (in_place) store->keep_alive(ck);
-  for (const WeightFormat& wf : options.extra_formats)
-    MOEX_RETURN_IF_ERROR(store->build_precision(wf, options.pool, options.progress));
+  const std::uint64_t fp = options.use_copy_cache && !options.extra_formats.empty() ? fingerprint(*ck, spec) : 0;
+  for (const WeightFormat& wf : options.extra_formats) {
+    if (wf.precision == master.precision) continue;
+    if (options.use_copy_cache) {
+      const auto cp = cache_path(*ck, options, wf);
+      const Status r = read_copy_cache(*store, wf, fp, cp);
+      if (r.is_ok()) {
+        m.notes.push_back("read " + std::string(to_string(wf.precision)) + " copies from " + cp.string());
+        continue;
+      }
+      if (r.code() != StatusCode::kNotFound) m.notes.push_back("rebuilding: " + r.message());
+      MOEX_RETURN_IF_ERROR(store->build_precision(wf, options.pool, options.progress));
+      if (Status w = write_copy_cache(*store, wf, fp, cp); !w.is_ok())
+        m.notes.push_back("copies not cached: " + w.message());
+    } else {
+      MOEX_RETURN_IF_ERROR(store->build_precision(wf, options.pool, options.progress));
+    }
+  }
   m.checkpoint = std::move(ck);
   m.store = std::move(*store);
   return m;

@@ -81,6 +81,13 @@ class ExpertStore {
   /// copy of the same precision). Runs on `pool` (null: the global pool); reports progress per expert.
   Status build_precision(WeightFormat format, ThreadPool* pool = nullptr, const ProgressFn& progress = {});
 
+  /// The built copy of precision `p`: every expert's blob back to back, in key order (layer-major),
+  /// each expert_bytes(p) long. Empty when `p` is not a built copy (the master, or not held).
+  std::span<const std::byte> copy_blob(Precision p) const noexcept;
+  /// Adopts a copy built earlier (e.g. read from a cache file): `blob` must be exactly what
+  /// copy_blob would return for `format`. The caller vouches for its content.
+  Status adopt_copy(WeightFormat format, std::vector<std::byte> blob);
+
   /// True when every expert exists in precision `p` (the master's precision included).
   bool has_precision(Precision p) const noexcept;
   /// The format held for precision `p`, if any.

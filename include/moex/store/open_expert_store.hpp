@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "moex/formats/checkpoint.hpp"
@@ -23,6 +24,12 @@ struct StoreOptions {
   WeightFormat master_format = float_format(Precision::kBF16);
   /// Low-precision copies to build at load time (e.g. int4 g64 for HOBBIT-style loading).
   std::vector<WeightFormat> extra_formats;
+  /// Keep built copies in cache files, so the next start reads them instead of re-quantizing
+  /// (validated; a stale or corrupt file is rebuilt). See store/copy_cache_file.hpp.
+  bool use_copy_cache = true;
+  /// Where cache files go; empty = a ".moex-cache" folder beside the model. When it cannot be
+  /// written (a read-only model folder) the copies are simply built each time (see notes).
+  std::filesystem::path cache_dir;
   ThreadPool* pool = nullptr;  ///< null: the global pool
   ProgressFn progress;         ///< called from the loading thread
 };
@@ -33,6 +40,9 @@ struct OpenedModel {
   ExpertStore store;
   /// Checkpoint layer index of each store layer (the MoE layers, in order).
   std::vector<std::uint32_t> moe_layers;
+  /// Things worth telling a user that did not stop the load (e.g. a cache file rebuilt or not
+  /// writable).
+  std::vector<std::string> notes;
 };
 
 /// Opens `path` (a .safetensors file, a folder with config.json, or a .gguf file) and builds the

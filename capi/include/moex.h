@@ -136,16 +136,38 @@ MOEX_API moex_status moex_set_log_callback(moex_log_fn fn, int32_t max_level, vo
 #define MOEX_EVICTION_LFU 2
 #define MOEX_EVICTION_LRFU 3    /* uses moex_executor_params.lrfu_lambda */
 #define MOEX_EVICTION_HOBBIT 4  /* HOBBIT's score, equal weights */
-#define MOEX_EVICTION_STATIC_HOT_SET 5 /* needs a profile: MOEX_ERR_UNSUPPORTED through this API in 0.1 */
-#define MOEX_EVICTION_BELADY 6  /* offline oracle: MOEX_ERR_UNSUPPORTED through this API in 0.1 */
+#define MOEX_EVICTION_STATIC_HOT_SET 5 /* a profile: moex_executor_params.hot_profile (since 0.2) */
+#define MOEX_EVICTION_BELADY 6  /* offline oracle over moex_executor_params.future_trace (since 0.2) */
 
 /* Gating: how many of the router's experts a token really uses. */
 #define MOEX_GATING_DEFAULT 0 /* fixed top-k */
 #define MOEX_GATING_FIXED_TOP_K 1
+#define MOEX_GATING_FIXED MOEX_GATING_FIXED_TOP_K /* the same value, shorter name (0.2) */
+/* AdapMoE's sensitivity gate (0.2): drops a token's trailing experts while the weight w they
+ * carry satisfies w^2 * F_layer <= gate_threshold. F comes from gate_sensitivities (NULL: all 1);
+ * the threshold from gate_threshold or from moex_executor_calibrate_gate. */
+#define MOEX_GATING_ADAPTIVE 2
 
 /* Expert prediction / prefetching. */
 #define MOEX_PREDICTION_DEFAULT 0 /* none */
 #define MOEX_PREDICTION_NONE 1
+#define MOEX_PREDICTION_SPECULATIVE 2    /* next layers' routers on this layer's input (0.2);
+                                            prefetch_depth layers ahead (0 = 1) */
+#define MOEX_PREDICTION_PREGATE_FILE 3   /* trained pre-gates read from pregate_path, used as a
+                                            prediction only (exact) (0.2) */
+#define MOEX_PREDICTION_PREGATE_ROUTING 4 /* trained pre-gates from pregate_path used as the routing of
+                                            layers 1.. (changes the function) (0.2) */
+
+/* What to do with a selected expert that is not resident (0.2). */
+#define MOEX_MISS_DEFAULT 0    /* load it at the cache precision */
+#define MOEX_MISS_LOAD 1
+#define MOEX_MISS_HOBBIT 2     /* HOBBIT: by its unimportance s: s <= hobbit_t_high load at full precision,
+                                  <= hobbit_t_skip load the low_precision copy, else skip it */
+#define MOEX_MISS_COST_MODEL 3 /* load or compute where the master copy lives, whichever finishes first */
+
+/* moex_executor_params.miss_flags for MOEX_MISS_COST_MODEL (0.2). */
+#define MOEX_MISS_FLAG_NO_SOURCE_COMPUTE 1u /* never compute at the source (then it only loads) */
+#define MOEX_MISS_FLAG_MIXED_PRECISION 2u   /* apply the HOBBIT rule (thresholds) before costing */
 
 /* Trace file formats. */
 #define MOEX_TRACE_FORMAT_DEFAULT 0 /* binary */
@@ -284,10 +306,17 @@ MOEX_API moex_status moex_model_architecture(const moex_model* model, char* buf,
 /** Runs the MoE layers of one model with a fast-tier expert cache. Opaque. @since 0.1 */
 typedef struct moex_executor moex_executor;
 
+/** A routing trace: per token and layer, the experts used and their weights. Opaque. @since 0.1 */
+typedef struct moex_trace moex_trace;
+
 #define MOEX_EXECUTOR_FLAG_NO_FINITE_CHECK 1u /* skip the NaN/inf check of hidden states */
 
 /**
- * Executor parameters. Zero in any field means "library default". 72 bytes, no padding.
+ * Executor parameters. Zero in any field means "library default", except hobbit_t_high and
+ * hobbit_t_skip, whose defaults (0.6, 0.9) the _init functions set.
+ * 0.1 layout: 72 bytes (through reserved0). 0.2 appends the fields after reserved0: 184 bytes on
+ * 64-bit platforms, no padding. Pointer fields are borrowed for the duration of
+ * moex_executor_create only (the executor copies what it needs).
  * @since 0.1
  */
 typedef struct moex_executor_params {
@@ -303,16 +332,58 @@ typedef struct moex_executor_params {
                                must hold it (moex_model_params.extra_precisions) */
   uint32_t flags;           /* MOEX_EXECUTOR_FLAG_* */
   double lrfu_lambda;       /* MOEX_EVICTION_LRFU decay per step; 0 = 0.05 */
-  double gate_threshold;    /* reserved for threshold gating; must be 0 in 0.1 */
-  uint32_t prefetch_depth;  /* reserved for prediction; must be 0 in 0.1 */
+  double gate_threshold;    /* MOEX_GATING_ADAPTIVE: threshold T >= 0 (0 = drop nothing until
+                               calibrated); must be 0 for the other gates */
+  uint32_t prefetch_depth;  /* MOEX_PREDICTION_SPECULATIVE: layers of look-ahead, 0 = 1, at most
+                               n_layers - 1; must be 0 for the other predictions */
   uint32_t reserved0;       /* must be 0 */
+  /* ---- since 0.2 ---- */
+  int32_t miss;             /* MOEX_MISS_* */
+  uint32_t miss_flags;      /* MOEX_MISS_FLAG_* (MOEX_MISS_COST_MODEL only) */
+  double hobbit_t_high;     /* MOEX_MISS_HOBBIT / COST_MODEL with MIXED_PRECISION; _init: 0.6 */
+  double hobbit_t_skip;     /* likewise; _init: 0.9; 0 <= t_high <= t_skip */
+  int32_t low_precision;    /* MOEX_PRECISION_* of a second, low-precision pool (HOBBIT); 0 = none;
+                               the model must hold it (moex_model_params.extra_precisions) */
+  uint32_t reserved1;       /* must be 0 */
+  double low_precision_share; /* share of the budget for the low pool, 0 < share < 1; 0 = 0.25 */
+  uint64_t max_prefetch_bytes_in_flight; /* 0 = two experts */
+  const uint64_t* layer_cache_bytes; /* borrowed: one budget per layer (replaces cache_bytes), or NULL */
+  uint64_t layer_cache_count;        /* entries of layer_cache_bytes: 0 or n_layers */
+  const float* gate_sensitivities;   /* borrowed: MOEX_GATING_ADAPTIVE's per-layer F (finite, >= 0), or NULL */
+  uint64_t gate_sensitivity_count;   /* 0 or n_layers */
+  const char* pregate_path;          /* borrowed, UTF-8: MOEX_PREDICTION_PREGATE_* safetensors file */
+  const double* hot_profile;         /* borrowed: MOEX_EVICTION_STATIC_HOT_SET scores, [layer * n_experts
+                                        + expert] (e.g. access counts: moex_trace_expert_counts) */
+  uint64_t hot_profile_count;        /* n_layers * n_experts */
+  const moex_trace* future_trace;    /* borrowed: MOEX_EVICTION_BELADY's future (copied); see
+                                        moex_executor_create */
 } moex_executor_params;
 
-/** Fills `params` (borrowed) with defaults and sets struct_size; NULL is a no-op. @since 0.1 */
+/**
+ * Fills the first `size` bytes of `params` (borrowed): defaults for the fields that fit, zero
+ * beyond, struct_size = size. Pass sizeof of your struct (FFI bindings: the size of their mirror
+ * of it). size < 8 or > 4096: no-op. NULL: no-op.
+ * @since 0.2
+ */
+MOEX_API void moex_executor_params_init_size(moex_executor_params* params, uint64_t size);
+/**
+ * Fills the 0.1 layout (72 bytes) and sets struct_size = 72: binaries built against 0.1 call it
+ * with 72-byte structs. New code: the macro below (or moex_executor_params_init_size).
+ * @since 0.1
+ */
 MOEX_API void moex_executor_params_init(moex_executor_params* params);
+/* Calls from code compiled with this header initialize the whole struct. */
+#define moex_executor_params_init(params) moex_executor_params_init_size((params), sizeof(moex_executor_params))
 
 /**
  * Creates an executor over `model`.
+ * The policy types are compiled in ahead of time; these combinations exist (others give
+ * MOEX_ERR_UNSUPPORTED, see docs/embedding.md):
+ *  - the exact path (gating FIXED, prediction NONE, miss LOAD, no low_precision): every eviction;
+ *  - any other gating x prediction x miss x low_precision: evictions LRU, LFU, LRFU, HOBBIT and
+ *    STATIC_HOT_SET (BELADY's future is the demand-access sequence: exact path only).
+ * MOEX_EVICTION_BELADY replays `future_trace` at one token per call, layer by layer: the k-th
+ * forward call of the executor is the trace's k-th (token, layer) with experts.
  * @param model   borrowed; the executor keeps the model's data alive, so the model may be
  *                destroyed first.
  * @param params  borrowed; NULL means all defaults.
@@ -368,14 +439,54 @@ MOEX_API moex_status moex_executor_step_f32(moex_executor* executor, const float
 MOEX_API moex_status moex_executor_step_bf16(moex_executor* executor, const uint16_t* hidden, size_t n_tokens,
                                              uint16_t* out);
 
+/**
+ * One MoE layer for n tokens with the routing given instead of the router's (trace replay):
+ * token t uses experts[t*k + j] with gate weight weights[t*k + j], j < k; MOEX_NO_EXPERT ends a
+ * token's list early (as in moex_trace_copy). The gate (MOEX_GATING_ADAPTIVE) and the miss policy
+ * still apply; predictions still run.
+ * @param experts  borrowed, n_tokens x k expert ids (< n_experts); every token needs at least one.
+ * @param weights  borrowed, n_tokens x k finite gate weights.
+ * @param k        1..16.
+ * @param hidden, out  as moex_executor_forward_f32.
+ * @return MOEX_OK, MOEX_ERR_INVALID_ARGUMENT, MOEX_ERR_OUT_OF_MEMORY, MOEX_ERR_IO.
+ * Thread safety: exclusive access to the executor.
+ * @since 0.2
+ */
+MOEX_API moex_status moex_executor_forward_routed_f32(moex_executor* executor, uint32_t layer, const uint32_t* experts,
+                                                      const float* weights, uint32_t k, size_t n_tokens,
+                                                      const float* hidden, float* out);
+
+/**
+ * MOEX_GATING_ADAPTIVE: sets the executor's gate threshold so that the average number of experts
+ * per token on `trace` (its routing and weights, with the executor's sensitivities) comes as close
+ * to `target_k` as the data allows. `*reached_k` (may be NULL) receives the average reached.
+ * @param trace     borrowed; its shape must match the model's layers.
+ * @param target_k  1 <= target_k <= the trace's top_k.
+ * @return MOEX_OK, MOEX_ERR_INVALID_ARGUMENT (not an adaptive executor, bad trace or target).
+ * Thread safety: exclusive access to the executor; the trace may be shared.
+ * @since 0.2
+ */
+MOEX_API moex_status moex_executor_calibrate_gate(moex_executor* executor, const moex_trace* trace, double target_k,
+                                                  double* reached_k);
+
+/**
+ * The gate threshold in use into `*threshold` (0 for fixed top-k executors).
+ * @since 0.2
+ */
+MOEX_API moex_status moex_executor_gate_threshold(const moex_executor* executor, double* threshold);
+
 /* ---- statistics ---- */
 
 /** Select the sum over all layers in moex_executor_get_stats. */
 #define MOEX_ALL_LAYERS 0xFFFFFFFFu
 
+/** Entries of moex_stats.misses_by_precision (index MOEX_PRECISION_*; 0: formats without a C name). */
+#define MOEX_PRECISION_SLOTS 16
+
 /**
  * Counters of one layer or all (output struct: set struct_size, e.g. with moex_stats_init).
- * Times in nanoseconds. 128 bytes.
+ * Times in nanoseconds. 0.1: 128 bytes (through hit_rate); 0.2 appends to 304 bytes. The
+ * library writes min(struct_size, its size) bytes and sets struct_size to what it wrote.
  * @since 0.1
  */
 typedef struct moex_stats {
@@ -395,10 +506,26 @@ typedef struct moex_stats {
   uint64_t route_ns;      /* routing */
   uint64_t total_ns;      /* in forward, all included */
   double hit_rate;        /* hits / (hits + misses); 0 when nothing was looked up */
+  /* ---- since 0.2 ---- */
+  uint64_t predicted;          /* experts predicted for the layer(s) */
+  uint64_t predicted_correct;  /* of those, selected: recall numerator */
+  uint64_t selected;           /* experts selected (per step): recall denominator */
+  uint64_t prefetch_wasted_bytes; /* bytes prefetched and evicted or cancelled unused */
+  uint64_t computed_at_source; /* misses computed where the master copy lives */
+  uint64_t misses_by_precision[MOEX_PRECISION_SLOTS]; /* loads on a miss, by MOEX_PRECISION_* loaded */
+  double recall;               /* predicted_correct / selected; 0 when nothing was predicted */
 } moex_stats;
 
-/** Sets struct_size and zeroes the rest; NULL is a no-op. @since 0.1 */
+/**
+ * Zeroes the first `size` bytes of `stats` (borrowed) and sets struct_size = size; size < 8 or
+ * > 4096 or NULL: no-op.
+ * @since 0.2
+ */
+MOEX_API void moex_stats_init_size(moex_stats* stats, uint64_t size);
+/** The 0.1 layout (128 bytes), for binaries built against 0.1; NULL is a no-op. @since 0.1 */
 MOEX_API void moex_stats_init(moex_stats* stats);
+/* Calls from code compiled with this header initialize the whole struct. */
+#define moex_stats_init(stats) moex_stats_init_size((stats), sizeof(moex_stats))
 
 /**
  * Reads the counters of `layer` (or MOEX_ALL_LAYERS) into `stats` (borrowed).
@@ -421,8 +548,7 @@ MOEX_API moex_status moex_executor_reset_stats(moex_executor* executor);
 
 /* ---- routing traces ---- */
 
-/** A routing trace: per token and layer, the experts used and their weights. Opaque. @since 0.1 */
-typedef struct moex_trace moex_trace;
+/* moex_trace (a routing trace) is declared with the executors: their params can name one. */
 
 /**
  * Starts (`on` = 1, clearing what was recorded) or stops (`on` = 0) recording the routing each
@@ -476,6 +602,14 @@ MOEX_API moex_status moex_trace_shape(const moex_trace* trace, uint64_t* n_token
  */
 MOEX_API moex_status moex_trace_copy(const moex_trace* trace, uint32_t* experts, float* weights, uint64_t capacity,
                                      uint64_t* needed);
+
+/**
+ * Access counts per expert over the whole trace, [layer * n_experts + expert] (a profile for
+ * MOEX_EVICTION_STATIC_HOT_SET). `capacity`, `needed` and errors as moex_trace_copy.
+ * @since 0.2
+ */
+MOEX_API moex_status moex_trace_expert_counts(const moex_trace* trace, double* counts, uint64_t capacity,
+                                              uint64_t* needed);
 
 #ifdef __cplusplus
 }

@@ -1,11 +1,14 @@
 // The C ABI boundary: every exported function runs its body through guarded(), validates handles
 // against a registry of live objects, reads size-versioned structs with read_sized(), and maps
 // moex::Status to the pinned moex_status codes (moex::StatusCode uses the same numbers).
+#define MOEX_EXPERIMENTAL 1
 #include "moex.h"
+#include "moex/experimental.h"
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -16,17 +19,24 @@
 #include <new>
 #include <optional>
 #include <shared_mutex>
+#include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "moex/moex.hpp"
+#include "moex/gate/sensitivity_gate.hpp"
+#include "moex/policies/belady_oracle_eviction.hpp"
+#include "moex/policies/cost_model_miss.hpp"
 #include "moex/policies/hobbit_score_eviction.hpp"
 #include "moex/policies/lfu_eviction.hpp"
 #include "moex/policies/lrfu_eviction.hpp"
 #include "moex/policies/lru_eviction.hpp"
+#include "moex/policies/static_hot_set_eviction.hpp"
+#include "moex/route/pre_gate_router.hpp"
 #include "moex/quant/half.hpp"
 
 // ---- the objects behind the handles (global namespace: they complete the C declarations) --------
@@ -42,6 +52,10 @@ struct ModelData {
 struct AnyExecutor {
   virtual ~AnyExecutor() = default;
   virtual moex::Status forward(std::uint32_t layer, const float* hidden, std::size_t n, float* out) = 0;
+  virtual moex::Status forward_routed(std::uint32_t layer, std::span<const moex::TokenRouting> routing,
+                                      const float* hidden, std::size_t n, float* out) = 0;
+  /// The adaptive gate, or nullptr for the exact bundle.
+  virtual moex::SensitivityGate* sensitivity_gate() noexcept = 0;
   virtual const moex::ExecutorStats& stats() const noexcept = 0;
   virtual void reset_stats() noexcept = 0;
   virtual void record_trace(bool on) = 0;
@@ -59,6 +73,8 @@ struct moex_executor {
   std::shared_ptr<moex_capi::ModelData> model;  // keeps the store alive
   std::unique_ptr<moex_capi::AnyExecutor> impl;
   std::vector<float> a, b;                      // scratch for bf16 and whole steps
+  std::vector<moex::TokenRouting> routing;      // scratch for forward_routed
+  bool adaptive_gate = false;                   // created with MOEX_GATING_ADAPTIVE
 };
 
 struct moex_trace {
@@ -272,12 +288,33 @@ moex_status check_enum(std::int32_t v, std::size_t known, const char* what) noex
 
 // ---- executor factory table --------------------------------------------------------------------------
 
+/// The objects an executor is built from, prepared and validated by moex_executor_create.
+struct Setup {
+  const moex::ExpertStore* store = nullptr;
+  moex::ExecutorConfig config;
+  moex::CpuBackendConfig backend;
+  moex_executor_params params{};
+  std::vector<double> hot_profile;              // MOEX_EVICTION_STATIC_HOT_SET
+  std::vector<moex::FutureAccess> future;       // MOEX_EVICTION_BELADY
+  moex::SensitivityGate gate;                   // adaptive bundle
+  moex::PreGateRouter predictor;                // adaptive bundle
+  moex::CostModelMiss miss;                     // adaptive bundle
+};
+
 /// One pre-instantiated executor.
 template <class P>
 struct ExecutorModel final : AnyExecutor {
   explicit ExecutorModel(moex::MoeLayerExecutor<P> e) : impl(std::move(e)) {}
   moex::Status forward(std::uint32_t layer, const float* hidden, std::size_t n, float* out) override {
     return impl.forward(layer, hidden, n, out);
+  }
+  moex::Status forward_routed(std::uint32_t layer, std::span<const moex::TokenRouting> routing, const float* hidden,
+                              std::size_t n, float* out) override {
+    return impl.forward_routed(layer, routing, hidden, n, out);
+  }
+  moex::SensitivityGate* sensitivity_gate() noexcept override {
+    if constexpr (std::is_same_v<typename P::Gate, moex::SensitivityGate>) return &impl.gate();
+    else return nullptr;
   }
   const moex::ExecutorStats& stats() const noexcept override { return impl.stats(); }
   void reset_stats() noexcept override { impl.reset_stats(); }
@@ -287,58 +324,83 @@ struct ExecutorModel final : AnyExecutor {
   moex::MoeLayerExecutor<P> impl;
 };
 
-/// The policies of one combination.
-template <class E, class G>
-struct Combination : moex::DefaultPolicies {
+/// The exact bundle: fixed top-k, no prediction, load on miss (DefaultPolicies) with eviction E.
+template <class E>
+struct ExactPolicies : moex::DefaultPolicies {
   using Eviction = E;
-  using Gate = G;
 };
 
-/// An eviction policy configured from the C params (those with a config struct get it here).
+/// The adaptive bundle: every gating x prediction x miss choice of the C API is a runtime setting
+/// of these types (SensitivityGate with T = 0 is fixed top-k; a default PreGateRouter predicts
+/// nothing; CostModelMiss without source compute or mixed precision loads, with mixed precision
+/// and no source compute it is HobbitPrecisionMiss), so one instantiation per eviction serves them all.
 template <class E>
-E make_eviction(const moex_executor_params&) { return E{}; }
+struct AdaptivePolicies : moex::DefaultPolicies {
+  using Eviction = E;
+  using Gate = moex::SensitivityGate;
+  using Predictor = moex::PreGateRouter;
+  using Miss = moex::CostModelMiss;
+};
+
+/// An eviction policy configured from the setup.
+template <class E>
+moex::Result<E> make_eviction(const Setup&) { return E{}; }
 template <>
-moex::LrfuEviction make_eviction<moex::LrfuEviction>(const moex_executor_params& p) {
+moex::Result<moex::LrfuEviction> make_eviction<moex::LrfuEviction>(const Setup& s) {
   moex::LrfuConfig c;
-  if (p.lrfu_lambda != 0.0) c.lambda = p.lrfu_lambda;
+  if (s.params.lrfu_lambda != 0.0) c.lambda = s.params.lrfu_lambda;
   return moex::LrfuEviction(c);
+}
+template <>
+moex::Result<moex::StaticHotSetEviction> make_eviction<moex::StaticHotSetEviction>(const Setup& s) {
+  return moex::StaticHotSetEviction(s.hot_profile, s.store->spec().n_experts);
+}
+template <>
+moex::Result<moex::BeladyOracleEviction> make_eviction<moex::BeladyOracleEviction>(const Setup& s) {
+  moex::BeladyOracleEviction b;
+  MOEX_RETURN_IF_ERROR(b.set_future(s.future, s.store->spec().n_layers, s.store->spec().n_experts));
+  return b;
 }
 
 using Made = moex::Result<std::unique_ptr<AnyExecutor>>;
-using Factory = Made (*)(const moex::ExpertStore&, const moex::ExecutorConfig&, const moex::CpuBackendConfig&,
-                         const moex_executor_params&);
+using Factory = Made (*)(Setup&);
 
 template <class P>
-Made make(const moex::ExpertStore& store, const moex::ExecutorConfig& config, const moex::CpuBackendConfig& backend,
-          const moex_executor_params& params) {
-  auto ex = moex::MoeLayerExecutor<P>::create(store, config, backend,
-                                              make_eviction<typename P::Eviction>(params), typename P::Gate{});
+Made make(Setup& s) {
+  auto ev = make_eviction<typename P::Eviction>(s);
+  if (!ev) return ev.status();
+  moex::Result<moex::MoeLayerExecutor<P>> ex = [&] {
+    if constexpr (std::is_same_v<typename P::Gate, moex::SensitivityGate>)
+      return moex::MoeLayerExecutor<P>::create(*s.store, s.config, s.backend, std::move(*ev), std::move(s.gate),
+                                               std::move(s.predictor), s.miss);
+    else
+      return moex::MoeLayerExecutor<P>::create(*s.store, s.config, s.backend, std::move(*ev));
+  }();
   if (!ex) return ex.status();
   return std::unique_ptr<AnyExecutor>(std::make_unique<ExecutorModel<P>>(std::move(*ex)));
 }
 
 constexpr std::size_t kEvictionCount = 7;  // MOEX_EVICTION_DEFAULT .. MOEX_EVICTION_BELADY
 
-/// Every eviction policy (index = MOEX_EVICTION_*) with gate G; nullptr = needs input the C API
-/// does not take yet (a profile, the future).
-template <class G>
-constexpr std::array<Factory, kEvictionCount> eviction_row() {
-  return {&make<Combination<moex::LruEviction, G>>,  &make<Combination<moex::LruEviction, G>>,
-          &make<Combination<moex::LfuEviction, G>>,  &make<Combination<moex::LrfuEviction, G>>,
-          &make<Combination<moex::HobbitScoreEviction, G>>, nullptr, nullptr};
-}
+/// Policy bundles (rows of the table).
+enum Bundle : std::size_t { kExactBundle = 0, kAdaptiveBundle = 1, kBundleCount = 2 };
 
-/// The instantiated combinations, [MOEX_GATING_*][MOEX_EVICTION_*]. A new gate is one line here.
-constexpr std::array<std::array<Factory, kEvictionCount>, 2> kFactories = {
-    eviction_row<moex::FixedTopKGate>(),  // MOEX_GATING_DEFAULT
-    eviction_row<moex::FixedTopKGate>(),  // MOEX_GATING_FIXED_TOP_K
-};
+/// The instantiated combinations, [bundle][MOEX_EVICTION_*]; nullptr = not built (UNSUPPORTED).
+/// 12 instantiations: a new eviction policy is one column here, a new bundle one row.
+constexpr std::array<std::array<Factory, kEvictionCount>, kBundleCount> kFactories = {{
+    {&make<ExactPolicies<moex::LruEviction>>, &make<ExactPolicies<moex::LruEviction>>,
+     &make<ExactPolicies<moex::LfuEviction>>, &make<ExactPolicies<moex::LrfuEviction>>,
+     &make<ExactPolicies<moex::HobbitScoreEviction>>, &make<ExactPolicies<moex::StaticHotSetEviction>>,
+     &make<ExactPolicies<moex::BeladyOracleEviction>>},
+    {&make<AdaptivePolicies<moex::LruEviction>>, &make<AdaptivePolicies<moex::LruEviction>>,
+     &make<AdaptivePolicies<moex::LfuEviction>>, &make<AdaptivePolicies<moex::LrfuEviction>>,
+     &make<AdaptivePolicies<moex::HobbitScoreEviction>>, &make<AdaptivePolicies<moex::StaticHotSetEviction>>,
+     nullptr /* Belady's future is the demand-access sequence: a gate, prefetches or skips change it */},
+}};
 
-/// Prediction policies built in (index = MOEX_PREDICTION_*); a new predictor is one line here.
-constexpr std::array<bool, 2> kPredictions = {
-    true,  // MOEX_PREDICTION_DEFAULT: none
-    true,  // MOEX_PREDICTION_NONE
-};
+constexpr std::size_t kGatingCount = 3;      // MOEX_GATING_DEFAULT .. MOEX_GATING_ADAPTIVE
+constexpr std::size_t kPredictionCount = 5;  // MOEX_PREDICTION_DEFAULT .. MOEX_PREDICTION_PREGATE_ROUTING
+constexpr std::size_t kMissCount = 4;        // MOEX_MISS_DEFAULT .. MOEX_MISS_COST_MODEL
 
 /// Backends built in (index = MOEX_BACKEND_*).
 constexpr std::array<bool, 3> kBackends = {true, true, false};
@@ -640,11 +702,170 @@ extern "C" MOEX_API moex_status moex_model_architecture(const moex_model* model,
 
 // ==== executors =============================================================================================
 
-extern "C" MOEX_API void moex_executor_params_init(moex_executor_params* params) {
-  if (params == nullptr) return;
-  *params = moex_executor_params{};
-  params->struct_size = sizeof(moex_executor_params);
+/// Size of moex_executor_params in 0.1 (through reserved0): what 0.1 binaries allocate.
+constexpr std::uint64_t kExecutorParamsV01 = offsetof(moex_executor_params, reserved0) + sizeof(std::uint32_t);
+/// Size of moex_stats in 0.1 (through hit_rate).
+constexpr std::uint64_t kStatsV01 = offsetof(moex_stats, hit_rate) + sizeof(double);
+
+extern "C" MOEX_API void moex_executor_params_init_size(moex_executor_params* params, std::uint64_t size) {
+  if (params == nullptr || size < sizeof(std::uint64_t) || size > kMaxStructSize) return;
+  moex_executor_params full{};
+  full.hobbit_t_high = 0.6;
+  full.hobbit_t_skip = 0.9;
+  auto* bytes = reinterpret_cast<unsigned char*>(params);
+  const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(size, sizeof full));
+  std::memcpy(bytes, &full, n);
+  if (size > n) std::memset(bytes + n, 0, static_cast<std::size_t>(size - n));
+  params->struct_size = size;
 }
+
+// Parenthesized: moex.h defines a function-like macro of this name for new callers.
+extern "C" MOEX_API void(moex_executor_params_init)(moex_executor_params* params) {
+  moex_executor_params_init_size(params, kExecutorParamsV01);
+}
+
+namespace moex_capi {
+namespace {
+
+/// Copies a borrowed (pointer, count) array after checking the count against `want`.
+template <class T>
+moex_status borrow_array(const T* p, std::uint64_t count, std::uint64_t want, const char* what, std::vector<T>& out) {
+  if (p == nullptr && count == 0) return MOEX_OK;
+  if (p == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + " is NULL but its count is not 0");
+  if (count != want)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + " has " + std::to_string(count) + " entries, " +
+                                               std::to_string(want) + " needed");
+  out.assign(p, p + count);
+  return MOEX_OK;
+}
+
+/// Belady's future of replaying `t` one token per call, layer by layer (empty layers skipped).
+std::vector<moex::FutureAccess> future_of(const moex::RoutingTrace& t) {
+  std::vector<moex::FutureAccess> f;
+  std::uint64_t step = 0;
+  for (std::size_t tok = 0; tok < t.tokens(); ++tok)
+    for (std::uint32_t l = 0; l < t.n_layers; ++l) {
+      const auto ids = t.experts(tok, l);
+      if (ids.empty()) continue;
+      for (std::uint32_t e : ids) f.push_back({step, moex::ExpertKey{l, e}});
+      ++step;
+    }
+  return f;
+}
+
+/// Validates the 0.2 policy fields and fills `s` (config, policy objects, eviction inputs);
+/// sets `bundle` to the row of kFactories that serves the request.
+moex_status prepare(const moex_executor_params& p, const moex::ExpertStore& store, Setup& s, std::size_t& bundle) {
+  const moex::MoeModelSpec& spec = store.spec();
+  s.store = &store;
+  s.params = p;
+  if (moex_status st = check_enum(p.gating, kGatingCount, "gating"); st != MOEX_OK) return st;
+  if (moex_status st = check_enum(p.prediction, kPredictionCount, "prediction"); st != MOEX_OK) return st;
+  if (moex_status st = check_enum(p.miss, kMissCount, "miss"); st != MOEX_OK) return st;
+  if (moex_status st = check_enum(p.low_precision, kPrecisions.size(), "low_precision"); st != MOEX_OK) return st;
+  if (p.reserved1 != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_executor_params.reserved1 must be 0");
+
+  // Gate.
+  const bool adaptive = p.gating == MOEX_GATING_ADAPTIVE;
+  if (!std::isfinite(p.gate_threshold) || p.gate_threshold < 0)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "gate_threshold must be finite and >= 0");
+  if (!adaptive && (p.gate_threshold != 0.0 || p.gate_sensitivities != nullptr || p.gate_sensitivity_count != 0))
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "gate_threshold and gate_sensitivities need MOEX_GATING_ADAPTIVE");
+  if (adaptive) {
+    std::vector<float> sens;
+    if (moex_status st = borrow_array(p.gate_sensitivities, p.gate_sensitivity_count, spec.n_layers,
+                                      "gate_sensitivities", sens);
+        st != MOEX_OK)
+      return st;
+    if (moex::Status st = s.gate.set_sensitivities(std::move(sens)); !st.is_ok()) return fail(st);
+    s.gate.set_threshold(static_cast<float>(p.gate_threshold));
+  }
+
+  // Prediction.
+  const bool speculative = p.prediction == MOEX_PREDICTION_SPECULATIVE;
+  const bool pregate = p.prediction == MOEX_PREDICTION_PREGATE_FILE || p.prediction == MOEX_PREDICTION_PREGATE_ROUTING;
+  if (!speculative && p.prefetch_depth != 0)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "prefetch_depth needs MOEX_PREDICTION_SPECULATIVE");
+  if (!pregate && p.pregate_path != nullptr)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "pregate_path needs MOEX_PREDICTION_PREGATE_FILE or _ROUTING");
+  if (speculative) {
+    const std::uint32_t depth = p.prefetch_depth == 0 ? 1 : p.prefetch_depth;
+    auto r = moex::PreGateRouter::speculative(store, depth);
+    if (!r) return fail(r.status());
+    s.predictor = std::move(*r);
+  } else if (pregate) {
+    if (p.pregate_path == nullptr || *p.pregate_path == '\0')
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "MOEX_PREDICTION_PREGATE_* needs pregate_path");
+    auto w = moex::read_pre_gates(std::filesystem::u8path(p.pregate_path));
+    if (!w) return fail(w.status());
+    auto r = moex::PreGateRouter::trained(store, std::move(*w), p.prediction == MOEX_PREDICTION_PREGATE_ROUTING);
+    if (!r) return fail(r.status());
+    s.predictor = std::move(*r);
+  }
+
+  // Miss policy.
+  if ((p.miss_flags & ~(MOEX_MISS_FLAG_NO_SOURCE_COMPUTE | MOEX_MISS_FLAG_MIXED_PRECISION)) != 0)
+    return fail(MOEX_ERR_UNSUPPORTED, "miss_flags has bits this library does not know");
+  if (p.miss != MOEX_MISS_COST_MODEL && p.miss_flags != 0)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "miss_flags needs MOEX_MISS_COST_MODEL");
+  if (!std::isfinite(p.hobbit_t_high) || !std::isfinite(p.hobbit_t_skip) || p.hobbit_t_high < 0 ||
+      p.hobbit_t_skip < p.hobbit_t_high)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "hobbit thresholds need 0 <= hobbit_t_high <= hobbit_t_skip, finite");
+  s.miss.hobbit.t_high = static_cast<float>(p.hobbit_t_high);
+  s.miss.hobbit.t_skip = static_cast<float>(p.hobbit_t_skip);
+  s.miss.allow_source_compute = p.miss == MOEX_MISS_COST_MODEL && (p.miss_flags & MOEX_MISS_FLAG_NO_SOURCE_COMPUTE) == 0;
+  s.miss.mixed_precision = p.miss == MOEX_MISS_HOBBIT ||
+                           (p.miss == MOEX_MISS_COST_MODEL && (p.miss_flags & MOEX_MISS_FLAG_MIXED_PRECISION) != 0);
+
+  // Budgets and precisions.
+  if (!std::isfinite(p.low_precision_share) || p.low_precision_share < 0 || p.low_precision_share >= 1)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "low_precision_share must lie in [0, 1) (0 = 0.25)");
+  if (p.low_precision != MOEX_PRECISION_DEFAULT) {
+    s.config.low_precision = kPrecisions[static_cast<std::size_t>(p.low_precision)];
+    if (p.low_precision_share != 0.0) s.config.low_precision_share = p.low_precision_share;
+  } else if (p.low_precision_share != 0.0) {
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "low_precision_share needs low_precision");
+  }
+  if (moex_status st = borrow_array(p.layer_cache_bytes, p.layer_cache_count, spec.n_layers, "layer_cache_bytes",
+                                    s.config.layer_cache_bytes);
+      st != MOEX_OK)
+    return st;
+  s.config.max_prefetch_bytes_in_flight = p.max_prefetch_bytes_in_flight;
+
+  // Eviction inputs.
+  const std::uint64_t keys = std::uint64_t{spec.n_layers} * spec.n_experts;
+  if (p.eviction != MOEX_EVICTION_STATIC_HOT_SET && (p.hot_profile != nullptr || p.hot_profile_count != 0))
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "hot_profile needs MOEX_EVICTION_STATIC_HOT_SET");
+  if (p.eviction != MOEX_EVICTION_BELADY && p.future_trace != nullptr)
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "future_trace needs MOEX_EVICTION_BELADY");
+  if (p.eviction == MOEX_EVICTION_STATIC_HOT_SET) {
+    if (p.hot_profile == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "MOEX_EVICTION_STATIC_HOT_SET needs hot_profile");
+    if (moex_status st = borrow_array(p.hot_profile, p.hot_profile_count, keys, "hot_profile", s.hot_profile);
+        st != MOEX_OK)
+      return st;
+    for (double v : s.hot_profile)
+      if (!std::isfinite(v)) return fail(MOEX_ERR_INVALID_ARGUMENT, "hot_profile has a non-finite score");
+  }
+  if (p.eviction == MOEX_EVICTION_BELADY) {
+    if (moex_status st = check_handle(p.future_trace, Kind::kTrace); st != MOEX_OK)
+      return fail(st, std::string("MOEX_EVICTION_BELADY needs future_trace: ") + g_last_error);
+    const moex::RoutingTrace& t = p.future_trace->trace;
+    if (t.n_layers != spec.n_layers || t.n_experts != spec.n_experts)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "future_trace's shape (" + std::to_string(t.n_layers) + " layers x " +
+                                                 std::to_string(t.n_experts) + " experts) is not the model's");
+    s.future = future_of(t);
+  }
+
+  const bool exact_path = (p.gating == MOEX_GATING_DEFAULT || p.gating == MOEX_GATING_FIXED_TOP_K) &&
+                          (p.prediction == MOEX_PREDICTION_DEFAULT || p.prediction == MOEX_PREDICTION_NONE) &&
+                          (p.miss == MOEX_MISS_DEFAULT || p.miss == MOEX_MISS_LOAD) &&
+                          p.low_precision == MOEX_PRECISION_DEFAULT;
+  bundle = exact_path ? kExactBundle : kAdaptiveBundle;
+  return MOEX_OK;
+}
+
+}  // namespace
+}  // namespace moex_capi
 
 extern "C" MOEX_API moex_status moex_executor_create(const moex_model* model, const moex_executor_params* params,
                                                      moex_executor** out) {
@@ -653,41 +874,39 @@ extern "C" MOEX_API moex_status moex_executor_create(const moex_model* model, co
     *out = nullptr;
     if (moex_status s = check_handle(model, Kind::kModel); s != MOEX_OK) return s;
     moex_executor_params p;
-    moex_executor_params_init(&p);
+    moex_executor_params_init_size(&p, sizeof p);
     if (moex_status s = read_sized(params, p, "moex_executor_params"); s != MOEX_OK) return s;
     if (p.reserved0 != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_executor_params.reserved0 must be 0");
     if ((p.flags & ~MOEX_EXECUTOR_FLAG_NO_FINITE_CHECK) != 0)
       return fail(MOEX_ERR_UNSUPPORTED, "moex_executor_params.flags has bits this library does not know");
     if (moex_status s = check_enum(p.backend, kBackends.size(), "backend"); s != MOEX_OK) return s;
     if (!kBackends[static_cast<std::size_t>(p.backend)])
-      return fail(MOEX_ERR_UNSUPPORTED, "backend " + std::to_string(p.backend) + " is not built into this library");
+      return fail(MOEX_ERR_UNSUPPORTED, "backend " + std::to_string(p.backend) +
+                                            " is not built into this library (CUDA: see moex/experimental.h)");
     if (p.device != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "device must be 0 for the CPU backend");
     if (moex_status s = check_enum(p.eviction, kEvictionCount, "eviction"); s != MOEX_OK) return s;
-    if (moex_status s = check_enum(p.gating, kFactories.size(), "gating"); s != MOEX_OK) return s;
-    if (moex_status s = check_enum(p.prediction, kPredictions.size(), "prediction"); s != MOEX_OK) return s;
-    if (!kPredictions[static_cast<std::size_t>(p.prediction)])
-      return fail(MOEX_ERR_UNSUPPORTED, "prediction " + std::to_string(p.prediction) + " is not built into this library");
     if (moex_status s = check_enum(p.cache_precision, kPrecisions.size(), "cache_precision"); s != MOEX_OK) return s;
     if (!std::isfinite(p.lrfu_lambda) || p.lrfu_lambda < 0)
       return fail(MOEX_ERR_INVALID_ARGUMENT, "lrfu_lambda must be finite and >= 0");
-    if (p.gate_threshold != 0.0) return fail(MOEX_ERR_UNSUPPORTED, "gate_threshold: no threshold gating in this library");
-    if (p.prefetch_depth != 0) return fail(MOEX_ERR_UNSUPPORTED, "prefetch_depth: no prediction in this library");
-    const Factory factory = kFactories[static_cast<std::size_t>(p.gating)][static_cast<std::size_t>(p.eviction)];
+
+    auto setup = std::make_unique<Setup>();
+    std::size_t bundle = kExactBundle;
+    if (moex_status s = prepare(p, model->data->opened.store, *setup, bundle); s != MOEX_OK) return s;
+    const Factory factory = kFactories[bundle][static_cast<std::size_t>(p.eviction)];
     if (factory == nullptr)
       return fail(MOEX_ERR_UNSUPPORTED, "eviction policy " + std::to_string(p.eviction) +
-                                            " needs input the C API does not take yet (a profile or the future)");
-
-    moex::ExecutorConfig config;
-    config.cache_bytes = p.cache_bytes;
-    config.cache_precision = kPrecisions[static_cast<std::size_t>(p.cache_precision)];
-    config.check_finite = (p.flags & MOEX_EXECUTOR_FLAG_NO_FINITE_CHECK) == 0;
-    moex::CpuBackendConfig backend;
-    backend.threads = p.threads;
+                                            " is built only for the exact path (gating FIXED, prediction NONE, "
+                                            "miss LOAD, no low_precision)");
+    setup->config.cache_bytes = p.cache_bytes;
+    setup->config.cache_precision = kPrecisions[static_cast<std::size_t>(p.cache_precision)];
+    setup->config.check_finite = (p.flags & MOEX_EXECUTOR_FLAG_NO_FINITE_CHECK) == 0;
+    setup->backend.threads = p.threads;
     auto ex = std::make_unique<moex_executor>();
     ex->model = model->data;
-    auto impl = factory(ex->model->opened.store, config, backend, p);
+    auto impl = factory(*setup);
     if (!impl) return fail(impl.status());
     ex->impl = std::move(*impl);
+    ex->adaptive_gate = p.gating == MOEX_GATING_ADAPTIVE;
     register_handle(ex.get(), Kind::kExecutor);
     *out = ex.release();
     return MOEX_OK;
@@ -755,13 +974,89 @@ extern "C" MOEX_API moex_status moex_executor_step_bf16(moex_executor* executor,
   });
 }
 
+extern "C" MOEX_API moex_status moex_executor_forward_routed_f32(moex_executor* executor, std::uint32_t layer,
+                                                                 const std::uint32_t* experts, const float* weights,
+                                                                 std::uint32_t k, std::size_t n_tokens,
+                                                                 const float* hidden, float* out) {
+  return guarded([&]() -> moex_status {
+    std::size_t count = 0;
+    if (moex_status s = check_run(executor, hidden, n_tokens, out, sizeof(float), count); s != MOEX_OK) return s;
+    if (overlap(hidden, out, count * sizeof(float))) return fail(MOEX_ERR_INVALID_ARGUMENT, "hidden and out overlap");
+    if (experts == nullptr || weights == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "experts or weights is NULL");
+    if (k == 0 || k > moex::kMaxTopK)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "k must be 1.." + std::to_string(moex::kMaxTopK));
+    if (n_tokens > std::numeric_limits<std::size_t>::max() / k / sizeof(float))
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "n_tokens x k overflows");
+    const std::uint32_t n_experts = executor->model->opened.store.spec().n_experts;
+    executor->routing.resize(n_tokens);
+    for (std::size_t t = 0; t < n_tokens; ++t) {
+      moex::TokenRouting& r = executor->routing[t];
+      r = moex::TokenRouting{};
+      for (std::uint32_t j = 0; j < k; ++j) {
+        const std::uint32_t e = experts[t * k + j];
+        if (e == MOEX_NO_EXPERT) break;
+        const float w = weights[t * k + j];
+        if (e >= n_experts)
+          return fail(MOEX_ERR_INVALID_ARGUMENT, "token " + std::to_string(t) + ": expert " + std::to_string(e) +
+                                                     " out of range (" + std::to_string(n_experts) + " experts)");
+        if (!std::isfinite(w)) return fail(MOEX_ERR_INVALID_ARGUMENT, "token " + std::to_string(t) + ": non-finite weight");
+        for (std::uint32_t i = 0; i < r.k; ++i)
+          if (r.experts[i] == e)
+            return fail(MOEX_ERR_INVALID_ARGUMENT, "token " + std::to_string(t) + ": expert " + std::to_string(e) + " twice");
+        r.experts[r.k] = e;
+        r.weights[r.k] = w;
+        ++r.k;
+      }
+      if (r.k == 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "token " + std::to_string(t) + " has no experts");
+    }
+    if (moex::Status s = executor->impl->forward_routed(layer, executor->routing, hidden, n_tokens, out); !s.is_ok())
+      return fail(s);
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_calibrate_gate(moex_executor* executor, const moex_trace* trace,
+                                                             double target_k, double* reached_k) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    if (moex_status s = check_handle(trace, Kind::kTrace); s != MOEX_OK) return s;
+    moex::SensitivityGate* g = executor->impl->sensitivity_gate();
+    if (g == nullptr || !executor->adaptive_gate)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "the executor was not created with MOEX_GATING_ADAPTIVE");
+    const moex::RoutingTrace& t = trace->trace;
+    const moex::MoeModelSpec& spec = executor->model->opened.store.spec();
+    if (t.n_layers != spec.n_layers || t.n_experts != spec.n_experts)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "the trace's shape is not the model's");
+    if (!std::isfinite(target_k)) return fail(MOEX_ERR_INVALID_ARGUMENT, "target_k is not finite");
+    moex::SensitivityGate trial = *g;  // the executor's gate changes only on success
+    auto r = trial.calibrate_threshold(t, target_k);
+    if (!r) return fail(r.status());
+    g->set_threshold(trial.threshold());
+    if (reached_k != nullptr) *reached_k = *r;
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_executor_gate_threshold(const moex_executor* executor, double* threshold) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    if (threshold == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "threshold is NULL");
+    const moex::SensitivityGate* g = executor->impl->sensitivity_gate();
+    *threshold = g != nullptr ? static_cast<double>(g->threshold()) : 0.0;
+    return MOEX_OK;
+  });
+}
+
 // ---- statistics ----
 
-extern "C" MOEX_API void moex_stats_init(moex_stats* stats) {
-  if (stats == nullptr) return;
-  *stats = moex_stats{};
-  stats->struct_size = sizeof(moex_stats);
+extern "C" MOEX_API void moex_stats_init_size(moex_stats* stats, std::uint64_t size) {
+  if (stats == nullptr || size < sizeof(std::uint64_t) || size > kMaxStructSize) return;
+  std::memset(stats, 0, static_cast<std::size_t>(size));
+  stats->struct_size = size;
 }
+
+// Parenthesized: moex.h defines a function-like macro of this name for new callers.
+extern "C" MOEX_API void(moex_stats_init)(moex_stats* stats) { moex_stats_init_size(stats, kStatsV01); }
 
 extern "C" MOEX_API moex_status moex_executor_get_stats(const moex_executor* executor, std::uint32_t layer,
                                                         moex_stats* stats) {
@@ -789,6 +1084,16 @@ extern "C" MOEX_API moex_status moex_executor_get_stats(const moex_executor* exe
     full.route_ns = ls.route_ns;
     full.total_ns = ls.total_ns;
     full.hit_rate = ls.hit_rate();
+    full.predicted = ls.predicted;
+    full.predicted_correct = ls.predicted_correct;
+    full.selected = ls.selected;
+    full.prefetch_wasted_bytes = ls.prefetch_wasted_bytes;
+    full.computed_at_source = ls.computed_at_source;
+    for (std::size_t i = 0; i < moex::kPrecisionCount; ++i) {
+      const std::int32_t c = to_c_precision(static_cast<moex::Precision>(i));  // 0: no C name
+      full.misses_by_precision[static_cast<std::size_t>(c)] += ls.misses_by_precision[i];
+    }
+    full.recall = ls.recall();
     return write_sized(stats, full, "stats");
   });
 }
@@ -898,5 +1203,73 @@ extern "C" MOEX_API moex_status moex_trace_copy(const moex_trace* trace, std::ui
     if (experts && n) std::memcpy(experts, t.expert_ids.data(), n * sizeof(std::uint32_t));
     if (weights && n) std::memcpy(weights, t.gate_weights.data(), n * sizeof(float));
     return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_trace_expert_counts(const moex_trace* trace, double* counts, std::uint64_t capacity,
+                                                         std::uint64_t* needed) {
+  return guarded([&]() -> moex_status {
+    if (moex_status s = check_handle(trace, Kind::kTrace); s != MOEX_OK) return s;
+    const moex::RoutingTrace& t = trace->trace;
+    const std::uint64_t n = std::uint64_t{t.n_layers} * t.n_experts;
+    if (needed) *needed = n;
+    if (counts == nullptr) return MOEX_OK;
+    if (capacity < n)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "capacity " + std::to_string(capacity) + " < " + std::to_string(n) +
+                                                 " entries needed");
+    const std::vector<double> c = moex::expert_access_counts(t);
+    std::fill(counts, counts + n, 0.0);
+    std::copy_n(c.begin(), std::min<std::size_t>(c.size(), static_cast<std::size_t>(n)), counts);
+    return MOEX_OK;
+  });
+}
+
+// ==== experimental (moex/experimental.h) =======================================================================
+
+static_assert(sizeof(void*) != 8 || sizeof(moex_executor_params) == 184, "moex_executor_params: 0.2 layout");
+static_assert(sizeof(moex_stats) == 304, "moex_stats: 0.2 layout");
+static_assert(moex_capi::kPrecisions.size() <= MOEX_PRECISION_SLOTS, "misses_by_precision too short");
+
+extern "C" MOEX_API void moex_experimental_cuda_params_init_size(moex_cuda_params* params, std::uint64_t size) {
+  if (params == nullptr || size < sizeof(std::uint64_t) || size > kMaxStructSize) return;
+  std::memset(params, 0, static_cast<std::size_t>(size));
+  params->struct_size = size;
+}
+
+extern "C" MOEX_API moex_status moex_experimental_cuda_device_count(std::int32_t* count) {
+  return guarded([&]() -> moex_status {
+    if (count == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "count is NULL");
+    *count = 0;  // no CUDA execution backend in this build
+    return MOEX_OK;
+  });
+}
+
+extern "C" MOEX_API moex_status moex_experimental_executor_create_cuda(const moex_model* model,
+                                                                       const moex_executor_params* params,
+                                                                       const moex_cuda_params* cuda,
+                                                                       moex_executor** out) {
+  return guarded([&]() -> moex_status {
+    if (out == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = nullptr;
+    if (moex_status s = check_handle(model, Kind::kModel); s != MOEX_OK) return s;
+    moex_executor_params p;
+    moex_executor_params_init_size(&p, sizeof p);
+    if (moex_status s = read_sized(params, p, "moex_executor_params"); s != MOEX_OK) return s;
+    moex_cuda_params c{};
+    c.struct_size = sizeof c;
+    if (moex_status s = read_sized(cuda, c, "moex_cuda_params"); s != MOEX_OK) return s;
+    if (c.flags != 0) return fail(MOEX_ERR_UNSUPPORTED, "moex_cuda_params.flags has bits this library does not know");
+    if (c.device < 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "device is negative");
+    if (p.backend != MOEX_BACKEND_DEFAULT && p.backend != MOEX_BACKEND_CUDA)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "params->backend must be 0 or MOEX_BACKEND_CUDA");
+    return fail(MOEX_ERR_UNSUPPORTED, "this build has no CUDA execution backend");
+  });
+}
+
+extern "C" MOEX_API moex_status moex_experimental_executor_set_cuda_stream(moex_executor* executor, void* stream) {
+  return guarded([&]() -> moex_status {
+    (void)stream;
+    if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
+    return fail(MOEX_ERR_INVALID_ARGUMENT, "the executor does not run on CUDA (no CUDA execution backend in this build)");
   });
 }

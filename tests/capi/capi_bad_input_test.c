@@ -118,13 +118,13 @@ int main(int argc, char** argv) {
     int32_t eviction, gating, prediction, backend, cache_precision;
     moex_status want;
   } cases[] = {
-      {MOEX_EVICTION_STATIC_HOT_SET, 0, 0, 0, 0, MOEX_ERR_UNSUPPORTED},
-      {MOEX_EVICTION_BELADY, 0, 0, 0, 0, MOEX_ERR_UNSUPPORTED},
+      {MOEX_EVICTION_STATIC_HOT_SET, 0, 0, 0, 0, MOEX_ERR_INVALID_ARGUMENT}, /* no hot_profile */
+      {MOEX_EVICTION_BELADY, 0, 0, 0, 0, MOEX_ERR_INVALID_ARGUMENT},         /* no future_trace */
       {1000, 0, 0, 0, 0, MOEX_ERR_UNSUPPORTED},
       {-1, 0, 0, 0, 0, MOEX_ERR_INVALID_ARGUMENT},
-      {0, 2, 0, 0, 0, MOEX_ERR_UNSUPPORTED},
+      {0, 3, 0, 0, 0, MOEX_ERR_UNSUPPORTED}, /* gating beyond MOEX_GATING_ADAPTIVE */
       {0, -2, 0, 0, 0, MOEX_ERR_INVALID_ARGUMENT},
-      {0, 0, 2, 0, 0, MOEX_ERR_UNSUPPORTED},
+      {0, 0, 5, 0, 0, MOEX_ERR_UNSUPPORTED}, /* prediction beyond PREGATE_ROUTING */
       {0, 0, 0, MOEX_BACKEND_CUDA, 0, MOEX_ERR_UNSUPPORTED},
       {0, 0, 0, 77, 0, MOEX_ERR_UNSUPPORTED},
       {0, 0, 0, 0, MOEX_PRECISION_INT4, MOEX_ERR_INVALID_ARGUMENT}, /* the model holds no int4 copy */
@@ -150,8 +150,8 @@ int main(int argc, char** argv) {
   ep.lrfu_lambda = -1.0;
   CHECK_STATUS(moex_executor_create(model, &ep, &ex), MOEX_ERR_INVALID_ARGUMENT);
   moex_executor_params_init(&ep);
-  ep.gate_threshold = 0.5;
-  CHECK_STATUS(moex_executor_create(model, &ep, &ex), MOEX_ERR_UNSUPPORTED);
+  ep.gate_threshold = 0.5; /* without MOEX_GATING_ADAPTIVE */
+  CHECK_STATUS(moex_executor_create(model, &ep, &ex), MOEX_ERR_INVALID_ARGUMENT);
   moex_executor_params_init(&ep);
   ep.device = 3;
   CHECK_STATUS(moex_executor_create(model, &ep, &ex), MOEX_ERR_INVALID_ARGUMENT);

@@ -3,8 +3,10 @@
  * against.
  *
  * usage: moex_example_c <model dir> <reference file>
- * Reference file (text): "moex-ref 1 <tokens> <hidden>", then the layer-0 MoE output, then the
- * whole-step output (tokens x hidden values each, one line each). */
+ * Reference file (text): "moex-ref 2 <tokens> <hidden>", then the layer-0 MoE output, the
+ * whole-step output, and the whole-step output of an executor with the adaptive gate
+ * (threshold 0.05) and speculative prefetching (depth 1) (tokens x hidden values each, one line
+ * each). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,21 +88,48 @@ int main(int argc, char** argv) {
          (unsigned long long)st.hits, (unsigned long long)st.misses, st.hit_rate, (unsigned long long)st.evictions,
          (unsigned long long)st.bytes_loaded, (unsigned long long)trace_tokens, json_len);
 
+  /* Adaptive gate + speculative prefetch (same model, LFU, 6 experts of cache, one thread). */
+  moex_model* model2 = NULL;
+  moex_executor* adaptive = NULL;
+  float* astep = malloc(n * sizeof *astep);
+  moex_executor_params_init(&params);
+  params.cache_bytes = 6 * info.expert_bytes;
+  params.eviction = MOEX_EVICTION_LFU;
+  params.threads = 1;
+  params.gating = MOEX_GATING_ADAPTIVE;
+  params.gate_threshold = 0.05;
+  params.prediction = MOEX_PREDICTION_SPECULATIVE;
+  params.prefetch_depth = 1;
+  moex_stats ast;
+  moex_stats_init(&ast);
+  ok = astep && check(moex_model_open(argv[1], NULL, NULL, NULL, &model2), "open") &&
+       check(moex_executor_create(model2, &params, &adaptive), "adaptive executor") &&
+       check(moex_executor_step_f32(adaptive, x, kTokens, astep), "adaptive step") &&
+       check(moex_executor_get_stats(adaptive, MOEX_ALL_LAYERS, &ast), "adaptive stats");
+  moex_model_destroy(model2);
+  if (!ok) return 1;
+  printf("adaptive + speculative: %llu experts skipped, %llu prefetches (%llu used), recall %.2f\n",
+         (unsigned long long)ast.skipped, (unsigned long long)ast.prefetches, (unsigned long long)ast.prefetch_hits,
+         ast.recall);
+
   FILE* f = fopen(argv[2], "w");
   if (!f) {
     fprintf(stderr, "moex_example_c: cannot write %s\n", argv[2]);
     return 1;
   }
-  fprintf(f, "moex-ref 1 %d %u\n", kTokens, info.hidden);
+  fprintf(f, "moex-ref 2 %d %u\n", kTokens, info.hidden);
   write_row(f, layer0, n);
   write_row(f, step, n);
+  write_row(f, astep, n);
   fclose(f);
   printf("reference written to %s\n", argv[2]);
 
   moex_trace_destroy(trace);
   moex_executor_destroy(ex);
+  moex_executor_destroy(adaptive);
+  free(astep);
   free(x);
   free(layer0);
   free(step);
-  return st.hits + st.misses > 0 && trace_tokens >= kTokens ? 0 : 1;
+  return st.hits + st.misses > 0 && trace_tokens >= kTokens && ast.prefetches > 0 ? 0 : 1;
 }

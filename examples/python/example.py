@@ -18,12 +18,13 @@ REL_TOL = 1e-5
 def read_reference(path):
     with open(path) as f:
         head = f.readline().split()
-        assert head[:2] == ["moex-ref", "1"], f"{path}: not a moex reference file"
+        assert head[:2] == ["moex-ref", "2"], f"{path}: not a moex reference file (version 2)"
         tokens, hidden = int(head[2]), int(head[3])
         layer0 = [float(v) for v in f.readline().split()]
         step = [float(v) for v in f.readline().split()]
-    assert len(layer0) == len(step) == tokens * hidden
-    return tokens, hidden, layer0, step
+        adaptive = [float(v) for v in f.readline().split()]
+    assert len(layer0) == len(step) == len(adaptive) == tokens * hidden
+    return tokens, hidden, layer0, step, adaptive
 
 
 def max_rel_diff(got, want):
@@ -34,7 +35,7 @@ def max_rel_diff(got, want):
 def main(model_dir, ref_path):
     number, text = moex.version()
     print(f"moex {text} ({number}) via ctypes")
-    tokens, hidden, ref_layer0, ref_step = read_reference(ref_path)
+    tokens, hidden, ref_layer0, ref_step, ref_adaptive = read_reference(ref_path)
     assert tokens == TOKENS
     x = [((t * 131 + i * 31) % 97) / 48.5 - 1.0 for t in range(TOKENS) for i in range(hidden)]
 
@@ -55,6 +56,14 @@ def main(model_dir, ref_path):
                 t, l, k, e = tr.shape()
                 ids, _ = tr.arrays()
             print(f"trace: {t} tokens x {l} layers x top-{k} of {e} experts")
+        # The adaptive gate with speculative prefetching, as the C example configures it.
+        with model.executor(cache_bytes=6 * info["expert_bytes"], eviction="lfu", threads=1, gating="adaptive",
+                            gate_threshold=0.05, prediction="speculative", prefetch_depth=1) as ad:
+            astep = ad.step(x, TOKENS)
+            ast = ad.stats()
+        d2 = max_rel_diff(astep, ref_adaptive)
+        print(f"adaptive + speculative: difference to C {d2:.3g}, {ast['skipped']} skipped, "
+              f"{ast['prefetches']} prefetches, recall {ast['recall']:.2f}")
     # Errors surface as exceptions carrying the library's message.
     try:
         moex.Model(os.path.join(model_dir, "does-not-exist"))
@@ -62,7 +71,7 @@ def main(model_dir, ref_path):
     except moex.MoexError as err:
         print(f"expected error: {err}")
 
-    ok = (d0 <= REL_TOL and d1 <= REL_TOL and stats["hits"] + stats["misses"] > 0 and
+    ok = (d0 <= REL_TOL and d1 <= REL_TOL and d2 <= REL_TOL and ast["prefetches"] > 0 and stats["hits"] + stats["misses"] > 0 and
           js["total"]["misses"] == stats["misses"] and t >= TOKENS and len(ids) == t * l * k)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1

@@ -27,6 +27,9 @@ ERR_INTERNAL = -99
 
 PRECISION = {"default": 0, "f32": 1, "f16": 2, "bf16": 3, "int8": 4, "int4": 5, "int2": 6}
 EVICTION = {"default": 0, "lru": 1, "lfu": 2, "lrfu": 3, "hobbit": 4, "static_hot_set": 5, "belady": 6}
+GATING = {"default": 0, "fixed": 1, "adaptive": 2}
+PREDICTION = {"default": 0, "none": 1, "speculative": 2, "pregate_file": 3, "pregate_routing": 4}
+MISS = {"default": 0, "load": 1, "hobbit": 2, "cost_model": 3}
 ALL_LAYERS = 0xFFFFFFFF
 NO_EXPERT = 0xFFFFFFFF
 
@@ -53,19 +56,32 @@ class ExecutorParams(ctypes.Structure):
     _fields_ = [("struct_size", _u64), ("cache_bytes", _u64), ("backend", _i32), ("device", _i32),
                 ("threads", _u32), ("eviction", _i32), ("gating", _i32), ("prediction", _i32),
                 ("cache_precision", _i32), ("flags", _u32), ("lrfu_lambda", ctypes.c_double),
-                ("gate_threshold", ctypes.c_double), ("prefetch_depth", _u32), ("reserved0", _u32)]
+                ("gate_threshold", ctypes.c_double), ("prefetch_depth", _u32), ("reserved0", _u32),
+                # since 0.2
+                ("miss", _i32), ("miss_flags", _u32), ("hobbit_t_high", ctypes.c_double),
+                ("hobbit_t_skip", ctypes.c_double), ("low_precision", _i32), ("reserved1", _u32),
+                ("low_precision_share", ctypes.c_double), ("max_prefetch_bytes_in_flight", _u64),
+                ("layer_cache_bytes", ctypes.c_void_p), ("layer_cache_count", _u64),
+                ("gate_sensitivities", ctypes.c_void_p), ("gate_sensitivity_count", _u64),
+                ("pregate_path", ctypes.c_char_p), ("hot_profile", ctypes.c_void_p),
+                ("hot_profile_count", _u64), ("future_trace", ctypes.c_void_p)]
 
 
 class Stats(ctypes.Structure):
     _fields_ = [(n, _u64) for n in ("struct_size", "steps", "tokens", "expert_calls", "hits", "misses",
                                     "bytes_loaded", "evictions", "skipped", "prefetches", "prefetch_hits",
-                                    "stall_ns", "compute_ns", "route_ns", "total_ns")] + [("hit_rate", ctypes.c_double)]
+                                    "stall_ns", "compute_ns", "route_ns", "total_ns")] + [("hit_rate", ctypes.c_double)] + \
+        [(n, _u64) for n in ("predicted", "predicted_correct", "selected", "prefetch_wasted_bytes",
+                             "computed_at_source")] + \
+        [("misses_by_precision", _u64 * 16), ("recall", ctypes.c_double)]
 
     def as_dict(self):
-        return {name: getattr(self, name) for name, _ in self._fields_ if name != "struct_size"}
+        d = {name: getattr(self, name) for name, _ in self._fields_ if name != "struct_size"}
+        d["misses_by_precision"] = list(self.misses_by_precision)
+        return d
 
 
-for _s, _size in ((DemoParams, 40), (ModelParams, 24), (ModelInfo, 48), (ExecutorParams, 72), (Stats, 128)):
+for _s, _size in ((DemoParams, 40), (ModelParams, 24), (ModelInfo, 48), (ExecutorParams, 184), (Stats, 304)):
     assert ctypes.sizeof(_s) == _size, f"{_s.__name__} does not match moex.h"
 
 PROGRESS_FN = ctypes.CFUNCTYPE(None, _u64, _u64, ctypes.c_char_p, ctypes.c_void_p)
@@ -100,14 +116,14 @@ def _declare(lib):
         "moex_model_info_init": (None, [P(ModelInfo)]),
         "moex_model_get_info": (_i32, [vp, P(ModelInfo)]),
         "moex_model_architecture": (_i32, [vp, ctypes.c_char_p, _sz, P(_sz)]),
-        "moex_executor_params_init": (None, [P(ExecutorParams)]),
+        "moex_executor_params_init_size": (None, [P(ExecutorParams), _u64]),
         "moex_executor_create": (_i32, [vp, P(ExecutorParams), P(vp)]),
         "moex_executor_destroy": (None, [vp]),
         "moex_executor_forward_f32": (_i32, [vp, _u32, vp, _sz, vp]),
         "moex_executor_forward_bf16": (_i32, [vp, _u32, vp, _sz, vp]),
         "moex_executor_step_f32": (_i32, [vp, vp, _sz, vp]),
         "moex_executor_step_bf16": (_i32, [vp, vp, _sz, vp]),
-        "moex_stats_init": (None, [P(Stats)]),
+        "moex_stats_init_size": (None, [P(Stats), _u64]),
         "moex_executor_get_stats": (_i32, [vp, _u32, P(Stats)]),
         "moex_executor_stats_json": (_i32, [vp, ctypes.c_char_p, _sz, P(_sz)]),
         "moex_executor_reset_stats": (_i32, [vp]),
@@ -292,12 +308,15 @@ class Executor(_Handle):
     """Runs the model's MoE layers with a fast-tier expert cache. One per thread."""
     _destroy = "moex_executor_destroy"
 
-    def __init__(self, model, cache_bytes=0, eviction="default", cache_precision="default", threads=0):
+    def __init__(self, model, cache_bytes=0, eviction="default", cache_precision="default", threads=0,
+                 gating="default", gate_threshold=0.0, prediction="default", prefetch_depth=0, miss="default"):
         lib = library()
         p = ExecutorParams()
-        lib.moex_executor_params_init(ctypes.byref(p))
+        lib.moex_executor_params_init_size(ctypes.byref(p), ctypes.sizeof(p))
         p.cache_bytes, p.eviction, p.threads = cache_bytes, EVICTION[eviction], threads
         p.cache_precision = PRECISION[cache_precision]
+        p.gating, p.gate_threshold = GATING[gating], gate_threshold
+        p.prediction, p.prefetch_depth, p.miss = PREDICTION[prediction], prefetch_depth, MISS[miss]
         out = ctypes.c_void_p()
         _check(lib.moex_executor_create(model.ptr, ctypes.byref(p), ctypes.byref(out)), "moex_executor_create")
         super().__init__(out.value)
@@ -322,7 +341,7 @@ class Executor(_Handle):
     def stats(self, layer=ALL_LAYERS):
         lib = library()
         s = Stats()
-        lib.moex_stats_init(ctypes.byref(s))
+        lib.moex_stats_init_size(ctypes.byref(s), ctypes.sizeof(s))
         _check(lib.moex_executor_get_stats(self.ptr, layer, ctypes.byref(s)), "moex_executor_get_stats")
         return s.as_dict()
 

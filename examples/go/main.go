@@ -19,10 +19,10 @@ const tokens = 4
 // Same library, same inputs, one thread: identical results expected; float noise allowed only.
 const relTol = 1e-5
 
-func readReference(path string) (int, []float32, []float32, error) {
+func readReference(path string) (int, []float32, []float32, []float32, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return 0, nil, nil, err
+		return 0, nil, nil, nil, err
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
@@ -31,8 +31,8 @@ func readReference(path string) (int, []float32, []float32, error) {
 	for sc.Scan() {
 		lines = append(lines, strings.Fields(sc.Text()))
 	}
-	if len(lines) != 3 || len(lines[0]) != 4 || lines[0][0] != "moex-ref" {
-		return 0, nil, nil, fmt.Errorf("%s: not a moex reference file", path)
+	if len(lines) != 4 || len(lines[0]) != 4 || lines[0][0] != "moex-ref" || lines[0][1] != "2" {
+		return 0, nil, nil, nil, fmt.Errorf("%s: not a moex reference file", path)
 	}
 	hidden, _ := strconv.Atoi(lines[0][3])
 	parse := func(row []string) []float32 {
@@ -43,7 +43,7 @@ func readReference(path string) (int, []float32, []float32, error) {
 		}
 		return out
 	}
-	return hidden, parse(lines[1]), parse(lines[2]), nil
+	return hidden, parse(lines[1]), parse(lines[2]), parse(lines[3]), nil
 }
 
 func maxRelDiff(got, want []float32) float64 {
@@ -61,7 +61,7 @@ func maxRelDiff(got, want []float32) float64 {
 func run(modelDir, refPath string) (bool, error) {
 	number, text := Version()
 	fmt.Printf("moex %s (%d) via cgo\n", text, number)
-	hidden, refLayer0, refStep, err := readReference(refPath)
+	hidden, refLayer0, refStep, refAdaptive, err := readReference(refPath)
 	if err != nil {
 		return false, err
 	}
@@ -122,8 +122,26 @@ func run(modelDir, refPath string) (bool, error) {
 	} else {
 		fmt.Printf("expected error: %v\n", err)
 	}
+	// The adaptive gate with speculative prefetching, as the C example configures it.
+	ad, err := NewExecutorWith(model, ExecutorOptions{CacheBytes: 6 * uint64(info.expert_bytes), Eviction: 2, /* LFU */
+		Threads: 1, Gating: 2 /* ADAPTIVE */, GateThreshold: 0.05, Prediction: 2 /* SPECULATIVE */, PrefetchDepth: 1})
+	if err != nil {
+		return false, err
+	}
+	defer ad.Close()
+	astep, err := ad.Step(x)
+	if err != nil {
+		return false, err
+	}
+	ast, err := ad.Stats()
+	if err != nil {
+		return false, err
+	}
+	d2 := maxRelDiff(astep, refAdaptive)
+	fmt.Printf("adaptive + speculative: difference to C %.3g, %d skipped, %d prefetches, recall %.2f\n", d2,
+		ast.skipped, ast.prefetches, float64(ast.recall))
 	_, hasTotal := parsed["total"]
-	return d0 <= relTol && d1 <= relTol && st.hits+st.misses > 0 && hasTotal && t >= tokens, nil
+	return d0 <= relTol && d1 <= relTol && d2 <= relTol && ast.prefetches > 0 && st.hits+st.misses > 0 && hasTotal && t >= tokens, nil
 }
 
 func main() {

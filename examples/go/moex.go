@@ -84,17 +84,38 @@ type Executor struct {
 	hidden int
 }
 
+// ExecutorOptions chooses an executor's policies (zero = library default for each field; the
+// constants are moex.h's MOEX_EVICTION_*, MOEX_GATING_*, MOEX_PREDICTION_*).
+type ExecutorOptions struct {
+	CacheBytes    uint64
+	Eviction      int32
+	Threads       uint32
+	Gating        int32
+	GateThreshold float64
+	Prediction    int32
+	PrefetchDepth uint32
+}
+
 // NewExecutor creates an executor (0 = library default for each argument).
 func NewExecutor(m *Model, cacheBytes uint64, eviction int32, threads uint32) (*Executor, error) {
+	return NewExecutorWith(m, ExecutorOptions{CacheBytes: cacheBytes, Eviction: eviction, Threads: threads})
+}
+
+// NewExecutorWith creates an executor with the given policies.
+func NewExecutorWith(m *Model, o ExecutorOptions) (*Executor, error) {
 	info, err := m.Info()
 	if err != nil {
 		return nil, err
 	}
 	var p C.moex_executor_params
-	C.moex_executor_params_init(&p)
-	p.cache_bytes = C.uint64_t(cacheBytes)
-	p.eviction = C.int32_t(eviction)
-	p.threads = C.uint32_t(threads)
+	C.moex_executor_params_init_size(&p, C.uint64_t(unsafe.Sizeof(p)))
+	p.cache_bytes = C.uint64_t(o.CacheBytes)
+	p.eviction = C.int32_t(o.Eviction)
+	p.threads = C.uint32_t(o.Threads)
+	p.gating = C.int32_t(o.Gating)
+	p.gate_threshold = C.double(o.GateThreshold)
+	p.prediction = C.int32_t(o.Prediction)
+	p.prefetch_depth = C.uint32_t(o.PrefetchDepth)
 	var raw *C.moex_executor
 	if err := call(func() C.moex_status { return C.moex_executor_create(m.raw, &p, &raw) }); err != nil {
 		return nil, err
@@ -170,7 +191,7 @@ func (e *Executor) TraceShape() (uint64, uint32, uint32, error) {
 // Stats returns the counters summed over layers.
 func (e *Executor) Stats() (C.moex_stats, error) {
 	var s C.moex_stats
-	C.moex_stats_init(&s)
+	C.moex_stats_init_size(&s, C.uint64_t(unsafe.Sizeof(s)))
 	err := call(func() C.moex_status { return C.moex_executor_get_stats(e.raw, C.MOEX_ALL_LAYERS, &s) })
 	return s, err
 }

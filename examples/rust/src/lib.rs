@@ -58,6 +58,23 @@ pub mod sys {
         pub gate_threshold: f64,
         pub prefetch_depth: u32,
         pub reserved0: u32,
+        // since 0.2 (pointer fields as usize: same size and alignment, and Default stays derivable)
+        pub miss: i32,
+        pub miss_flags: u32,
+        pub hobbit_t_high: f64,
+        pub hobbit_t_skip: f64,
+        pub low_precision: i32,
+        pub reserved1: u32,
+        pub low_precision_share: f64,
+        pub max_prefetch_bytes_in_flight: u64,
+        pub layer_cache_bytes: usize,
+        pub layer_cache_count: u64,
+        pub gate_sensitivities: usize,
+        pub gate_sensitivity_count: u64,
+        pub pregate_path: usize,
+        pub hot_profile: usize,
+        pub hot_profile_count: u64,
+        pub future_trace: usize,
     }
 
     #[repr(C)]
@@ -79,6 +96,14 @@ pub mod sys {
         pub route_ns: u64,
         pub total_ns: u64,
         pub hit_rate: f64,
+        // since 0.2
+        pub predicted: u64,
+        pub predicted_correct: u64,
+        pub selected: u64,
+        pub prefetch_wasted_bytes: u64,
+        pub computed_at_source: u64,
+        pub misses_by_precision: [u64; 16],
+        pub recall: f64,
     }
 
     #[repr(C)]
@@ -108,7 +133,7 @@ pub mod sys {
         pub fn moex_model_destroy(m: *mut moex_model);
         pub fn moex_model_info_init(i: *mut ModelInfo);
         pub fn moex_model_get_info(m: *const moex_model, i: *mut ModelInfo) -> Status;
-        pub fn moex_executor_params_init(p: *mut ExecutorParams);
+        pub fn moex_executor_params_init_size(p: *mut ExecutorParams, size: u64);
         pub fn moex_executor_create(m: *const moex_model, p: *const ExecutorParams,
                                     out: *mut *mut moex_executor) -> Status;
         pub fn moex_executor_destroy(e: *mut moex_executor);
@@ -117,7 +142,7 @@ pub mod sys {
         pub fn moex_executor_forward_bf16(e: *mut moex_executor, layer: u32, hidden: *const u16, n: usize,
                                           out: *mut u16) -> Status;
         pub fn moex_executor_step_f32(e: *mut moex_executor, hidden: *const f32, n: usize, out: *mut f32) -> Status;
-        pub fn moex_stats_init(s: *mut Stats);
+        pub fn moex_stats_init_size(s: *mut Stats, size: u64);
         pub fn moex_executor_get_stats(e: *const moex_executor, layer: u32, s: *mut Stats) -> Status;
         pub fn moex_executor_stats_json(e: *const moex_executor, buf: *mut c_char, size: usize,
                                         needed: *mut usize) -> Status;
@@ -222,6 +247,12 @@ pub struct ExecutorOptions {
     pub cache_bytes: u64,
     pub eviction: i32,
     pub threads: u32,
+    /// MOEX_GATING_* (2 = adaptive) and its threshold.
+    pub gating: i32,
+    pub gate_threshold: f64,
+    /// MOEX_PREDICTION_* (2 = speculative) and its look-ahead.
+    pub prediction: i32,
+    pub prefetch_depth: u32,
 }
 
 /// Runs a model's MoE layers. `Send` but not `Sync`: calls need exclusive access (`&mut self`).
@@ -239,10 +270,14 @@ impl Executor {
         let mut raw = ptr::null_mut();
         // SAFETY: live model handle; params initialized by the library.
         check(unsafe {
-            sys::moex_executor_params_init(&mut p);
+            sys::moex_executor_params_init_size(&mut p, std::mem::size_of::<sys::ExecutorParams>() as u64);
             p.cache_bytes = opts.cache_bytes;
             p.eviction = opts.eviction;
             p.threads = opts.threads;
+            p.gating = opts.gating;
+            p.gate_threshold = opts.gate_threshold;
+            p.prediction = opts.prediction;
+            p.prefetch_depth = opts.prefetch_depth;
             sys::moex_executor_create(model.raw, &p, &mut raw)
         })?;
         Ok(Executor { raw, hidden })
@@ -285,7 +320,7 @@ impl Executor {
         let mut s = sys::Stats::default();
         // SAFETY: live handle, initialized output struct.
         check(unsafe {
-            sys::moex_stats_init(&mut s);
+            sys::moex_stats_init_size(&mut s, std::mem::size_of::<sys::Stats>() as u64);
             sys::moex_executor_get_stats(self.raw, sys::ALL_LAYERS, &mut s)
         })?;
         Ok(s)
@@ -362,6 +397,6 @@ fn _assert_layouts() {
     // Sizes pinned in moex.h (tests/capi/capi_layout_test.c pins the C side).
     const _: () = assert!(std::mem::size_of::<sys::ModelParams>() == 24);
     const _: () = assert!(std::mem::size_of::<sys::ModelInfo>() == 48);
-    const _: () = assert!(std::mem::size_of::<sys::ExecutorParams>() == 72);
-    const _: () = assert!(std::mem::size_of::<sys::Stats>() == 128);
+    const _: () = assert!(std::mem::size_of::<sys::ExecutorParams>() == 184);
+    const _: () = assert!(std::mem::size_of::<sys::Stats>() == 304);
 }

@@ -30,6 +30,22 @@ public struct ExecutorParams {
   public uint Flags;
   public double LrfuLambda, GateThreshold;
   public uint PrefetchDepth, Reserved0;
+  // since 0.2 (pointer fields borrowed during moex_executor_create)
+  public int Miss;
+  public uint MissFlags;
+  public double HobbitTHigh, HobbitTSkip;
+  public int LowPrecision;
+  public uint Reserved1;
+  public double LowPrecisionShare;
+  public ulong MaxPrefetchBytesInFlight;
+  public IntPtr LayerCacheBytes;
+  public ulong LayerCacheCount;
+  public IntPtr GateSensitivities;
+  public ulong GateSensitivityCount;
+  public IntPtr PregatePath;
+  public IntPtr HotProfile;
+  public ulong HotProfileCount;
+  public IntPtr FutureTrace;
 }
 
 [StructLayout(LayoutKind.Sequential)]
@@ -37,6 +53,10 @@ public struct Stats {
   public ulong StructSize, Steps, Tokens, ExpertCalls, Hits, Misses, BytesLoaded, Evictions, Skipped, Prefetches,
       PrefetchHits, StallNs, ComputeNs, RouteNs, TotalNs;
   public double HitRate;
+  // since 0.2
+  public ulong Predicted, PredictedCorrect, Selected, PrefetchWastedBytes, ComputedAtSource;
+  [MarshalAs(UnmanagedType.ByValArray, SizeConst = 16)] public ulong[] MissesByPrecision;
+  public double Recall;
 }
 
 /// <summary>Raw entry points (no bool, no strings by default marshaling: paths go as UTF-8 bytes).</summary>
@@ -51,12 +71,12 @@ public static class Native {
   [DllImport(Lib)] public static extern void moex_model_destroy(IntPtr model);
   [DllImport(Lib)] public static extern void moex_model_info_init(ref ModelInfo info);
   [DllImport(Lib)] public static extern int moex_model_get_info(ModelHandle model, ref ModelInfo info);
-  [DllImport(Lib)] public static extern void moex_executor_params_init(ref ExecutorParams p);
+  [DllImport(Lib)] public static extern void moex_executor_params_init_size(ref ExecutorParams p, ulong size);
   [DllImport(Lib)] public static extern int moex_executor_create(ModelHandle model, ref ExecutorParams p, out ExecutorHandle executor);
   [DllImport(Lib)] public static extern void moex_executor_destroy(IntPtr executor);
   [DllImport(Lib)] public static extern int moex_executor_forward_f32(ExecutorHandle e, uint layer, float[] hidden, UIntPtr n, float[] output);
   [DllImport(Lib)] public static extern int moex_executor_step_f32(ExecutorHandle e, float[] hidden, UIntPtr n, float[] output);
-  [DllImport(Lib)] public static extern void moex_stats_init(ref Stats s);
+  [DllImport(Lib)] public static extern void moex_stats_init_size(ref Stats s, ulong size);
   [DllImport(Lib)] public static extern int moex_executor_get_stats(ExecutorHandle e, uint layer, ref Stats s);
   [DllImport(Lib)] public static extern int moex_executor_stats_json(ExecutorHandle e, byte[] buf, UIntPtr size, out UIntPtr needed);
   [DllImport(Lib)] public static extern int moex_executor_record_trace(ExecutorHandle e, uint on);
@@ -119,13 +139,20 @@ public sealed class Model : IDisposable {
 public sealed class Executor : IDisposable {
   readonly ExecutorHandle handle;
   readonly int hidden;
-  public Executor(Model model, ulong cacheBytes = 0, int eviction = 0, uint threads = 0) {
+  /// <summary>gating: MOEX_GATING_* (2 = adaptive, with gateThreshold); prediction: MOEX_PREDICTION_*
+  /// (2 = speculative, prefetchDepth layers ahead).</summary>
+  public Executor(Model model, ulong cacheBytes = 0, int eviction = 0, uint threads = 0, int gating = 0,
+                  double gateThreshold = 0, int prediction = 0, uint prefetchDepth = 0) {
     hidden = (int)model.Info().Hidden;
     var p = new ExecutorParams();
-    Native.moex_executor_params_init(ref p);
+    Native.moex_executor_params_init_size(ref p, (ulong)Marshal.SizeOf(typeof(ExecutorParams)));
     p.CacheBytes = cacheBytes;
     p.Eviction = eviction;
     p.Threads = threads;
+    p.Gating = gating;
+    p.GateThreshold = gateThreshold;
+    p.Prediction = prediction;
+    p.PrefetchDepth = prefetchDepth;
     Native.Check(Native.moex_executor_create(model.Handle, ref p, out handle));
   }
   UIntPtr Rows(float[] x) {
@@ -143,8 +170,8 @@ public sealed class Executor : IDisposable {
     return output;
   }
   public Stats GetStats() {
-    var s = new Stats();
-    Native.moex_stats_init(ref s);
+    var s = new Stats { MissesByPrecision = new ulong[16] };
+    Native.moex_stats_init_size(ref s, (ulong)Marshal.SizeOf(typeof(Stats)));
     Native.Check(Native.moex_executor_get_stats(handle, Native.AllLayers, ref s));
     return s;
   }

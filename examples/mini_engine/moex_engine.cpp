@@ -7,6 +7,7 @@
 
 #include "cli_args.hpp"
 #include "engine.hpp"
+#include "moex/cpu/cpu_isa.hpp"
 
 using namespace moex_engine;
 
@@ -134,8 +135,8 @@ int cmd_bpb(const Args& a, Engine& eng, bool trace) {
   if (trace) (*moe)->record_trace(true);
   auto r = evaluate_bpb(eng, **moe, text.eval, a.count("chunk", 1));
   if (!r) return fail(r.status().to_string());
-  std::printf("%s: %.6f bits/byte over %zu predictions (%zu windows)\n", label.c_str(), r->bpb(), r->predictions,
-              text.eval.size());
+  std::printf("%s: %.6f bits/byte over %zu predictions (%zu windows; CPU kernels %s)\n", label.c_str(), r->bpb(),
+              r->predictions, text.eval.size(), std::string(moex::to_string(moex::active_cpu_isa())).c_str());
   print_stats(*r);
   if (trace) {
     const std::string out = a.str("out");
@@ -278,9 +279,10 @@ int cmd_quality(const Args& a, Engine& eng, const std::string& model) {
     r.o.cache_precision = p;
     rows.push_back(r);
   }
-  std::printf("model: %s; %zu eval windows of %zu bytes (from window %zu), %zu calibration windows; chunk %zu; cache %.0f%% of experts\n\n",
+  std::printf("model: %s; %zu eval windows of %zu bytes (from window %zu), %zu calibration windows; chunk %zu; "
+              "cache %.0f%% of experts; CPU kernels: %s\n\n",
               model.c_str(), text.eval.size(), text.eval.front().size(), a.count("first", 0), text.calib.size(), chunk,
-              100.0 * base.cache_fraction);
+              100.0 * base.cache_fraction, std::string(moex::to_string(moex::active_cpu_isa())).c_str());
   std::printf("| policy | bits/byte | vs exact | experts/token | hit rate | MiB moved | stall s | recall@k | tokens/s |\n");
   std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   double exact_bpb = 0;

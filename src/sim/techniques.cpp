@@ -108,6 +108,7 @@ struct Context {
   const ExpertStore* store = nullptr;
   const SimTechniqueConfig* cfg = nullptr;
   SimTechniqueParams params;
+  std::vector<std::uint32_t> low_layer_slots;  // DP split where every layer's two pools hold an expert
   std::uint64_t expert_bytes = 0, slots = 0;
 };
 
@@ -128,7 +129,8 @@ Result<SimTechniqueResult> run_row(const Context& cx, const RowSetup& setup, E e
   ec.cache_precision = cx.cfg->cache_precision;
   ec.check_finite = false;
   ec.cache_bytes = cx.slots * cx.expert_bytes;
-  if (setup.layer_budgets) ec.layer_cache_bytes = slots_to_bytes(cx.params.layer_slots, cx.expert_bytes);
+  if (setup.layer_budgets)
+    ec.layer_cache_bytes = slots_to_bytes(setup.low ? cx.low_layer_slots : cx.params.layer_slots, cx.expert_bytes);
   if (setup.low) {
     ec.low_precision = st.low_precision;
     ec.low_precision_share = st.low_precision_share;
@@ -383,11 +385,30 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
     auto split = dp_layer_split(*curves, static_cast<std::uint32_t>(std::min<std::uint64_t>(cx.slots, 0xFFFFFFFFu)), 1);
     if (!split) return split.status();
     p.layer_slots = std::move(*split);
+    // With a low-precision pool each layer's budget is split in two, and each part must hold one
+    // expert of its precision (the cache rejects an expert larger than its group's budget).
+    const double share = st.low_precision_share;
+    const double lb = static_cast<double>(store->expert_bytes(st.low_precision));
+    const double eb = static_cast<double>(cx.expert_bytes);
+    const auto min_slots = static_cast<std::uint32_t>(std::max(
+        {1.0, std::ceil(1.0 / (1.0 - share) - 1e-9), std::ceil(lb / (share * eb) - 1e-9)}));
+    if (std::uint64_t{min_slots} * trace.n_layers <= cx.slots) {
+      auto s2 = dp_layer_split(*curves, static_cast<std::uint32_t>(std::min<std::uint64_t>(cx.slots, 0xFFFFFFFFu)),
+                               min_slots);
+      if (!s2) return s2.status();
+      cx.low_layer_slots = std::move(*s2);
+      p.combined_layer_slots = cx.low_layer_slots;
+    }
   }
 
   std::vector<SimTechniqueResult> rows;
   for (SimTechnique t : want) {
-    const RowSetup setup = setup_of(t);
+    RowSetup setup = setup_of(t);
+    bool layers_dropped = false;
+    if (setup.layer_budgets && setup.low && cx.low_layer_slots.empty()) {
+      setup.layer_budgets = false;  // no split gives every layer room in both pools
+      layers_dropped = true;
+    }
     Result<SimTechniqueResult> row = internal_error("unset");
     if (t == SimTechnique::kLayerBudgets) {
       // The best online eviction under the DP split (lowest stall).
@@ -429,7 +450,8 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
           (uniform ? fmt("%.2f", mean) : fmt("%.2f", mean) + " mean per layer") + " (measured " +
           fmt("%.2f", row->recall) + ")");
     }
-    if (setup.layer_budgets) add(row->run.policy + ", DP split");
+    if (setup.layer_budgets) add(row->run.policy + ", DP split" + (setup.low ? " (each layer with room in both pools)" : ""));
+    if (layers_dropped) add("no per-layer budgets (the budget cannot give every layer room in both pools)");
     if (setup.gate) add("T=" + fmt("%.3g", p.gate_threshold) + ", avg k " + fmt("%.2f", row->avg_k));
     if (setup.low)
       add(std::string(to_string(st.low_precision)) + " pool " + fmt("%.0f%%", 100 * st.low_precision_share) +
@@ -517,7 +539,7 @@ std::string sim_techniques_to_json(std::string_view trace_name, const SimTechniq
                  {"gate_threshold", p.gate_threshold}, {"gate_target_k", p.gate_target_k},
                  {"gate_profile_k", p.gate_profile_k}, {"hobbit_t_high", p.hobbit_t_high},
                  {"hobbit_t_skip", p.hobbit_t_skip},   {"best_eviction", p.best_eviction},
-                 {"layer_slots", p.layer_slots}};
+                 {"layer_slots", p.layer_slots},       {"combined_layer_slots", p.combined_layer_slots}};
   nlohmann::json a = nlohmann::json::array();
   for (const auto& r : rows) {
     nlohmann::json o;

@@ -760,7 +760,7 @@ int main(int argc, char** argv) {
           qp.budget_fraction = technique_budget;
           if (layers) {
             qp.eviction = params.best_eviction;
-            qp.layer_slots = params.layer_slots;
+            qp.layer_slots = params.combined_layer_slots;
           }
           if (gate) {
             qp.sensitivities = params.sensitivities;

@@ -87,6 +87,9 @@ struct SimTechniqueParams {
   float hobbit_t_high = 0.f, hobbit_t_skip = 0.f;
   std::string best_eviction;           ///< of the per-layer-budget row
   std::vector<std::uint32_t> layer_slots;  ///< DP split (experts per layer)
+  /// DP split of the combined row, where each layer must hold one expert in each pool; empty when
+  /// the budget allows none (the combined row then runs without per-layer budgets).
+  std::vector<std::uint32_t> combined_layer_slots;
 };
 
 /// One row of a technique table.

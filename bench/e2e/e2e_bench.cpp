@@ -160,6 +160,9 @@ struct HobbitP : PrefetchP {
 struct CostP : PrefetchP {
   using Miss = moex::CostModelMiss;
 };
+struct CostNoPfP : LruP {
+  using Miss = moex::CostModelMiss;
+};
 
 template <class P>
 Row run_row(const Ctx& c, const Workload& w, std::string name, double budget, moex::ExecutorConfig ec,
@@ -505,6 +508,23 @@ int main(int argc, char** argv) {
         br.push_back(run_row<HobbitP>(c, w, "+ prefetch + int4 on miss (HOBBIT)", budget, lo, replay(), {}));
       }
       br.push_back(run_row<CostP>(c, w, "+ prefetch + CPU compute of misses", budget, ec, replay(), moex::CostModelMiss{}));
+      // Without prefetch: at batch 1 the link is saturated and prefetches only displace residents.
+      br.push_back(run_row<CostNoPfP>(c, w, "CPU compute of misses, no prefetch", budget, ec, {}, moex::CostModelMiss{}));
+      {
+        moex::ExecutorConfig all = lb;
+        moex::CostModelMiss m;
+        if (a.low) {
+          all.low_precision = moex::Precision::kInt4;
+          m.mixed_precision = true;
+        }
+        Row r = run_row<CostNoPfP>(c, w, "everything but prefetch", budget, all, {}, m);
+        if (!r.ok) {
+          all.layer_cache_bytes.clear();
+          all.cache_bytes = cb;
+          r = run_row<CostNoPfP>(c, w, "everything but prefetch (one pool)", budget, all, {}, m);
+        }
+        br.push_back(r);
+      }
       {
         moex::ExecutorConfig all = lb;
         moex::CostModelMiss m;

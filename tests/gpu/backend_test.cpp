@@ -13,9 +13,10 @@
 #include "support/test_support.hpp"
 
 namespace {
-// The CPU expert_ffn and the GPU kernels both accumulate in f32 over the same decoded weights, in
-// different orders (and the GPU's silu uses __expf): 1e-4 in norm.
-constexpr double kBackendTol = 1e-4;
+// The GPU kernels compute with f32 activations; the CPU expert_ffn at avx512bf16/avx2 quantizes
+// activations to int8 per group for integer weights (measured 1.4e-2 norm-wise on the H100 host):
+// 3e-2 in norm.
+constexpr double kBackendTol = 3e-2;
 }  // namespace
 
 TEST_SUITE("cuda") {

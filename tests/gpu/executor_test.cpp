@@ -3,6 +3,7 @@
 // on the host while others load.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -114,7 +115,18 @@ TEST_CASE("the executor on the GPU agrees with the CPU executor (prefetch, cost-
             INFO(s.to_string());
             REQUIRE(s.is_ok());
             CHECK(moex::test::rel_error(b, std::vector<double>(a.begin(), a.end())) < kExecutorTol);
-            for (std::size_t i = 0; i < x.size(); ++i) x[i] += 0.5f * a[i];
+            // Residual stream, RMS-normalized per token (random experts would otherwise grow it
+            // geometrically over the layers).
+            for (std::size_t t = 0; t < batch; ++t) {
+              double ss = 0;
+              for (std::size_t c = 0; c < kHidden; ++c) {
+                float& v = x[t * kHidden + c];
+                v += 0.5f * a[t * kHidden + c];
+                ss += double(v) * v;
+              }
+              const float inv = static_cast<float>(1.0 / std::sqrt(ss / kHidden + 1e-12));
+              for (std::size_t c = 0; c < kHidden; ++c) x[t * kHidden + c] *= inv;
+            }
           }
         }
         const auto t = gpu->stats().total();

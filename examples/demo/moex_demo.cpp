@@ -310,7 +310,7 @@ moex::Status generate_model(const Options& o, const fs::path& dir) {
         const bool down = which == 2;
         const std::uint64_t rows = down ? o.hidden : o.ffn, cols = down ? o.ffn : o.hidden;
         buf.resize(rows * cols);
-        fill_random(buf, 1.f / std::sqrt(static_cast<float>(cols)), salt + which);
+        fill_random(buf, 1.f / std::sqrt(static_cast<float>(cols)), salt + static_cast<std::uint64_t>(which));
         MOEX_RETURN_IF_ERROR(w.add_floats(moex::hf_expert_tensor_name(c.arch, l, e, which), moex::DType::kBF16,
                                           {rows, cols}, buf));
       }

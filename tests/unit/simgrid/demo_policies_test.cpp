@@ -70,8 +70,8 @@ TEST_CASE("moex-demo runs with each policy on the CPU backend and reports qualit
       "--per-layer-budget --budget 0.5",
       "--eviction lrfu",
       "--eviction hobbit",
-      "--prefetch speculative --gate adaptive:1.5 --miss cost:0.3,0.9 --low-precision int4 --per-layer-budget "
-      "--budget 0.5 --eviction lfu",
+      ("--prefetch speculative --gate adaptive:1.5 --miss cost:0.3,0.9 --low-precision int4 --per-layer-budget "
+       "--budget 0.5 --eviction lfu"),
       "--gate adaptive:1.5 --json",
   };
   for (const char* p : kPolicies) {

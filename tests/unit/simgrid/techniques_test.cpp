@@ -55,7 +55,7 @@ moex::DeviceProfile profile() {
 
 TEST_SUITE("simgrid") {
 
-TEST_CASE("technique rows: baseline equals the grid's LRU run; each technique does what it says") {
+TEST_CASE("technique rows: baseline equals the grid's LRU run, each technique does what it says") {
   const std::uint64_t seed = moex::test::seed();
   CAPTURE(seed);
   const auto trace = random_trace(400, seed);

@@ -107,7 +107,8 @@ struct BpbResult {
   moex::LayerStats total() const noexcept;
   /// Prediction recall over the layers that can be predicted (1 .. L-1): correct / selected.
   double recall() const noexcept;
-  /// Average experts computed (or skipped) per token per layer: selected / tokens.
+  /// Average experts selected per token per layer after the gate (selected / tokens; at batch 1
+  /// this is the gate's k, including experts a miss policy then skipped).
   double average_k() const noexcept;
 };
 

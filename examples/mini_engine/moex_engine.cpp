@@ -197,6 +197,7 @@ int cmd_generate(const Args& a, Engine& eng) {
   const moex::LayerStats t = (*moe)->stats().total();
   const double gen_s = std::chrono::duration<double>(t2 - t1).count();
   std::printf("\n");
+  std::fflush(stdout);
   std::fprintf(stderr,
                "[%s] prompt %zu tokens in %.3f s; generated %zu tokens in %.3f s: %.1f tokens/s; hit rate %.4f; "
                "bytes moved %.2f MiB; stall %.3f s\n",
@@ -295,7 +296,9 @@ int cmd_quality(const Args& a, Engine& eng, const std::string& model) {
     const moex::LayerStats t = r->total();
     char recall[32] = "-";
     if (t.predicted) std::snprintf(recall, sizeof recall, "%.4f", r->recall());
-    const std::uint64_t kept = t.selected - std::min(t.selected, t.skipped);
+    // `selected` counts experts after the gate; `skipped` counts gate drops and miss-policy skips
+    // (the latter still among `selected`). Rows with a gate skip nothing on a miss.
+    const std::uint64_t kept = row.o.gate.exact() ? t.selected - std::min(t.selected, t.skipped) : t.selected;
     std::printf("| %s | %.6f | %+.6f | %.3f | %.4f | %.1f | %.3f | %s | %.0f |\n", row.name.c_str(), r->bpb(),
                 r->bpb() - exact_bpb, t.tokens ? double(kept) / double(t.tokens) : 0.0, t.hit_rate(),
                 double(t.bytes_loaded) / 1048576.0, double(t.stall_ns) * 1e-9, recall, double(r->tokens) / r->seconds);

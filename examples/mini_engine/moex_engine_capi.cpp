@@ -168,6 +168,7 @@ int main(int argc, char** argv) {
       if (std::string e = tf.forward(std::span(&tok, 1), fn, last.data()); !e.empty()) return fail(e);
     }
     std::printf("\n");
+    std::fflush(stdout);
     moe.report(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), ctx.size() + made);
     return 0;
   }

@@ -51,7 +51,7 @@
 /* Compile-time version (the same macros as moex/version.hpp; zstd's number formula). */
 #ifndef MOEX_VERSION_MAJOR
 #define MOEX_VERSION_MAJOR 0
-#define MOEX_VERSION_MINOR 1
+#define MOEX_VERSION_MINOR 2
 #define MOEX_VERSION_PATCH 0
 #define MOEX_VERSION_NUMBER (MOEX_VERSION_MAJOR * 10000 + MOEX_VERSION_MINOR * 100 + MOEX_VERSION_PATCH)
 #endif

@@ -3,7 +3,7 @@
 /// Compile-time version of moex and the ABI inline namespace.
 
 #define MOEX_VERSION_MAJOR 0
-#define MOEX_VERSION_MINOR 1
+#define MOEX_VERSION_MINOR 2
 #define MOEX_VERSION_PATCH 0
 /// zstd's formula: major*10000 + minor*100 + patch.
 #define MOEX_VERSION_NUMBER (MOEX_VERSION_MAJOR * 10000 + MOEX_VERSION_MINOR * 100 + MOEX_VERSION_PATCH)
@@ -16,9 +16,9 @@
 // so two differently-configured copies of moex in one program fail to link instead of corrupting
 // memory (nlohmann's abi_macros.hpp).
 #if MOEX_HAS_CUDA
-#define MOEX_ABI_NS v0_1_cuda
+#define MOEX_ABI_NS v0_2_cuda
 #else
-#define MOEX_ABI_NS v0_1
+#define MOEX_ABI_NS v0_2
 #endif
 
 /// Opens namespace moex and its ABI inline namespace.

@@ -161,6 +161,15 @@ class SimBackend {
   const SimQueueStats& device_stats(SimDevice device) const noexcept {
     return stats_[kSimLinkCount + static_cast<std::size_t>(device)];
   }
+  /// Takes back the last `ns` of a link's queue (a cancelled copy that will not move `bytes`):
+  /// what is queued behind it moves up. Used by backends whose copies stop between chunks.
+  void rewind_link(SimLink link, std::uint64_t ns, std::uint64_t bytes) noexcept {
+    const std::size_t q = static_cast<std::size_t>(link);
+    ns = std::min(ns, free_at_[q] > now_ ? free_at_[q] - now_ : 0);
+    free_at_[q] -= ns;
+    stats_[q].busy_ns -= std::min(ns, stats_[q].busy_ns);
+    stats_[q].bytes -= std::min(bytes, stats_[q].bytes);
+  }
   /// Clock, queues and counters back to zero.
   void reset() noexcept {
     now_ = 0;

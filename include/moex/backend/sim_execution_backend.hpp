@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "moex/backend/sim_backend.hpp"
 #include "moex/concepts/backend.hpp"
@@ -19,13 +20,17 @@ struct SimExecutionConfig {
   SimLink load_link = SimLink::kHostToDevice;      ///< the link a miss or prefetch is loaded over
   SimDevice compute_device = SimDevice::kGpu;      ///< where resident experts run
   SimDevice source_device = SimDevice::kHostCpu;   ///< where an expert runs at its source
+  /// Copies move in chunks of this size; a cancelled copy stops at the next chunk boundary and
+  /// what is queued behind it moves up (as a copy engine fed chunk by chunk would). 0 = whole
+  /// copies (not cancellable once started).
+  std::uint64_t chunk_bytes = std::uint64_t{2} << 20;
 };
 
 /// An ExecutionBackend that moves no bytes: loads are copies on a SimBackend link, compute is
 /// time on a SimBackend device, all on the virtual clock. The executor's thread is the host: it
 /// blocks (the clock advances) only in wait_load and sync; compute is queued asynchronously, as
-/// kernel launches are. Loads cannot be cancelled once queued (a real copy engine can only stop
-/// between chunks; the simulator charges the whole copy).
+/// kernel launches are. A cancelled load gives the link back from its next chunk boundary (a copy
+/// not yet started gives back all of it), and the copies queued behind it move up.
 class SimExecutionBackend {
  public:
   static constexpr bool kHasData = false;
@@ -40,18 +45,51 @@ class SimExecutionBackend {
     return Status::ok();
   }
   std::size_t slot_count(Precision pool) const noexcept { return slots_[static_cast<std::size_t>(pool) % kPrecisionCount]; }
-  /// Queues the copy on the load link; the ticket is its completion time.
+  /// Queues the copy on the load link.
   Status start_load(Precision pool, std::size_t slot, const ExpertView& src, LoadTicket& ticket) noexcept {
     if (slot >= slot_count(pool)) return invalid_argument("SimExecutionBackend::start_load: slot out of range");
-    ticket = sim_.submit_copy(config_.load_link, src.layout.total_bytes);
+    prune();
+    if (jobs_.size() >= kMaxJobs) return out_of_memory("SimExecutionBackend: too many copies queued");
+    const std::uint64_t bytes = src.layout.total_bytes;
+    const std::uint64_t end = sim_.submit_copy(config_.load_link, bytes);
+    const LinkProfile& p = sim_.profile().links[static_cast<std::size_t>(config_.load_link)];
+    const std::uint64_t duration = p.latency_ns + sim_duration_ns(bytes, p.bytes_per_s);
+    jobs_.push_back({next_ticket_, bytes, end - std::min(end, duration), end});
+    ticket = next_ticket_++;
     return Status::ok();
   }
   Status wait_load(LoadTicket ticket) noexcept {
-    sim_.advance_to(ticket);
+    if (const Job* j = find(ticket)) sim_.advance_to(j->end);
     return Status::ok();
   }
-  bool load_done(LoadTicket ticket) noexcept { return ticket <= sim_.now(); }
-  void cancel_load(LoadTicket) noexcept {}
+  bool load_done(LoadTicket ticket) noexcept {
+    const Job* j = find(ticket);
+    return j == nullptr || j->end <= sim_.now();
+  }
+  void cancel_load(LoadTicket ticket) noexcept {
+    const auto it = std::find_if(jobs_.begin(), jobs_.end(), [&](const Job& j) { return j.ticket == ticket; });
+    if (it == jobs_.end() || it->end <= sim_.now()) return;
+    const std::uint64_t now = sim_.now();
+    std::uint64_t cut = it->start;  // not started: all of it goes
+    if (it->start < now) {
+      if (config_.chunk_bytes == 0) return;  // whole copies run to the end
+      const LinkProfile& p = sim_.profile().links[static_cast<std::size_t>(config_.load_link)];
+      const std::uint64_t chunk_ns = std::max<std::uint64_t>(1, sim_duration_ns(config_.chunk_bytes, p.bytes_per_s));
+      cut = std::min(it->end, it->start + (now - it->start + chunk_ns - 1) / chunk_ns * chunk_ns);
+    }
+    const std::uint64_t removed = it->end - cut;
+    const std::uint64_t moved_bytes =
+        it->end > it->start ? static_cast<std::uint64_t>(static_cast<long double>(it->bytes) *
+                                                          static_cast<long double>(cut - it->start) /
+                                                          static_cast<long double>(it->end - it->start))
+                            : it->bytes;
+    sim_.rewind_link(config_.load_link, removed, it->bytes - std::min(it->bytes, moved_bytes));
+    for (auto later = it + 1; later != jobs_.end(); ++later) {
+      later->start -= std::min(later->start, removed);
+      later->end -= std::min(later->end, removed);
+    }
+    jobs_.erase(it);
+  }
   ExpertView slot_view(Precision, std::size_t, const ExpertLayout& layout) const noexcept {
     return ExpertView{nullptr, nullptr, nullptr, layout};
   }
@@ -86,9 +124,30 @@ class SimExecutionBackend {
   const SimExecutionConfig& config() const noexcept { return config_; }
 
  private:
+  struct Job {
+    LoadTicket ticket;
+    std::uint64_t bytes, start, end;
+  };
+  static constexpr std::size_t kMaxJobs = std::size_t{1} << 20;
+
+  const Job* find(LoadTicket t) const noexcept {
+    for (const Job& j : jobs_)
+      if (j.ticket == t) return &j;
+    return nullptr;
+  }
+  /// Forgets copies that finished (they can no longer be cancelled or waited on).
+  void prune() noexcept {
+    const std::uint64_t now = sim_.now();
+    std::size_t done = 0;
+    while (done < jobs_.size() && jobs_[done].end <= now) ++done;
+    if (done) jobs_.erase(jobs_.begin(), jobs_.begin() + static_cast<std::ptrdiff_t>(done));
+  }
+
   SimBackend sim_;
   SimExecutionConfig config_;
   std::array<std::size_t, kPrecisionCount> slots_{};
+  std::vector<Job> jobs_;  // copies queued or in flight on the load link, in queue order
+  LoadTicket next_ticket_ = 1;
 };
 
 static_assert(ExecutionBackend<SimExecutionBackend>);

@@ -145,6 +145,10 @@ class MoeLayerExecutor {
   /// frees prefetch protection and retries once when protected entries leave no room.
   Status load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out);
   void release_prefetch_protection() noexcept;
+  /// A prefetch may take free room, or evict an expert that no layer has used for a whole pass
+  /// over the layers; it never displaces the current working set (on a saturated cache, wrong
+  /// or early prefetches would otherwise evict experts about to be used).
+  bool admit_prefetch(const PrefetchRequest& rq) const noexcept;
   void forget_in_flight(ExpertKey key) noexcept { in_flight_.erase(key.packed()); }
 
   const ExpertStore* store_ = nullptr;
@@ -242,6 +246,18 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
     }
     return std::min<std::uint64_t>(n, std::uint64_t{spec.n_layers} * spec.n_experts);
   };
+  // Every eviction group must hold at least one expert of its precision, or misses there fail.
+  for (std::uint32_t l = 0; l < spec.n_layers; ++l) {
+    const std::size_t g = cache->group_of({l, 0}, p);
+    if (cache->group_budget(g) < full.total_bytes)
+      return invalid_argument("executor: the budget of layer " + std::to_string(l) + " (" +
+                              std::to_string(cache->group_budget(g)) + " bytes) holds no " +
+                              std::string(to_string(p)) + " expert (" + std::to_string(full.total_bytes) + " bytes)");
+    if (has_low && cache->group_budget(cache->group_of({l, 0}, *config.low_precision)) < low.total_bytes)
+      return invalid_argument("executor: the low-precision pool of layer " + std::to_string(l) + " holds no " +
+                              std::string(to_string(*config.low_precision)) + " expert (" + std::to_string(low.total_bytes) +
+                              " bytes): raise low_precision_share or the budget");
+  }
   const std::uint64_t n_full = slots_for(p, full.total_bytes);
   const std::uint64_t n_low = has_low ? slots_for(*config.low_precision, low.total_bytes) : 0;
   if (n_full == 0) return invalid_argument("executor: no layer's budget holds one expert at the cache precision");
@@ -322,6 +338,16 @@ void MoeLayerExecutor<P>::release_prefetch_protection() noexcept {
   for (std::uint32_t l = 0; l < predicted_.size(); ++l)
     for (std::uint32_t e = 0; e < predicted_[l].size(); ++e)
       if (predicted_[l][e]) (void)cache_.unprotect({l, e});
+}
+
+template <ExecutorPolicies P>
+bool MoeLayerExecutor<P>::admit_prefetch(const PrefetchRequest& rq) const noexcept {
+  const std::size_t g = cache_.group_of(rq.key, rq.precision);
+  if (cache_.group_used(g) + rq.bytes <= cache_.group_budget(g)) return true;
+  const std::uint64_t pass = store_->spec().n_layers;
+  for (const SlotView& v : cache_.group_views(g))
+    if (!cache_.peek(v.key)->is_protected && v.last_step + pass <= step_) return true;
+  return false;
 }
 
 template <ExecutorPolicies P>
@@ -416,9 +442,11 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
   // 2. Predictions made for this layer: recall, and stale ones dropped.
   prefetch_.drop_layer(layer);
   std::vector<std::uint8_t>& pred = predicted_[layer];
+  // Recall counts layers a predictor can reach (not layer 0, nor anything without a predictor).
+  const bool predictable = predictor_.depth() > 0 && layer > 0;
   for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
     const bool sel = !users_[e].empty();
-    ls.selected += sel;
+    ls.selected += predictable && sel;
     if (!pred[e]) continue;
     ++ls.predicted;
     ls.predicted_correct += sel;
@@ -595,7 +623,7 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     issue_.clear();
     prefetch_.take_issuable(prefetch_bytes_in_flight_, layer, spec.n_layers, issue_);
     for (const PrefetchRequest& rq : issue_) {
-      if (cache_.contains(rq.key)) continue;
+      if (cache_.contains(rq.key) || !admit_prefetch(rq)) continue;
       std::uint32_t slot = 0;
       if (load(rq.key, rq.precision, true, slot).is_ok()) ++stats_.layers[rq.key.layer].prefetches;
     }

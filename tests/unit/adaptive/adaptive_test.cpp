@@ -142,6 +142,31 @@ TEST_CASE("prefetch stalls exactly the remainder when the link is slower than co
   CHECK(ex->backend().now_ns() == 2 * c + g);
 }
 
+TEST_CASE("a wrong prefetch gives the link back from its next chunk and later copies move up") {
+  moex::MoeModelSpec spec{2, 4, {512, 1024}, {moex::RouterKind::kSoftmaxTopKRenorm, 4, 1}};
+  auto store = moex::ExpertStore::create_virtual(spec, moex::float_format(moex::Precision::kBF16));
+  REQUIRE(store.is_ok());
+  const std::uint64_t eb = store->expert_bytes(moex::Precision::kBF16);
+  const std::uint64_t link = 1'000'000'000ull;  // slow link: the copy is still running when cancelled
+  moex::SimExecutionConfig sc;
+  sc.chunk_bytes = 1 << 20;
+  moex::SimExecutionBackend be(profile(link, 0, 0), sc);
+  REQUIRE(be.allocate_slots(moex::Precision::kBF16, eb, 4).is_ok());
+  const moex::ExpertView v{nullptr, nullptr, nullptr, moex::expert_layout(spec.shape, moex::float_format(moex::Precision::kBF16))};
+  moex::LoadTicket a = 0, b = 0, c = 0;
+  REQUIRE(be.start_load(moex::Precision::kBF16, 0, v, a).is_ok());
+  REQUIRE(be.start_load(moex::Precision::kBF16, 1, v, b).is_ok());
+  REQUIRE(be.start_load(moex::Precision::kBF16, 2, v, c).is_ok());
+  const std::uint64_t copy = moex::sim_duration_ns(eb, link), chunk = moex::sim_duration_ns(1 << 20, link);
+  be.sim().advance_to(chunk / 2);  // a is in its first chunk
+  be.cancel_load(a);               // a stops at the end of its first chunk
+  be.cancel_load(b);               // b never started: all of it goes
+  REQUIRE(be.wait_load(c).is_ok());
+  CHECK(be.now_ns() == chunk + copy);
+  CHECK(be.sim().link_stats(moex::SimLink::kHostToDevice).busy_ns == chunk + copy);
+  CHECK(be.load_done(a));
+}
+
 TEST_CASE("HOBBIT's precision rule loads low precision or skips by the unimportance score") {
   moex::HobbitPrecisionMiss h{0.6f, 0.9f};
   moex::MissContext c;
@@ -420,8 +445,8 @@ TEST_CASE("asynchronous CPU loads with cancellation keep outputs exact") {
   async.chunk_bytes = 1024;  // many chunks: cancellation lands between them
   auto pred = moex::PreGateRouter::speculative(store, 1);
   REQUIRE(pred.is_ok());
-  auto a = moex::MoeLayerExecutor<Spec>::create(store, {.cache_bytes = 4 * eb}, async, {}, {}, std::move(*pred));
-  auto b = moex::MoeLayerExecutor<>::create(store, {.cache_bytes = 4 * eb});
+  auto a = moex::MoeLayerExecutor<Spec>::create(store, {.cache_bytes = 10 * eb}, async, {}, {}, std::move(*pred));
+  auto b = moex::MoeLayerExecutor<>::create(store, {.cache_bytes = 10 * eb});
   REQUIRE(a.is_ok());
   REQUIRE(b.is_ok());
   for (std::size_t step = 0; step < 40; ++step) {

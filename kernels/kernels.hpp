@@ -11,6 +11,13 @@
 ///    with row stride ldy (elements). f32 keeps the kernels exact references of the CPU ones and
 ///    costs nothing measurable at batch <= 8, where the weights dominate the bytes moved.
 ///  - x must be 16-byte aligned with ldx a multiple of 4 (the kernels read it with 16-byte loads).
+///  - Integer weights (int8/int4/int2) take, by default, the q8 path: each token's x is quantized
+///    to int8 per weight group with the CPU's rule (include/moex/cpu/q8_kernel.hpp: d_x =
+///    max|x|/127, q = round-to-nearest-even(x * 127/max|x|)) and the dot products are integer
+///    (dp4a), one f32 FMA per group slice. Its only error beyond f32 rounding is the activation
+///    rounding, |x - d_x q| <= d_x/2 per element, so |y - y_exact| <= sum_g (d_x[g]/2) sum_{c in g}
+///    |w_c| (norm-wise about 4e-3 relative on random data); GemvArgs::exact selects the f32-activation
+///    kernel (exact to f32 rounding).
 
 #include <cstddef>
 #include <cstdint>
@@ -40,6 +47,11 @@ struct GemvArgs {
   std::size_t ldy = 0;
   std::uint32_t n = 1;           ///< tokens, 1..kMaxGemvTokens
   bool accumulate = false;
+  /// Integer formats: true keeps f32 activations (exact kernel); false (default) quantizes x to
+  /// int8 per group and uses integer dot products (see the file comment for its error bound).
+  /// Float formats ignore it. The q8 path also falls back to the exact kernel when n tokens of
+  /// quantized x do not fit one block's shared memory (about 150k columns at n = 1).
+  bool exact = false;
 };
 
 /// True when gemv() serves `format` for a matrix of `cols` columns on this build (bf16, f16 and
@@ -95,7 +107,10 @@ enum class RouterScore : std::uint8_t {
 ///  - Mixtral:     kSoftmax, renormalize = true,  scaling = 1
 ///  - Qwen2-MoE:   kSoftmax, renormalize = false, scaling = 1
 ///  - DeepSeek-V3: kSigmoid, bias = e_score_correction_bias, renormalize = true, scaling = 2.5
-/// (DeepSeek-V3's group-limited selection is not implemented: n_group = 1.)
+/// Group-limited selection (DeepSeek-V3: n_group = 8, topk_group = 4): the experts are cut into
+/// n_group equal groups; a group's score is the sum of its best two selection scores (kSigmoid)
+/// or its best one (kSoftmax), as in the CPU router (src/route/router.cpp); only the experts of
+/// the topk_group best groups (ties: lower group first) can be selected.
 struct RouterArgs {
   const float* logits = nullptr;  ///< [tokens x experts], row stride ld
   std::size_t ld = 0;
@@ -106,6 +121,8 @@ struct RouterArgs {
   const float* bias = nullptr;    ///< [experts], selection only; null: none
   bool renormalize = true;        ///< divide the k weights by their sum
   float scaling = 1.f;            ///< multiplies the final weights
+  std::uint32_t n_group = 1;      ///< 1..32, divides experts
+  std::uint32_t topk_group = 1;   ///< 1..n_group; k <= topk_group * experts / n_group
   std::int32_t* idx = nullptr;    ///< [tokens x k]
   float* weight = nullptr;        ///< [tokens x k]
 };

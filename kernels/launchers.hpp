@@ -15,6 +15,11 @@ namespace cuda {
 template <Precision P, int G, int T>
 Status launch_gemv(const GemvArgs& args, cudaStream_t stream) noexcept;
 
+/// The int8-activation (dp4a) GEMV for integer precision P, group G, token bucket T
+/// (kernels/gemv_q8.cuh); falls back to launch_gemv when the quantized x does not fit.
+template <Precision P, int G, int T>
+Status launch_gemv_q8(const GemvArgs& args, cudaStream_t stream) noexcept;
+
 /// Grouped SwiGLU experts for precision P, group G, token bucket T (every task's n <= T).
 template <Precision P, int G, int T>
 Status launch_grouped_expert(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;

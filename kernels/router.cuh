@@ -23,6 +23,7 @@ struct RouterParams {
   const float* bias;
   bool renormalize;
   float scaling;
+  std::uint32_t n_group, topk_group;
   std::int32_t* idx;
   float* weight;
 };
@@ -79,6 +80,59 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(const Rou
       } else {
         wt[i] = 0.f;
       }
+    }
+  }
+  if (p.n_group > 1) {
+    // Group-limited selection (the CPU router's rule): group score = best selection score
+    // (softmax) or the sum of the best two (sigmoid); keep the topk_group best groups (ties: lower
+    // group first); experts of other groups cannot be selected.
+    const std::uint32_t per_group = p.experts / p.n_group;
+    const bool two = p.sigmoid && per_group >= 2;
+    float gscore = kNegInf;  // lane g holds group g's score
+    for (std::uint32_t g = 0; g < p.n_group; ++g) {
+      float b1 = kNegInf, b2 = kNegInf;
+#pragma unroll
+      for (int i = 0; i < kRouterPerLane; ++i) {
+        const std::uint32_t e = static_cast<std::uint32_t>(lane + 32 * i);
+        if (e < p.experts && e / per_group == g) {
+          const float v = sel[i];
+          if (v > b1) {
+            b2 = b1;
+            b1 = v;
+          } else if (v > b2) {
+            b2 = v;
+          }
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {  // merge the top two of disjoint sets
+        const float o1 = __shfl_xor_sync(0xffffffffu, b1, o);
+        const float o2 = __shfl_xor_sync(0xffffffffu, b2, o);
+        const float lo = fminf(b1, o1);
+        b1 = fmaxf(b1, o1);
+        b2 = fmaxf(lo, fmaxf(b2, o2));
+      }
+      if (lane == static_cast<int>(g)) gscore = two ? b1 + b2 : b1;
+    }
+    std::uint32_t kept = 0;  // bit g: group g kept
+    for (std::uint32_t j = 0; j < p.topk_group; ++j) {
+      float bv = lane < static_cast<int>(p.n_group) && !((kept >> lane) & 1u) ? gscore : kNegInf;
+      int bi = lane < static_cast<int>(p.n_group) && !((kept >> lane) & 1u) ? lane : 0x7fffffff;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      if (bi < 32) kept |= 1u << bi;
+    }
+#pragma unroll
+    for (int i = 0; i < kRouterPerLane; ++i) {
+      const std::uint32_t e = static_cast<std::uint32_t>(lane + 32 * i);
+      if (e < p.experts && !((kept >> (e / per_group)) & 1u)) sel[i] = kNegInf;
     }
   }
   float total = 0.f;

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels.hpp"
@@ -172,9 +173,12 @@ void timed_loop(benchmark::State& state, cudaStream_t s, double bytes, double ce
 void BM_gemv(benchmark::State& state) {
   const FormatCase& fc = kFormats[state.range(0)];
   const auto n = static_cast<std::uint32_t>(state.range(1));
-  state.SetLabel(fc.name);
+  const bool exact = state.range(2) != 0;
+  const bool quant = moex::is_quantized(fc.f.precision);
+  state.SetLabel(std::string(fc.name) + (quant ? (exact ? " exact-f32" : " q8-dp4a") : ""));
   GemvSetup g(fc.f);
-  const mc::GemvArgs a = g.args(n);
+  mc::GemvArgs a = g.args(n);
+  a.exact = exact;
   bool good = true;
   timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes), g_d2d_gbps,
              [&] { good = good && mc::gemv(a, nullptr).is_ok(); });
@@ -375,10 +379,19 @@ int main(int argc, char** argv) {
   }
   measure_ceilings();
   const int nf = static_cast<int>(std::size(kFormats));
+  // Every format at batch 1 on its default path (q8 for integers), then the integers' exact path,
+  // then the default path repeated (run-to-run spread of the same kernel).
   for (int f = 0; f < nf; ++f)
-    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)->Args({f, 1})->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)->Args({f, 1, 0})->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+  for (int f = 2; f < nf; ++f)
+    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)->Args({f, 1, 1})->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+  for (int f = 2; f < nf; ++f)
+    benchmark::RegisterBenchmark("gemv/batch1-rerun", BM_gemv)->Args({f, 1, 0})->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+  for (int f : {5, 7})
+    for (int n : {2, 4, 8})
+      benchmark::RegisterBenchmark("gemv/batchN", BM_gemv)->Args({f, n, 0})->UseManualTime()->Iterations(30)->Unit(benchmark::kMicrosecond);
   for (int f : {0, 5, 7})
-    benchmark::RegisterBenchmark("gemv/batch8", BM_gemv)->Args({f, 8})->UseManualTime()->Iterations(30)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("gemv/batch8", BM_gemv)->Args({f, 8, 1})->UseManualTime()->Iterations(30)->Unit(benchmark::kMicrosecond);
   for (int n : {1, 8, 64})
     benchmark::RegisterBenchmark("cublas_bf16", BM_cublas_bf16)->Arg(n)->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
   for (int f : {0, 5, 7})

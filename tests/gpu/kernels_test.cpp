@@ -13,6 +13,7 @@
 #include "kernels.hpp"
 #include "moex/quant/half.hpp"
 #include "moex/quant/quantize.hpp"
+#include "moex/route/router.hpp"
 #include "support/test_support.hpp"
 
 namespace {
@@ -30,6 +31,13 @@ constexpr double kGemvTol = 1e-4;
 constexpr double kExpertTol = 1e-4;
 // Router: softmax/sigmoid in f32 against f64; weights are O(0.1).
 constexpr double kRouterTol = 1e-5;
+// q8 GEMV against the float64 product of the same weights with the activations quantized by the
+// CPU's rule: the integer dot products are exact, what is left is f32 rounding of d_w*d_x and of
+// the accumulation over <= 88 slices (~1e-6): 1e-4 keeps the exact kernel's margin.
+constexpr double kGemvQ8Tol = 1e-4;
+// q8 GEMV against the exact product: per output |err| <= sum_g (d_x[g]/2) sum_{c in g} |w_c|
+// (activation rounding) plus f32 rounding, checked elementwise with this relative slack.
+constexpr double kGemvQ8BoundSlack = 1.01;
 // cuBLAS bf16 x bf16 products are exact in f32; only accumulation order differs.
 constexpr double kGemmTol = 1e-5;
 
@@ -122,6 +130,7 @@ TEST_CASE("dequant_gemv matches the float64 reference in every format, batch 1..
         a.y = dy.get();
         a.ldy = ldy;
         a.n = n;
+        a.exact = true;
         const moex::Status st = mc::gemv(a, nullptr);
         INFO(st.to_string());
         REQUIRE(st.is_ok());
@@ -137,6 +146,103 @@ TEST_CASE("dequant_gemv matches the float64 reference in every format, batch 1..
       }
     }
   }
+}
+
+TEST_CASE("q8 GEMV (int8 activations, dp4a) matches the CPU quantization rule and its error bound") {
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  struct Shape { std::size_t rows, cols; };
+  double worst_exact = 0;  // norm-wise error against the exact product, over every case
+  for (const WeightFormat f : all_formats()) {
+    if (!moex::is_quantized(f.precision)) continue;
+    for (const Shape sh : {Shape{37, 1408}, Shape{130, 640}, Shape{9, 4096}}) {
+      for (const std::uint32_t n : {1u, 2u, 3u, 8u}) {
+        CAPTURE(moex::to_string(f.precision));
+        CAPTURE(f.group_size);
+        CAPTURE(static_cast<int>(f.scheme));
+        CAPTURE(sh.rows);
+        CAPTURE(sh.cols);
+        CAPTURE(n);
+        const std::size_t rows = sh.rows, cols = sh.cols, ldx = cols + 4, ldy = rows + 3, G = f.group_size;
+        const auto wf = moex::test::random_normal(rows * cols, 0.05f, salt_of(f, 1000 + rows + n));
+        const auto blob = encode(wf, rows, cols, f);
+        const auto w = decode(blob, rows, cols, f);
+        const auto x = moex::test::random_normal(n * ldx, 1.f, salt_of(f, 2000 + n));
+        // The CPU's rule (q8_kernel.hpp), in the same f32 arithmetic.
+        std::vector<double> xq(n * cols), dxc(n * cols);
+        for (std::size_t t = 0; t < n; ++t)
+          for (std::size_t g = 0; g < cols / G; ++g) {
+            float amax = 0.f;
+            for (std::size_t c = g * G; c < (g + 1) * G; ++c) amax = std::max(amax, std::fabs(x[t * ldx + c]));
+            const float inv = amax > 0.f ? 127.f / amax : 0.f;
+            const float d = amax / 127.f;
+            for (std::size_t c = g * G; c < (g + 1) * G; ++c) {
+              const float q = std::nearbyint(x[t * ldx + c] * inv);
+              xq[t * cols + c] = double(d) * q;
+              dxc[t * cols + c] = d;
+            }
+          }
+        std::vector<double> ref(n * rows), exact(n * rows), bound(n * rows);
+        for (std::size_t t = 0; t < n; ++t)
+          for (std::size_t r = 0; r < rows; ++r) {
+            double s = 0, e = 0, b = 0;
+            for (std::size_t c = 0; c < cols; ++c) {
+              const double wv = w[r * cols + c];
+              s += wv * xq[t * cols + c];
+              e += wv * x[t * ldx + c];
+              b += std::fabs(wv) * dxc[t * cols + c] / 2;
+            }
+            ref[t * rows + r] = s;
+            exact[t * rows + r] = e;
+            bound[t * rows + r] = b;
+          }
+        moex::test::DeviceBuffer<std::byte> dw(blob.size());
+        moex::test::DeviceBuffer<float> dx(x.size()), dy(n * ldy);
+        REQUIRE(dw.upload(blob));
+        REQUIRE(dx.upload(x));
+        REQUIRE(dy.poison());
+        mc::GemvArgs a;
+        a.w = dw.get();
+        a.layout = moex::matrix_layout(rows, cols, f);
+        a.x = dx.get();
+        a.ldx = ldx;
+        a.y = dy.get();
+        a.ldy = ldy;
+        a.n = n;
+        const moex::Status st = mc::gemv(a, nullptr);
+        INFO(st.to_string());
+        REQUIRE(st.is_ok());
+        MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+        const auto y = dy.download(n * ldy);
+        std::vector<float> got(n * rows);
+        for (std::size_t t = 0; t < n; ++t)
+          for (std::size_t r = 0; r < rows; ++r) got[t * rows + r] = y[t * ldy + r];
+        CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
+        CHECK(moex::test::rel_error(got, ref) < kGemvQ8Tol);
+        std::size_t over = 0;
+        for (std::size_t i = 0; i < got.size(); ++i)
+          if (std::fabs(got[i] - exact[i]) > kGemvQ8BoundSlack * bound[i] + 1e-6) ++over;
+        CHECK(over == 0);
+        worst_exact = std::max(worst_exact, moex::test::rel_error(got, exact));
+        CHECK(std::isnan(y[rows]));
+        // accumulate adds onto y
+        if (n == 1) {
+          a.accumulate = true;
+          REQUIRE(mc::gemv(a, nullptr).is_ok());
+          MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+          const auto y2 = dy.download(ldy);
+          std::vector<float> g2(rows);
+          std::vector<double> r2(rows);
+          for (std::size_t r = 0; r < rows; ++r) {
+            g2[r] = y2[r];
+            r2[r] = 2 * ref[r];
+          }
+          CHECK(moex::test::rel_error(g2, r2) < kGemvQ8Tol);
+        }
+      }
+    }
+  }
+  MESSAGE("q8 GEMV: worst norm-wise error against the exact product over all cases: " << worst_exact);
 }
 
 TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the float64 reference") {
@@ -289,6 +395,90 @@ TEST_CASE("route_topk matches the Mixtral, Qwen2-MoE and DeepSeek-V3 routers") {
       }
     }
   }
+}
+
+TEST_CASE("route_topk's group-limited selection agrees with the CPU router (DeepSeek-V3 and softmax kinds)") {
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  struct Variant {
+    const char* name;
+    std::uint32_t experts, k, n_group, topk_group;
+    moex::RouterKind kind;
+  };
+  const Variant variants[] = {{"deepseek-v3", 256, 8, 8, 4, moex::RouterKind::kSigmoidBiasScaled},
+                              {"sigmoid 64e/16g", 64, 6, 16, 3, moex::RouterKind::kSigmoidBiasScaled},
+                              {"softmax renorm 160e/8g", 160, 6, 8, 3, moex::RouterKind::kSoftmaxTopKRenorm},
+                              {"softmax 64e/32g", 64, 4, 32, 2, moex::RouterKind::kSoftmaxTopK},
+                              {"sigmoid 1 per group", 32, 4, 32, 5, moex::RouterKind::kSigmoidBiasScaled}};
+  const std::uint32_t tokens = 41;
+  for (const Variant& v : variants) {
+    CAPTURE(v.name);
+    moex::RouterConfig cfg;
+    cfg.kind = v.kind;
+    cfg.n_experts = v.experts;
+    cfg.top_k = v.k;
+    cfg.n_group = v.n_group;
+    cfg.topk_group = v.topk_group;
+    const bool sigmoid = v.kind == moex::RouterKind::kSigmoidBiasScaled;
+    cfg.routed_scaling = sigmoid ? 2.5f : 1.f;
+    REQUIRE(moex::validate(cfg).is_ok());
+    const std::size_t ld = v.experts + 3;
+    const auto logits = moex::test::random_normal(tokens * ld, 2.f, 900 + v.experts + v.n_group);
+    const auto bias = moex::test::random_normal(v.experts, 0.1f, 901 + v.experts);
+    moex::test::DeviceBuffer<float> dl(logits.size()), db(bias.size()), dw(tokens * v.k);
+    moex::test::DeviceBuffer<std::int32_t> di(tokens * v.k);
+    REQUIRE(dl.upload(logits));
+    REQUIRE(db.upload(bias));
+    REQUIRE(dw.poison());
+    REQUIRE(di.poison());
+    mc::RouterArgs a;
+    a.logits = dl.get();
+    a.ld = ld;
+    a.tokens = tokens;
+    a.experts = v.experts;
+    a.k = v.k;
+    a.score = sigmoid ? mc::RouterScore::kSigmoid : mc::RouterScore::kSoftmax;
+    a.bias = sigmoid ? db.get() : nullptr;
+    a.renormalize = v.kind != moex::RouterKind::kSoftmaxTopK;
+    a.scaling = cfg.routed_scaling;
+    a.n_group = v.n_group;
+    a.topk_group = v.topk_group;
+    a.idx = di.get();
+    a.weight = dw.get();
+    const moex::Status st = mc::route_topk(a, nullptr);
+    INFO(st.to_string());
+    REQUIRE(st.is_ok());
+    MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+    const auto idx = di.download(tokens * v.k);
+    const auto wt = dw.download(tokens * v.k);
+    for (std::uint32_t t = 0; t < tokens; ++t) {
+      CAPTURE(t);
+      moex::TokenRouting ref;
+      const std::span<const float> lg(logits.data() + t * ld, v.experts);
+      REQUIRE(moex::route_token(cfg, lg, sigmoid ? std::span<const float>(bias) : std::span<const float>(), ref).is_ok());
+      for (std::uint32_t j = 0; j < v.k; ++j) {
+        CHECK(idx[t * v.k + j] == static_cast<std::int32_t>(ref.experts[j]));
+        CHECK(std::fabs(wt[t * v.k + j] - ref.weights[j]) <= kRouterTol * std::max(1.f, std::fabs(ref.weights[j])));
+      }
+    }
+  }
+  // Invalid group settings are rejected before launch.
+  mc::RouterArgs bad;
+  std::vector<float> dummy(8);
+  std::vector<std::int32_t> idummy(8);
+  bad.logits = dummy.data();
+  bad.idx = idummy.data();
+  bad.weight = dummy.data();
+  bad.ld = 64;
+  bad.tokens = 1;
+  bad.experts = 64;
+  bad.k = 8;
+  bad.n_group = 3;  // does not divide 64
+  CHECK(mc::route_topk(bad, nullptr).code() == moex::StatusCode::kInvalidArgument);
+  bad.n_group = 8;
+  bad.topk_group = 1;  // 8 experts per kept group: k = 8 fits
+  bad.k = 9;
+  CHECK(mc::route_topk(bad, nullptr).code() == moex::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("weighted_combine sums k weighted rows per token, overwriting or accumulating") {

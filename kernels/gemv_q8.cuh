@@ -1,0 +1,340 @@
+#pragma once
+/// @file gemv_q8.cuh
+/// Device templates of q8_gemv: the integer-weight GEMV (int8/int4/int2 group-quantized) with
+/// activations quantized to int8 per weight group and integer dot products (dp4a).
+///
+/// ## Method (the CPU's Q8 rule, include/moex/cpu/q8_kernel.hpp)
+/// Each block first quantizes every token's x into shared memory, per weight group of G columns:
+/// d_x = max|x| / 127, q = round-to-nearest-even(x * (127 / max|x|)) in [-127, 127] (all in f32,
+/// exactly the CPU's arithmetic). The block is persistent: it then streams as many row groups as
+/// the grid spreads over it, so the quantization is paid once per block, not once per row.
+///
+/// A lane's 16-byte load holds E = 128/b codes (a "unit"). A unit is cut into slices of
+/// S = min(E, G) columns, each inside one group; per slice the lane forms the exact int32 sum
+/// sum_j u_j q_j with `dp4a.u32.s32`, and then
+///   symmetric:  acc += float(sum u q - 2^(b-1) sum q) * (d_w d_x)        (one I2F, one FMA)
+///   asymmetric: acc += float(sum u q) * (d_w d_x) + m_w * (d_x sum q)
+/// where sum q and d_x sum q are precomputed per slice.
+///
+/// Unpacking is masks only: the activation bytes are stored permuted within each 32-bit word of
+/// codes into the order the masks expose them. int4: w & 0x0F0F0F0F holds the even elements of
+/// the word, w & 0xF0F0F0F0 the odd ones times 16; int2: w & (0x03030303 << 2i) holds elements
+/// 4k+i times 4^i. The scaled partial sums are multiples of 16 / 4^i and are shifted back exactly
+/// (arithmetic shift of an exact multiple). Per 8 int4 codes: 2 LOP + 2 dp4a.
+///
+/// Shared memory per token: the int8 activations in a lane-interleaved order (unit u, 16-byte part
+/// j at ((u/32)*P + j)*512 + (u%32)*16, P = E/16), so each warp-wide 16-byte read is conflict free,
+/// then one float2 {d_x, sum q (sym, int bits) | d_x sum q (asym)} per slice.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels.hpp"
+#include "launchers.hpp"
+#include "moex/types.hpp"
+
+MOEX_NAMESPACE_BEGIN
+namespace cuda {
+namespace detail {
+
+inline constexpr int kQ8Warps = 8;  ///< warps per block of q8_gemv
+inline constexpr int kQ8Rows = 4;   ///< rows per warp
+
+/// Compile-time geometry of q8_gemv for b-bit codes and group G.
+template <int B, int G>
+struct Q8Geo {
+  static constexpr int kE = 128 / B;             ///< columns per 16-byte load (unit)
+  static constexpr int kParts = kE / 16;         ///< 16-byte activation parts per unit
+  static constexpr int kS = kE < G ? kE : G;     ///< columns per slice
+  static constexpr int kSpu = kE / kS;           ///< slices per unit
+  static constexpr int kOff = 1 << (B - 1);      ///< symmetric offset
+  static constexpr int kWordCols = 32 / B;       ///< columns per 32-bit word of codes
+
+  /// Offset of column p (0..kE-1) of a unit inside the unit's kE permuted activation bytes.
+  __host__ __device__ static constexpr int perm(int p) {
+    const int w = p / kWordCols, i = p % kWordCols;
+    if constexpr (B == 8) return p;
+    else if constexpr (B == 4) return w * 8 + (i & 1) * 4 + (i >> 1);
+    else return w * 16 + (i & 3) * 4 + (i >> 2);
+  }
+};
+
+/// Shared-memory bytes of one token (activations, then slice metadata).
+template <int B, int G>
+constexpr std::size_t q8_act_bytes(std::size_t cols) {
+  using Geo = Q8Geo<B, G>;
+  const std::size_t units = cols / Geo::kE;
+  return ((units + 31) / 32) * 32 * Geo::kE;
+}
+template <int B, int G>
+constexpr std::size_t q8_token_bytes(std::size_t cols) {
+  return q8_act_bytes<B, G>(cols) + (cols / Q8Geo<B, G>::kS) * 8;
+}
+
+__device__ __forceinline__ int dp4a_us(std::uint32_t a, std::uint32_t b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+/// Exact sum_j u_j q_j over slice s of one unit: v holds the unit's codes, a its activations.
+template <int B, int G>
+__device__ __forceinline__ int slice_dot(const uint4& v, const uint4 (&a)[Q8Geo<B, G>::kParts], int s) {
+  using Geo = Q8Geo<B, G>;
+  const std::uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  constexpr int kWords = 4 / Geo::kSpu;  // words of codes per slice
+  if constexpr (B == 8) {
+    const std::uint32_t q[4] = {a[0].x, a[0].y, a[0].z, a[0].w};
+    int acc = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc = dp4a_us(w[k], q[k], acc);
+    return acc;
+  } else if constexpr (B == 4) {
+    const std::uint32_t q[8] = {a[0].x, a[0].y, a[0].z, a[0].w, a[1].x, a[1].y, a[1].z, a[1].w};
+    int lo = 0, hi = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      lo = dp4a_us(w[k] & 0x0F0F0F0Fu, q[2 * k], lo);
+      hi = dp4a_us(w[k] & 0xF0F0F0F0u, q[2 * k + 1], hi);
+    }
+    return lo + (hi >> 4);
+  } else {
+    int p0 = 0, p1 = 0, p2 = 0, p3 = 0;
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) {
+      const int wi = s * kWords + k;
+      const uint4 q = a[wi];
+      p0 = dp4a_us(w[wi] & 0x03030303u, q.x, p0);
+      p1 = dp4a_us(w[wi] & 0x0C0C0C0Cu, q.y, p1);
+      p2 = dp4a_us(w[wi] & 0x30303030u, q.z, p2);
+      p3 = dp4a_us(w[wi] & 0xC0C0C0C0u, q.w, p3);
+    }
+    return p0 + (p1 >> 2) + (p2 >> 4) + (p3 >> 6);
+  }
+}
+
+/// Quantizes T tokens of x (token t >= n reads token 0) into the block's shared memory.
+template <int B, int G, int T>
+__device__ __forceinline__ void q8_quantize(const float* x, std::size_t ldx, std::uint32_t n,
+                                            std::size_t cols, bool asym, unsigned char* smem) {
+  using Geo = Q8Geo<B, G>;
+  constexpr int kGL = G / 4;          // lanes per group (4 columns a lane)
+  constexpr int kSL = Geo::kS / 4;    // lanes per slice
+  const std::size_t act = q8_act_bytes<B, G>(cols);
+  const std::size_t stride = q8_token_bytes<B, G>(cols);
+  const std::size_t per_token = cols / 4;
+  const std::size_t total = per_token * T;
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  constexpr int kBatch = 4;  // float4 loads in flight per thread before the first use
+  for (std::size_t base = 0; base < total; base += static_cast<std::size_t>(blockDim.x) * kBatch) {
+    float4 v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const std::size_t i = base + static_cast<std::size_t>(k) * blockDim.x + threadIdx.x;
+      v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (i < total) {
+        const std::size_t t = i / per_token;
+        const std::size_t src = t < n ? t : 0;
+        v[k] = __ldg(reinterpret_cast<const float4*>(x + src * ldx) + (i - t * per_token));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      // Whole warps take the same path (total and blockDim are multiples of 32... or not: the
+      // shuffles below run on every lane regardless; out-of-range lanes carry zeros).
+      const std::size_t i = base + static_cast<std::size_t>(k) * blockDim.x + threadIdx.x;
+      float amax = fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w)));
+#pragma unroll
+      for (int o = kGL / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      const float d = amax / 127.f;
+      const float xs[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+      int q[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) q[j] = max(-128, min(127, __float2int_rn(xs[j] * inv)));
+      int sq = q[0] + q[1] + q[2] + q[3];
+#pragma unroll
+      for (int o = kSL / 2; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+      if (i < total) {
+        const std::size_t t = i / per_token;
+        const std::size_t c = (i - t * per_token) * 4;
+        unsigned char* tok = smem + t * stride;
+        const std::size_t u = c / Geo::kE;
+        const int p0 = static_cast<int>(c % Geo::kE);
+        unsigned char* unit = tok + ((u >> 5) * Geo::kParts) * 512 + (u & 31u) * 16;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int o = Geo::perm(p0 + j);
+          unit[(o >> 4) * 512 + (o & 15)] = static_cast<unsigned char>(static_cast<signed char>(q[j]));
+        }
+        if ((lane % kSL) == 0) {
+          float2 meta;
+          meta.x = d;
+          meta.y = asym ? d * static_cast<float>(sq) : __int_as_float(sq);
+          reinterpret_cast<float2*>(tok + act)[c / Geo::kS] = meta;
+        }
+      }
+    }
+  }
+}
+
+/// Launch parameters of q8_gemv (the rows of a persistent grid).
+struct Q8Params {
+  const std::byte* w;
+  std::size_t scales_off, mins_off;  ///< mins_off 0: symmetric
+  std::size_t rows, cols;
+  const float* x;
+  std::size_t ldx;
+  float* y;
+  std::size_t ldy;
+  std::uint32_t n;
+  bool accumulate;
+};
+
+template <Precision P, int G, int T, bool Asym>
+__global__ void __launch_bounds__(kQ8Warps * 32) q8_gemv(const Q8Params p) {
+  constexpr int B = static_cast<int>(precision_bits(P));
+  using Geo = Q8Geo<B, G>;
+  constexpr int R = kQ8Rows;
+  extern __shared__ __align__(16) unsigned char q8_smem[];
+  q8_quantize<B, G, T>(p.x, p.ldx, p.n, p.cols, Asym, q8_smem);
+  __syncthreads();
+
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const std::size_t act = q8_act_bytes<B, G>(p.cols);
+  const std::size_t stride = q8_token_bytes<B, G>(p.cols);
+  const std::size_t units = p.cols / Geo::kE;
+  const std::size_t row_bytes = p.cols * B / 8;
+  const std::size_t gpr = p.cols / G;
+  const std::size_t row_groups = (p.rows + R - 1) / R;
+  const auto* base = reinterpret_cast<const std::uint8_t*>(p.w);
+  const auto* scales = reinterpret_cast<const __half*>(base + p.scales_off);
+  const auto* mins = reinterpret_cast<const __half*>(base + p.mins_off);
+  for (std::size_t rg = static_cast<std::size_t>(blockIdx.x) * kQ8Warps + threadIdx.x / 32; rg < row_groups;
+       rg += static_cast<std::size_t>(gridDim.x) * kQ8Warps) {
+    const std::size_t row0 = rg * R;
+    std::size_t row[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) row[r] = row0 + r < p.rows ? row0 + r : p.rows - 1;
+    float acc[R][T];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
+    for (std::size_t u = static_cast<std::size_t>(lane); u < units; u += 32) {
+      uint4 v[R];
+      float dw[R][Geo::kSpu], mw[R][Geo::kSpu];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        v[r] = __ldcs(reinterpret_cast<const uint4*>(base + row[r] * row_bytes) + u);
+#pragma unroll
+        for (int s = 0; s < Geo::kSpu; ++s) {
+          const std::size_t g = (u * Geo::kE + static_cast<std::size_t>(s) * Geo::kS) / G;
+          dw[r][s] = __half2float(scales[row[r] * gpr + g]);
+          mw[r][s] = Asym ? __half2float(mins[row[r] * gpr + g]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        const unsigned char* tok = q8_smem + static_cast<std::size_t>(t) * stride;
+        const unsigned char* ua = tok + ((u >> 5) * Geo::kParts) * 512 + (u & 31u) * 16;
+        uint4 a[Geo::kParts];
+#pragma unroll
+        for (int j = 0; j < Geo::kParts; ++j) a[j] = *reinterpret_cast<const uint4*>(ua + j * 512);
+        float2 meta[Geo::kSpu];
+#pragma unroll
+        for (int s = 0; s < Geo::kSpu; ++s)
+          meta[s] = reinterpret_cast<const float2*>(tok + act)[u * Geo::kSpu + s];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int s = 0; s < Geo::kSpu; ++s) {
+            int dot = slice_dot<B, G>(v[r], a, s);
+            if constexpr (Asym) {
+              acc[r][t] = fmaf(static_cast<float>(dot), dw[r][s] * meta[s].x, acc[r][t]);
+              acc[r][t] = fmaf(mw[r][s], meta[s].y, acc[r][t]);
+            } else {
+              dot -= Geo::kOff * __float_as_int(meta[s].y);
+              acc[r][t] = fmaf(static_cast<float>(dot), dw[r][s] * meta[s].x, acc[r][t]);
+            }
+          }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        float s = acc[r][t];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        acc[r][t] = s;
+      }
+    // Lane r*T + t writes (row0 + r, token t): the stores spread over the warp.
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t)
+        if (lane == (r * T + t) % 32 && row0 + r < p.rows && t < static_cast<int>(p.n)) {
+          float* o = p.y + t * p.ldy + row0 + r;
+          *o = p.accumulate ? *o + acc[r][t] : acc[r][t];
+        }
+  }
+}
+
+/// Dynamic shared memory one q8_gemv block needs for T tokens of `cols` columns.
+template <Precision P, int G, int T>
+constexpr std::size_t q8_smem_bytes(std::size_t cols) {
+  return T * q8_token_bytes<static_cast<int>(precision_bits(P)), G>(cols);
+}
+
+}  // namespace detail
+
+namespace detail {
+template <Precision P, int G, int T, bool Asym>
+Status launch_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
+  const std::size_t smem = detail::q8_smem_bytes<P, G, T>(a.layout.cols);
+  int dev = 0, sms = 0, optin = 0;
+  MOEX_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), "cudaGetDevice"));
+  MOEX_RETURN_IF_ERROR(cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count"));
+  MOEX_RETURN_IF_ERROR(cuda_status(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit"));
+  if (smem > static_cast<std::size_t>(optin)) return launch_gemv<P, G, T>(a, stream);  // exact path
+  auto* kernel = detail::q8_gemv<P, G, T, Asym>;
+  if (smem > 48 * 1024)
+    MOEX_RETURN_IF_ERROR(cuda_status(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+        "q8_gemv shared memory"));
+  int per_sm = 0;
+  MOEX_RETURN_IF_ERROR(cuda_status(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, detail::kQ8Warps * 32, smem),
+      "q8_gemv occupancy"));
+  if (per_sm < 1) per_sm = 1;
+  const std::size_t row_groups = (a.layout.rows + detail::kQ8Rows - 1) / detail::kQ8Rows;
+  const std::size_t needed = (row_groups + detail::kQ8Warps - 1) / detail::kQ8Warps;
+  const std::size_t cap = static_cast<std::size_t>(sms) * static_cast<std::size_t>(per_sm);
+  const auto blocks = static_cast<unsigned>(needed < cap ? needed : cap);
+  const detail::Q8Params p{a.w, a.layout.scales_offset, a.layout.mins_offset, a.layout.rows, a.layout.cols,
+                           a.x, a.ldx, a.y, a.ldy, a.n, a.accumulate};
+  kernel<<<blocks, detail::kQ8Warps * 32, smem, stream>>>(p);
+  return cuda_status(cudaGetLastError(), "q8_gemv launch");
+}
+}  // namespace detail
+
+template <Precision P, int G, int T>
+Status launch_gemv_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
+  return a.layout.mins_offset ? detail::launch_q8<P, G, T, true>(a, stream)
+                              : detail::launch_q8<P, G, T, false>(a, stream);
+}
+
+}  // namespace cuda
+MOEX_NAMESPACE_END
+
+/// Explicit instantiations of q8_gemv for one (precision, group), token buckets 1, 2, 4, 8.
+#define MOEX_INSTANTIATE_GEMV_Q8(P, G)                                                                   \
+  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 1>(const GemvArgs&, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 2>(const GemvArgs&, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 4>(const GemvArgs&, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 8>(const GemvArgs&, cudaStream_t) noexcept;

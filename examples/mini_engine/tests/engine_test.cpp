@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -377,5 +378,71 @@ TEST_CASE("prediction-only policies are exact; pre-gate fit and adaptive-gate ca
                  << ar->average_k() << " on the test text; bpb " << ar->bpb());
     CHECK(ar->average_k() < top_k);
   }
+}
+}
+
+TEST_SUITE("engine") {
+TEST_CASE("a recorded routing trace round-trips through moex's binary and JSON Lines forms") {
+  MOEX_REQUIRE_SHARED(shared);
+  const Windows windows = fixed_windows();
+  auto eng = Engine::open((shared / "models" / "tiny-mixtral-8e").string());
+  REQUIRE(eng.is_ok());
+  auto moe = (*eng)->make_runner({});
+  REQUIRE(moe.is_ok());
+  (*moe)->record_trace(true);
+  REQUIRE(moex_engine::evaluate_bpb(**eng, **moe, windows, 0).is_ok());
+  const moex::RoutingTrace& tr = (*moe)->trace();
+  CHECK(tr.tokens() == 2 * kWindow);
+  CHECK(tr.sequences() == 2);
+  CHECK(tr.n_layers == 8);
+  const auto dir = moex::test::temp_dir("engine-trace");
+  REQUIRE(moex::write_trace_binary(tr, dir / "t.moextrace").is_ok());
+  REQUIRE(moex::write_trace_jsonl(tr, dir / "t.jsonl").is_ok());
+  for (const char* f : {"t.moextrace", "t.jsonl"}) {
+    CAPTURE(f);
+    auto back = moex::load_trace(dir / f);
+    REQUIRE_MESSAGE(back.is_ok(), back.status().to_string());
+    CHECK(back->expert_ids == tr.expert_ids);
+    CHECK(back->seq_start == tr.seq_start);
+  }
+}
+
+TEST_CASE("bad config.json and safetensors inputs are errors, not crashes") {
+  moex_engine::ModelShape s;
+  CHECK_FALSE(moex_engine::parse_config("not json", s).empty());
+  CHECK_FALSE(moex_engine::parse_config("{\"model_type\":\"llama\"}", s).empty());
+  CHECK_FALSE(moex_engine::parse_config("{\"model_type\":\"mixtral\",\"num_hidden_layers\":-3}", s).empty());
+  CHECK_FALSE(moex_engine::parse_config(
+                  "{\"model_type\":\"mixtral\",\"num_hidden_layers\":2,\"hidden_size\":8,\"num_attention_heads\":3,"
+                  "\"num_key_value_heads\":2,\"vocab_size\":4,\"max_position_embeddings\":8,\"num_local_experts\":2,"
+                  "\"num_experts_per_tok\":1,\"intermediate_size\":4}",
+                  s)
+                  .empty());  // heads not a multiple of kv heads
+  const auto dir = moex::test::temp_dir("engine-bad");
+  moex_engine::SafetensorsLite st;
+  CHECK_FALSE(st.open(dir.string()).empty());  // nothing there
+  {
+    std::FILE* f = std::fopen((dir / "model.safetensors").c_str(), "wb");
+    REQUIRE(f != nullptr);
+    const unsigned char huge[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f};  // header "length"
+    std::fwrite(huge, 1, 8, f);
+    std::fputs("{}", f);
+    std::fclose(f);
+  }
+  CHECK_FALSE(st.open(dir.string()).empty());
+  {
+    std::FILE* f = std::fopen((dir / "model.safetensors").c_str(), "wb");
+    const std::string h = "{\"x\":{\"dtype\":\"BF16\",\"shape\":[4],\"data_offsets\":[0,800]}}";
+    const std::uint64_t n = h.size();
+    unsigned char len[8];
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
+    std::fwrite(len, 1, 8, f);
+    std::fwrite(h.data(), 1, h.size(), f);
+    std::fclose(f);
+  }
+  CHECK_FALSE(st.open(dir.string()).empty());  // data beyond the file
+  moex_engine::Transformer tf;
+  const std::uint32_t tok = 0;
+  CHECK_FALSE(tf.forward(std::span(&tok, 1), {}, nullptr).empty());  // nothing loaded
 }
 }

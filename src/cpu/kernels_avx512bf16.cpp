@@ -32,6 +32,7 @@
 
 #  include "moex/cpu/matmul_kernel.hpp"
 #  include "moex/cpu/q8_kernel.hpp"
+#  include "moex/cpu/vnni_kernel.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
@@ -194,7 +195,7 @@ namespace detail {
 
 void matmul_rows_avx512bf16(const MatmulArgs& a) noexcept {
   if (a.layout.format.precision != Precision::kBF16) {
-    if (cpu_has_avx512vnni() && matmul_rows_q8<Vnni>(a)) return;
+    if (cpu_has_avx512vnni() && matmul_rows_vnni(a)) return;
     return matmul_rows_avx512(a);
   }
   const Bf16DotTile tile{reinterpret_cast<const std::uint8_t*>(a.w), a.layout.cols, a.ldx, a.ldy};

@@ -83,7 +83,9 @@ Status gemv(const GemvArgs& a, cudaStream_t stream) noexcept {
       a.ldy < a.layout.rows)
     return invalid_argument("gemv: misaligned pointer or bad stride");
   return dispatch(a.layout.format, a.n, [&]<Precision P, int G, int T>() {
-    if constexpr (G > 0) {
+    // int8 stays on the f32 kernel: it already streams at the copy ceiling there, and its q8
+    // variant measured slower (bench/RESULTS-gpu.md).
+    if constexpr (P == Precision::kInt4 || P == Precision::kInt2) {
       if (!a.exact) return launch_gemv_q8<P, G, T>(a, stream);
     }
     return launch_gemv<P, G, T>(a, stream);

@@ -230,11 +230,24 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_gemv(const Q8Params p) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         v[r] = __ldcs(reinterpret_cast<const uint4*>(base + row[r] * row_bytes) + u);
-#pragma unroll
-        for (int s = 0; s < Geo::kSpu; ++s) {
-          const std::size_t g = (u * Geo::kE + static_cast<std::size_t>(s) * Geo::kS) / G;
-          dw[r][s] = __half2float(scales[row[r] * gpr + g]);
-          mw[r][s] = Asym ? __half2float(mins[row[r] * gpr + g]) : 0.f;
+        if constexpr (Geo::kSpu == 2) {
+          // Two groups per unit (int2, G = 32): groups 2u, 2u+1 are one aligned 4-byte load (gpr
+          // is even since cols % 64 == 0, and the sections are 64-byte aligned).
+          const std::size_t g = 2 * u;
+          const float2 d2 = __half22float2(*reinterpret_cast<const __half2*>(scales + row[r] * gpr + g));
+          dw[r][0] = d2.x;
+          dw[r][1] = d2.y;
+          if constexpr (Asym) {
+            const float2 m2 = __half22float2(*reinterpret_cast<const __half2*>(mins + row[r] * gpr + g));
+            mw[r][0] = m2.x;
+            mw[r][1] = m2.y;
+          } else {
+            mw[r][0] = mw[r][1] = 0.f;
+          }
+        } else {
+          const std::size_t g = u * Geo::kE / G;
+          dw[r][0] = __half2float(scales[row[r] * gpr + g]);
+          mw[r][0] = Asym ? __half2float(mins[row[r] * gpr + g]) : 0.f;
         }
       }
 #pragma unroll

@@ -11,7 +11,7 @@
 ///    with row stride ldy (elements). f32 keeps the kernels exact references of the CPU ones and
 ///    costs nothing measurable at batch <= 8, where the weights dominate the bytes moved.
 ///  - x must be 16-byte aligned with ldx a multiple of 4 (the kernels read it with 16-byte loads).
-///  - Integer weights (int8/int4/int2) take, by default, the q8 path: each token's x is quantized
+///  - int4/int2 weights take, by default, the q8 path: each token's x is quantized
 ///    to int8 per weight group with the CPU's rule (include/moex/cpu/q8_kernel.hpp: d_x =
 ///    max|x|/127, q = round-to-nearest-even(x * 127/max|x|)) and the dot products are integer
 ///    (dp4a), one f32 FMA per group slice. Its only error beyond f32 rounding is the activation
@@ -47,9 +47,9 @@ struct GemvArgs {
   std::size_t ldy = 0;
   std::uint32_t n = 1;           ///< tokens, 1..kMaxGemvTokens
   bool accumulate = false;
-  /// Integer formats: true keeps f32 activations (exact kernel); false (default) quantizes x to
-  /// int8 per group and uses integer dot products (see the file comment for its error bound).
-  /// Float formats ignore it. The q8 path also falls back to the exact kernel when n tokens of
+  /// int4/int2: true keeps f32 activations (exact kernel); false (default) quantizes x to int8 per
+  /// group and uses integer dot products (see the file comment for its error bound). Float
+  /// formats and int8 (whose f32 kernel already streams at the copy ceiling) ignore it. The q8 path also falls back to the exact kernel when n tokens of
   /// quantized x do not fit one block's shared memory (about 150k columns at n = 1).
   bool exact = false;
 };

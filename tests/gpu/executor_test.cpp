@@ -131,7 +131,9 @@ TEST_CASE("the executor on the GPU agrees with the CPU executor (prefetch, cost-
         }
         const auto t = gpu->stats().total();
         CHECK(t.misses > 0);
-        CHECK(t.prefetches > 0);
+        // At batch 4 the working set fills this small cache, and since c30faf8 prefetches never
+        // displace the working set: none are issued there.
+        if (batch == 1) CHECK(t.prefetches > 0);
         if (cache == moex::Precision::kBF16 && gemv_max == 8) CHECK(t.computed_at_source > 0);
         if (batch == 4 && gemv_max == 1 && cache == moex::Precision::kBF16)
           CHECK(gpu->backend().counters().cublas_calls > 0);

@@ -509,7 +509,7 @@ typedef struct moex_stats {
   /* ---- since 0.2 ---- */
   uint64_t predicted;          /* experts predicted for the layer(s) */
   uint64_t predicted_correct;  /* of those, selected: recall numerator */
-  uint64_t selected;           /* experts selected (per step): recall denominator */
+  uint64_t selected;           /* experts selected at layers a predictor reaches (not layer 0): recall denominator */
   uint64_t prefetch_wasted_bytes; /* bytes prefetched and evicted or cancelled unused */
   uint64_t computed_at_source; /* misses computed where the master copy lives */
   uint64_t misses_by_precision[MOEX_PRECISION_SLOTS]; /* loads on a miss, by MOEX_PRECISION_* loaded */

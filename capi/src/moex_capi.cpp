@@ -3,6 +3,7 @@
 // moex::Status to the pinned moex_status codes (moex::StatusCode uses the same numbers).
 #define MOEX_EXPERIMENTAL 1
 #include "moex.h"
+#include "moex/formats/demo_model.hpp"
 #include "moex/experimental.h"
 
 #include <algorithm>
@@ -407,56 +408,17 @@ constexpr std::array<bool, 3> kBackends = {true, true, false};
 
 // ---- demo model -------------------------------------------------------------------------------------
 
-/// Deterministic uniform values of standard deviation `stddev` (xorshift64; the same bits everywhere).
-void fill_random(std::vector<float>& v, float stddev, std::uint64_t seed) {
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  const float scale = stddev * std::sqrt(3.f) / 2147483648.f;
-  for (auto& x : v) {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    x = static_cast<float>(static_cast<std::int32_t>(s >> 32)) * scale;
-  }
-}
-
 moex::Status write_demo(const std::filesystem::path& dir, const moex_demo_params& p, moex::DType dtype) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return moex::io_error("cannot create " + dir.string() + ": " + ec.message());
-  moex::ModelConfig c;
-  c.arch = moex::Architecture::kMixtral;
-  c.architecture = "mixtral";
-  c.n_layers = p.n_layers;
-  c.n_experts = p.n_experts;
-  c.top_k = p.top_k;
-  c.hidden = p.hidden;
-  c.expert_ffn = p.ffn;
-  c.n_heads = std::max(1u, p.hidden / 128);
-  c.n_kv_heads = c.n_heads;
-  c.head_dim = p.hidden / c.n_heads;
-  c.vocab = 256;
-  c.max_pos = 4096;
-  MOEX_RETURN_IF_ERROR(moex::write_config_json(dir, c));
-  moex::SafetensorsWriter w;
-  w.set_metadata("format", "pt");
-  w.set_metadata("generator", "moex_model_write_demo");
-  std::vector<float> buf;
-  for (std::uint32_t l = 0; l < p.n_layers; ++l) {
-    for (std::uint32_t e = 0; e < p.n_experts; ++e) {
-      const std::uint64_t salt = (std::uint64_t{l} * p.n_experts + e) * 4 + p.seed * 1000003;
-      for (int which = 0; which < 3; ++which) {
-        const bool down = which == 2;
-        const std::uint64_t rows = down ? p.hidden : p.ffn, cols = down ? p.ffn : p.hidden;
-        buf.resize(rows * cols);
-        fill_random(buf, 1.f / std::sqrt(static_cast<float>(cols)), salt + static_cast<std::uint64_t>(which));
-        MOEX_RETURN_IF_ERROR(w.add_floats(moex::hf_expert_tensor_name(c.arch, l, e, which), dtype, {rows, cols}, buf));
-      }
-    }
-    buf.resize(std::size_t{p.n_experts} * p.hidden);
-    fill_random(buf, 4.f / std::sqrt(static_cast<float>(p.hidden)), 77 + l + p.seed * 7919);
-    MOEX_RETURN_IF_ERROR(w.add_floats(moex::hf_router_tensor_name(c.arch, l), dtype, {p.n_experts, p.hidden}, buf));
-  }
-  return w.write_file(dir / "model.safetensors");
+  moex::DemoModelSpec spec;
+  spec.n_layers = p.n_layers;
+  spec.n_experts = p.n_experts;
+  spec.top_k = p.top_k;
+  spec.hidden = p.hidden;
+  spec.ffn = p.ffn;
+  spec.seed = p.seed;
+  spec.dtype = dtype;
+  spec.generator = "moex_model_write_demo";
+  return moex::write_demo_model(dir, spec);
 }
 
 // ---- executor helpers ---------------------------------------------------------------------------------

@@ -260,17 +260,7 @@ void progress_bar(std::uint64_t done, std::uint64_t total, std::string_view what
   if (done >= total) std::fputc('\n', stderr);
 }
 
-// Fills v with uniform values of the given standard deviation (fast; the demo writes ~1 GB).
-void fill_random(std::vector<float>& v, float stddev, std::uint64_t seed) {
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  const float scale = stddev * std::sqrt(3.f) / 2147483648.f;
-  for (auto& x : v) {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    x = static_cast<float>(static_cast<std::int32_t>(s >> 32)) * scale;
-  }
-}
+void fill_random(std::vector<float>& v, float stddev, std::uint64_t seed) { moex::fill_uniform_random(v, stddev, seed); }
 
 moex::Status generate_model(const Options& o, const fs::path& dir) {
   const nlohmann::json want = {{"layers", o.layers}, {"experts", o.experts}, {"top_k", o.top_k},
@@ -281,48 +271,17 @@ moex::Status generate_model(const Options& o, const fs::path& dir) {
     const auto have = nlohmann::json::parse(in, nullptr, false);
     if (!have.is_discarded() && have == want) return moex::Status::ok();  // reuse
   }
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) return moex::io_error("cannot create " + dir.string() + ": " + ec.message());
-  moex::ModelConfig c;
-  c.arch = moex::Architecture::kMixtral;
-  c.architecture = "mixtral";
-  c.n_layers = o.layers;
-  c.n_experts = o.experts;
-  c.top_k = o.top_k;
-  c.hidden = o.hidden;
-  c.expert_ffn = o.ffn;
-  c.n_heads = std::max(1u, o.hidden / 128);
-  c.n_kv_heads = c.n_heads;
-  c.head_dim = o.hidden / c.n_heads;
-  c.vocab = 256;
-  c.max_pos = 4096;
-  MOEX_RETURN_IF_ERROR(moex::write_config_json(dir, c));
-  moex::SafetensorsWriter w;
-  w.set_metadata("format", "pt");
-  w.set_metadata("generator", "moex-demo");
-  std::vector<float> buf;
-  const std::uint64_t total = std::uint64_t{o.layers} * o.experts;
-  for (std::uint32_t l = 0; l < o.layers; ++l) {
-    for (std::uint32_t e = 0; e < o.experts; ++e) {
-      const std::uint64_t salt = (std::uint64_t{l} * o.experts + e) * 4 + o.seed * 1000003;
-      for (int which = 0; which < 3; ++which) {
-        const bool down = which == 2;
-        const std::uint64_t rows = down ? o.hidden : o.ffn, cols = down ? o.ffn : o.hidden;
-        buf.resize(rows * cols);
-        fill_random(buf, 1.f / std::sqrt(static_cast<float>(cols)), salt + static_cast<std::uint64_t>(which));
-        MOEX_RETURN_IF_ERROR(w.add_floats(moex::hf_expert_tensor_name(c.arch, l, e, which), moex::DType::kBF16,
-                                          {rows, cols}, buf));
-      }
-      progress_bar(std::uint64_t{l} * o.experts + e + 1, total, "generating experts");
-    }
-    buf.resize(std::size_t{o.experts} * o.hidden);
-    fill_random(buf, 4.f / std::sqrt(static_cast<float>(o.hidden)), 77 + l + o.seed * 7919);
-    MOEX_RETURN_IF_ERROR(w.add_floats(moex::hf_router_tensor_name(c.arch, l), moex::DType::kBF16,
-                                      {o.experts, o.hidden}, buf));
-  }
-  std::fprintf(stderr, "  writing %.1f MB to %s\n", static_cast<double>(w.data_bytes()) / 1e6, dir.c_str());
-  MOEX_RETURN_IF_ERROR(w.write_file(dir / "model.safetensors"));
+  moex::DemoModelSpec spec;
+  spec.n_layers = o.layers;
+  spec.n_experts = o.experts;
+  spec.top_k = o.top_k;
+  spec.hidden = o.hidden;
+  spec.ffn = o.ffn;
+  spec.seed = o.seed;
+  spec.generator = "moex-demo";
+  std::fprintf(stderr, "  writing %.1f MB to %s\n",
+               3.0 * o.layers * o.experts * static_cast<double>(o.hidden) * o.ffn * 2 / 1e6, dir.c_str());
+  MOEX_RETURN_IF_ERROR(moex::write_demo_model(dir, spec, progress_bar));
   std::ofstream(marker) << want.dump();
   return moex::Status::ok();
 }

@@ -28,7 +28,7 @@ struct LayerStats {
   std::uint64_t prefetch_wasted_bytes = 0;  ///< bytes prefetched and evicted unused
   std::uint64_t predicted = 0;      ///< experts predicted for this layer
   std::uint64_t predicted_correct = 0;  ///< of those, actually selected (recall numerator)
-  std::uint64_t selected = 0;       ///< experts actually selected (recall denominator)
+  std::uint64_t selected = 0;       ///< experts selected at layers a predictor reaches (recall denominator)
   std::uint64_t stall_ns = 0;       ///< time spent waiting for loads
   std::uint64_t compute_ns = 0;     ///< time spent computing experts
   std::uint64_t route_ns = 0;       ///< time spent routing

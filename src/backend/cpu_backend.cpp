@@ -97,9 +97,11 @@ void CpuBackend::copy_expert(std::byte* dst, const ExpertView& src, std::size_t 
       {l.w1_offset, {src.w1_data, l.w1.total_bytes}},
       {l.w3_offset, {src.w3_data, l.w3.total_bytes}},
       {l.w2_offset, {src.w2_data, l.w2.total_bytes}}};
-  for (const auto& [off, part] : parts) {
-    const auto [from, bytes] = part;
-    std::byte* to = dst + off;
+  for (const auto& part : parts) {
+    // Plain locals: clang 14 cannot capture structured bindings in the lambda below.
+    const std::byte* from = part.second.first;
+    const std::size_t bytes = part.second.second;
+    std::byte* to = dst + part.first;
     if (pool != nullptr && bytes >= 4 * chunk && pool->size() > 1) {
       // Synchronous large copy: all cores (one core cannot saturate host memory bandwidth).
       pool->parallel_for((bytes + chunk - 1) / chunk, 1, [&](std::size_t b, std::size_t e) {

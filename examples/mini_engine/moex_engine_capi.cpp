@@ -23,7 +23,8 @@ constexpr const char* kUsage =
     "  bpb       [--text FILE | --stdlib DIR] [--window 512] [--first 0] [--windows 8] [--chunk 1]\n"
     "            [--trace-out FILE(.bin|.jsonl)]\n"
     "  generate  --prompt TEXT [--tokens N] [--temperature T] [--seed S]\n"
-    "executor:   [--cache-fraction 0.25] [--threads 0]\n";
+    "executor:   [--cache-fraction 0.25] [--threads 0]\n"
+    "            [--speculative | --pregate FILE]  prefetch (exact; needs moex.h 0.2)\n";
 
 int fail(const std::string& msg) {
   std::fprintf(stderr, "moex-engine-capi: %s\n", msg.c_str());
@@ -43,7 +44,8 @@ struct CapiMoe {
     moex_executor_destroy(exec);
     moex_model_destroy(model);
   }
-  std::string open(const std::string& dir, double cache_fraction, std::uint32_t threads) {
+  std::string open(const std::string& dir, double cache_fraction, std::uint32_t threads, bool speculative,
+                   const std::string& pregate) {
     if (moex_status s = moex_model_open(dir.c_str(), nullptr, nullptr, nullptr, &model); s != MOEX_OK) return capi_error(s);
     moex_model_info_init(&info);
     if (moex_status s = moex_model_get_info(model, &info); s != MOEX_OK) return capi_error(s);
@@ -52,6 +54,15 @@ struct CapiMoe {
     p.cache_bytes = static_cast<std::uint64_t>(cache_fraction * double(info.n_layers) * info.n_experts * double(info.expert_bytes));
     if (p.cache_bytes < info.expert_bytes) p.cache_bytes = info.expert_bytes;
     p.threads = threads;
+#ifdef MOEX_PREDICTION_SPECULATIVE
+    if (speculative) p.prediction = MOEX_PREDICTION_SPECULATIVE;
+    if (!pregate.empty()) {
+      p.prediction = MOEX_PREDICTION_PREGATE_FILE;
+      p.pregate_path = pregate.c_str();
+    }
+#else
+    if (speculative || !pregate.empty()) return "this moex.h has no prediction (0.2 adds it)";
+#endif
     if (moex_status s = moex_executor_create(model, &p, &exec); s != MOEX_OK) return capi_error(s);
     return "";
   }
@@ -62,25 +73,32 @@ struct CapiMoe {
     };
   }
   void report(double seconds, std::size_t tokens) const {
-    moex_stats st;
+    moex_stats st{};
     moex_stats_init(&st);
     if (moex_executor_get_stats(exec, MOEX_ALL_LAYERS, &st) != MOEX_OK) return;
-    std::fprintf(stderr, "tokens %zu in %.2f s (%.1f tokens/s); hit rate %.4f; bytes moved %.1f MiB; stall %.3f s\n",
-                 tokens, seconds, double(tokens) / seconds, st.hit_rate, double(st.bytes_loaded) / 1048576.0,
-                 double(st.stall_ns) * 1e-9);
+    const double hit_rate = st.hit_rate, mib = double(st.bytes_loaded) / 1048576.0, stall = double(st.stall_ns) * 1e-9;
+#ifdef MOEX_PREDICTION_SPECULATIVE
+    const double recall = st.predicted ? st.recall : -1.0;
+#else
+    const double recall = -1.0;
+#endif
+    std::fprintf(stderr, "tokens %zu in %.2f s (%.1f tokens/s); hit rate %.4f; bytes moved %.1f MiB; stall %.3f s",
+                 tokens, seconds, double(tokens) / seconds, hit_rate, mib, stall);
+    if (recall >= 0.0) std::fprintf(stderr, "; recall %.4f", recall);
+    std::fprintf(stderr, "\n");
   }
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  Args a(argc, argv, {"help"});
+  Args a(argc, argv, {"help", "speculative"});
   if (a.has("help") || a.positional().size() != 2) {
     std::fputs(kUsage, a.has("help") ? stdout : stderr);
     return a.has("help") ? 0 : 2;
   }
   if (auto u = a.unknown({"text", "stdlib", "window", "first", "windows", "chunk", "trace-out", "prompt", "tokens",
-                          "temperature", "seed", "cache-fraction", "threads", "help"});
+                          "temperature", "seed", "cache-fraction", "threads", "speculative", "pregate", "help"});
       !u.empty())
     return fail("unknown option --" + u.front() + "\n" + kUsage);
   const std::string cmd = a.positional()[0], dir = a.positional()[1];
@@ -91,7 +109,8 @@ int main(int argc, char** argv) {
   Transformer tf;
   if (std::string e = tf.load(shape, st.loader()); !e.empty()) return fail(e);
   CapiMoe moe;
-  if (std::string e = moe.open(dir, a.num("cache-fraction", 0.25), static_cast<std::uint32_t>(a.count("threads", 0)));
+  if (std::string e = moe.open(dir, a.num("cache-fraction", 0.25), static_cast<std::uint32_t>(a.count("threads", 0)),
+                               a.has("speculative"), a.str("pregate"));
       !e.empty())
     return fail(e);
   if (moe.info.n_layers != shape.n_layers || moe.info.hidden != shape.hidden)
@@ -129,7 +148,7 @@ int main(int argc, char** argv) {
       tokens += w.size();
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("exact (C API): %.6f bits/byte over %zu predictions (%zu windows)\n", bits / double(count), count,
+    std::printf("C API: %.6f bits/byte over %zu predictions (%zu windows)\n", bits / double(count), count,
                 windows.size());
     moe.report(secs, tokens);
     if (trace) {

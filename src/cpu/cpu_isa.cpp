@@ -58,6 +58,19 @@ bool cpu_has_avx512vnni() noexcept {
 #endif
 }
 
+bool cpu_has_gfni() noexcept {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = [] {
+    if (detected_cpu_isa() < CpuIsa::kAvx512) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 8)) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 }  // namespace detail
 
 Result<CpuIsa> parse_cpu_isa(std::string_view name) noexcept {

@@ -35,9 +35,20 @@ void matmul_rows_avx512(const MatmulArgs& a) noexcept;
 /// (src/cpu/kernels_avx512bf16.cpp).
 void matmul_rows_avx512bf16(const MatmulArgs& a) noexcept;
 
+/// AVX512-VNNI int8-activation kernel for int8/int4/int2 weights (vnni_kernel.hpp, in
+/// src/cpu/kernels_avx512vnni.cpp); returns false (doing nothing) for other formats.
+bool matmul_rows_avx512vnni(const MatmulArgs& a) noexcept;
+/// The same kernel unpacking int4/int2 codes with GFNI (src/cpu/kernels_avx512vnni_gfni.cpp);
+/// bit-identical results to matmul_rows_avx512vnni.
+bool matmul_rows_avx512vnni_gfni(const MatmulArgs& a) noexcept;
+
 /// True when the CPU has AVX512-VNNI (CPUID leaf 7, ECX bit 11) on top of detected AVX-512:
 /// the kAvx512Bf16 level then runs integer weight formats through the int8-activation kernel.
 bool cpu_has_avx512vnni() noexcept;
+
+/// True when the CPU has GFNI (CPUID leaf 7, ECX bit 8) on top of detected AVX-512: the VNNI
+/// kernel then unpacks int4/int2 codes with one vgf2p8affineqb per bit plane.
+bool cpu_has_gfni() noexcept;
 
 /// Decodes columns [c0, c0+len) of row `row` into dst. c0 and len are multiples of the group size
 /// (integer formats) or block size (block formats); any value for float formats.

@@ -2,8 +2,10 @@
 /// @file vnni_kernel.hpp
 /// Internal (moex::detail): the AVX512-VNNI int8-activation matmul_rows kernel for group-quantized
 /// weights (int8/int4/int2, symmetric and asymmetric, group 32/64/128). Included only by
-/// src/cpu/kernels_avx512bf16.cpp after its target pragmas (AVX-512 F/BW/VL + VNNI + F16C); every
-/// function here is inline and instantiated in that TU's anonymous-namespace callers only.
+/// src/cpu/kernels_avx512vnni.cpp (Gfni = false) and src/cpu/kernels_avx512vnni_gfni.cpp
+/// (Gfni = true: int4/int2 bit planes unpacked with one vgf2p8affineqb instead of shift + AND;
+/// same results), after their target pragmas; everything here is in an anonymous namespace, so
+/// each TU keeps its own copy compiled for its own target.
 ///
 /// ## Method
 /// Activations are quantized per weight group exactly as in q8_kernel.hpp (d_x = max|x| / 127,
@@ -49,6 +51,7 @@
 MOEX_NAMESPACE_BEGIN
 
 namespace detail {
+namespace {
 
 /// Per-token bytes the chunking allows (columns are cut so one token's buffer fits).
 inline constexpr std::size_t kVnniTokenBytes = std::size_t{64} << 10;
@@ -99,13 +102,31 @@ inline VnniGeometry vnni_geometry(std::size_t cols, std::size_t group, std::size
   }
 }
 
-template <std::uint32_t B, bool Asym>
+/// The gf2p8affineqb matrix that moves bits [s, s + w) of every byte to bits [0, w) and clears the
+/// rest: output bit i is the parity of (matrix byte 7 - i) AND the input byte.
+constexpr std::uint64_t gf_extract_bits(unsigned s, unsigned w) noexcept {
+  std::uint64_t a = 0;
+  for (unsigned i = 0; i < w; ++i) a |= std::uint64_t{1u << (s + i)} << (8 * (7 - i));
+  return a;
+}
+
+template <std::uint32_t B, bool Asym, bool Gfni>
 struct VnniKernel {
-  static constexpr std::size_t P = 8 / B;        // bit planes per byte
-  static constexpr std::size_t KB = 64 * P;      // columns per 64-byte block
+  static constexpr std::size_t P = 8 / B;                 // bit planes per byte
+  static constexpr std::size_t CL = B == 8 ? 4 : 16;      // columns per int32 lane
+  static constexpr std::size_t KB = 16 * CL;              // columns per block
+  static constexpr std::size_t NV = KB / 64;              // activation vectors (dpbusd) per block
+  static constexpr std::size_t NL = KB * B / 8 / 64;      // 64-byte code lines per block
   static constexpr std::size_t RowTile1 = 8;     // rows per tile when n == 1
-  static constexpr std::size_t RowTileN = 4;     // rows per tile when n > 1
-  static constexpr int TokTile = 4;              // tokens per tile when n > 1
+#ifndef MOEX_VNNI_PF
+#  define MOEX_VNNI_PF 1
+#endif
+#ifndef MOEX_VNNI_RN
+#  define MOEX_VNNI_RN 2
+#  define MOEX_VNNI_TN 8
+#endif
+  static constexpr std::size_t RowTileN = MOEX_VNNI_RN;     // rows per tile when n > 1
+  static constexpr int TokTile = MOEX_VNNI_TN;              // tokens per tile when n > 1
 
   const std::uint8_t* base;
   std::size_t cols, group, gpr, scales_offset, mins_offset, row_bytes;
@@ -118,17 +139,14 @@ struct VnniKernel {
     return reinterpret_cast<float*>(buf + t * geo.stride + geo.q_bytes + 4 * geo.groups);
   }
 
-  // Natural column order -> plane order, in place, for one block of KB bytes.
+  // Natural column order -> decode order, in place, for one block of KB (256) bytes: vector k,
+  // int32 lane i holds 4 of the 16 columns [16i, 16i + 16) (int4: k = 0/1 the low/high nibbles
+  // of code bytes 8i..8i+3, k = 2/3 of 8i+4..8i+7, i.e. columns 16i + {0,2,4,6} / {1,3,5,7} /
+  // {8,..,14} / {9,..,15}; int2: plane k of code bytes 4i..4i+3, columns 16i + {k, 4+k, 8+k, 12+k}).
   static void permute_block(std::int8_t* blk) noexcept {
-    if constexpr (B == 4) {
-      const __m512i sh = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
-      const __m512i ix = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
-      const __m512i a = _mm512_permutexvar_epi64(ix, _mm512_shuffle_epi8(_mm512_loadu_si512(blk), sh));
-      const __m512i b = _mm512_permutexvar_epi64(ix, _mm512_shuffle_epi8(_mm512_loadu_si512(blk + 64), sh));
-      _mm512_storeu_si512(blk, _mm512_shuffle_i64x2(a, b, 0x44));
-      _mm512_storeu_si512(blk + 64, _mm512_shuffle_i64x2(a, b, 0xEE));
-    } else if constexpr (B == 2) {
-      const __m512i sh = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    if constexpr (B != 8) {
+      const __m512i sh = B == 4 ? _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15))
+                                : _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
       const __m512i ix = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
       __m512i c[4];
       for (int k = 0; k < 4; ++k)
@@ -141,6 +159,53 @@ struct VnniKernel {
       _mm512_storeu_si512(blk + 192, _mm512_shuffle_i64x2(t01b, t23b, 0xDD));
     } else {
       (void)blk;
+    }
+  }
+
+  // Loads the NL code lines of a block (masked to `bytes` valid bytes when partial) and unpacks
+  // them into the NV vectors of unsigned codes matching permute_block's activation order.
+  template <bool Partial>
+  static void decode_block(const std::uint8_t* p, std::size_t bytes, __m512i (&pl)[NV]) noexcept {
+    __m512i line[NL];
+    MOEX_KERNEL_UNROLL for (std::size_t l = 0; l < NL; ++l) {
+      if constexpr (!Partial) {
+        line[l] = _mm512_loadu_si512(p + 64 * l);
+      } else {
+        const std::size_t nb = bytes > 64 * l ? (bytes - 64 * l < 64 ? bytes - 64 * l : 64) : 0;
+        const auto m = static_cast<__mmask64>(nb == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << nb) - 1u);
+        line[l] = _mm512_maskz_loadu_epi8(m, p + 64 * l);
+      }
+    }
+    if constexpr (B == 8) {
+      pl[0] = line[0];
+    } else if constexpr (B == 4) {
+      const __m512i m4 = _mm512_set1_epi8(0x0f);
+      const __m512i x = _mm512_permutex2var_epi32(
+          line[0], _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), line[1]);
+      const __m512i y = _mm512_permutex2var_epi32(
+          line[0], _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), line[1]);
+      pl[0] = _mm512_and_si512(x, m4);
+      pl[2] = _mm512_and_si512(y, m4);
+      if constexpr (Gfni) {
+        const __m512i hi = _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(4, 4)));
+        pl[1] = _mm512_gf2p8affine_epi64_epi8(x, hi, 0);
+        pl[3] = _mm512_gf2p8affine_epi64_epi8(y, hi, 0);
+      } else {
+        pl[1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+        pl[3] = _mm512_and_si512(_mm512_srli_epi16(y, 4), m4);
+      }
+    } else {
+      const __m512i m2 = _mm512_set1_epi8(0x03);
+      pl[0] = _mm512_and_si512(line[0], m2);
+      if constexpr (Gfni) {
+        pl[1] = _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(2, 2))), 0);
+        pl[2] = _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(4, 2))), 0);
+        pl[3] = _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(6, 2))), 0);
+      } else {
+        pl[1] = _mm512_and_si512(_mm512_srli_epi16(line[0], 2), m2);
+        pl[2] = _mm512_and_si512(_mm512_srli_epi16(line[0], 4), m2);
+        pl[3] = _mm512_and_si512(_mm512_srli_epi16(line[0], 6), m2);
+      }
     }
   }
 
@@ -199,16 +264,15 @@ struct VnniKernel {
       dt[t] = dxp(tb + static_cast<std::size_t>(t));
       ct[t] = csp(tb + static_cast<std::size_t>(t));
     }
-    const std::size_t ahead = static_cast<std::size_t>(R) * row_bytes;      // next row tile
+    const std::size_t ahead = MOEX_VNNI_PF * static_cast<std::size_t>(R) * row_bytes;  // next row tile
     const std::size_t sahead = static_cast<std::size_t>(R) * 2 * gpr;
     const std::size_t ng = len / group;
     const std::size_t wcols = 16 * group;
-    // lane i -> group offset (4P*i)/G within the block's first group (blocks never straddle a
-    // window: KB <= 256 <= 16*G/2 and both are powers of two).
+    // lane i -> group offset (CL*i)/G from the block's first group (blocks never straddle a
+    // window: KB <= 256 < 16*G and both are powers of two).
     alignas(64) std::int32_t lg[16];
-    for (std::size_t i = 0; i < 16; ++i) lg[i] = static_cast<std::int32_t>(4 * P * i / group);
+    for (std::size_t i = 0; i < 16; ++i) lg[i] = static_cast<std::int32_t>(CL * i / group);
     const __m512i lane_g = _mm512_load_si512(lg);
-    const __m512i mask = _mm512_set1_epi8(static_cast<char>((1u << B) - 1u));
     for (std::size_t w0 = 0, gw = 0; w0 < len; w0 += wcols, gw += 16) {
       const std::size_t cnt = ng - gw < 16 ? ng - gw : 16;
       const auto m16 = static_cast<__mmask16>((1u << cnt) - 1u);
@@ -226,38 +290,68 @@ struct VnniKernel {
             _mm_prefetch(reinterpret_cast<const char*>(mn[r] + 2 * gw + sahead), _MM_HINT_T1);
         }
       }
+      // n == 1: d_w[g] * d_x[g] once per window (the same products as per lane later, so the
+      // result is bit-identical to the T > 1 path).
+      __m512 sd[R];
+      if constexpr (T == 1) {
+        const __m512 dx16 = _mm512_loadu_ps(dt[0] + gw);
+        MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) sd[r] = _mm512_mul_ps(sv[r], dx16);
+      }
       const std::size_t wend = len - w0 < wcols ? len : w0 + wcols;
       for (std::size_t c = w0; c < wend; c += KB) {
         const __m512i idx = _mm512_add_epi32(lane_g, _mm512_set1_epi32(static_cast<int>((c - w0) / group)));
-        __m512 dxl[T];
-        MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t) dxl[t] = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(dt[t] + gw));
         const bool partial = c + KB > len;
+        if constexpr (T == 1) {  // row by row: the decoded planes of one row stay in registers
+          const std::int8_t* qb = qt[0] + c;
+          MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) {
+            const std::uint8_t* p = codes[r] + c * B / 8;
+            __m512i pl[NV];
+            if (!partial) {
+              decode_block<false>(p, 0, pl);
+            } else {
+              decode_block<true>(p, (len - c) * B / 8, pl);
+            }
+            if (prefetch) {
+              MOEX_KERNEL_UNROLL for (std::size_t l = 0; l < NL; ++l)
+                _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l + ahead), _MM_HINT_T1);
+            }
+            __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pl[0], _mm512_load_si512(qb));
+            MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < NV; ++k)
+              is = _mm512_dpbusd_epi32(is, pl[k], _mm512_load_si512(qb + 64 * k));
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_permutexvar_ps(idx, sd[r]), acc[r][0]);
+          }
+          continue;
+        }
+        __m512i pl[R][NV];
+        __m512 dw[R];
         MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) {
           const std::uint8_t* p = codes[r] + c * B / 8;
-          __m512i raw;
           if (!partial) {
-            raw = _mm512_loadu_si512(p);
+            decode_block<false>(p, 0, pl[r]);
           } else {
-            const std::size_t nb = (len - c) * B / 8;
-            raw = _mm512_maskz_loadu_epi8(static_cast<__mmask64>((~std::uint64_t{0}) >> (64 - nb)), p);
+            decode_block<true>(p, (len - c) * B / 8, pl[r]);
           }
-          if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T1);
-          __m512i pl[P];
-          MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < P; ++k) {
-            if constexpr (B == 8) {
-              pl[k] = raw;
-            } else {
-              pl[k] = _mm512_and_si512(k == 0 ? raw : _mm512_srli_epi16(raw, static_cast<unsigned>(k * B)), mask);
-            }
+          if (prefetch) {
+            MOEX_KERNEL_UNROLL for (std::size_t l = 0; l < NL; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l + ahead), _MM_HINT_T1);
           }
-          const __m512 dw = _mm512_permutexvar_ps(idx, sv[r]);
-          MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t) {
-            const std::int8_t* qb = qt[t] + c;
-            __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pl[0], _mm512_load_si512(qb));
-            MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < P; ++k)
-              is = _mm512_dpbusd_epi32(is, pl[k], _mm512_load_si512(qb + 64 * k));
-            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_mul_ps(dw, dxl[t]), acc[r][t]);
+          dw[r] = _mm512_permutexvar_ps(idx, sv[r]);
+        }
+        // Token-outer: each activation vector is loaded once and used by the R rows.
+        MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t) {
+          const std::int8_t* qb = qt[t] + c;
+          const __m512 dxl = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(dt[t] + gw));
+          __m512i is[R];
+          {
+            const __m512i qv = _mm512_load_si512(qb);
+            MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) is[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pl[r][0], qv);
           }
+          MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < NV; ++k) {
+            const __m512i qv = _mm512_load_si512(qb + 64 * k);
+            MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) is[r] = _mm512_dpbusd_epi32(is[r], pl[r][k], qv);
+          }
+          MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r)
+            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(dw[r], dxl), acc[r][t]);
         }
       }
     }
@@ -266,6 +360,19 @@ struct VnniKernel {
         float& out = y[static_cast<std::size_t>(t) * ldy + r0 + static_cast<std::size_t>(r)];
         const float v = _mm512_reduce_add_ps(acc[r][t]);
         out = first ? v : out + v;
+      }
+    }
+  }
+
+  // One tile of `rem` (< TokTile) tokens.
+  template <int RR, int T>
+  void tail_tokens(std::size_t rem, std::size_t r, std::size_t tb, float* y, std::size_t ldy, std::size_t c0,
+                   std::size_t len, bool first, bool pf) const noexcept {
+    if constexpr (T >= 1) {
+      if (rem == static_cast<std::size_t>(T)) {
+        tile<RR, T>(r, tb, y, ldy, c0, len, first, pf);
+      } else {
+        tail_tokens<RR, T - 1>(rem, r, tb, y, ldy, c0, len, first, pf);
       }
     }
   }
@@ -285,12 +392,7 @@ struct VnniKernel {
       bool pf = true;
       for (; t + TokTile <= n; t += TokTile, pf = false)
         this->template tile<RR, TokTile>(r, tb + t, y + t * a.ldy, a.ldy, c0, len, first, pf);
-      switch (n - t) {
-        case 1: this->template tile<RR, 1>(r, tb + t, y + t * a.ldy, a.ldy, c0, len, first, pf); break;
-        case 2: this->template tile<RR, 2>(r, tb + t, y + t * a.ldy, a.ldy, c0, len, first, pf); break;
-        case 3: this->template tile<RR, 3>(r, tb + t, y + t * a.ldy, a.ldy, c0, len, first, pf); break;
-        default: break;
-      }
+      if (n > t) this->template tail_tokens<RR, TokTile - 1>(n - t, r, tb + t, y + t * a.ldy, a.ldy, c0, len, first, pf);
     };
     std::size_t r = a.row_begin;
     for (; r + R <= a.row_end; r += R) run_tokens(std::integral_constant<int, R>{}, r);
@@ -315,13 +417,13 @@ struct VnniKernel {
   }
 };
 
-template <std::uint32_t B, bool Asym>
+template <std::uint32_t B, bool Asym, bool Gfni>
 inline void run_vnni(const MatmulArgs& a) noexcept {
   const MatrixLayout& l = a.layout;
   const std::size_t G = l.format.group_size;
-  VnniKernel<B, Asym> k{reinterpret_cast<const std::uint8_t*>(a.w), l.cols, G, l.cols / G, l.scales_offset,
+  VnniKernel<B, Asym, Gfni> k{reinterpret_cast<const std::uint8_t*>(a.w), l.cols, G, l.cols / G, l.scales_offset,
                         l.mins_offset, l.cols * B / 8, nullptr,
-                        vnni_geometry(l.cols, G, VnniKernel<B, Asym>::KB)};
+                        vnni_geometry(l.cols, G, VnniKernel<B, Asym, Gfni>::KB)};
   std::uint8_t* heap = vnni_scratch(k.geo.stride * (a.n < kVnniMaxTokens ? a.n : kVnniMaxTokens));
   if (heap != nullptr) {
     k.buf = heap;
@@ -334,17 +436,19 @@ inline void run_vnni(const MatmulArgs& a) noexcept {
 }
 
 /// The VNNI matmul_rows for integer weight formats (returns false for others).
+template <bool Gfni>
 inline bool matmul_rows_vnni(const MatmulArgs& a) noexcept {
   const Precision p = a.layout.format.precision;
   const bool asym = a.layout.format.scheme == QuantScheme::kAsymmetric;
   switch (p) {
-    case Precision::kInt8: asym ? run_vnni<8, true>(a) : run_vnni<8, false>(a); return true;
-    case Precision::kInt4: asym ? run_vnni<4, true>(a) : run_vnni<4, false>(a); return true;
-    case Precision::kInt2: asym ? run_vnni<2, true>(a) : run_vnni<2, false>(a); return true;
+    case Precision::kInt8: asym ? run_vnni<8, true, Gfni>(a) : run_vnni<8, false, Gfni>(a); return true;
+    case Precision::kInt4: asym ? run_vnni<4, true, Gfni>(a) : run_vnni<4, false, Gfni>(a); return true;
+    case Precision::kInt2: asym ? run_vnni<2, true, Gfni>(a) : run_vnni<2, false, Gfni>(a); return true;
     default: return false;
   }
 }
 
+}  // namespace
 }  // namespace detail
 
 MOEX_NAMESPACE_END

@@ -35,6 +35,9 @@ constexpr double kBf16ActivationTol = 0x1p-8;
 // |y - y_exact| <= sum_g (d_x[g] / 2) * sum_{c in g} |w_c| exactly (integer sums are exact); the
 // factor leaves 1% for the f32 rounding of the d_w * d_x products, on top of kF32AccumTol * mag.
 constexpr double kQ8StepBound = 1.01;
+// Rows of up to 67584 columns: each output is an f32 sum of <= cols/16 + 32 sequential adds of
+// 16-lane partial sums (SIMD) or of <= 1024-column chunks (scalar): gamma_(4256) = 2.5e-4 bound.
+constexpr double kLongRowF32Tol = 2.6e-4;
 // The same paths, norm-wise: the rounding error is ~uniform with rms d_x / sqrt(12), about 0.3%
 // of a Gaussian group's rms for G = 32..128 (max ~2.5-3.2 sigma); 1e-2 gives 3x headroom.
 constexpr double kQ8NormTol = 1e-2;
@@ -180,6 +183,89 @@ TEST_CASE("matmul_rows matches float64 math on the decoded weights in every form
             }
           CHECK(bad == 0);
           if (q8) CHECK(std::sqrt(err2 / ref2) <= kQ8NormTol);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("matmul_rows: long rows (many scale windows, column chunks, >16 tokens) and row splits are bit-identical") {
+  // The VNNI kernel (vnni_kernel.hpp) works in windows of 16 groups, cuts rows longer than
+  // ~48K-60K columns into chunks and quantizes at most 16 tokens per pass; a partial 256-column
+  // block appears when cols % 256 != 0. Results must not depend on how rows are split.
+  IsaGuard guard;
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  struct Shape {
+    std::size_t rows, cols;
+  };
+  const Shape shapes[] = {{19, 2560}, {9, 2208}, {5, 67584}};
+  std::uint64_t salt = 9000;
+  for (const WeightFormat& f : all_formats()) {
+    if (!moex::is_quantized(f.precision)) continue;
+    for (const Shape& sh : shapes) {
+      if (!moex::format_is_valid(f, sh.cols)) continue;
+      CAPTURE(fmt_name(f));
+      CAPTURE(sh.rows);
+      CAPTURE(sh.cols);
+      const auto w = moex::test::random_normal(sh.rows * sh.cols, 0.2f, ++salt);
+      const auto l = moex::matrix_layout(sh.rows, sh.cols, f);
+      std::vector<std::byte> blob(l.total_bytes);
+      REQUIRE(moex::quantize_matrix(w.data(), sh.rows, sh.cols, f, blob).is_ok());
+      const moex::MatrixView m{blob.data(), l};
+      std::vector<float> dq(sh.rows * sh.cols);
+      moex::dequantize_matrix(m, dq.data());
+      for (std::size_t n : {1, 3, 17}) {
+        if (sh.cols > 10000 && n == 3) continue;
+        CAPTURE(n);
+        const std::size_t ldx = sh.cols, ldy = sh.rows;
+        const auto x = moex::test::random_normal(n * ldx, 1.f, ++salt);
+        std::vector<double> ref(n * sh.rows), mag(n * sh.rows), q8b(n * sh.rows, 0.0);
+        const std::size_t gs = f.group_size;
+        for (std::size_t t = 0; t < n; ++t)
+          for (std::size_t r = 0; r < sh.rows; ++r) {
+            double s = 0, a = 0, b = 0;
+            for (std::size_t c0 = 0; c0 < sh.cols; c0 += gs) {
+              double amax = 0, wsum = 0;
+              for (std::size_t c = c0; c < c0 + gs; ++c) {
+                const double wv = dq[r * sh.cols + c], xv = x[t * ldx + c];
+                s += wv * xv;
+                a += std::fabs(wv * xv);
+                amax = std::max(amax, std::fabs(xv));
+                wsum += std::fabs(wv);
+              }
+              b += amax / 127.0 / 2.0 * wsum;
+            }
+            ref[t * sh.rows + r] = s;
+            mag[t * sh.rows + r] = a;
+            q8b[t * sh.rows + r] = b;
+          }
+        for (CpuIsa isa : isas_here()) {
+          CAPTURE(moex::to_string(isa));
+          REQUIRE(moex::set_cpu_isa(isa).is_ok());
+          std::vector<float> y(n * ldy, -1.f), ys(n * ldy, -2.f);
+          moex::matmul_rows(m, x.data(), n, ldx, y.data(), ldy, 0, sh.rows);
+          const std::size_t cut = sh.rows / 2 + 1;  // odd split: not a multiple of any row tile
+          moex::matmul_rows(m, x.data(), n, ldx, ys.data(), ldy, cut, sh.rows);
+          moex::matmul_rows(m, x.data(), n, ldx, ys.data(), ldy, 0, cut);
+          CHECK(std::memcmp(y.data(), ys.data(), y.size() * sizeof(float)) == 0);
+          const bool q8 = int8_activations(isa, f);
+          std::size_t bad = 0;
+          for (std::size_t i = 0; i < n * sh.rows; ++i) {
+            const double bound = kLongRowF32Tol * mag[i] + (q8 ? kQ8StepBound * q8b[i] : 0.0);
+            bad += !(std::fabs(y[i] - ref[i]) <= bound + 1e-30);
+          }
+          CHECK(bad == 0);
+        }
+        if (moex::detail::cpu_has_avx512vnni()) {  // shift+AND vs GFNI unpacking: same bits
+          std::vector<float> y1(n * ldy, -1.f), y2(n * ldy, -2.f);
+          const moex::detail::MatmulArgs a1{blob.data(), l, x.data(), n, ldx, y1.data(), ldy, 0, sh.rows};
+          REQUIRE(moex::detail::matmul_rows_avx512vnni(a1));
+          if (moex::detail::cpu_has_gfni()) {
+            const moex::detail::MatmulArgs a2{blob.data(), l, x.data(), n, ldx, y2.data(), ldy, 0, sh.rows};
+            REQUIRE(moex::detail::matmul_rows_avx512vnni_gfni(a2));
+            CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)) == 0);
+          }
         }
       }
     }

@@ -145,10 +145,12 @@ class MoeLayerExecutor {
   /// frees prefetch protection and retries once when protected entries leave no room.
   Status load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out);
   void release_prefetch_protection() noexcept;
-  /// A prefetch may take free room, or evict an expert that no layer has used for a whole pass
-  /// over the layers; it never displaces the current working set (on a saturated cache, wrong
-  /// or early prefetches would otherwise evict experts about to be used).
-  bool admit_prefetch(const PrefetchRequest& rq) const noexcept;
+  /// A prefetch issued while serving `layer` may take free room, or the slot of the expert the
+  /// eviction policy would give up, if that expert is not about to be used: one no layer has used
+  /// for a whole pass, one of a layer this pass already served (<= `layer`), or one of a predicted
+  /// layer that the prediction left out. It never displaces the working set of the layers ahead
+  /// (wrong or early prefetches on a full cache would otherwise evict experts about to be used).
+  bool admit_prefetch(const PrefetchRequest& rq, std::uint32_t layer);
   void forget_in_flight(ExpertKey key) noexcept { in_flight_.erase(key.packed()); }
 
   const ExpertStore* store_ = nullptr;
@@ -177,6 +179,7 @@ class MoeLayerExecutor {
   std::vector<Serve> serve_;
   std::vector<Prediction> predictions_;
   std::vector<PrefetchRequest> issue_;
+  std::vector<SlotView> candidates_;
   std::vector<std::uint8_t> skipped_;
 };
 
@@ -341,13 +344,19 @@ void MoeLayerExecutor<P>::release_prefetch_protection() noexcept {
 }
 
 template <ExecutorPolicies P>
-bool MoeLayerExecutor<P>::admit_prefetch(const PrefetchRequest& rq) const noexcept {
+bool MoeLayerExecutor<P>::admit_prefetch(const PrefetchRequest& rq, std::uint32_t layer) {
   const std::size_t g = cache_.group_of(rq.key, rq.precision);
   if (cache_.group_used(g) + rq.bytes <= cache_.group_budget(g)) return true;
-  const std::uint64_t pass = store_->spec().n_layers;
+  candidates_.clear();
   for (const SlotView& v : cache_.group_views(g))
-    if (!cache_.peek(v.key)->is_protected && v.last_step + pass <= step_) return true;
-  return false;
+    if (!cache_.peek(v.key)->is_protected) candidates_.push_back(v);
+  if (candidates_.empty()) return false;
+  const std::size_t i = cache_.policy().choose_victim(candidates_);
+  if (i >= candidates_.size()) return false;
+  const SlotView& victim = candidates_[i];
+  const std::uint32_t horizon = layer + predictor_.depth();
+  return victim.last_step + store_->spec().n_layers <= step_ || victim.key.layer <= layer ||
+         (victim.key.layer <= horizon && !predicted_[victim.key.layer][victim.key.expert]);
 }
 
 template <ExecutorPolicies P>
@@ -623,7 +632,7 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     issue_.clear();
     prefetch_.take_issuable(prefetch_bytes_in_flight_, layer, spec.n_layers, issue_);
     for (const PrefetchRequest& rq : issue_) {
-      if (cache_.contains(rq.key) || !admit_prefetch(rq)) continue;
+      if (cache_.contains(rq.key) || !admit_prefetch(rq, layer)) continue;
       std::uint32_t slot = 0;
       if (load(rq.key, rq.precision, true, slot).is_ok()) ++stats_.layers[rq.key.layer].prefetches;
     }

@@ -96,7 +96,13 @@ void usage(std::FILE* f) {
                "  --eviction E    lru (default), lfu, lrfu, hobbit\n"
                "With any policy on, an exact shadow executor runs each layer on the same input and the\n"
                "relative error of the MoE outputs is printed beside the speed.\n"
-               "  --help          this text\n");
+               "  --help          this text\n\n"
+               "The demo runs only the MoE layers. To run a real checkpoint end to end (embedding, attention,\n"
+               "MoE through moex, lm_head) use the mini engine built beside it, e.g.\n"
+               "  build/examples/mini_engine/moex-engine generate ../shared/models/tiny-mixtral-8e \\\n"
+               "      --prompt 'def main():' --tokens 200\n"
+               "  build/examples/mini_engine/moex-engine bpb ../shared/models/tiny-mixtral-8e --windows 8\n"
+               "(see docs/engine.md).\n");
 }
 
 bool parse_u32(const char* s, std::uint32_t& out) {

@@ -1,4 +1,4 @@
-// CPU expert kernels: expert_ffn per format at batch 1 and 8, single thread and all threads,
+// CPU expert kernels: expert_ffn per format at batch 1, 2, 4, 8, 16, single thread and all threads,
 // reported as weight bytes streamed per second and as a percentage of a read-bandwidth ceiling
 // measured in this binary (pct_of_ceiling). Experts are cycled through enough copies to exceed
 // the last-level cache, so every call streams its weights from DRAM as an offloaded expert would.
@@ -80,6 +80,13 @@ const Fmt kFormats[] = {
     {"int4_g64", moex::quant_format(Precision::kInt4, 64)},
     {"int4_asym_g32", moex::quant_format(Precision::kInt4, 32, moex::QuantScheme::kAsymmetric)},
     {"int2_g64", moex::quant_format(Precision::kInt2, 64)},
+    // The remaining int4/int2 group sizes and schemes (appended: indices above stay stable).
+    {"int4_g32", moex::quant_format(Precision::kInt4, 32)},
+    {"int4_g128", moex::quant_format(Precision::kInt4, 128)},
+    {"int4_asym_g128", moex::quant_format(Precision::kInt4, 128, moex::QuantScheme::kAsymmetric)},
+    {"int2_g32", moex::quant_format(Precision::kInt2, 32)},
+    {"int2_asym_g64", moex::quant_format(Precision::kInt2, 64, moex::QuantScheme::kAsymmetric)},
+    {"int2_asym_g128", moex::quant_format(Precision::kInt2, 128, moex::QuantScheme::kAsymmetric)},
 };
 
 // One packed expert, copied enough times to exceed kColdBytes (single-entry cache: benchmarks
@@ -166,9 +173,11 @@ void BM_ExpertFfn(benchmark::State& state) {
   state.counters["GFLOPs"] = elapsed > 0 ? 6.0 * s.hidden * s.ffn * static_cast<double>(n) *
                                                static_cast<double>(state.iterations()) / elapsed / 1e9
                                          : 0.0;
-  state.SetLabel(std::string(kFormats[fi].name) + "/" + kShapes[si].name + "/n" + std::to_string(n) +
-                 (all ? "/all_threads" : "/1_thread") +
-                 (isa >= 0 ? "/" + std::string(moex::to_string(static_cast<moex::CpuIsa>(isa))) : ""));
+  std::string label = kFormats[fi].name;  // appended piecewise: GCC 12 -Wrestrict false positive
+  label.append("/").append(kShapes[si].name).append("/n").append(std::to_string(n));
+  label.append(all ? "/all_threads" : "/1_thread");
+  if (isa >= 0) label.append("/").append(moex::to_string(static_cast<moex::CpuIsa>(isa)));
+  state.SetLabel(label);
 }
 
 // matmul_rows on one cache-resident [256 x 4096] matrix (compute rate, no DRAM): weights per
@@ -203,8 +212,10 @@ void BM_MatmulHot(benchmark::State& state) {
       static_cast<double>(rows * cols) * static_cast<double>(state.iterations()) / 1e9,
       benchmark::Counter::kIsRate);
   state.SetBytesProcessed(static_cast<std::int64_t>(l.total_bytes) * static_cast<std::int64_t>(state.iterations()));
-  state.SetLabel(std::string(kFormats[fi].name) + "/n" + std::to_string(n) +
-                 (isa >= 0 ? "/" + std::string(moex::to_string(static_cast<moex::CpuIsa>(isa))) : ""));
+  std::string label = kFormats[fi].name;
+  label.append("/n").append(std::to_string(n));
+  if (isa >= 0) label.append("/").append(moex::to_string(static_cast<moex::CpuIsa>(isa)));
+  state.SetLabel(label);
 }
 
 void register_all() {
@@ -213,7 +224,7 @@ void register_all() {
   const int nf = static_cast<int>(std::size(kFormats));
   for (int si = 0; si < 2; ++si)
     for (int fi = 0; fi < nf; ++fi)
-      for (int n : {1, 8})
+      for (int n : {1, 2, 4, 8, 16})
         for (int all : {0, 1})
           benchmark::RegisterBenchmark("BM_ExpertFfn", BM_ExpertFfn)
               ->Args({fi, si, n, all, -1})

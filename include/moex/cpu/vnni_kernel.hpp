@@ -9,28 +9,36 @@
 ///
 /// ## Method
 /// Activations are quantized per weight group exactly as in q8_kernel.hpp (d_x = max|x| / 127,
-/// q = round(x / d_x)), once per call, into a per-thread buffer. The weight stream is read 64
-/// bytes (one cache line) per row at a time: KB = 512 / b columns ("a block"). The P = 8 / b bit
-/// planes of those 64 bytes are unpacked with one shift and one AND each ((c >> k*b) & mask; no
-/// shuffles), and the activations are stored permuted to match (plane k, byte p holds column
-/// P*p + k). All P planes of a block feed the SAME int32 accumulator: int32 lane i of every plane
-/// covers columns [4P*i, 4P*i + 4P) of the block, which lie in one group. So per row, token and
-/// block there is exactly one int->float conversion and one FMA, whatever b is:
-///   acc += cvt(sum_planes dpbusd(u, q)) * (d_w[lane] * d_x[lane]).
-/// The per-lane scales d_w[lane] and d_x[lane] come from 16 consecutive groups' values held in
-/// one register (one vcvtph2ps per row per 16 groups) through one vpermps each.
+/// q = round(x / d_x)), once per call, into a per-thread buffer. Weights are read in blocks of
+/// KB columns: 64 for int8 (one 64-byte line), 256 for int4 (two lines) and int2 (one line).
+/// Every int32 lane of a block covers CL = KB / 16 consecutive columns (4 for int8, 16 for
+/// int4/int2), which always lie in one group; the block's bit planes are unpacked with an AND,
+/// shift + AND or one vgf2p8affineqb each (int4: the two lines are first interleaved by dword
+/// with vpermt2d so that lane i sees code bytes 8i..8i+7), and the activations are stored
+/// permuted to match (permute_block). All NV = KB / 64 vpdpbusd of a block feed ONE int32
+/// accumulator, so per row, token and block there is one int->float conversion and one FMA:
+///   acc += cvt(sum_k dpbusd(u_k, q_k)) * (d_w[lane] * d_x[lane]),
+/// i.e. one epilogue per 64 (int8) or 256 (int4/int2) weights. The per-lane scales come from
+/// 16 consecutive groups' values held in one register (one vcvtph2ps per row per 16 groups,
+/// a "window") through one vpermps. For n == 1 the products d_w[g] * d_x[g] are formed once per
+/// window (the same products, so bit-identical to n > 1).
 /// The offset term (-2^(b-1) * d_w * d_x * sum q for symmetric, m_w * d_x * sum q for
-/// asymmetric) is one FMA per row and token per 16 groups, against a per-token vector of
+/// asymmetric) is one FMA per row and token per window, against a per-token vector of
 /// c_g = coef * d_x[g] * sum q[g] computed at quantization time.
 ///
-/// Batching: an R x T tile decodes each weight block once for T tokens and loads each activation
-/// block once for R rows. Streaming: for every row and block the kernel prefetches (into L2) the
-/// same position R rows further, i.e. the next row tile, so R independent line streams are in
-/// flight whatever the row length (hardware prefetchers stop at 4 KiB pages; int4/int2 rows are
-/// only 2 KiB / 1 KiB on a 4096-column matrix).
+/// Batching: an R x T tile (8 x 1 for n == 1, 2 x 8 for n > 1) decodes each weight block once
+/// for T tokens. From n ~ 4 on the kernel is bound by vpdpbusd throughput (n * cols * rows / 64
+/// of them), not by the weight stream.
+///
+/// Streaming: for every row and block the kernel prefetches (into L2) the same position R rows
+/// further, i.e. the next row tile, so R independent line streams are in flight whatever the row
+/// length (hardware prefetchers stop at 4 KiB pages; int4/int2 rows are only 2 KiB / 1 KiB on a
+/// 4096-column matrix).
 ///
 /// Determinism: every accumulator sees the same operations in the same order whatever R, T and
-/// the row range are; column chunks depend on (cols, group, n) only. So results do not depend on
+/// the row range are; column chunks depend on (cols, group, b) only; n == 1 tiles form the same
+/// per-lane scale products as n > 1 tiles (so a token's result does not depend on how many
+/// tokens share its tile or pass either). So results do not depend on
 /// how rows are split across threads.
 
 #include <immintrin.h>
@@ -112,21 +120,13 @@ constexpr std::uint64_t gf_extract_bits(unsigned s, unsigned w) noexcept {
 
 template <std::uint32_t B, bool Asym, bool Gfni>
 struct VnniKernel {
-  static constexpr std::size_t P = 8 / B;                 // bit planes per byte
   static constexpr std::size_t CL = B == 8 ? 4 : 16;      // columns per int32 lane
   static constexpr std::size_t KB = 16 * CL;              // columns per block
   static constexpr std::size_t NV = KB / 64;              // activation vectors (dpbusd) per block
   static constexpr std::size_t NL = KB * B / 8 / 64;      // 64-byte code lines per block
   static constexpr std::size_t RowTile1 = 8;     // rows per tile when n == 1
-#ifndef MOEX_VNNI_PF
-#  define MOEX_VNNI_PF 1
-#endif
-#ifndef MOEX_VNNI_RN
-#  define MOEX_VNNI_RN 2
-#  define MOEX_VNNI_TN 8
-#endif
-  static constexpr std::size_t RowTileN = MOEX_VNNI_RN;     // rows per tile when n > 1
-  static constexpr int TokTile = MOEX_VNNI_TN;              // tokens per tile when n > 1
+  static constexpr std::size_t RowTileN = 2;  // rows per tile when n > 1 (2 x 8 measured best)
+  static constexpr int TokTile = 8;           // tokens per tile when n > 1
 
   const std::uint8_t* base;
   std::size_t cols, group, gpr, scales_offset, mins_offset, row_bytes;
@@ -264,7 +264,7 @@ struct VnniKernel {
       dt[t] = dxp(tb + static_cast<std::size_t>(t));
       ct[t] = csp(tb + static_cast<std::size_t>(t));
     }
-    const std::size_t ahead = MOEX_VNNI_PF * static_cast<std::size_t>(R) * row_bytes;  // next row tile
+    const std::size_t ahead = static_cast<std::size_t>(R) * row_bytes;  // next row tile (2 tiles: no gain)
     const std::size_t sahead = static_cast<std::size_t>(R) * 2 * gpr;
     const std::size_t ng = len / group;
     const std::size_t wcols = 16 * group;

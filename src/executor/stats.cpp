@@ -41,6 +41,7 @@ LayerStats ExecutorStats::total() const noexcept {
 
 void ExecutorStats::reset() noexcept {
   for (auto& l : layers) l = LayerStats{};
+  depths.clear();
 }
 
 namespace {
@@ -80,6 +81,12 @@ std::string ExecutorStats::to_json() const {
   j["total"] = to_json_obj(total());
   j["layers"] = nlohmann::json::array();
   for (const auto& l : layers) j["layers"].push_back(to_json_obj(l));
+  j["recall_by_depth"] = nlohmann::json::array();
+  for (std::size_t d = 0; d < depths.size(); ++d)
+    j["recall_by_depth"].push_back({{"depth", d + 1},
+                                    {"selected", depths[d].selected},
+                                    {"predicted_correct", depths[d].predicted_correct},
+                                    {"recall", depths[d].recall()}});
   return j.dump(2);
 }
 

@@ -167,7 +167,7 @@ class MoeLayerExecutor {
   ExecutorStats stats_;
   std::unordered_map<std::uint64_t, InFlight> in_flight_;
   std::uint64_t prefetch_bytes_in_flight_ = 0;
-  std::vector<std::vector<std::uint8_t>> predicted_;  // [layer][expert]: predicted, not yet served
+  std::vector<std::vector<std::uint8_t>> predicted_;  // [layer][expert]: bit d-1 = predicted at depth d
   // Routing trace being recorded.
   bool recording_ = false;
   RoutingTrace trace_;
@@ -355,8 +355,8 @@ bool MoeLayerExecutor<P>::admit_prefetch(const PrefetchRequest& rq, std::uint32_
   if (i >= candidates_.size()) return false;
   const SlotView& victim = candidates_[i];
   const std::uint32_t horizon = layer + predictor_.depth();
-  return victim.last_step + store_->spec().n_layers <= step_ || victim.key.layer <= layer ||
-         (victim.key.layer <= horizon && !predicted_[victim.key.layer][victim.key.expert]);
+  return victim.last_step + store_->spec().n_layers <= step_ ||
+         (victim.key.layer > layer && victim.key.layer <= horizon && !predicted_[victim.key.layer][victim.key.expert]);
 }
 
 template <ExecutorPolicies P>
@@ -451,8 +451,20 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
   // 2. Predictions made for this layer: recall, and stale ones dropped.
   prefetch_.drop_layer(layer);
   std::vector<std::uint8_t>& pred = predicted_[layer];
-  // Recall counts layers a predictor can reach (not layer 0, nor anything without a predictor).
+  // Recall counts layers a predictor can reach (not layer 0, nor anything without a predictor);
+  // per depth d, over the layers that received depth-d predictions.
   const bool predictable = predictor_.depth() > 0 && layer > 0;
+  std::uint8_t depths = 0;
+  for (std::uint8_t m : pred) depths |= m;
+  for (std::uint32_t d = 0; d < 8 && (depths >> d); ++d) {
+    if (!((depths >> d) & 1u)) continue;
+    if (stats_.depths.size() <= d) stats_.depths.resize(d + 1);
+    for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
+      if (users_[e].empty()) continue;
+      ++stats_.depths[d].selected;
+      stats_.depths[d].predicted_correct += (pred[e] >> d) & 1u;
+    }
+  }
   for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
     const bool sel = !users_[e].empty();
     ls.selected += predictable && sel;
@@ -551,7 +563,8 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     MOEX_RETURN_IF_ERROR(predictor_.predict(pc, predictions_));
     for (const Prediction& pr : predictions_) {
       if (pr.key.layer <= layer || pr.key.layer >= spec.n_layers || pr.key.expert >= spec.n_experts) continue;
-      predicted_[pr.key.layer][pr.key.expert] = 1;
+      predicted_[pr.key.layer][pr.key.expert] |=
+          static_cast<std::uint8_t>(1u << (std::min<std::uint32_t>(std::max(pr.depth, 1u), 8u) - 1));
       const bool have = cache_.contains(pr.key);
       if (have) (void)cache_.protect(pr.key);  // keep a predicted resident expert until it is used
       prefetch_.request(pr, full_p, low_p, full_.total_bytes, low_.total_bytes, have);

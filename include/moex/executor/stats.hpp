@@ -46,9 +46,20 @@ struct LayerStats {
   LayerStats& operator+=(const LayerStats& o) noexcept;
 };
 
-/// Per-layer counters plus their total.
+/// Prediction quality at one look-ahead depth: of the experts selected at layers that received
+/// predictions made d layers earlier, how many those predictions named (recall@k at depth d).
+struct DepthStats {
+  std::uint64_t selected = 0;
+  std::uint64_t predicted_correct = 0;
+  double recall() const noexcept {
+    return selected ? static_cast<double>(predicted_correct) / static_cast<double>(selected) : 0.0;
+  }
+};
+
+/// Per-layer counters plus their total, and prediction recall per depth (depths[d-1]).
 struct ExecutorStats {
   std::vector<LayerStats> layers;
+  std::vector<DepthStats> depths;
 
   LayerStats total() const noexcept;
   void reset() noexcept;

@@ -109,6 +109,8 @@ TEST_CASE("a prefetch issued at layer i lands before layer i+1 needs it when the
   CHECK(L1.stall_ns == 0);
   CHECK(L1.misses == 0);
   CHECK(L1.recall() == doctest::Approx(1.0));
+  REQUIRE(ex->stats().depths.size() == 1);
+  CHECK(ex->stats().depths[0].recall() == doctest::Approx(1.0));
   CHECK(L0.misses + L0.hits == 8);
   // Total time = every layer-0 miss stalls one full copy; every step computes one expert; the
   // prefetch of layer 1 overlaps layer 0's compute (copy_ns < comp_ns).
@@ -323,6 +325,12 @@ TEST_CASE("with every approximation off the optimized path is bit-identical to t
   const auto t = fancy->stats().total();
   CHECK(t.predicted > 0);
   CHECK(t.prefetches > 0);
+  // Depth 2 look-ahead: recall reported per depth; depth-2 predictions reach layer 2 only.
+  REQUIRE(fancy->stats().depths.size() == 2);
+  CHECK(fancy->stats().depths[0].selected > 0);
+  CHECK(fancy->stats().depths[1].selected > 0);
+  CHECK(fancy->stats().depths[0].recall() <= 1.0);
+  CHECK(fancy->stats().to_json().find("recall_by_depth") != std::string::npos);
 }
 
 TEST_CASE("speculative prediction of the shared model reports recall per layer") {

@@ -2,9 +2,10 @@
 /// @file q8_kernel.hpp
 /// Internal (moex::detail): the int8-activation matmul_rows kernel for group-quantized weights
 /// (int8/int4/int2, symmetric and asymmetric, group 32/64/128), written once over an integer
-/// vector traits type Q and instantiated by src/cpu/kernels_avx2.cpp (vpmaddubsw) and
-/// src/cpu/kernels_avx512bf16.cpp (AVX512-VNNI vpdpbusd). Same inclusion rules as
-/// matmul_kernel.hpp: include it after the TU's target pragmas, Q in an anonymous namespace.
+/// vector traits type Q and instantiated by src/cpu/kernels_avx2.cpp (vpmaddubsw). The AVX512-VNNI
+/// level uses vnni_kernel.hpp instead (same activation quantization, 256-column blocks). Same
+/// inclusion rules as matmul_kernel.hpp: include it after the TU's target pragmas, Q in an
+/// anonymous namespace.
 ///
 /// ## Method (llama.cpp's Q8 activation scheme)
 /// Once per call and per column chunk, every token's activations are quantized per weight group

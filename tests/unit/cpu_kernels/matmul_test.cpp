@@ -30,7 +30,8 @@ constexpr double kF32AccumTol = 1e-5;
 // bf16 weights on the avx512bf16 path: activations are rounded to bf16 (8 significant bits,
 // relative error <= 2^-9 each), bounded by 2^-8 of sum |w*x| with room for the f32 sums.
 constexpr double kBf16ActivationTol = 0x1p-8;
-// Integer weights on the int8-activation paths (avx2, avx512bf16 with VNNI; q8_kernel.hpp):
+// Integer weights on the int8-activation paths (avx2: q8_kernel.hpp; avx512bf16 with VNNI:
+// vnni_kernel.hpp):
 // x is rounded to d_x * q with d_x = max|x_group| / 127, an error <= d_x / 2 per element, so
 // |y - y_exact| <= sum_g (d_x[g] / 2) * sum_{c in g} |w_c| exactly (integer sums are exact); the
 // factor leaves 1% for the f32 rounding of the d_w * d_x products, on top of kF32AccumTol * mag.

@@ -16,8 +16,7 @@ Status weighted_combine(const CombineArgs& a, cudaStream_t stream) noexcept {
   return cuda_status(cudaGetLastError(), "weighted_combine launch");
 }
 
-Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t count,
-                           cudaStream_t stream) noexcept {
+Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t count, cudaStream_t stream) noexcept {
   if (count == 0) return Status::ok();
   if (!src || !dst) return invalid_argument("convert_f32_to_bf16: null pointer");
   const std::size_t want = (count + 255) / 256;

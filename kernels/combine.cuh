@@ -2,10 +2,10 @@
 /// @file combine.cuh
 /// Device templates of weighted_combine and the f32 -> bf16 conversion.
 
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-
-#include <cstdint>
 
 #include "moex/types.hpp"
 
@@ -30,8 +30,7 @@ __global__ void weighted_combine_kernel(const CombineParams p) {
   if (i >= total) return;
   const std::size_t t = i / p.hidden, c = i % p.hidden;
   float s = 0.f;
-  for (std::uint32_t j = 0; j < p.k; ++j)
-    s = fmaf(p.weight[t * p.k + j], p.eo[(t * p.k + j) * p.ld_eo + c], s);
+  for (std::uint32_t j = 0; j < p.k; ++j) s = fmaf(p.weight[t * p.k + j], p.eo[(t * p.k + j) * p.ld_eo + c], s);
   float* o = p.out + t * p.ldo + c;
   *o = p.accumulate ? *o + s : s;
 }

@@ -1,9 +1,9 @@
 // Runtime dispatch: maps (precision, group, tokens) onto the explicitly instantiated launchers and
 // answers kUnsupported for anything else.
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <string>
+
+#include <cuda_runtime.h>
 
 #include "kernels.hpp"
 #include "launchers.hpp"
@@ -17,11 +17,16 @@ namespace {
 std::size_t per_load(Precision p) noexcept {
   switch (p) {
     case Precision::kBF16:
-    case Precision::kF16: return 8;
-    case Precision::kInt8: return 16;
-    case Precision::kInt4: return 32;
-    case Precision::kInt2: return 64;
-    default: return 0;
+    case Precision::kF16:
+      return 8;
+    case Precision::kInt8:
+      return 16;
+    case Precision::kInt4:
+      return 32;
+    case Precision::kInt2:
+      return 64;
+    default:
+      return 0;
   }
 }
 
@@ -35,27 +40,41 @@ Status dispatch(WeightFormat f, std::uint32_t n, F&& fn) noexcept {
   const int t = token_bucket(n);
   auto by_t = [&]<Precision P, int G>() -> Status {
     switch (t) {
-      case 1: return fn.template operator()<P, G, 1>();
-      case 2: return fn.template operator()<P, G, 2>();
-      case 4: return fn.template operator()<P, G, 4>();
-      default: return fn.template operator()<P, G, 8>();
+      case 1:
+        return fn.template operator()<P, G, 1>();
+      case 2:
+        return fn.template operator()<P, G, 2>();
+      case 4:
+        return fn.template operator()<P, G, 4>();
+      default:
+        return fn.template operator()<P, G, 8>();
     }
   };
   auto by_g = [&]<Precision P>() -> Status {
     switch (f.group_size) {
-      case 32: return by_t.template operator()<P, 32>();
-      case 64: return by_t.template operator()<P, 64>();
-      case 128: return by_t.template operator()<P, 128>();
-      default: return unsupported("group size " + std::to_string(f.group_size));
+      case 32:
+        return by_t.template operator()<P, 32>();
+      case 64:
+        return by_t.template operator()<P, 64>();
+      case 128:
+        return by_t.template operator()<P, 128>();
+      default:
+        return unsupported("group size " + std::to_string(f.group_size));
     }
   };
   switch (f.precision) {
-    case Precision::kBF16: return by_t.template operator()<Precision::kBF16, 0>();
-    case Precision::kF16: return by_t.template operator()<Precision::kF16, 0>();
-    case Precision::kInt8: return by_g.template operator()<Precision::kInt8>();
-    case Precision::kInt4: return by_g.template operator()<Precision::kInt4>();
-    case Precision::kInt2: return by_g.template operator()<Precision::kInt2>();
-    default: return unsupported(std::string("no CUDA GEMV for ") + std::string(to_string(f.precision)));
+    case Precision::kBF16:
+      return by_t.template operator()<Precision::kBF16, 0>();
+    case Precision::kF16:
+      return by_t.template operator()<Precision::kF16, 0>();
+    case Precision::kInt8:
+      return by_g.template operator()<Precision::kInt8>();
+    case Precision::kInt4:
+      return by_g.template operator()<Precision::kInt4>();
+    case Precision::kInt2:
+      return by_g.template operator()<Precision::kInt2>();
+    default:
+      return unsupported(std::string("no CUDA GEMV for ") + std::string(to_string(f.precision)));
   }
 }
 
@@ -79,8 +98,7 @@ Status gemv(const GemvArgs& a, cudaStream_t stream) noexcept {
   if (a.layout.rows == 0 || a.layout.cols == 0) return invalid_argument("gemv: empty matrix");
   if (!gemv_supported(a.layout.format, a.layout.cols))
     return unsupported("gemv: format/columns combination not instantiated");
-  if (!aligned16(a.w) || !aligned16(a.x) || a.ldx % 4 != 0 || a.ldx < a.layout.cols ||
-      a.ldy < a.layout.rows)
+  if (!aligned16(a.w) || !aligned16(a.x) || a.ldx % 4 != 0 || a.ldx < a.layout.cols || a.ldy < a.layout.rows)
     return invalid_argument("gemv: misaligned pointer or bad stride");
   return dispatch(a.layout.format, a.n, [&]<Precision P, int G, int T>() {
     // int8 stays on the f32 kernel: it already streams at the copy ceiling there, and its q8
@@ -94,14 +112,12 @@ Status gemv(const GemvArgs& a, cudaStream_t stream) noexcept {
 
 Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexcept {
   if (!a.tasks || !a.x || !a.out || !a.workspace) return invalid_argument("grouped_expert_ffn: null pointer");
-  if (a.count == 0 || a.count > kMaxGroupExperts)
-    return invalid_argument("grouped_expert_ffn: count must be 1..32");
+  if (a.count == 0 || a.count > kMaxGroupExperts) return invalid_argument("grouped_expert_ffn: count must be 1..32");
   const ExpertShape s = a.layout.shape;
   if (!expert_format_is_valid(s, a.layout.format)) return invalid_argument("grouped_expert_ffn: bad layout");
   if (!gemv_supported(a.layout.format, s.hidden) || !gemv_supported(a.layout.format, s.ffn))
     return unsupported("grouped_expert_ffn: format/shape combination not instantiated");
-  if (!aligned16(a.x) || a.ldx % 4 != 0 || a.ldx < s.hidden || a.ldo < s.hidden ||
-      !aligned16(a.workspace))
+  if (!aligned16(a.x) || a.ldx % 4 != 0 || a.ldx < s.hidden || a.ldo < s.hidden || !aligned16(a.workspace))
     return invalid_argument("grouped_expert_ffn: misaligned pointer or bad stride");
   std::uint32_t max_n = 0;
   for (std::uint32_t i = 0; i < a.count; ++i) {
@@ -111,9 +127,8 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
     if (t.n == 0 || t.n > kMaxGemvTokens) return invalid_argument("grouped_expert_ffn: task n must be 1..8");
     if (t.n > max_n) max_n = t.n;
   }
-  return dispatch(a.layout.format, max_n, [&]<Precision P, int G, int T>() {
-    return launch_grouped_expert<P, G, T>(a, stream);
-  });
+  return dispatch(a.layout.format, max_n,
+                  [&]<Precision P, int G, int T>() { return launch_grouped_expert<P, G, T>(a, stream); });
 }
 
 }  // namespace cuda

@@ -1,7 +1,7 @@
 // cuBLAS bf16 path for batches beyond the GEMV kernels (cublasGemmEx, f32 accumulation).
-#include <cublas_v2.h>
-
 #include <string>
+
+#include <cublas_v2.h>
 
 #include "kernels.hpp"
 
@@ -31,12 +31,10 @@ Status gemm_bf16(cublasContext* handle, const GemmBf16Args& a, cudaStream_t stre
   // B = x^T ([cols x n], ldb = ldx); C = y^T with ldc = ldy.
   const float alpha = 1.f, beta = 0.f;
   const cublasStatus_t st = cublasGemmEx(
-      handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(a.rows), static_cast<int>(a.n),
-      static_cast<int>(a.cols), &alpha, a.w, CUDA_R_16BF, static_cast<int>(a.cols), a.x, CUDA_R_16BF,
-      static_cast<int>(a.ldx), &beta, a.y, CUDA_R_32F, static_cast<int>(a.ldy), CUBLAS_COMPUTE_32F,
-      CUBLAS_GEMM_DEFAULT);
-  if (st != CUBLAS_STATUS_SUCCESS)
-    return internal_error(std::string("cublasGemmEx: ") + cublasGetStatusString(st));
+      handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(a.rows), static_cast<int>(a.n), static_cast<int>(a.cols),
+      &alpha, a.w, CUDA_R_16BF, static_cast<int>(a.cols), a.x, CUDA_R_16BF, static_cast<int>(a.ldx), &beta, a.y,
+      CUDA_R_32F, static_cast<int>(a.ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  if (st != CUBLAS_STATUS_SUCCESS) return internal_error(std::string("cublasGemmEx: ") + cublasGetStatusString(st));
   return Status::ok();
 }
 

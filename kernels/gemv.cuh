@@ -11,15 +11,16 @@
 ///   sum_j (d*u_j + m)*x_j = (2^b d)*F + (m - 2^b d)*X      (symmetric: m = -2^(b-1) d)
 /// with F = sum_j f_j*x_j and X = sum_j x_j (X is shared by the warp's rows).
 
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstddef>
 #include <cstdint>
 
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "moex/types.hpp"
+
 #include "kernels.hpp"
 #include "launchers.hpp"
-#include "moex/types.hpp"
 
 MOEX_NAMESPACE_BEGIN
 namespace cuda {
@@ -126,9 +127,8 @@ __device__ __forceinline__ void load_x(const float* p, float (&xs)[N]) {
 
 /// acc[r][t] = partial (per lane) dot products of NR rows with T token vectors over `cols`.
 template <Precision P, int G, int T, int NR>
-__device__ __forceinline__ void dot_rows(const RowPtr (&row)[NR], std::size_t cols,
-                                         const float* const (&xp)[T], float (&acc)[NR][T],
-                                         int lane) {
+__device__ __forceinline__ void dot_rows(const RowPtr (&row)[NR], std::size_t cols, const float* const (&xp)[T],
+                                         float (&acc)[NR][T], int lane) {
   using Tr = FormatTraits<P>;
   // Two matrices at once (swiglu) already double the loads in flight: halve the unroll there.
   constexpr int kU = NR > Tr::kRows && Tr::kUnroll > 1 ? Tr::kUnroll / 2 : Tr::kUnroll;
@@ -142,8 +142,7 @@ __device__ __forceinline__ void dot_rows(const RowPtr (&row)[NR], std::size_t co
 #pragma unroll
     for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
 
-  for (std::size_t c0 = static_cast<std::size_t>(lane) * kE; c0 < cols;
-       c0 += static_cast<std::size_t>(32) * kE * kU) {
+  for (std::size_t c0 = static_cast<std::size_t>(lane) * kE; c0 < cols; c0 += static_cast<std::size_t>(32) * kE * kU) {
     uint4 v[kU][NR];
     float d[kU][NR][kGroups];
     float m[kU][NR][kGroups];
@@ -227,14 +226,12 @@ struct MatrixOffsets {
   std::size_t mins = 0;  ///< 0: symmetric
 };
 
-__device__ __forceinline__ RowPtr row_ptr(const std::byte* base, MatrixOffsets off,
-                                          std::size_t row, std::size_t row_bytes,
-                                          std::size_t groups_per_row) {
+__device__ __forceinline__ RowPtr row_ptr(const std::byte* base, MatrixOffsets off, std::size_t row,
+                                          std::size_t row_bytes, std::size_t groups_per_row) {
   const auto* b = reinterpret_cast<const std::uint8_t*>(base);
   RowPtr p;
   p.codes = b + row * row_bytes;
-  p.scales = off.scales ? reinterpret_cast<const __half*>(b + off.scales) + row * groups_per_row
-                        : nullptr;
+  p.scales = off.scales ? reinterpret_cast<const __half*>(b + off.scales) + row * groups_per_row : nullptr;
   p.mins = off.mins ? reinterpret_cast<const __half*>(b + off.mins) + row * groups_per_row : nullptr;
   return p;
 }
@@ -256,8 +253,7 @@ template <Precision P, int G, int T>
 __global__ void __launch_bounds__(kGemvWarps * 32) dequant_gemv(const GemvParams p) {
   constexpr int R = FormatTraits<P>::kRows;
   const int lane = static_cast<int>(threadIdx.x & 31u);
-  const std::size_t row0 =
-      (static_cast<std::size_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32) * R;
+  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32) * R;
   if (row0 >= p.rows) return;  // whole warp
   const std::size_t row_bytes = p.cols * FormatTraits<P>::kBits / 8;
   const std::size_t gpr = FormatTraits<P>::kQuant ? p.cols / G : 0;
@@ -308,8 +304,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) swiglu_gemv(const __grid_cons
   constexpr int R = FormatTraits<P>::kRows;
   const ExpertTask& task = p.tasks[blockIdx.y];
   const int lane = static_cast<int>(threadIdx.x & 31u);
-  const std::size_t row0 =
-      (static_cast<std::size_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32) * R;
+  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32) * R;
   if (row0 >= p.ffn) return;
   const std::size_t row_bytes = p.hidden * FormatTraits<P>::kBits / 8;
   const std::size_t gpr = FormatTraits<P>::kQuant ? p.hidden / G : 0;
@@ -325,7 +320,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) swiglu_gemv(const __grid_cons
 #pragma unroll
   for (int t = 0; t < T; ++t) xp[t] = p.x + task.token[t < n ? t : 0] * p.ldx;
   float acc[2 * R][T];
-  if constexpr (2 * R * kPerWord<P> > 64) {
+  if constexpr (2 * R * kPerWord < P >> 64) {
     // int2: decoding 2R rows at once would spill; stream w1 then w3.
     RowPtr r1[R], r3[R];
     float a1[R][T], a3[R][T];
@@ -359,13 +354,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32) swiglu_gemv(const __grid_cons
 
 /// out[token][r] += weight * (W2[r] . h[e][t]) (atomic: several experts share a token).
 template <Precision P, int G, int T>
-__global__ void __launch_bounds__(kGemvWarps * 32)
-    down_scatter_gemv(const __grid_constant__ GroupParams p) {
+__global__ void __launch_bounds__(kGemvWarps * 32) down_scatter_gemv(const __grid_constant__ GroupParams p) {
   constexpr int R = FormatTraits<P>::kRows;
   const ExpertTask& task = p.tasks[blockIdx.y];
   const int lane = static_cast<int>(threadIdx.x & 31u);
-  const std::size_t row0 =
-      (static_cast<std::size_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32) * R;
+  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32) * R;
   if (row0 >= p.hidden) return;
   const std::size_t row_bytes = p.ffn * FormatTraits<P>::kBits / 8;
   const std::size_t gpr = FormatTraits<P>::kQuant ? p.ffn / G : 0;
@@ -393,9 +386,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   }
 }
 
-inline MatrixOffsets offsets_of(const MatrixLayout& l) {
-  return {l.scales_offset, l.mins_offset};
-}
+inline MatrixOffsets offsets_of(const MatrixLayout& l) { return {l.scales_offset, l.mins_offset}; }
 
 template <Precision P>
 inline unsigned blocks_for(std::size_t rows) {
@@ -407,10 +398,9 @@ inline unsigned blocks_for(std::size_t rows) {
 
 template <Precision P, int G, int T>
 Status launch_gemv(const GemvArgs& a, cudaStream_t stream) noexcept {
-  detail::GemvParams p{a.w, detail::offsets_of(a.layout), a.layout.rows, a.layout.cols,
-                       a.x, a.ldx, a.y, a.ldy, a.n, a.accumulate};
-  detail::dequant_gemv<P, G, T>
-      <<<detail::blocks_for<P>(a.layout.rows), detail::kGemvWarps * 32, 0, stream>>>(p);
+  detail::GemvParams p{
+      a.w, detail::offsets_of(a.layout), a.layout.rows, a.layout.cols, a.x, a.ldx, a.y, a.ldy, a.n, a.accumulate};
+  detail::dequant_gemv<P, G, T><<<detail::blocks_for<P>(a.layout.rows), detail::kGemvWarps * 32, 0, stream>>>(p);
   return cuda_status(cudaGetLastError(), "dequant_gemv launch");
 }
 
@@ -440,16 +430,12 @@ Status launch_grouped_expert(const GroupedExpertArgs& a, cudaStream_t stream) no
 MOEX_NAMESPACE_END
 
 /// Explicit instantiations of one (precision, group) for every token bucket (1, 2, 4, 8).
-#define MOEX_INSTANTIATE_GEMV(P, G)                                                          \
-  template ::moex::Status moex::cuda::launch_gemv<P, G, 1>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv<P, G, 2>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv<P, G, 4>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv<P, G, 8>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_grouped_expert<P, G, 1>(const GroupedExpertArgs&,     \
-                                                                     cudaStream_t) noexcept;      \
-  template ::moex::Status moex::cuda::launch_grouped_expert<P, G, 2>(const GroupedExpertArgs&,     \
-                                                                     cudaStream_t) noexcept;      \
-  template ::moex::Status moex::cuda::launch_grouped_expert<P, G, 4>(const GroupedExpertArgs&,     \
-                                                                     cudaStream_t) noexcept;      \
-  template ::moex::Status moex::cuda::launch_grouped_expert<P, G, 8>(const GroupedExpertArgs&,     \
-                                                                     cudaStream_t) noexcept;
+#define MOEX_INSTANTIATE_GEMV(P, G)                                                                                    \
+  template ::moex::Status moex::cuda::launch_gemv<P, G, 1>(const GemvArgs&, cudaStream_t) noexcept;                    \
+  template ::moex::Status moex::cuda::launch_gemv<P, G, 2>(const GemvArgs&, cudaStream_t) noexcept;                    \
+  template ::moex::Status moex::cuda::launch_gemv<P, G, 4>(const GemvArgs&, cudaStream_t) noexcept;                    \
+  template ::moex::Status moex::cuda::launch_gemv<P, G, 8>(const GemvArgs&, cudaStream_t) noexcept;                    \
+  template ::moex::Status moex::cuda::launch_grouped_expert<P, G, 1>(const GroupedExpertArgs&, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_grouped_expert<P, G, 2>(const GroupedExpertArgs&, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_grouped_expert<P, G, 4>(const GroupedExpertArgs&, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_grouped_expert<P, G, 8>(const GroupedExpertArgs&, cudaStream_t) noexcept;

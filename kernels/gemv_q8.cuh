@@ -26,15 +26,16 @@
 /// j at ((u/32)*P + j)*512 + (u%32)*16, P = E/16), so each warp-wide 16-byte read is conflict free,
 /// then one float2 {d_x, sum q (sym, int bits) | d_x sum q (asym)} per slice.
 
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstddef>
 #include <cstdint>
 
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "moex/types.hpp"
+
 #include "kernels.hpp"
 #include "launchers.hpp"
-#include "moex/types.hpp"
 
 MOEX_NAMESPACE_BEGIN
 namespace cuda {
@@ -46,19 +47,22 @@ inline constexpr int kQ8Rows = 4;   ///< rows per warp
 /// Compile-time geometry of q8_gemv for b-bit codes and group G.
 template <int B, int G>
 struct Q8Geo {
-  static constexpr int kE = 128 / B;             ///< columns per 16-byte load (unit)
-  static constexpr int kParts = kE / 16;         ///< 16-byte activation parts per unit
-  static constexpr int kS = kE < G ? kE : G;     ///< columns per slice
-  static constexpr int kSpu = kE / kS;           ///< slices per unit
-  static constexpr int kOff = 1 << (B - 1);      ///< symmetric offset
-  static constexpr int kWordCols = 32 / B;       ///< columns per 32-bit word of codes
+  static constexpr int kE = 128 / B;          ///< columns per 16-byte load (unit)
+  static constexpr int kParts = kE / 16;      ///< 16-byte activation parts per unit
+  static constexpr int kS = kE < G ? kE : G;  ///< columns per slice
+  static constexpr int kSpu = kE / kS;        ///< slices per unit
+  static constexpr int kOff = 1 << (B - 1);   ///< symmetric offset
+  static constexpr int kWordCols = 32 / B;    ///< columns per 32-bit word of codes
 
   /// Offset of column p (0..kE-1) of a unit inside the unit's kE permuted activation bytes.
   __host__ __device__ static constexpr int perm(int p) {
     const int w = p / kWordCols, i = p % kWordCols;
-    if constexpr (B == 8) return p;
-    else if constexpr (B == 4) return w * 8 + (i & 1) * 4 + (i >> 1);
-    else return w * 16 + (i & 3) * 4 + (i >> 2);
+    if constexpr (B == 8)
+      return p;
+    else if constexpr (B == 4)
+      return w * 8 + (i & 1) * 4 + (i >> 1);
+    else
+      return w * 16 + (i & 3) * 4 + (i >> 2);
   }
 };
 
@@ -118,11 +122,11 @@ __device__ __forceinline__ int slice_dot(const uint4& v, const uint4 (&a)[Q8Geo<
 
 /// Quantizes T tokens of x (token t >= n reads token 0) into the block's shared memory.
 template <int B, int G, int T>
-__device__ __forceinline__ void q8_quantize(const float* x, std::size_t ldx, std::uint32_t n,
-                                            std::size_t cols, bool asym, unsigned char* smem) {
+__device__ __forceinline__ void q8_quantize(const float* x, std::size_t ldx, std::uint32_t n, std::size_t cols,
+                                            bool asym, unsigned char* smem) {
   using Geo = Q8Geo<B, G>;
-  constexpr int kGL = G / 4;          // lanes per group (4 columns a lane)
-  constexpr int kSL = Geo::kS / 4;    // lanes per slice
+  constexpr int kGL = G / 4;        // lanes per group (4 columns a lane)
+  constexpr int kSL = Geo::kS / 4;  // lanes per slice
   const std::size_t act = q8_act_bytes<B, G>(cols);
   const std::size_t stride = q8_token_bytes<B, G>(cols);
   const std::size_t per_token = cols / 4;
@@ -259,8 +263,7 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_gemv(const Q8Params p) {
         for (int j = 0; j < Geo::kParts; ++j) a[j] = *reinterpret_cast<const uint4*>(ua + j * 512);
         float2 meta[Geo::kSpu];
 #pragma unroll
-        for (int s = 0; s < Geo::kSpu; ++s)
-          meta[s] = reinterpret_cast<const float2*>(tok + act)[u * Geo::kSpu + s];
+        for (int s = 0; s < Geo::kSpu; ++s) meta[s] = reinterpret_cast<const float2*>(tok + act)[u * Geo::kSpu + s];
 #pragma unroll
         for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -285,7 +288,7 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_gemv(const Q8Params p) {
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         acc[r][t] = s;
       }
-    // Lane r*T + t writes (row0 + r, token t): the stores spread over the warp.
+      // Lane r*T + t writes (row0 + r, token t): the stores spread over the warp.
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -312,25 +315,34 @@ Status launch_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
   int dev = 0, sms = 0, optin = 0;
   MOEX_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), "cudaGetDevice"));
   MOEX_RETURN_IF_ERROR(cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count"));
-  MOEX_RETURN_IF_ERROR(cuda_status(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit"));
+  MOEX_RETURN_IF_ERROR(
+      cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit"));
   if (smem > static_cast<std::size_t>(optin)) return launch_gemv<P, G, T>(a, stream);  // exact path
   auto* kernel = detail::q8_gemv<P, G, T, Asym>;
   if (smem > 48 * 1024)
-    MOEX_RETURN_IF_ERROR(cuda_status(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-        "q8_gemv shared memory"));
+    MOEX_RETURN_IF_ERROR(
+        cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                    "q8_gemv shared memory"));
   int per_sm = 0;
-  MOEX_RETURN_IF_ERROR(cuda_status(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, detail::kQ8Warps * 32, smem),
-      "q8_gemv occupancy"));
+  MOEX_RETURN_IF_ERROR(
+      cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, detail::kQ8Warps * 32, smem),
+                  "q8_gemv occupancy"));
   if (per_sm < 1) per_sm = 1;
   const std::size_t row_groups = (a.layout.rows + detail::kQ8Rows - 1) / detail::kQ8Rows;
   const std::size_t needed = (row_groups + detail::kQ8Warps - 1) / detail::kQ8Warps;
   const std::size_t cap = static_cast<std::size_t>(sms) * static_cast<std::size_t>(per_sm);
   const auto blocks = static_cast<unsigned>(needed < cap ? needed : cap);
-  const detail::Q8Params p{a.w, a.layout.scales_offset, a.layout.mins_offset, a.layout.rows, a.layout.cols,
-                           a.x, a.ldx, a.y, a.ldy, a.n, a.accumulate};
+  const detail::Q8Params p{a.w,
+                           a.layout.scales_offset,
+                           a.layout.mins_offset,
+                           a.layout.rows,
+                           a.layout.cols,
+                           a.x,
+                           a.ldx,
+                           a.y,
+                           a.ldy,
+                           a.n,
+                           a.accumulate};
   kernel<<<blocks, detail::kQ8Warps * 32, smem, stream>>>(p);
   return cuda_status(cudaGetLastError(), "q8_gemv launch");
 }
@@ -346,7 +358,7 @@ Status launch_gemv_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
 MOEX_NAMESPACE_END
 
 /// Explicit instantiations of q8_gemv for one (precision, group), token buckets 1, 2, 4, 8.
-#define MOEX_INSTANTIATE_GEMV_Q8(P, G)                                                                   \
+#define MOEX_INSTANTIATE_GEMV_Q8(P, G)                                                                 \
   template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 1>(const GemvArgs&, cudaStream_t) noexcept; \
   template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 2>(const GemvArgs&, cudaStream_t) noexcept; \
   template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 4>(const GemvArgs&, cudaStream_t) noexcept; \

@@ -45,12 +45,12 @@ struct GemvArgs {
   std::size_t ldx = 0;
   float* y = nullptr;
   std::size_t ldy = 0;
-  std::uint32_t n = 1;           ///< tokens, 1..kMaxGemvTokens
+  std::uint32_t n = 1;  ///< tokens, 1..kMaxGemvTokens
   bool accumulate = false;
   /// int4/int2: true keeps f32 activations (exact kernel); false (default) quantizes x to int8 per
   /// group and uses integer dot products (see the file comment for its error bound). Float
-  /// formats and int8 (whose f32 kernel already streams at the copy ceiling) ignore it. The q8 path also falls back to the exact kernel when n tokens of
-  /// quantized x do not fit one block's shared memory (about 150k columns at n = 1).
+  /// formats and int8 (whose f32 kernel already streams at the copy ceiling) ignore it. The q8 path also falls back to
+  /// the exact kernel when n tokens of quantized x do not fit one block's shared memory (about 150k columns at n = 1).
   bool exact = false;
 };
 
@@ -68,9 +68,9 @@ struct ExpertTask {
   const std::byte* w1 = nullptr;
   const std::byte* w3 = nullptr;
   const std::byte* w2 = nullptr;
-  std::uint32_t n = 0;                        ///< tokens, 1..kMaxGemvTokens
-  std::uint32_t token[kMaxGemvTokens] = {};   ///< row of x (and of out) of each token
-  float weight[kMaxGemvTokens] = {};          ///< gate weight of each token
+  std::uint32_t n = 0;                       ///< tokens, 1..kMaxGemvTokens
+  std::uint32_t token[kMaxGemvTokens] = {};  ///< row of x (and of out) of each token
+  float weight[kMaxGemvTokens] = {};         ///< gate weight of each token
 };
 
 /// All experts of one step in two launches (fused SwiGLU over w1/w3, then w2 with the weighted
@@ -78,14 +78,14 @@ struct ExpertTask {
 /// `out` accumulates (the caller initializes it: zeros, or the residual); additions from several
 /// experts into one token use atomics, so the order of the f32 sums is not fixed.
 struct GroupedExpertArgs {
-  ExpertLayout layout{};                 ///< shared by every task
-  const ExpertTask* tasks = nullptr;     ///< host array, copied into the launch parameters
-  std::uint32_t count = 0;               ///< 1..kMaxGroupExperts
-  const float* x = nullptr;              ///< [tokens x hidden]
+  ExpertLayout layout{};              ///< shared by every task
+  const ExpertTask* tasks = nullptr;  ///< host array, copied into the launch parameters
+  std::uint32_t count = 0;            ///< 1..kMaxGroupExperts
+  const float* x = nullptr;           ///< [tokens x hidden]
   std::size_t ldx = 0;
-  float* out = nullptr;                  ///< [tokens x hidden]
+  float* out = nullptr;  ///< [tokens x hidden]
   std::size_t ldo = 0;
-  float* workspace = nullptr;            ///< grouped_expert_workspace_bytes(); 16-byte aligned
+  float* workspace = nullptr;  ///< grouped_expert_workspace_bytes(); 16-byte aligned
 };
 
 /// Device scratch that grouped_expert_ffn needs for `count` experts of `shape`.
@@ -115,22 +115,22 @@ struct RouterArgs {
   const float* logits = nullptr;  ///< [tokens x experts], row stride ld
   std::size_t ld = 0;
   std::uint32_t tokens = 0;
-  std::uint32_t experts = 0;      ///< 1..256
-  std::uint32_t k = 0;            ///< 1..min(kMaxTopK, experts)
+  std::uint32_t experts = 0;  ///< 1..256
+  std::uint32_t k = 0;        ///< 1..min(kMaxTopK, experts)
   RouterScore score = RouterScore::kSoftmax;
-  const float* bias = nullptr;    ///< [experts], selection only; null: none
-  bool renormalize = true;        ///< divide the k weights by their sum
-  float scaling = 1.f;            ///< multiplies the final weights
-  std::uint32_t n_group = 1;      ///< 1..32, divides experts
-  std::uint32_t topk_group = 1;   ///< 1..n_group; k <= topk_group * experts / n_group
-  std::int32_t* idx = nullptr;    ///< [tokens x k]
-  float* weight = nullptr;        ///< [tokens x k]
+  const float* bias = nullptr;   ///< [experts], selection only; null: none
+  bool renormalize = true;       ///< divide the k weights by their sum
+  float scaling = 1.f;           ///< multiplies the final weights
+  std::uint32_t n_group = 1;     ///< 1..32, divides experts
+  std::uint32_t topk_group = 1;  ///< 1..n_group; k <= topk_group * experts / n_group
+  std::int32_t* idx = nullptr;   ///< [tokens x k]
+  float* weight = nullptr;       ///< [tokens x k]
 };
 Status route_topk(const RouterArgs& args, cudaStream_t stream) noexcept;
 
 /// Weighted combine: out[t*ldo + c] (+)= sum_{j<k} weight[t*k + j] * eo[(t*k + j)*ld_eo + c].
 struct CombineArgs {
-  const float* eo = nullptr;      ///< expert outputs, one row per (token, choice)
+  const float* eo = nullptr;  ///< expert outputs, one row per (token, choice)
   std::size_t ld_eo = 0;
   const float* weight = nullptr;  ///< [tokens x k]
   std::uint32_t tokens = 0;
@@ -143,8 +143,7 @@ struct CombineArgs {
 Status weighted_combine(const CombineArgs& args, cudaStream_t stream) noexcept;
 
 /// dst[i] = bf16(src[i]) (round to nearest even), for i < count.
-Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t count,
-                           cudaStream_t stream) noexcept;
+Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t count, cudaStream_t stream) noexcept;
 
 /// out[i] = bf16(silu(gate[i]) * up[i]) for i < count (the SwiGLU activation of the cuBLAS path,
 /// rounded to bf16 as the next product's input).

@@ -18,8 +18,9 @@ Status route_topk(const RouterArgs& a, cudaStream_t stream) noexcept {
   if (a.n_group > 1 && a.k > a.topk_group * (a.experts / a.n_group))
     return invalid_argument("route_topk: k exceeds the experts of the kept groups");
   if (a.tokens == 0) return Status::ok();
-  detail::RouterParams p{a.logits, a.ld, a.tokens, a.experts, a.k, a.score == RouterScore::kSigmoid,
-                         a.bias, a.renormalize, a.scaling, a.n_group, a.topk_group, a.idx, a.weight};
+  detail::RouterParams p{a.logits, a.ld,          a.tokens,  a.experts, a.k,          a.score == RouterScore::kSigmoid,
+                         a.bias,   a.renormalize, a.scaling, a.n_group, a.topk_group, a.idx,
+                         a.weight};
   const unsigned blocks = (a.tokens + detail::kRouterWarps - 1) / detail::kRouterWarps;
   detail::route_topk_kernel<<<blocks, detail::kRouterWarps * 32, 0, stream>>>(p);
   return cuda_status(cudaGetLastError(), "route_topk launch");

@@ -2,9 +2,9 @@
 /// @file router.cuh
 /// Device template of the top-k router (route_topk): one warp per token, up to 8 experts per lane.
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
+
+#include <cuda_runtime.h>
 
 #include "moex/types.hpp"
 
@@ -170,8 +170,7 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(const Rou
   }
   __syncwarp();
   const float scale = p.renormalize ? p.scaling / total : p.scaling;
-  for (std::uint32_t j = static_cast<std::uint32_t>(lane); j < p.k; j += 32)
-    p.weight[tok * p.k + j] *= scale;
+  for (std::uint32_t j = static_cast<std::uint32_t>(lane); j < p.k; j += 32) p.weight[tok * p.k + j] *= scale;
 }
 
 }  // namespace detail

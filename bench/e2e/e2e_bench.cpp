@@ -6,8 +6,6 @@
 // Usage: moex_e2e_bench --trace FILE [--layers 8] [--layer-stride 4] [--batches 1,4,16]
 //          [--budgets 0.1,0.25,0.5] [--steps 48] [--warmup 8] [--recall 0.9] [--host-threads 14]
 //          [--no-low] [--out DIR]
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -22,6 +20,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <cuda_runtime.h>
 
 #include "moex/backend/cuda_execution_backend.hpp"
 #include "moex/cache/layer_budget.hpp"
@@ -73,8 +73,8 @@ struct Workload {
   std::uint32_t warmup = 0;
   // routing[step][layer][b]
   std::vector<std::vector<std::vector<moex::TokenRouting>>> routing;
-  moex::RoutingTrace replay;  // one "token" per step: the union of the batch's experts (for PreGateRouter::replay)
-  moex::RoutingTrace profile; // batch-1 trace of the tokens used (miss curves for per-layer budgets)
+  moex::RoutingTrace replay;   // one "token" per step: the union of the batch's experts (for PreGateRouter::replay)
+  moex::RoutingTrace profile;  // batch-1 trace of the tokens used (miss curves for per-layer budgets)
 };
 
 // ---- a Belady cache over the step sequence: misses in the measured steps -----------------------
@@ -126,7 +126,7 @@ struct Row {
   double budget = 0;
   bool ok = false;
   std::string error;
-  double ms_per_token = 0;   // scaled to the model's layers
+  double ms_per_token = 0;  // scaled to the model's layers
   double tok_s = 0;
   double hit_rate = 0;
   double pcie_mb_per_token = 0;
@@ -306,17 +306,28 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string k = argv[i];
     auto val = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
-    if (k == "--trace") a.trace = val();
-    else if (k == "--layers") a.layers = static_cast<std::uint32_t>(std::stoul(val()));
-    else if (k == "--layer-stride") a.stride = static_cast<std::uint32_t>(std::stoul(val()));
-    else if (k == "--steps") a.steps = static_cast<std::uint32_t>(std::stoul(val()));
-    else if (k == "--warmup") a.warmup = static_cast<std::uint32_t>(std::stoul(val()));
-    else if (k == "--host-threads") a.host_threads = static_cast<std::uint32_t>(std::stoul(val()));
-    else if (k == "--batches") a.batches = parse_list<std::uint32_t>(val());
-    else if (k == "--budgets") a.budgets = parse_list<double>(val());
-    else if (k == "--recall") a.recall = std::stof(val());
-    else if (k == "--no-low") a.low = false;
-    else if (k == "--out") a.out = val();
+    if (k == "--trace")
+      a.trace = val();
+    else if (k == "--layers")
+      a.layers = static_cast<std::uint32_t>(std::stoul(val()));
+    else if (k == "--layer-stride")
+      a.stride = static_cast<std::uint32_t>(std::stoul(val()));
+    else if (k == "--steps")
+      a.steps = static_cast<std::uint32_t>(std::stoul(val()));
+    else if (k == "--warmup")
+      a.warmup = static_cast<std::uint32_t>(std::stoul(val()));
+    else if (k == "--host-threads")
+      a.host_threads = static_cast<std::uint32_t>(std::stoul(val()));
+    else if (k == "--batches")
+      a.batches = parse_list<std::uint32_t>(val());
+    else if (k == "--budgets")
+      a.budgets = parse_list<double>(val());
+    else if (k == "--recall")
+      a.recall = std::stof(val());
+    else if (k == "--no-low")
+      a.low = false;
+    else if (k == "--out")
+      a.out = val();
     else {
       std::fprintf(stderr, "unknown argument %s\n", k.c_str());
       return 2;
@@ -441,10 +452,11 @@ int main(int argc, char** argv) {
     }
     std::sort(ts.begin(), ts.end());
     c.host_rate = static_cast<std::uint64_t>(double(layout.total_bytes) / ts[ts.size() / 2]);
-    std::printf("measured: pinned PCIe H2D %.1f GB/s (one %.0f MB expert, median of 5); host CPU bf16 expert at batch 1: "
-                "%.2f ms = %.1f GB/s of weights (%zu threads, median of 6)\n",
-                double(c.pcie_rate) / 1e9, double(layout.total_bytes) / 1e6, ts[ts.size() / 2] * 1e3,
-                double(c.host_rate) / 1e9, threads);
+    std::printf(
+        "measured: pinned PCIe H2D %.1f GB/s (one %.0f MB expert, median of 5); host CPU bf16 expert at batch 1: "
+        "%.2f ms = %.1f GB/s of weights (%zu threads, median of 6)\n",
+        double(c.pcie_rate) / 1e9, double(layout.total_bytes) / 1e6, ts[ts.size() / 2] * 1e3, double(c.host_rate) / 1e9,
+        threads);
   }
   const std::uint32_t max_batch = *std::max_element(a.batches.begin(), a.batches.end());
   {
@@ -462,7 +474,8 @@ int main(int argc, char** argv) {
   std::FILE* routing_out = std::fopen((a.out + "/routing.txt").c_str(), "w");
   for (std::uint32_t batch : a.batches) {
     const std::uint32_t steps = batch == 1 ? a.steps : std::max<std::uint32_t>(8, a.steps * 2 / (batch + 2));
-    Workload w = make_workload(*tr, tokens, layer_ids, batch, steps, batch == 1 ? a.warmup : std::max(2u, a.warmup / batch));
+    Workload w =
+        make_workload(*tr, tokens, layer_ids, batch, steps, batch == 1 ? a.warmup : std::max(2u, a.warmup / batch));
     if (routing_out)
       for (std::uint32_t s = 0; s < w.steps; ++s)
         for (std::uint32_t l = 0; l < a.layers; ++l)
@@ -482,7 +495,8 @@ int main(int argc, char** argv) {
     for (double budget : a.budgets) {
       const std::uint64_t cb = static_cast<std::uint64_t>(budget * double(all_bytes));
       const std::size_t slots = cb / c.expert_bytes;
-      const double belady_bytes = double(belady_misses(w, a.layers, 8, slots)) * double(c.expert_bytes) / tokens_measured * scale;
+      const double belady_bytes =
+          double(belady_misses(w, a.layers, 8, slots)) * double(c.expert_bytes) / tokens_measured * scale;
       const double floor_ms =
           std::max(res.ok ? res.ms_per_token : 0.0, belady_bytes / double(c.pcie_rate + c.host_rate) * 1e3);
       moex::ExecutorConfig ec;
@@ -507,9 +521,11 @@ int main(int argc, char** argv) {
         lo.low_precision = moex::Precision::kInt4;
         br.push_back(run_row<HobbitP>(c, w, "+ prefetch + int4 on miss (HOBBIT)", budget, lo, replay(), {}));
       }
-      br.push_back(run_row<CostP>(c, w, "+ prefetch + CPU compute of misses", budget, ec, replay(), moex::CostModelMiss{}));
+      br.push_back(
+          run_row<CostP>(c, w, "+ prefetch + CPU compute of misses", budget, ec, replay(), moex::CostModelMiss{}));
       // Without prefetch: at batch 1 the link is saturated and prefetches only displace residents.
-      br.push_back(run_row<CostNoPfP>(c, w, "CPU compute of misses, no prefetch", budget, ec, {}, moex::CostModelMiss{}));
+      br.push_back(
+          run_row<CostNoPfP>(c, w, "CPU compute of misses, no prefetch", budget, ec, {}, moex::CostModelMiss{}));
       {
         moex::ExecutorConfig all = lb;
         moex::CostModelMiss m;
@@ -562,7 +578,8 @@ int main(int argc, char** argv) {
     moex::DeviceProfile prof;
     prof.name = "measured-in-run";
     prof.links[static_cast<std::size_t>(moex::SimLink::kHostToDevice)] = {0, c.pcie_rate};
-    prof.compute[static_cast<std::size_t>(moex::SimDevice::kGpu)].read_bytes_per_s = static_cast<std::uint64_t>(gpu_rate);
+    prof.compute[static_cast<std::size_t>(moex::SimDevice::kGpu)].read_bytes_per_s =
+        static_cast<std::uint64_t>(gpu_rate);
     prof.compute[static_cast<std::size_t>(moex::SimDevice::kHostCpu)].read_bytes_per_s = c.host_rate;
     for (Row& r : rows) {
       if (r.batch != 1) continue;
@@ -587,39 +604,46 @@ int main(int argc, char** argv) {
         continue;
       }
       auto sr = moex::run_simulation(sc);
-      if (sr) r.sim_ms = sr->ms_per_token * double(a.model_layers) / a.layers;
-      else r.sim_policy += " (" + sr.status().to_string() + ")";
+      if (sr)
+        r.sim_ms = sr->ms_per_token * double(a.model_layers) / a.layers;
+      else
+        r.sim_policy += " (" + sr.status().to_string() + ")";
     }
   }
 
   // ---- output --------------------------------------------------------------------------------
   std::FILE* csv = std::fopen((a.out + "/e2e.csv").c_str(), "w");
   if (csv)
-    std::fprintf(csv, "batch,budget,row,tok_s,ms_per_token,hit_rate,pcie_mb_per_token,pcie_busy,cpu_busy,stall_ms_per_token,"
-                      "floor_ms,ratio_to_floor,sim_policy,sim_ms,sim_diff,at_source,low_loads,skipped,error\n");
-  std::printf("\nper token scaled to %u layers (measured on %u); floor = max(all resident, Belady-unavoidable bytes / "
-              "(PCIe %.1f + host %.1f GB/s))\n",
-              a.model_layers, a.layers, double(c.pcie_rate) / 1e9, double(c.host_rate) / 1e9);
-  std::printf("| batch | budget | row | tok/s | ms/token | hit | PCIe MB/tok | PCIe busy | CPU busy | stall ms/tok | floor ms | "
-              "x floor | sim ms (policy) | sim diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::fprintf(csv,
+                 "batch,budget,row,tok_s,ms_per_token,hit_rate,pcie_mb_per_token,pcie_busy,cpu_busy,stall_ms_per_token,"
+                 "floor_ms,ratio_to_floor,sim_policy,sim_ms,sim_diff,at_source,low_loads,skipped,error\n");
+  std::printf(
+      "\nper token scaled to %u layers (measured on %u); floor = max(all resident, Belady-unavoidable bytes / "
+      "(PCIe %.1f + host %.1f GB/s))\n",
+      a.model_layers, a.layers, double(c.pcie_rate) / 1e9, double(c.host_rate) / 1e9);
+  std::printf(
+      "| batch | budget | row | tok/s | ms/token | hit | PCIe MB/tok | PCIe busy | CPU busy | stall ms/tok | floor ms "
+      "| "
+      "x floor | sim ms (policy) | sim diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) {
     const double ratio = r.floor_ms > 0 ? r.ms_per_token / r.floor_ms : (r.budget >= 1.0 ? 1.0 : 0.0);
     const double diff = r.sim_ms > 0 ? (r.ms_per_token - r.sim_ms) / r.sim_ms : 0.0;
     if (!r.ok) {
       std::printf("| %u | %.0f%% | %s | error: %s |\n", r.batch, r.budget * 100, r.name.c_str(), r.error.c_str());
     } else {
-      std::printf("| %u | %.0f%% | %s | %.2f | %.1f | %.3f | %.0f | %.2f | %.2f | %.1f | %.1f | %.2f | %s | %s |\n", r.batch,
-                  r.budget * 100, r.name.c_str(), r.tok_s, r.ms_per_token, r.hit_rate, r.pcie_mb_per_token, r.pcie_busy,
-                  r.cpu_busy, r.stall_ms_per_token, r.floor_ms, ratio,
+      std::printf("| %u | %.0f%% | %s | %.2f | %.1f | %.3f | %.0f | %.2f | %.2f | %.1f | %.1f | %.2f | %s | %s |\n",
+                  r.batch, r.budget * 100, r.name.c_str(), r.tok_s, r.ms_per_token, r.hit_rate, r.pcie_mb_per_token,
+                  r.pcie_busy, r.cpu_busy, r.stall_ms_per_token, r.floor_ms, ratio,
                   r.sim_ms > 0 ? (std::to_string(r.sim_ms).substr(0, 6) + " (" + r.sim_policy + ")").c_str() : "-",
                   r.sim_ms > 0 ? (std::to_string(diff * 100).substr(0, 5) + "%").c_str() : "-");
     }
     if (csv)
-      std::fprintf(csv, "%u,%.2f,\"%s\",%.4f,%.3f,%.4f,%.1f,%.3f,%.3f,%.3f,%.3f,%.3f,\"%s\",%.3f,%.4f,%llu,%llu,%llu,\"%s\"\n",
-                   r.batch, r.budget, r.name.c_str(), r.tok_s, r.ms_per_token, r.hit_rate, r.pcie_mb_per_token, r.pcie_busy,
-                   r.cpu_busy, r.stall_ms_per_token, r.floor_ms, ratio, r.sim_policy.c_str(), r.sim_ms, diff,
-                   static_cast<unsigned long long>(r.at_source), static_cast<unsigned long long>(r.low_loads),
-                   static_cast<unsigned long long>(r.skipped), r.error.c_str());
+      std::fprintf(
+          csv, "%u,%.2f,\"%s\",%.4f,%.3f,%.4f,%.1f,%.3f,%.3f,%.3f,%.3f,%.3f,\"%s\",%.3f,%.4f,%llu,%llu,%llu,\"%s\"\n",
+          r.batch, r.budget, r.name.c_str(), r.tok_s, r.ms_per_token, r.hit_rate, r.pcie_mb_per_token, r.pcie_busy,
+          r.cpu_busy, r.stall_ms_per_token, r.floor_ms, ratio, r.sim_policy.c_str(), r.sim_ms, diff,
+          static_cast<unsigned long long>(r.at_source), static_cast<unsigned long long>(r.low_loads),
+          static_cast<unsigned long long>(r.skipped), r.error.c_str());
   }
   if (csv) std::fclose(csv);
   (void)moex::CudaExecutionBackend::unregister_store(*store);

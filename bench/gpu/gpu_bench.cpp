@@ -3,9 +3,6 @@
 // the pinned host-to-device ceiling, and an upload with kernels running at once.
 // Timing: cudaEvents around each iteration, warm-up first, median over iterations; counters GBps
 // and ratio (to the ceiling). Inputs are random (never zeros).
-#include <benchmark/benchmark.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -15,9 +12,13 @@
 #include <string>
 #include <vector>
 
-#include "kernels.hpp"
+#include <benchmark/benchmark.h>
+#include <cuda_runtime.h>
+
 #include "moex/backend/cuda_backend.hpp"
 #include "moex/quant/layout.hpp"
+
+#include "kernels.hpp"
 
 namespace {
 
@@ -74,11 +75,13 @@ std::vector<std::byte> random_matrix(const moex::MatrixLayout& l, std::uint64_t 
     for (std::size_t i = 0; i < count; ++i) h[i] = static_cast<std::uint16_t>((h[i] & keep) | set);
   };
   const std::size_t n = l.rows * l.cols;
-  if (l.format.precision == Precision::kBF16) fix16(0, n, 0x807F, 0x3F00);        // |x| in [0.5, 1)
-  else if (l.format.precision == Precision::kF16) fix16(0, n, 0x83FF, 0x3800);    // |x| in [0.5, 1)
+  if (l.format.precision == Precision::kBF16)
+    fix16(0, n, 0x807F, 0x3F00);  // |x| in [0.5, 1)
+  else if (l.format.precision == Precision::kF16)
+    fix16(0, n, 0x83FF, 0x3800);  // |x| in [0.5, 1)
   else {
     const std::size_t groups = l.rows * l.groups_per_row();
-    fix16(l.scales_offset, groups, 0x03FF, 0x2000);                               // small positive
+    fix16(l.scales_offset, groups, 0x03FF, 0x2000);  // small positive
     if (l.mins_offset) fix16(l.mins_offset, groups, 0x83FF, 0x2000);
   }
   return m;
@@ -311,7 +314,8 @@ void BM_upload_with_gemv(benchmark::State& state) {
   auto copy = static_cast<cudaStream_t>((*be)->copy_stream());
   auto comp = static_cast<cudaStream_t>((*be)->compute_stream());
   // Enough launches to cover the upload: upload time / kernel time at the ceilings.
-  const int launches = std::max(1, static_cast<int>(g_d2d_gbps / g_h2d_gbps * static_cast<double>(bytes) / static_cast<double>(g.l.total_bytes)));
+  const int launches = std::max(
+      1, static_cast<int>(g_d2d_gbps / g_h2d_gbps * static_cast<double>(bytes) / static_cast<double>(g.l.total_bytes)));
   cudaEvent_t c0, c1, k0, k1;
   cudaEventCreate(&c0);
   cudaEventCreate(&c1);
@@ -340,8 +344,7 @@ void BM_upload_with_gemv(benchmark::State& state) {
   state.counters["copy_GBps"] = static_cast<double>(bytes) / (mc_ * 1e-3) / 1e9;
   state.counters["copy_ratio"] = static_cast<double>(bytes) / (mc_ * 1e-3) / 1e9 / g_h2d_gbps;
   state.counters["gemv_GBps"] = launches * static_cast<double>(g.l.total_bytes) / (mk * 1e-3) / 1e9;
-  state.counters["gemv_ratio"] =
-      launches * static_cast<double>(g.l.total_bytes) / (mk * 1e-3) / 1e9 / g_d2d_gbps;
+  state.counters["gemv_ratio"] = launches * static_cast<double>(g.l.total_bytes) / (mk * 1e-3) / 1e9 / g_d2d_gbps;
   cudaEventDestroy(c0);
   cudaEventDestroy(c1);
   cudaEventDestroy(k0);
@@ -383,24 +386,60 @@ int main(int argc, char** argv) {
   // Every format at batch 1 on its default path (q8 for integers), then the integers' exact path,
   // then the default path repeated (run-to-run spread of the same kernel).
   for (int f = 0; f < nf; ++f)
-    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)->Args({f, 1, 0})->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)
+        ->Args({f, 1, 0})
+        ->UseManualTime()
+        ->Iterations(50)
+        ->Unit(benchmark::kMicrosecond);
   for (int f = 2; f < nf; ++f)
-    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)->Args({f, 1, 1})->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)
+        ->Args({f, 1, 1})
+        ->UseManualTime()
+        ->Iterations(50)
+        ->Unit(benchmark::kMicrosecond);
   for (int f = 2; f < nf; ++f)
-    benchmark::RegisterBenchmark("gemv/batch1-rerun", BM_gemv)->Args({f, 1, 0})->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("gemv/batch1-rerun", BM_gemv)
+        ->Args({f, 1, 0})
+        ->UseManualTime()
+        ->Iterations(50)
+        ->Unit(benchmark::kMicrosecond);
   for (int f : {5, 7})
     for (int n : {2, 4, 8})
-      benchmark::RegisterBenchmark("gemv/batchN", BM_gemv)->Args({f, n, 0})->UseManualTime()->Iterations(30)->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark("gemv/batchN", BM_gemv)
+          ->Args({f, n, 0})
+          ->UseManualTime()
+          ->Iterations(30)
+          ->Unit(benchmark::kMicrosecond);
   for (int f : {0, 5, 7})
-    benchmark::RegisterBenchmark("gemv/batch8", BM_gemv)->Args({f, 8, 1})->UseManualTime()->Iterations(30)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("gemv/batch8", BM_gemv)
+        ->Args({f, 8, 1})
+        ->UseManualTime()
+        ->Iterations(30)
+        ->Unit(benchmark::kMicrosecond);
   for (int n : {1, 8, 64})
-    benchmark::RegisterBenchmark("cublas_bf16", BM_cublas_bf16)->Arg(n)->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("cublas_bf16", BM_cublas_bf16)
+        ->Arg(n)
+        ->UseManualTime()
+        ->Iterations(50)
+        ->Unit(benchmark::kMicrosecond);
   for (int f : {0, 5, 7})
-    benchmark::RegisterBenchmark("grouped_experts8", BM_grouped_experts)->Arg(f)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("grouped_experts8", BM_grouped_experts)
+        ->Arg(f)
+        ->UseManualTime()
+        ->Iterations(20)
+        ->Unit(benchmark::kMicrosecond);
   for (int p : {0, 1})
-    benchmark::RegisterBenchmark("slot_upload", BM_slot_upload)->Arg(p)->UseManualTime()->Iterations(10)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("slot_upload", BM_slot_upload)
+        ->Arg(p)
+        ->UseManualTime()
+        ->Iterations(10)
+        ->Unit(benchmark::kMillisecond);
   for (int f : {0, 5})
-    benchmark::RegisterBenchmark("upload_with_gemv", BM_upload_with_gemv)->Arg(f)->UseManualTime()->Iterations(8)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("upload_with_gemv", BM_upload_with_gemv)
+        ->Arg(f)
+        ->UseManualTime()
+        ->Iterations(8)
+        ->Unit(benchmark::kMillisecond);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

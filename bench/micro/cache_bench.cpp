@@ -2,14 +2,14 @@
 // realistic sizes (Mixtral 32 layers x 8 experts; a 48 x 128 fine-grained model), and a trace
 // replay in layer-steps per second. Targets (issue 8): < 100 ns per lookup, < 1 us per eviction
 // decision; "pct_of_target" = 100 * measured / target (below 100 meets it).
-#include <benchmark/benchmark.h>
-
 #include <chrono>
 #include <cstdlib>
-#include <type_traits>
 #include <filesystem>
 #include <random>
+#include <type_traits>
 #include <vector>
+
+#include <benchmark/benchmark.h>
 
 #include "moex/cache/mixed_precision_cache.hpp"
 #include "moex/formats/trace.hpp"
@@ -40,8 +40,10 @@ MixedPrecisionCache<P> filled(std::uint32_t layers, std::uint32_t experts, std::
   CacheConfig cfg;
   cfg.n_layers = layers;
   cfg.n_experts = experts;
-  if (per_layer_groups) cfg.layer_budget_bytes.assign(layers, per_layer);
-  else cfg.budget_bytes = std::uint64_t{layers} * per_layer;
+  if (per_layer_groups)
+    cfg.layer_budget_bytes.assign(layers, per_layer);
+  else
+    cfg.budget_bytes = std::uint64_t{layers} * per_layer;
   auto c = MixedPrecisionCache<P>::create(cfg);
   std::uint64_t step = 0;
   for (std::uint32_t l = 0; l < layers; ++l)
@@ -78,7 +80,8 @@ void BM_EvictionDecision(benchmark::State& state) {
   std::mt19937_64 rng(2);
   std::uint64_t step = 1u << 20;
   for (int i = 0; i < 20000; ++i) {  // realistic hit/recency state
-    (void)c.lookup({static_cast<std::uint32_t>(rng() % layers), static_cast<std::uint32_t>(rng() % (experts / 2))}, step++);
+    (void)c.lookup({static_cast<std::uint32_t>(rng() % layers), static_cast<std::uint32_t>(rng() % (experts / 2))},
+                   step++);
   }
   const auto views = c.group_views(0);
   P& p = c.policy();
@@ -138,8 +141,8 @@ void BM_Replay(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(layer_steps), benchmark::Counter::kIsRate);
 }
 
-#define MOEX_CACHE_BENCH(P)                                                                     \
-  BENCHMARK_TEMPLATE(BM_LookupHit, P)->Args({32, 8})->Args({48, 128});                           \
+#define MOEX_CACHE_BENCH(P)                                                                             \
+  BENCHMARK_TEMPLATE(BM_LookupHit, P)->Args({32, 8})->Args({48, 128});                                  \
   BENCHMARK_TEMPLATE(BM_EvictionDecision, P)->Args({32, 8, 0})->Args({48, 128, 1})->Args({48, 128, 0}); \
   BENCHMARK_TEMPLATE(BM_Replay, P)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)
 

@@ -4,8 +4,6 @@
 // the last-level cache, so every call streams its weights from DRAM as an offloaded expert would.
 //
 //   moex_bench_cpu_kernels --benchmark_min_time=0.3 --benchmark_out=cpu_kernels.json
-#include <benchmark/benchmark.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -13,6 +11,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include <benchmark/benchmark.h>
 
 #include "moex/cpu/cpu_isa.hpp"
 #include "moex/cpu/expert_ffn.hpp"
@@ -120,8 +120,8 @@ ColdExperts& experts(int fi, int si) {
   c.copies = std::max<std::size_t>(1, (kColdBytes + c.layout.total_bytes - 1) / c.layout.total_bytes);
   c.blob.resize(c.copies * c.layout.total_bytes);
   // w serves as w1, w3 ([ffn x hidden]) and w2 ([hidden x ffn]): same element count.
-  const moex::Status st1 = moex::pack_expert(w.data(), w.data(), w.data(), s, f,
-                                             std::span<std::byte>(c.blob).first(c.layout.total_bytes));
+  const moex::Status st1 =
+      moex::pack_expert(w.data(), w.data(), w.data(), s, f, std::span<std::byte>(c.blob).first(c.layout.total_bytes));
   if (!st1.is_ok()) c.error = st1.to_string();
   for (std::size_t k = 1; k < c.copies; ++k)
     std::memcpy(c.blob.data() + k * c.layout.total_bytes, c.blob.data(), c.layout.total_bytes);
@@ -209,8 +209,7 @@ void BM_MatmulHot(benchmark::State& state) {
   }
   (void)moex::set_cpu_isa(saved);
   state.counters["Gweights_per_s"] = benchmark::Counter(
-      static_cast<double>(rows * cols) * static_cast<double>(state.iterations()) / 1e9,
-      benchmark::Counter::kIsRate);
+      static_cast<double>(rows * cols) * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
   state.SetBytesProcessed(static_cast<std::int64_t>(l.total_bytes) * static_cast<std::int64_t>(state.iterations()));
   std::string label = kFormats[fi].name;
   label.append("/n").append(std::to_string(n));

@@ -4,14 +4,14 @@
 // host memcpy ceiling measured in this binary.
 //
 //   moex_bench_quantize --benchmark_min_time=0.3 --benchmark_out=quantize.json
-#include <benchmark/benchmark.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include <benchmark/benchmark.h>
 
 #include "moex/quant/quantize.hpp"
 #include "moex/thread_pool.hpp"
@@ -132,17 +132,16 @@ void BM_ConvertExpert(benchmark::State& state) {
       break;
     }
   }
-  state.SetBytesProcessed(static_cast<std::int64_t>(static_cast<double>(state.iterations()) * static_cast<double>(src.size())));
+  state.SetBytesProcessed(
+      static_cast<std::int64_t>(static_cast<double>(state.iterations()) * static_cast<double>(src.size())));
   state.SetLabel(pool ? "bf16->int4_g64/all_threads" : "bf16->int4_g64/1_thread");
 }
 
 void register_all() {
   benchmark::AddCustomContext("memcpy_ceiling_GBps", std::to_string(memcpy_ceiling_bytes_per_s() / 1e9));
   for (int i = 0; i < static_cast<int>(std::size(kFormats)); ++i) {
-    benchmark::RegisterBenchmark("BM_QuantizeMatrix", BM_QuantizeMatrix)
-        ->Arg(i)->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark("BM_DequantizeMatrix", BM_DequantizeMatrix)
-        ->Arg(i)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("BM_QuantizeMatrix", BM_QuantizeMatrix)->Arg(i)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("BM_DequantizeMatrix", BM_DequantizeMatrix)->Arg(i)->Unit(benchmark::kMillisecond);
   }
   for (int p : {0, 1})
     benchmark::RegisterBenchmark("BM_ConvertExpert", BM_ConvertExpert)->Arg(p)->Unit(benchmark::kMillisecond);

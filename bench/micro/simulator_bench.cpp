@@ -2,12 +2,12 @@
 // MixedPrecisionCache, SimExecutionBackend) on one core, in layer-steps per second (one
 // forward_routed call of one token at one layer). Target (issue 8): over 1 million layer-steps per
 // second with LRU on the Mixtral trace; "pct_of_target" = 100 * measured / target (>= 100 meets it).
-#include <benchmark/benchmark.h>
-
 #include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <string>
+
+#include <benchmark/benchmark.h>
 
 #include "moex/formats/trace.hpp"
 #include "moex/sim/grid.hpp"
@@ -91,9 +91,10 @@ void BM_SimulatorReplay(benchmark::State& state) {
 
 BENCHMARK(BM_SimulatorReplay)
     ->ArgsProduct({{0, 1, 2}, {static_cast<int>(SimPolicy::kLru)}})
-    ->ArgsProduct({{0}, {static_cast<int>(SimPolicy::kLfu), static_cast<int>(SimPolicy::kLrfu),
-                         static_cast<int>(SimPolicy::kHobbit), static_cast<int>(SimPolicy::kStaticHot),
-                         static_cast<int>(SimPolicy::kBelady)}})
+    ->ArgsProduct({{0},
+                   {static_cast<int>(SimPolicy::kLfu), static_cast<int>(SimPolicy::kLrfu),
+                    static_cast<int>(SimPolicy::kHobbit), static_cast<int>(SimPolicy::kStaticHot),
+                    static_cast<int>(SimPolicy::kBelady)}})
     ->Unit(benchmark::kMillisecond);
 
 BENCHMARK_MAIN();

@@ -76,10 +76,10 @@ typedef int32_t moex_status;
 #define MOEX_ERR_UNSUPPORTED -2      /* a valid request this build cannot serve (e.g. no CUDA) */
 #define MOEX_ERR_STRUCT_SIZE -3      /* a struct from a newer moex.h uses fields this library lacks */
 #define MOEX_ERR_OUT_OF_MEMORY -4
-#define MOEX_ERR_IO -5               /* a file could not be opened, read or written */
-#define MOEX_ERR_CORRUPT -6          /* a file is malformed */
-#define MOEX_ERR_NOT_FOUND -7        /* a file, tensor or key does not exist */
-#define MOEX_ERR_INTERNAL -99        /* a bug in moex */
+#define MOEX_ERR_IO -5        /* a file could not be opened, read or written */
+#define MOEX_ERR_CORRUPT -6   /* a file is malformed */
+#define MOEX_ERR_NOT_FOUND -7 /* a file, tensor or key does not exist */
+#define MOEX_ERR_INTERNAL -99 /* a bug in moex */
 
 /** Static text for a status code ("ok", "invalid argument", ...); never NULL. Thread-safe. @since 0.1 */
 MOEX_API const char* moex_status_string(moex_status status);
@@ -128,16 +128,16 @@ MOEX_API moex_status moex_set_log_callback(moex_log_fn fn, int32_t max_level, vo
 /* Compute backends. */
 #define MOEX_BACKEND_DEFAULT 0 /* CPU */
 #define MOEX_BACKEND_CPU 1
-#define MOEX_BACKEND_CUDA 2    /* MOEX_ERR_UNSUPPORTED in builds without CUDA */
+#define MOEX_BACKEND_CUDA 2 /* MOEX_ERR_UNSUPPORTED in builds without CUDA */
 
 /* Eviction policies of the fast-tier cache. */
 #define MOEX_EVICTION_DEFAULT 0 /* LRU */
 #define MOEX_EVICTION_LRU 1
 #define MOEX_EVICTION_LFU 2
-#define MOEX_EVICTION_LRFU 3    /* uses moex_executor_params.lrfu_lambda */
-#define MOEX_EVICTION_HOBBIT 4  /* HOBBIT's score, equal weights */
+#define MOEX_EVICTION_LRFU 3           /* uses moex_executor_params.lrfu_lambda */
+#define MOEX_EVICTION_HOBBIT 4         /* HOBBIT's score, equal weights */
 #define MOEX_EVICTION_STATIC_HOT_SET 5 /* a profile: moex_executor_params.hot_profile (since 0.2) */
-#define MOEX_EVICTION_BELADY 6  /* offline oracle over moex_executor_params.future_trace (since 0.2) */
+#define MOEX_EVICTION_BELADY 6         /* offline oracle over moex_executor_params.future_trace (since 0.2) */
 
 /* Gating: how many of the router's experts a token really uses. */
 #define MOEX_GATING_DEFAULT 0 /* fixed top-k */
@@ -151,17 +151,21 @@ MOEX_API moex_status moex_set_log_callback(moex_log_fn fn, int32_t max_level, vo
 /* Expert prediction / prefetching. */
 #define MOEX_PREDICTION_DEFAULT 0 /* none */
 #define MOEX_PREDICTION_NONE 1
-#define MOEX_PREDICTION_SPECULATIVE 2    /* next layers' routers on this layer's input (0.2);
-                                            prefetch_depth layers ahead (0 = 1) */
-#define MOEX_PREDICTION_PREGATE_FILE 3   /* trained pre-gates read from pregate_path, used as a
-                                            prediction only (exact) (0.2) */
-#define MOEX_PREDICTION_PREGATE_ROUTING 4 /* trained pre-gates from pregate_path used as the routing of
-                                            layers 1.. (changes the function) (0.2) */
+#define MOEX_PREDICTION_SPECULATIVE                      \
+  2 /* next layers' routers on this layer's input (0.2); \
+       prefetch_depth layers ahead (0 = 1) */
+#define MOEX_PREDICTION_PREGATE_FILE                       \
+  3 /* trained pre-gates read from pregate_path, used as a \
+       prediction only (exact) (0.2) */
+#define MOEX_PREDICTION_PREGATE_ROUTING                           \
+  4 /* trained pre-gates from pregate_path used as the routing of \
+      layers 1.. (changes the function) (0.2) */
 
 /* What to do with a selected expert that is not resident (0.2). */
-#define MOEX_MISS_DEFAULT 0    /* load it at the cache precision */
+#define MOEX_MISS_DEFAULT 0 /* load it at the cache precision */
 #define MOEX_MISS_LOAD 1
-#define MOEX_MISS_HOBBIT 2     /* HOBBIT: by its unimportance s: s <= hobbit_t_high load at full precision,
+#define MOEX_MISS_HOBBIT                                                                                    \
+  2                            /* HOBBIT: by its unimportance s: s <= hobbit_t_high load at full precision, \
                                   <= hobbit_t_skip load the low_precision copy, else skip it */
 #define MOEX_MISS_COST_MODEL 3 /* load or compute where the master copy lives, whichever finishes first */
 
@@ -182,14 +186,14 @@ MOEX_API moex_status moex_set_log_callback(moex_log_fn fn, int32_t max_level, vo
  * @since 0.1
  */
 typedef struct moex_demo_params {
-  uint64_t struct_size;   /* set by moex_demo_params_init */
-  uint32_t n_layers;      /* MoE layers, 1..256 */
-  uint32_t n_experts;     /* 1..256 */
-  uint32_t top_k;         /* 1..min(n_experts, 16) */
-  uint32_t hidden;        /* 1..16384 */
-  uint32_t ffn;           /* 1..65536 */
-  int32_t precision;      /* MOEX_PRECISION_F32, _F16 or _BF16 (default) */
-  uint64_t seed;          /* same seed, same weights, on every platform */
+  uint64_t struct_size; /* set by moex_demo_params_init */
+  uint32_t n_layers;    /* MoE layers, 1..256 */
+  uint32_t n_experts;   /* 1..256 */
+  uint32_t top_k;       /* 1..min(n_experts, 16) */
+  uint32_t hidden;      /* 1..16384 */
+  uint32_t ffn;         /* 1..65536 */
+  int32_t precision;    /* MOEX_PRECISION_F32, _F16 or _BF16 (default) */
+  uint64_t seed;        /* same seed, same weights, on every platform */
 } moex_demo_params;
 
 /** Fills `params` (borrowed) with defaults and sets struct_size; NULL is a no-op. @since 0.1 */
@@ -248,8 +252,8 @@ MOEX_API void moex_model_params_init(moex_model_params* params);
  * Thread safety: any thread.
  * @since 0.1
  */
-MOEX_API moex_status moex_model_open(const char* path, const moex_model_params* params,
-                                     moex_progress_fn progress, void* user_data, moex_model** out);
+MOEX_API moex_status moex_model_open(const char* path, const moex_model_params* params, moex_progress_fn progress,
+                                     void* user_data, moex_model** out);
 
 /**
  * Destroys a model; NULL is a no-op. Executors created from it stay usable (they keep what they
@@ -264,13 +268,13 @@ MOEX_API void moex_model_destroy(moex_model* model);
  */
 typedef struct moex_model_info {
   uint64_t struct_size;
-  uint32_t n_layers;          /* MoE layers (the layer index of every executor call) */
-  uint32_t n_experts;         /* routed experts per layer */
-  uint32_t top_k;             /* experts per token */
-  uint32_t hidden;            /* hidden size */
-  uint32_t ffn;               /* intermediate size of one expert */
-  int32_t master_precision;   /* MOEX_PRECISION_* of the master copies */
-  uint64_t expert_bytes;      /* bytes of one expert in the master precision */
+  uint32_t n_layers;            /* MoE layers (the layer index of every executor call) */
+  uint32_t n_experts;           /* routed experts per layer */
+  uint32_t top_k;               /* experts per token */
+  uint32_t hidden;              /* hidden size */
+  uint32_t ffn;                 /* intermediate size of one expert */
+  int32_t master_precision;     /* MOEX_PRECISION_* of the master copies */
+  uint64_t expert_bytes;        /* bytes of one expert in the master precision */
   uint32_t n_checkpoint_layers; /* all layers of the checkpoint, dense ones included */
   uint32_t reserved0;
 } moex_model_info;
@@ -320,43 +324,43 @@ typedef struct moex_trace moex_trace;
  * @since 0.1
  */
 typedef struct moex_executor_params {
-  uint64_t struct_size;     /* set by moex_executor_params_init */
-  uint64_t cache_bytes;     /* fast-tier budget; 0 = a quarter of all experts (at least one) */
-  int32_t backend;          /* MOEX_BACKEND_* */
-  int32_t device;           /* device ordinal for GPU backends; must be 0 for the CPU */
-  uint32_t threads;         /* worker threads for expert compute; 0 = all cores */
-  int32_t eviction;         /* MOEX_EVICTION_* */
-  int32_t gating;           /* MOEX_GATING_* */
-  int32_t prediction;       /* MOEX_PREDICTION_* */
-  int32_t cache_precision;  /* MOEX_PRECISION_* held in the fast tier; 0 = the master's; the model
-                               must hold it (moex_model_params.extra_precisions) */
-  uint32_t flags;           /* MOEX_EXECUTOR_FLAG_* */
-  double lrfu_lambda;       /* MOEX_EVICTION_LRFU decay per step; 0 = 0.05 */
-  double gate_threshold;    /* MOEX_GATING_ADAPTIVE: threshold T >= 0 (0 = drop nothing until
-                               calibrated); must be 0 for the other gates */
-  uint32_t prefetch_depth;  /* MOEX_PREDICTION_SPECULATIVE: layers of look-ahead, 0 = 1, at most
-                               n_layers - 1; must be 0 for the other predictions */
-  uint32_t reserved0;       /* must be 0 */
+  uint64_t struct_size;    /* set by moex_executor_params_init */
+  uint64_t cache_bytes;    /* fast-tier budget; 0 = a quarter of all experts (at least one) */
+  int32_t backend;         /* MOEX_BACKEND_* */
+  int32_t device;          /* device ordinal for GPU backends; must be 0 for the CPU */
+  uint32_t threads;        /* worker threads for expert compute; 0 = all cores */
+  int32_t eviction;        /* MOEX_EVICTION_* */
+  int32_t gating;          /* MOEX_GATING_* */
+  int32_t prediction;      /* MOEX_PREDICTION_* */
+  int32_t cache_precision; /* MOEX_PRECISION_* held in the fast tier; 0 = the master's; the model
+                              must hold it (moex_model_params.extra_precisions) */
+  uint32_t flags;          /* MOEX_EXECUTOR_FLAG_* */
+  double lrfu_lambda;      /* MOEX_EVICTION_LRFU decay per step; 0 = 0.05 */
+  double gate_threshold;   /* MOEX_GATING_ADAPTIVE: threshold T >= 0 (0 = drop nothing until
+                              calibrated); must be 0 for the other gates */
+  uint32_t prefetch_depth; /* MOEX_PREDICTION_SPECULATIVE: layers of look-ahead, 0 = 1, at most
+                              n_layers - 1; must be 0 for the other predictions */
+  uint32_t reserved0;      /* must be 0 */
   /* ---- since 0.2 ---- */
-  int32_t miss;             /* MOEX_MISS_* */
-  uint32_t miss_flags;      /* MOEX_MISS_FLAG_* (MOEX_MISS_COST_MODEL only) */
-  double hobbit_t_high;     /* MOEX_MISS_HOBBIT / COST_MODEL with MIXED_PRECISION; _init: 0.6 */
-  double hobbit_t_skip;     /* likewise; _init: 0.9; 0 <= t_high <= t_skip */
-  int32_t low_precision;    /* MOEX_PRECISION_* of a second, low-precision pool (HOBBIT); 0 = none;
-                               the model must hold it (moex_model_params.extra_precisions) */
-  uint32_t reserved1;       /* must be 0 */
-  double low_precision_share; /* share of the budget for the low pool, 0 < share < 1; 0 = 0.25 */
+  int32_t miss;                          /* MOEX_MISS_* */
+  uint32_t miss_flags;                   /* MOEX_MISS_FLAG_* (MOEX_MISS_COST_MODEL only) */
+  double hobbit_t_high;                  /* MOEX_MISS_HOBBIT / COST_MODEL with MIXED_PRECISION; _init: 0.6 */
+  double hobbit_t_skip;                  /* likewise; _init: 0.9; 0 <= t_high <= t_skip */
+  int32_t low_precision;                 /* MOEX_PRECISION_* of a second, low-precision pool (HOBBIT); 0 = none;
+                                            the model must hold it (moex_model_params.extra_precisions) */
+  uint32_t reserved1;                    /* must be 0 */
+  double low_precision_share;            /* share of the budget for the low pool, 0 < share < 1; 0 = 0.25 */
   uint64_t max_prefetch_bytes_in_flight; /* 0 = two experts */
-  const uint64_t* layer_cache_bytes; /* borrowed: one budget per layer (replaces cache_bytes), or NULL */
-  uint64_t layer_cache_count;        /* entries of layer_cache_bytes: 0 or n_layers */
-  const float* gate_sensitivities;   /* borrowed: MOEX_GATING_ADAPTIVE's per-layer F (finite, >= 0), or NULL */
-  uint64_t gate_sensitivity_count;   /* 0 or n_layers */
-  const char* pregate_path;          /* borrowed, UTF-8: MOEX_PREDICTION_PREGATE_* safetensors file */
-  const double* hot_profile;         /* borrowed: MOEX_EVICTION_STATIC_HOT_SET scores, [layer * n_experts
-                                        + expert] (e.g. access counts: moex_trace_expert_counts) */
-  uint64_t hot_profile_count;        /* n_layers * n_experts */
-  const moex_trace* future_trace;    /* borrowed: MOEX_EVICTION_BELADY's future (copied); see
-                                        moex_executor_create */
+  const uint64_t* layer_cache_bytes;     /* borrowed: one budget per layer (replaces cache_bytes), or NULL */
+  uint64_t layer_cache_count;            /* entries of layer_cache_bytes: 0 or n_layers */
+  const float* gate_sensitivities;       /* borrowed: MOEX_GATING_ADAPTIVE's per-layer F (finite, >= 0), or NULL */
+  uint64_t gate_sensitivity_count;       /* 0 or n_layers */
+  const char* pregate_path;              /* borrowed, UTF-8: MOEX_PREDICTION_PREGATE_* safetensors file */
+  const double* hot_profile;             /* borrowed: MOEX_EVICTION_STATIC_HOT_SET scores, [layer * n_experts
+                                            + expert] (e.g. access counts: moex_trace_expert_counts) */
+  uint64_t hot_profile_count;            /* n_layers * n_experts */
+  const moex_trace* future_trace;        /* borrowed: MOEX_EVICTION_BELADY's future (copied); see
+                                            moex_executor_create */
 } moex_executor_params;
 
 /**
@@ -432,8 +436,7 @@ MOEX_API moex_status moex_executor_forward_bf16(moex_executor* executor, uint32_
  *                must not partially overlap it.
  * @since 0.1
  */
-MOEX_API moex_status moex_executor_step_f32(moex_executor* executor, const float* hidden, size_t n_tokens,
-                                            float* out);
+MOEX_API moex_status moex_executor_step_f32(moex_executor* executor, const float* hidden, size_t n_tokens, float* out);
 
 /** moex_executor_step_f32 in bf16 (f32 inside, rounded once at the end). @since 0.1 */
 MOEX_API moex_status moex_executor_step_bf16(moex_executor* executor, const uint16_t* hidden, size_t n_tokens,
@@ -491,29 +494,29 @@ MOEX_API moex_status moex_executor_gate_threshold(const moex_executor* executor,
  */
 typedef struct moex_stats {
   uint64_t struct_size;
-  uint64_t steps;         /* forward calls (MOEX_ALL_LAYERS: of the busiest layer) */
-  uint64_t tokens;        /* tokens routed */
-  uint64_t expert_calls;  /* (expert, step) pairs computed */
-  uint64_t hits;          /* expert lookups served from the fast tier */
-  uint64_t misses;        /* lookups that were not */
-  uint64_t bytes_loaded;  /* bytes moved from the slow tier into the fast tier */
+  uint64_t steps;        /* forward calls (MOEX_ALL_LAYERS: of the busiest layer) */
+  uint64_t tokens;       /* tokens routed */
+  uint64_t expert_calls; /* (expert, step) pairs computed */
+  uint64_t hits;         /* expert lookups served from the fast tier */
+  uint64_t misses;       /* lookups that were not */
+  uint64_t bytes_loaded; /* bytes moved from the slow tier into the fast tier */
   uint64_t evictions;
-  uint64_t skipped;       /* experts dropped by the gate */
+  uint64_t skipped; /* experts dropped by the gate */
   uint64_t prefetches;
   uint64_t prefetch_hits;
-  uint64_t stall_ns;      /* waiting for loads */
-  uint64_t compute_ns;    /* computing experts */
-  uint64_t route_ns;      /* routing */
-  uint64_t total_ns;      /* in forward, all included */
-  double hit_rate;        /* hits / (hits + misses); 0 when nothing was looked up */
+  uint64_t stall_ns;   /* waiting for loads */
+  uint64_t compute_ns; /* computing experts */
+  uint64_t route_ns;   /* routing */
+  uint64_t total_ns;   /* in forward, all included */
+  double hit_rate;     /* hits / (hits + misses); 0 when nothing was looked up */
   /* ---- since 0.2 ---- */
-  uint64_t predicted;          /* experts predicted for the layer(s) */
-  uint64_t predicted_correct;  /* of those, selected: recall numerator */
-  uint64_t selected;           /* experts selected at layers a predictor reaches (not layer 0): recall denominator */
+  uint64_t predicted;             /* experts predicted for the layer(s) */
+  uint64_t predicted_correct;     /* of those, selected: recall numerator */
+  uint64_t selected;              /* experts selected at layers a predictor reaches (not layer 0): recall denominator */
   uint64_t prefetch_wasted_bytes; /* bytes prefetched and evicted or cancelled unused */
-  uint64_t computed_at_source; /* misses computed where the master copy lives */
+  uint64_t computed_at_source;    /* misses computed where the master copy lives */
   uint64_t misses_by_precision[MOEX_PRECISION_SLOTS]; /* loads on a miss, by MOEX_PRECISION_* loaded */
-  double recall;               /* predicted_correct / selected; 0 when nothing was predicted */
+  double recall;                                      /* predicted_correct / selected; 0 when nothing was predicted */
 } moex_stats;
 
 /**
@@ -540,8 +543,7 @@ MOEX_API moex_status moex_executor_get_stats(const moex_executor* executor, uint
  * without the NUL.
  * @since 0.1
  */
-MOEX_API moex_status moex_executor_stats_json(const moex_executor* executor, char* buf, size_t size,
-                                              size_t* needed);
+MOEX_API moex_status moex_executor_stats_json(const moex_executor* executor, char* buf, size_t size, size_t* needed);
 
 /** Zeroes the counters. Exclusive access. @since 0.1 */
 MOEX_API moex_status moex_executor_reset_stats(moex_executor* executor);
@@ -586,8 +588,8 @@ MOEX_API void moex_trace_destroy(moex_trace* trace);
  * The trace's shape; every out pointer may be NULL.
  * @since 0.1
  */
-MOEX_API moex_status moex_trace_shape(const moex_trace* trace, uint64_t* n_tokens, uint32_t* n_layers,
-                                      uint32_t* top_k, uint32_t* n_experts);
+MOEX_API moex_status moex_trace_shape(const moex_trace* trace, uint64_t* n_tokens, uint32_t* n_layers, uint32_t* top_k,
+                                      uint32_t* n_experts);
 
 /** Marks padding in moex_trace_copy's expert ids (a token that used fewer than top_k experts). */
 #define MOEX_NO_EXPERT 0xFFFFFFFFu

@@ -2,10 +2,6 @@
 // against a registry of live objects, reads size-versioned structs with read_sized(), and maps
 // moex::Status to the pinned moex_status codes (moex::StatusCode uses the same numbers).
 #define MOEX_EXPERIMENTAL 1
-#include "moex.h"
-#include "moex/formats/demo_model.hpp"
-#include "moex/experimental.h"
-
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -28,8 +24,10 @@
 #include <utility>
 #include <vector>
 
-#include "moex/moex.hpp"
+#include "moex/experimental.h"
+#include "moex/formats/demo_model.hpp"
 #include "moex/gate/sensitivity_gate.hpp"
+#include "moex/moex.hpp"
 #include "moex/policies/belady_oracle_eviction.hpp"
 #include "moex/policies/cost_model_miss.hpp"
 #include "moex/policies/hobbit_score_eviction.hpp"
@@ -37,8 +35,10 @@
 #include "moex/policies/lrfu_eviction.hpp"
 #include "moex/policies/lru_eviction.hpp"
 #include "moex/policies/static_hot_set_eviction.hpp"
-#include "moex/route/pre_gate_router.hpp"
 #include "moex/quant/half.hpp"
+#include "moex/route/pre_gate_router.hpp"
+
+#include "moex.h"
 
 // ---- the objects behind the handles (global namespace: they complete the C declarations) --------
 
@@ -73,9 +73,9 @@ struct moex_model {
 struct moex_executor {
   std::shared_ptr<moex_capi::ModelData> model;  // keeps the store alive
   std::unique_ptr<moex_capi::AnyExecutor> impl;
-  std::vector<float> a, b;                      // scratch for bf16 and whole steps
-  std::vector<moex::TokenRouting> routing;      // scratch for forward_routed
-  bool adaptive_gate = false;                   // created with MOEX_GATING_ADAPTIVE
+  std::vector<float> a, b;                  // scratch for bf16 and whole steps
+  std::vector<moex::TokenRouting> routing;  // scratch for forward_routed
+  bool adaptive_gate = false;               // created with MOEX_GATING_ADAPTIVE
 };
 
 struct moex_trace {
@@ -125,9 +125,7 @@ moex_status fail(moex_status code, std::string message) noexcept {
   return code;
 }
 
-moex_status fail(const moex::Status& s) noexcept {
-  return fail(static_cast<moex_status>(s.code()), s.message());
-}
+moex_status fail(const moex::Status& s) noexcept { return fail(static_cast<moex_status>(s.code()), s.message()); }
 
 /// Every exported function body runs through here: no exception crosses the C ABI.
 template <class Body>
@@ -182,9 +180,12 @@ bool is_live(const void* p, Kind k) noexcept {
 
 constexpr const char* kind_name(Kind k) noexcept {
   switch (k) {
-    case Kind::kModel: return "model";
-    case Kind::kExecutor: return "executor";
-    case Kind::kTrace: return "trace";
+    case Kind::kModel:
+      return "model";
+    case Kind::kExecutor:
+      return "executor";
+    case Kind::kTrace:
+      return "trace";
   }
   return "handle";
 }
@@ -258,7 +259,7 @@ moex_status copy_string(const std::string& s, char* buf, std::size_t size, std::
 
 /// MOEX_PRECISION_* -> moex::Precision (index = C value; DEFAULT has none).
 constexpr std::array<std::optional<moex::Precision>, 7> kPrecisions = {
-    std::nullopt,          moex::Precision::kF32,  moex::Precision::kF16,  moex::Precision::kBF16,
+    std::nullopt,           moex::Precision::kF32,  moex::Precision::kF16,  moex::Precision::kBF16,
     moex::Precision::kInt8, moex::Precision::kInt4, moex::Precision::kInt2,
 };
 
@@ -271,10 +272,14 @@ std::int32_t to_c_precision(moex::Precision p) noexcept {
 /// The weight format of a C precision (quantized ones: group 64, as moex-demo builds them).
 moex::WeightFormat format_of(moex::Precision p) noexcept {
   switch (p) {
-    case moex::Precision::kInt8: return moex::quant_format(p, 64);
-    case moex::Precision::kInt4: return moex::quant_format(p, 64);
-    case moex::Precision::kInt2: return moex::quant_format(p, 64, moex::QuantScheme::kAsymmetric);
-    default: return moex::float_format(p);
+    case moex::Precision::kInt8:
+      return moex::quant_format(p, 64);
+    case moex::Precision::kInt4:
+      return moex::quant_format(p, 64);
+    case moex::Precision::kInt2:
+      return moex::quant_format(p, 64, moex::QuantScheme::kAsymmetric);
+    default:
+      return moex::float_format(p);
   }
 }
 
@@ -295,11 +300,11 @@ struct Setup {
   moex::ExecutorConfig config;
   moex::CpuBackendConfig backend;
   moex_executor_params params{};
-  std::vector<double> hot_profile;              // MOEX_EVICTION_STATIC_HOT_SET
-  std::vector<moex::FutureAccess> future;       // MOEX_EVICTION_BELADY
-  moex::SensitivityGate gate;                   // adaptive bundle
-  moex::PreGateRouter predictor;                // adaptive bundle
-  moex::CostModelMiss miss;                     // adaptive bundle
+  std::vector<double> hot_profile;         // MOEX_EVICTION_STATIC_HOT_SET
+  std::vector<moex::FutureAccess> future;  // MOEX_EVICTION_BELADY
+  moex::SensitivityGate gate;              // adaptive bundle
+  moex::PreGateRouter predictor;           // adaptive bundle
+  moex::CostModelMiss miss;                // adaptive bundle
 };
 
 /// One pre-instantiated executor.
@@ -314,8 +319,10 @@ struct ExecutorModel final : AnyExecutor {
     return impl.forward_routed(layer, routing, hidden, n, out);
   }
   moex::SensitivityGate* sensitivity_gate() noexcept override {
-    if constexpr (std::is_same_v<typename P::Gate, moex::SensitivityGate>) return &impl.gate();
-    else return nullptr;
+    if constexpr (std::is_same_v<typename P::Gate, moex::SensitivityGate>)
+      return &impl.gate();
+    else
+      return nullptr;
   }
   const moex::ExecutorStats& stats() const noexcept override { return impl.stats(); }
   void reset_stats() noexcept override { impl.reset_stats(); }
@@ -345,7 +352,9 @@ struct AdaptivePolicies : moex::DefaultPolicies {
 
 /// An eviction policy configured from the setup.
 template <class E>
-moex::Result<E> make_eviction(const Setup&) { return E{}; }
+moex::Result<E> make_eviction(const Setup&) {
+  return E{};
+}
 template <>
 moex::Result<moex::LrfuEviction> make_eviction<moex::LrfuEviction>(const Setup& s) {
   moex::LrfuConfig c;
@@ -478,16 +487,26 @@ extern "C" MOEX_API const char* moex_version_string(void) {
 
 extern "C" MOEX_API const char* moex_status_string(moex_status status) {
   switch (status) {
-    case MOEX_OK: return "ok";
-    case MOEX_ERR_INVALID_ARGUMENT: return "invalid argument";
-    case MOEX_ERR_UNSUPPORTED: return "unsupported";
-    case MOEX_ERR_STRUCT_SIZE: return "struct size";
-    case MOEX_ERR_OUT_OF_MEMORY: return "out of memory";
-    case MOEX_ERR_IO: return "I/O error";
-    case MOEX_ERR_CORRUPT: return "corrupt input";
-    case MOEX_ERR_NOT_FOUND: return "not found";
-    case MOEX_ERR_INTERNAL: return "internal error";
-    default: return "unknown status";
+    case MOEX_OK:
+      return "ok";
+    case MOEX_ERR_INVALID_ARGUMENT:
+      return "invalid argument";
+    case MOEX_ERR_UNSUPPORTED:
+      return "unsupported";
+    case MOEX_ERR_STRUCT_SIZE:
+      return "struct size";
+    case MOEX_ERR_OUT_OF_MEMORY:
+      return "out of memory";
+    case MOEX_ERR_IO:
+      return "I/O error";
+    case MOEX_ERR_CORRUPT:
+      return "corrupt input";
+    case MOEX_ERR_NOT_FOUND:
+      return "not found";
+    case MOEX_ERR_INTERNAL:
+      return "internal error";
+    default:
+      return "unknown status";
   }
 }
 
@@ -528,8 +547,10 @@ extern "C" MOEX_API moex_status moex_model_write_demo(const char* dir, const moe
     moex_demo_params_init(&defaults);
     moex_demo_params p{};
     p.struct_size = sizeof p;  // zero fields take the defaults below
-    if (params == nullptr) p = defaults;
-    else if (moex_status s = read_sized(params, p, "moex_demo_params"); s != MOEX_OK) return s;
+    if (params == nullptr)
+      p = defaults;
+    else if (moex_status s = read_sized(params, p, "moex_demo_params"); s != MOEX_OK)
+      return s;
     if (p.n_layers == 0) p.n_layers = defaults.n_layers;
     if (p.n_experts == 0) p.n_experts = defaults.n_experts;
     if (p.top_k == 0) p.top_k = std::min(defaults.top_k, p.n_experts);
@@ -538,7 +559,8 @@ extern "C" MOEX_API moex_status moex_model_write_demo(const char* dir, const moe
     if (p.precision == 0) p.precision = defaults.precision;
     if (p.seed == 0) p.seed = defaults.seed;
     if (p.n_layers > 256 || p.n_experts > 256 || p.hidden > 16384 || p.ffn > 65536)
-      return fail(MOEX_ERR_INVALID_ARGUMENT, "demo shape out of range (layers/experts <= 256, hidden <= 16384, ffn <= 65536)");
+      return fail(MOEX_ERR_INVALID_ARGUMENT,
+                  "demo shape out of range (layers/experts <= 256, hidden <= 16384, ffn <= 65536)");
     if (p.top_k > p.n_experts || p.top_k > moex::kMaxTopK)
       return fail(MOEX_ERR_INVALID_ARGUMENT, "top_k must be at most n_experts and " + std::to_string(moex::kMaxTopK));
     const std::uint64_t weights = std::uint64_t{p.n_layers} * p.n_experts * 3 * p.hidden * p.ffn;
@@ -547,10 +569,17 @@ extern "C" MOEX_API moex_status moex_model_write_demo(const char* dir, const moe
     if (moex_status s = check_enum(p.precision, kPrecisions.size(), "precision"); s != MOEX_OK) return s;
     moex::DType dtype;
     switch (p.precision) {
-      case MOEX_PRECISION_F32: dtype = moex::DType::kF32; break;
-      case MOEX_PRECISION_F16: dtype = moex::DType::kF16; break;
-      case MOEX_PRECISION_BF16: dtype = moex::DType::kBF16; break;
-      default: return fail(MOEX_ERR_UNSUPPORTED, "demo weights are f32, f16 or bf16");
+      case MOEX_PRECISION_F32:
+        dtype = moex::DType::kF32;
+        break;
+      case MOEX_PRECISION_F16:
+        dtype = moex::DType::kF16;
+        break;
+      case MOEX_PRECISION_BF16:
+        dtype = moex::DType::kBF16;
+        break;
+      default:
+        return fail(MOEX_ERR_UNSUPPORTED, "demo weights are f32, f16 or bf16");
     }
     if (moex::Status s = write_demo(std::filesystem::u8path(dir), p, dtype); !s.is_ok()) return fail(s);
     log(MOEX_LOG_INFO, std::string("wrote demo model to ") + dir);
@@ -647,7 +676,8 @@ extern "C" MOEX_API moex_status moex_model_expert_bytes(const moex_model* model,
     *bytes = 0;
     if (moex_status s = check_enum(precision, kPrecisions.size(), "precision"); s != MOEX_OK) return s;
     const moex::ExpertStore& store = model->data->opened.store;
-    const moex::Precision p = kPrecisions[static_cast<std::size_t>(precision)].value_or(store.master_format().precision);
+    const moex::Precision p =
+        kPrecisions[static_cast<std::size_t>(precision)].value_or(store.master_format().precision);
     *bytes = store.expert_bytes(p);
     return MOEX_OK;
   });
@@ -695,8 +725,8 @@ moex_status borrow_array(const T* p, std::uint64_t count, std::uint64_t want, co
   if (p == nullptr && count == 0) return MOEX_OK;
   if (p == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + " is NULL but its count is not 0");
   if (count != want)
-    return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + " has " + std::to_string(count) + " entries, " +
-                                               std::to_string(want) + " needed");
+    return fail(MOEX_ERR_INVALID_ARGUMENT,
+                std::string(what) + " has " + std::to_string(count) + " entries, " + std::to_string(want) + " needed");
   out.assign(p, p + count);
   return MOEX_OK;
 }
@@ -735,8 +765,8 @@ moex_status prepare(const moex_executor_params& p, const moex::ExpertStore& stor
     return fail(MOEX_ERR_INVALID_ARGUMENT, "gate_threshold and gate_sensitivities need MOEX_GATING_ADAPTIVE");
   if (adaptive) {
     std::vector<float> sens;
-    if (moex_status st = borrow_array(p.gate_sensitivities, p.gate_sensitivity_count, spec.n_layers,
-                                      "gate_sensitivities", sens);
+    if (moex_status st =
+            borrow_array(p.gate_sensitivities, p.gate_sensitivity_count, spec.n_layers, "gate_sensitivities", sens);
         st != MOEX_OK)
       return st;
     if (moex::Status st = s.gate.set_sensitivities(std::move(sens)); !st.is_ok()) return fail(st);
@@ -775,7 +805,8 @@ moex_status prepare(const moex_executor_params& p, const moex::ExpertStore& stor
     return fail(MOEX_ERR_INVALID_ARGUMENT, "hobbit thresholds need 0 <= hobbit_t_high <= hobbit_t_skip, finite");
   s.miss.hobbit.t_high = static_cast<float>(p.hobbit_t_high);
   s.miss.hobbit.t_skip = static_cast<float>(p.hobbit_t_skip);
-  s.miss.allow_source_compute = p.miss == MOEX_MISS_COST_MODEL && (p.miss_flags & MOEX_MISS_FLAG_NO_SOURCE_COMPUTE) == 0;
+  s.miss.allow_source_compute =
+      p.miss == MOEX_MISS_COST_MODEL && (p.miss_flags & MOEX_MISS_FLAG_NO_SOURCE_COMPUTE) == 0;
   s.miss.mixed_precision = p.miss == MOEX_MISS_HOBBIT ||
                            (p.miss == MOEX_MISS_COST_MODEL && (p.miss_flags & MOEX_MISS_FLAG_MIXED_PRECISION) != 0);
 
@@ -801,7 +832,8 @@ moex_status prepare(const moex_executor_params& p, const moex::ExpertStore& stor
   if (p.eviction != MOEX_EVICTION_BELADY && p.future_trace != nullptr)
     return fail(MOEX_ERR_INVALID_ARGUMENT, "future_trace needs MOEX_EVICTION_BELADY");
   if (p.eviction == MOEX_EVICTION_STATIC_HOT_SET) {
-    if (p.hot_profile == nullptr) return fail(MOEX_ERR_INVALID_ARGUMENT, "MOEX_EVICTION_STATIC_HOT_SET needs hot_profile");
+    if (p.hot_profile == nullptr)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "MOEX_EVICTION_STATIC_HOT_SET needs hot_profile");
     if (moex_status st = borrow_array(p.hot_profile, p.hot_profile_count, keys, "hot_profile", s.hot_profile);
         st != MOEX_OK)
       return st;
@@ -961,10 +993,12 @@ extern "C" MOEX_API moex_status moex_executor_forward_routed_f32(moex_executor* 
         if (e >= n_experts)
           return fail(MOEX_ERR_INVALID_ARGUMENT, "token " + std::to_string(t) + ": expert " + std::to_string(e) +
                                                      " out of range (" + std::to_string(n_experts) + " experts)");
-        if (!std::isfinite(w)) return fail(MOEX_ERR_INVALID_ARGUMENT, "token " + std::to_string(t) + ": non-finite weight");
+        if (!std::isfinite(w))
+          return fail(MOEX_ERR_INVALID_ARGUMENT, "token " + std::to_string(t) + ": non-finite weight");
         for (std::uint32_t i = 0; i < r.k; ++i)
           if (r.experts[i] == e)
-            return fail(MOEX_ERR_INVALID_ARGUMENT, "token " + std::to_string(t) + ": expert " + std::to_string(e) + " twice");
+            return fail(MOEX_ERR_INVALID_ARGUMENT,
+                        "token " + std::to_string(t) + ": expert " + std::to_string(e) + " twice");
         r.experts[r.k] = e;
         r.weights[r.k] = w;
         ++r.k;
@@ -1026,9 +1060,12 @@ extern "C" MOEX_API moex_status moex_executor_get_stats(const moex_executor* exe
     if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
     const moex::ExecutorStats& st = executor->impl->stats();
     moex::LayerStats ls;
-    if (layer == MOEX_ALL_LAYERS) ls = st.total();
-    else if (layer < st.layers.size()) ls = st.layers[layer];
-    else return fail(MOEX_ERR_INVALID_ARGUMENT, "layer " + std::to_string(layer) + " out of range");
+    if (layer == MOEX_ALL_LAYERS)
+      ls = st.total();
+    else if (layer < st.layers.size())
+      ls = st.layers[layer];
+    else
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "layer " + std::to_string(layer) + " out of range");
     moex_stats full{};
     full.struct_size = sizeof full;
     full.steps = ls.steps;
@@ -1160,16 +1197,16 @@ extern "C" MOEX_API moex_status moex_trace_copy(const moex_trace* trace, std::ui
     const std::uint64_t n = t.expert_ids.size();
     if (needed) *needed = n;
     if ((experts != nullptr || weights != nullptr) && capacity < n)
-      return fail(MOEX_ERR_INVALID_ARGUMENT, "capacity " + std::to_string(capacity) + " < " + std::to_string(n) +
-                                                 " entries needed");
+      return fail(MOEX_ERR_INVALID_ARGUMENT,
+                  "capacity " + std::to_string(capacity) + " < " + std::to_string(n) + " entries needed");
     if (experts && n) std::memcpy(experts, t.expert_ids.data(), n * sizeof(std::uint32_t));
     if (weights && n) std::memcpy(weights, t.gate_weights.data(), n * sizeof(float));
     return MOEX_OK;
   });
 }
 
-extern "C" MOEX_API moex_status moex_trace_expert_counts(const moex_trace* trace, double* counts, std::uint64_t capacity,
-                                                         std::uint64_t* needed) {
+extern "C" MOEX_API moex_status moex_trace_expert_counts(const moex_trace* trace, double* counts,
+                                                         std::uint64_t capacity, std::uint64_t* needed) {
   return guarded([&]() -> moex_status {
     if (moex_status s = check_handle(trace, Kind::kTrace); s != MOEX_OK) return s;
     const moex::RoutingTrace& t = trace->trace;
@@ -1177,8 +1214,8 @@ extern "C" MOEX_API moex_status moex_trace_expert_counts(const moex_trace* trace
     if (needed) *needed = n;
     if (counts == nullptr) return MOEX_OK;
     if (capacity < n)
-      return fail(MOEX_ERR_INVALID_ARGUMENT, "capacity " + std::to_string(capacity) + " < " + std::to_string(n) +
-                                                 " entries needed");
+      return fail(MOEX_ERR_INVALID_ARGUMENT,
+                  "capacity " + std::to_string(capacity) + " < " + std::to_string(n) + " entries needed");
     const std::vector<double> c = moex::expert_access_counts(t);
     std::fill(counts, counts + n, 0.0);
     std::copy_n(c.begin(), std::min<std::size_t>(c.size(), static_cast<std::size_t>(n)), counts);
@@ -1232,6 +1269,7 @@ extern "C" MOEX_API moex_status moex_experimental_executor_set_cuda_stream(moex_
   return guarded([&]() -> moex_status {
     (void)stream;
     if (moex_status s = check_handle(executor, Kind::kExecutor); s != MOEX_OK) return s;
-    return fail(MOEX_ERR_INVALID_ARGUMENT, "the executor does not run on CUDA (no CUDA execution backend in this build)");
+    return fail(MOEX_ERR_INVALID_ARGUMENT,
+                "the executor does not run on CUDA (no CUDA execution backend in this build)");
   });
 }

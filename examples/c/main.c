@@ -7,22 +7,23 @@
  * whole-step output, and the whole-step output of an executor with the adaptive gate
  * (threshold 0.05) and speculative prefetching (depth 1) (tokens x hidden values each, one line
  * each). */
+#include <moex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <moex.h>
-
 enum { kTokens = 4 };
 
 static int check(moex_status s, const char* what) {
-  if (s != MOEX_OK) fprintf(stderr, "moex_example_c: %s: %s: %s\n", what, moex_status_string(s), moex_last_error_message());
+  if (s != MOEX_OK)
+    fprintf(stderr, "moex_example_c: %s: %s: %s\n", what, moex_status_string(s), moex_last_error_message());
   return s == MOEX_OK;
 }
 
 static void on_progress(uint64_t done, uint64_t total, const char* what, void* user_data) {
   int* calls = (int*)user_data;
-  if (++*calls == 1 || done == total) printf("  %s %llu/%llu\n", what, (unsigned long long)done, (unsigned long long)total);
+  if (++*calls == 1 || done == total)
+    printf("  %s %llu/%llu\n", what, (unsigned long long)done, (unsigned long long)total);
 }
 
 static void write_row(FILE* f, const float* x, size_t n) {
@@ -36,7 +37,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (moex_version_number() / 100 != MOEX_VERSION_NUMBER / 100) {
-    fprintf(stderr, "moex_example_c: built against moex %d, running with %s\n", MOEX_VERSION_NUMBER, moex_version_string());
+    fprintf(stderr, "moex_example_c: built against moex %d, running with %s\n", MOEX_VERSION_NUMBER,
+            moex_version_string());
     return 1;
   }
   printf("moex %s\n", moex_version_string());
@@ -70,7 +72,8 @@ int main(int argc, char** argv) {
   for (size_t t = 0; t < kTokens; ++t) /* exact values, reproducible in every language */
     for (size_t i = 0; i < info.hidden; ++i) x[t * info.hidden + i] = (float)((t * 131 + i * 31) % 97) / 48.5f - 1.0f;
 
-  ok = check(moex_executor_record_trace(ex, 1), "record") && check(moex_executor_forward_f32(ex, 0, x, kTokens, layer0), "forward") &&
+  ok = check(moex_executor_record_trace(ex, 1), "record") &&
+       check(moex_executor_forward_f32(ex, 0, x, kTokens, layer0), "forward") &&
        check(moex_executor_step_f32(ex, x, kTokens, step), "step");
 
   moex_stats st;
@@ -83,10 +86,11 @@ int main(int argc, char** argv) {
   size_t json_len = 0;
   ok = ok && check(moex_executor_stats_json(ex, NULL, 0, &json_len), "json");
   if (!ok) return 1;
-  printf("stats: %llu hits, %llu misses (hit rate %.2f), %llu evictions, %llu bytes loaded; %llu tokens traced; "
-         "JSON %zu bytes\n",
-         (unsigned long long)st.hits, (unsigned long long)st.misses, st.hit_rate, (unsigned long long)st.evictions,
-         (unsigned long long)st.bytes_loaded, (unsigned long long)trace_tokens, json_len);
+  printf(
+      "stats: %llu hits, %llu misses (hit rate %.2f), %llu evictions, %llu bytes loaded; %llu tokens traced; "
+      "JSON %zu bytes\n",
+      (unsigned long long)st.hits, (unsigned long long)st.misses, st.hit_rate, (unsigned long long)st.evictions,
+      (unsigned long long)st.bytes_loaded, (unsigned long long)trace_tokens, json_len);
 
   /* Adaptive gate + speculative prefetch (same model, LFU, 6 experts of cache, one thread). */
   moex_model* model2 = NULL;

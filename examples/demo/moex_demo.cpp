@@ -11,9 +11,8 @@
 #include <optional>
 #include <random>
 #include <string>
-#include <vector>
-
 #include <unistd.h>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -42,7 +41,7 @@ struct Options {
   std::string model;            // run on this checkpoint instead of generating one
   std::string dir;              // where the generated model goes
   std::uint64_t seed = 1;
-  double locality = 0.8;        // correlation of consecutive tokens' hidden states
+  double locality = 0.8;  // correlation of consecutive tokens' hidden states
   bool json = false;
   // Policies (all off by default: the exact path).
   std::uint32_t prefetch_depth = 0;  // --prefetch speculative[:depth]
@@ -50,10 +49,10 @@ struct Options {
   std::string miss = "load";         // --miss load | cost | hobbit
   bool miss_given = false;
   float t_high = 0.6f, t_skip = 0.9f;
-  bool cost_mixed = false;           // --miss cost:<t_high>,<t_skip>
-  std::string low_precision;         // --low-precision int8|int4|int2
-  bool per_layer_budget = false;     // --per-layer-budget
-  std::string eviction = "lru";      // --eviction
+  bool cost_mixed = false;        // --miss cost:<t_high>,<t_skip>
+  std::string low_precision;      // --low-precision int8|int4|int2
+  bool per_layer_budget = false;  // --per-layer-budget
+  std::string eviction = "lru";   // --eviction
   bool policies_on() const {
     return prefetch_depth > 0 || gate_target_k > 0 || miss != "load" || !low_precision.empty() || per_layer_budget ||
            eviction != "lru";
@@ -183,9 +182,10 @@ int parse_args(int argc, char** argv, Options& o) {
       o.per_layer_budget = true;
       continue;
     }
-    static const char* const kValued[] = {"--layers", "--experts", "--top-k", "--hidden", "--ffn", "--tokens", "--batch",
-                                          "--budget", "--locality", "--format", "--model", "--dir", "--seed",
-                                          "--prefetch", "--gate", "--miss", "--low-precision", "--eviction"};
+    static const char* const kValued[] = {"--layers", "--experts",       "--top-k",   "--hidden",   "--ffn",
+                                          "--tokens", "--batch",         "--budget",  "--locality", "--format",
+                                          "--model",  "--dir",           "--seed",    "--prefetch", "--gate",
+                                          "--miss",   "--low-precision", "--eviction"};
     if (std::none_of(std::begin(kValued), std::end(kValued), [&](const char* k) { return a == k; })) {
       std::fprintf(stderr, "moex-demo: unknown option %s (see --help)\n", a.c_str());
       return 2;
@@ -196,22 +196,38 @@ int parse_args(int argc, char** argv, Options& o) {
     }
     const char* v = argv[++i];
     bool ok = true;
-    if (a == "--layers") ok = parse_u32(v, o.layers);
-    else if (a == "--experts") ok = parse_u32(v, o.experts);
-    else if (a == "--top-k") ok = parse_u32(v, o.top_k);
-    else if (a == "--hidden") ok = parse_u32(v, o.hidden);
-    else if (a == "--ffn") ok = parse_u32(v, o.ffn);
-    else if (a == "--tokens") ok = parse_u32(v, o.tokens);
-    else if (a == "--batch") ok = parse_u32(v, o.batch);
-    else if (a == "--budget") ok = parse_double(v, o.budget) && o.budget > 0 && o.budget <= 1;
-    else if (a == "--locality") ok = parse_double(v, o.locality) && o.locality >= 0 && o.locality < 1;
-    else if (a == "--format") o.format = v;
-    else if (a == "--model") o.model = v;
-    else if (a == "--dir") o.dir = v;
-    else if (a == "--seed") o.seed = std::strtoull(v, nullptr, 10);
-    else if (a == "--prefetch") ok = parse_prefetch(v, o.prefetch_depth);
-    else if (a == "--gate") ok = parse_gate(v, o.gate_target_k);
-    else if (a == "--miss") ok = parse_miss(v, o);
+    if (a == "--layers")
+      ok = parse_u32(v, o.layers);
+    else if (a == "--experts")
+      ok = parse_u32(v, o.experts);
+    else if (a == "--top-k")
+      ok = parse_u32(v, o.top_k);
+    else if (a == "--hidden")
+      ok = parse_u32(v, o.hidden);
+    else if (a == "--ffn")
+      ok = parse_u32(v, o.ffn);
+    else if (a == "--tokens")
+      ok = parse_u32(v, o.tokens);
+    else if (a == "--batch")
+      ok = parse_u32(v, o.batch);
+    else if (a == "--budget")
+      ok = parse_double(v, o.budget) && o.budget > 0 && o.budget <= 1;
+    else if (a == "--locality")
+      ok = parse_double(v, o.locality) && o.locality >= 0 && o.locality < 1;
+    else if (a == "--format")
+      o.format = v;
+    else if (a == "--model")
+      o.model = v;
+    else if (a == "--dir")
+      o.dir = v;
+    else if (a == "--seed")
+      o.seed = std::strtoull(v, nullptr, 10);
+    else if (a == "--prefetch")
+      ok = parse_prefetch(v, o.prefetch_depth);
+    else if (a == "--gate")
+      ok = parse_gate(v, o.gate_target_k);
+    else if (a == "--miss")
+      ok = parse_miss(v, o);
     else if (a == "--low-precision") {
       o.low_precision = v;
       ok = o.low_precision == "int8" || o.low_precision == "int4" || o.low_precision == "int2";
@@ -266,7 +282,9 @@ void progress_bar(std::uint64_t done, std::uint64_t total, std::string_view what
   if (done >= total) std::fputc('\n', stderr);
 }
 
-void fill_random(std::vector<float>& v, float stddev, std::uint64_t seed) { moex::fill_uniform_random(v, stddev, seed); }
+void fill_random(std::vector<float>& v, float stddev, std::uint64_t seed) {
+  moex::fill_uniform_random(v, stddev, seed);
+}
 
 moex::Status generate_model(const Options& o, const fs::path& dir) {
   const nlohmann::json want = {{"layers", o.layers}, {"experts", o.experts}, {"top_k", o.top_k},
@@ -392,7 +410,8 @@ int decode(const Options& o, moex::OpenedModel& opened, moex::ExecutorConfig cfg
     if (!policy_text.empty()) {
       j["policies"] = policy_text;
       j["exact"] = ex->exact();
-      j["experts_per_token_layer"] = layer_steps ? static_cast<double>(tot.expert_calls) / static_cast<double>(layer_steps) : 0.0;
+      j["experts_per_token_layer"] =
+          layer_steps ? static_cast<double>(tot.expert_calls) / static_cast<double>(layer_steps) : 0.0;
       if (shadow) {
         j["rel_error_vs_exact"] = rel_error;
         j["max_layer_rel_error_vs_exact"] = worst;
@@ -401,35 +420,39 @@ int decode(const Options& o, moex::OpenedModel& opened, moex::ExecutorConfig cfg
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
   }
-  std::printf("\nmoex-demo: %u MoE layers x %u experts (top-%u), hidden %u, ffn %u; fast tier %s, %zu slots of %.1f MB "
-              "(%.0f%% of %.1f MB); master copies on %s; CPU kernels %s\n\n",
-              spec.n_layers, spec.n_experts, spec.router.top_k, spec.shape.hidden, spec.shape.ffn, o.format.c_str(),
-              ex->slot_count(), static_cast<double>(expert_bytes) / 1e6,
-              100.0 * static_cast<double>(ex->slot_count() * expert_bytes) / static_cast<double>(all_bytes),
-              static_cast<double>(all_bytes) / 1e6, store.master_tier() == moex::Tier::kDisk ? "disk (mmap)" : "host RAM",
-              moex::cpu_kernel_isa());
+  std::printf(
+      "\nmoex-demo: %u MoE layers x %u experts (top-%u), hidden %u, ffn %u; fast tier %s, %zu slots of %.1f MB "
+      "(%.0f%% of %.1f MB); master copies on %s; CPU kernels %s\n\n",
+      spec.n_layers, spec.n_experts, spec.router.top_k, spec.shape.hidden, spec.shape.ffn, o.format.c_str(),
+      ex->slot_count(), static_cast<double>(expert_bytes) / 1e6,
+      100.0 * static_cast<double>(ex->slot_count() * expert_bytes) / static_cast<double>(all_bytes),
+      static_cast<double>(all_bytes) / 1e6, store.master_tier() == moex::Tier::kDisk ? "disk (mmap)" : "host RAM",
+      moex::cpu_kernel_isa());
   std::printf("%-7s %8s %8s %9s %12s %11s %12s\n", "layer", "hits", "misses", "hit rate", "MB loaded", "stall ms",
               "compute ms");
   auto row = [](const char* name, const moex::LayerStats& s) {
     std::printf("%-7s %8llu %8llu %8.1f%% %12.1f %11.2f %12.2f\n", name, static_cast<unsigned long long>(s.hits),
-                static_cast<unsigned long long>(s.misses), 100.0 * s.hit_rate(), static_cast<double>(s.bytes_loaded) / 1e6,
-                static_cast<double>(s.stall_ns) / 1e6, static_cast<double>(s.compute_ns) / 1e6);
+                static_cast<unsigned long long>(s.misses), 100.0 * s.hit_rate(),
+                static_cast<double>(s.bytes_loaded) / 1e6, static_cast<double>(s.stall_ns) / 1e6,
+                static_cast<double>(s.compute_ns) / 1e6);
   };
   for (std::size_t l = 0; l < st.layers.size(); ++l) row(std::to_string(l).c_str(), st.layers[l]);
   row("total", tot);
-  std::printf("\n%u tokens in %.3f s: %.2f tokens/s, %.1f%% hit rate, %.1f MB moved (%.1f MB/token), "
-              "stall %.1f ms (%.0f%% of the time), compute %.1f ms\n",
-              o.tokens, secs, o.tokens / secs, 100.0 * tot.hit_rate(), static_cast<double>(tot.bytes_loaded) / 1e6,
-              static_cast<double>(tot.bytes_loaded) / 1e6 / o.tokens, static_cast<double>(tot.stall_ns) / 1e6,
-              100.0 * static_cast<double>(tot.stall_ns) / 1e9 / secs, static_cast<double>(tot.compute_ns) / 1e6);
+  std::printf(
+      "\n%u tokens in %.3f s: %.2f tokens/s, %.1f%% hit rate, %.1f MB moved (%.1f MB/token), "
+      "stall %.1f ms (%.0f%% of the time), compute %.1f ms\n",
+      o.tokens, secs, o.tokens / secs, 100.0 * tot.hit_rate(), static_cast<double>(tot.bytes_loaded) / 1e6,
+      static_cast<double>(tot.bytes_loaded) / 1e6 / o.tokens, static_cast<double>(tot.stall_ns) / 1e6,
+      100.0 * static_cast<double>(tot.stall_ns) / 1e9 / secs, static_cast<double>(tot.compute_ns) / 1e6);
   if (!policy_text.empty()) {
     std::printf("policies: %s\n", policy_text.c_str());
-    std::printf("  %.2f experts per (token, layer); %llu prefetches (%llu used, recall %.1f%%); %llu misses computed on "
-                "the CPU at the source; %llu loaded in low precision; %llu experts skipped\n",
-                layer_steps ? static_cast<double>(tot.expert_calls) / static_cast<double>(layer_steps) : 0.0,
-                static_cast<unsigned long long>(tot.prefetches), static_cast<unsigned long long>(tot.prefetch_hits),
-                100.0 * tot.recall(), static_cast<unsigned long long>(tot.computed_at_source),
-                static_cast<unsigned long long>(low_loads), static_cast<unsigned long long>(tot.skipped));
+    std::printf(
+        "  %.2f experts per (token, layer); %llu prefetches (%llu used, recall %.1f%%); %llu misses computed on "
+        "the CPU at the source; %llu loaded in low precision; %llu experts skipped\n",
+        layer_steps ? static_cast<double>(tot.expert_calls) / static_cast<double>(layer_steps) : 0.0,
+        static_cast<unsigned long long>(tot.prefetches), static_cast<unsigned long long>(tot.prefetch_hits),
+        100.0 * tot.recall(), static_cast<unsigned long long>(tot.computed_at_source),
+        static_cast<unsigned long long>(low_loads), static_cast<unsigned long long>(tot.skipped));
     if (shadow)
       std::printf("quality: relative error of the MoE outputs vs an exact shadow executor %.3e (worst layer %.3e)%s\n",
                   rel_error, worst, ex->exact() ? " - exact policies" : "");
@@ -454,7 +477,8 @@ int run_evicting(const Options& o, moex::OpenedModel& opened, const moex::Execut
   miss.hobbit.t_skip = o.t_skip;
   moex::CpuBackendConfig bc;
   bc.async_loads = o.prefetch_depth > 0;  // prefetches overlap compute on the loader thread
-  auto ex = moex::MoeLayerExecutor<DemoPolicies<E>>::create(store, cfg, bc, E{}, std::move(gate), std::move(pred), miss);
+  auto ex =
+      moex::MoeLayerExecutor<DemoPolicies<E>>::create(store, cfg, bc, E{}, std::move(gate), std::move(pred), miss);
   if (!ex) return fail(ex.status());
   return decode(o, opened, cfg, eb, all, &*ex, true, text);
 }
@@ -516,8 +540,10 @@ int run_with_policies(const Options& o, moex::OpenedModel& opened, moex::Executo
     if (o.per_layer_budget) {
       const std::uint64_t slots = cfg.cache_bytes / eb;
       if (slots < spec.n_layers) {
-        std::fprintf(stderr, "moex-demo: --per-layer-budget needs a budget of at least one expert per layer (%u); "
-                     "this one holds %llu\n", spec.n_layers, static_cast<unsigned long long>(slots));
+        std::fprintf(stderr,
+                     "moex-demo: --per-layer-budget needs a budget of at least one expert per layer (%u); "
+                     "this one holds %llu\n",
+                     spec.n_layers, static_cast<unsigned long long>(slots));
         return 2;
       }
       auto curves = moex::profile_miss_curves(tr, spec.n_experts);
@@ -539,11 +565,14 @@ int run_with_policies(const Options& o, moex::OpenedModel& opened, moex::Executo
     // where that would not hold one of them; the rest must still hold one full expert.
     const std::uint64_t lowb = store.expert_bytes(lf->precision);
     std::uint64_t minb = cfg.cache_bytes;
-    if (!cfg.layer_cache_bytes.empty()) minb = *std::min_element(cfg.layer_cache_bytes.begin(), cfg.layer_cache_bytes.end());
+    if (!cfg.layer_cache_bytes.empty())
+      minb = *std::min_element(cfg.layer_cache_bytes.begin(), cfg.layer_cache_bytes.end());
     const double share = std::max(0.25, (static_cast<double>(lowb) + 1.0) / static_cast<double>(minb));
     if (share >= 1.0 || (1.0 - share) * static_cast<double>(minb) < static_cast<double>(eb)) {
-      std::fprintf(stderr, "moex-demo: --low-precision %s: the budget cannot hold one full and one %s expert%s; raise "
-                   "--budget\n", o.low_precision.c_str(), o.low_precision.c_str(),
+      std::fprintf(stderr,
+                   "moex-demo: --low-precision %s: the budget cannot hold one full and one %s expert%s; raise "
+                   "--budget\n",
+                   o.low_precision.c_str(), o.low_precision.c_str(),
                    cfg.layer_cache_bytes.empty() ? "" : " in every layer");
       return 2;
     }
@@ -552,7 +581,8 @@ int run_with_policies(const Options& o, moex::OpenedModel& opened, moex::Executo
     std::snprintf(buf, sizeof buf, "%s copies in %.0f%% of the budget", o.low_precision.c_str(), 100.0 * share);
     add(buf);
   }
-  if (o.miss == "cost") add(std::string("miss: cost model (load or CPU at the source)") + (o.cost_mixed ? " + HOBBIT" : ""));
+  if (o.miss == "cost")
+    add(std::string("miss: cost model (load or CPU at the source)") + (o.cost_mixed ? " + HOBBIT" : ""));
   if (o.miss == "hobbit" || o.cost_mixed) {
     std::snprintf(buf, sizeof buf, "HOBBIT t_high %.2f, t_skip %.2f", static_cast<double>(o.t_high),
                   static_cast<double>(o.t_skip));
@@ -578,10 +608,10 @@ int main(int argc, char** argv) {
   if (!o.model.empty()) {
     model_path = o.model;
   } else {
-    model_path = o.dir.empty() ? fs::path("build") / ("demo-model-" + std::to_string(o.layers) + "x" +
-                                                      std::to_string(o.experts) + "-" + std::to_string(o.hidden) +
-                                                      "x" + std::to_string(o.ffn))
-                               : fs::path(o.dir);
+    model_path = o.dir.empty()
+                     ? fs::path("build") / ("demo-model-" + std::to_string(o.layers) + "x" + std::to_string(o.experts) +
+                                            "-" + std::to_string(o.hidden) + "x" + std::to_string(o.ffn))
+                     : fs::path(o.dir);
     std::fprintf(stderr, "moex-demo: model %s\n", model_path.c_str());
     if (auto s = generate_model(o, model_path); !s.is_ok()) return fail(s);
   }
@@ -598,7 +628,8 @@ int main(int argc, char** argv) {
   const std::uint64_t expert_bytes = store.expert_bytes(fmt->precision);
   const std::uint64_t all_bytes = expert_bytes * spec.n_layers * spec.n_experts;
   moex::ExecutorConfig cfg;
-  cfg.cache_bytes = std::max<std::uint64_t>(expert_bytes, static_cast<std::uint64_t>(o.budget * static_cast<double>(all_bytes)));
+  cfg.cache_bytes =
+      std::max<std::uint64_t>(expert_bytes, static_cast<std::uint64_t>(o.budget * static_cast<double>(all_bytes)));
   cfg.cache_precision = fmt->precision;
   if (!o.policies_on()) {
     auto ex = moex::MoeLayerExecutor<>::create(store, cfg);

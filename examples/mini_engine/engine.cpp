@@ -107,7 +107,8 @@ moex::Result<std::unique_ptr<MoeRunner>> Engine::make_runner(const PolicyOptions
   const moex::ExpertStore& st = model_.store;
   const moex::Precision cp = o.cache_precision.value_or(st.master_format().precision);
   const std::uint64_t eb = st.expert_bytes(cp);
-  if (eb == 0) return moex::invalid_argument(std::string("the store holds no ") + std::string(moex::to_string(cp)) + " copy");
+  if (eb == 0)
+    return moex::invalid_argument(std::string("the store holds no ") + std::string(moex::to_string(cp)) + " copy");
   moex::ExecutorConfig cfg;
   const double all = double(st.spec().n_layers) * st.spec().n_experts * double(eb);
   cfg.cache_bytes = std::max<std::uint64_t>(eb, static_cast<std::uint64_t>(o.cache_fraction * all));
@@ -132,7 +133,7 @@ moex::Result<std::unique_ptr<MoeRunner>> Engine::make_runner(const PolicyOptions
     pred = std::move(*p);
   }
   auto ex = moex::MoeLayerExecutor<EnginePolicies>::create(st, cfg, bc, {}, o.gate, std::move(pred),
-                                                          moex::HobbitPrecisionMiss{o.t_high, o.t_skip});
+                                                           moex::HobbitPrecisionMiss{o.t_high, o.t_skip});
   if (!ex) return ex.status();
   return std::unique_ptr<MoeRunner>(new Runner<EnginePolicies>(std::move(*ex)));
 }
@@ -161,8 +162,9 @@ double BpbResult::average_k() const noexcept {
   return tok ? double(kept) / double(tok) : 0.0;
 }
 
-moex::Result<BpbResult> evaluate_bpb(Engine& engine, MoeRunner& moe, const std::vector<std::vector<std::uint32_t>>& windows,
-                                     std::size_t chunk, std::vector<float>* logits_out) {
+moex::Result<BpbResult> evaluate_bpb(Engine& engine, MoeRunner& moe,
+                                     const std::vector<std::vector<std::uint32_t>>& windows, std::size_t chunk,
+                                     std::vector<float>* logits_out) {
   if (std::string e = windows_error(windows); !e.empty()) return moex::invalid_argument(e);
   Transformer& tf = engine.transformer();
   const std::size_t V = engine.shape().vocab;
@@ -191,7 +193,8 @@ moex::Result<BpbResult> evaluate_bpb(Engine& engine, MoeRunner& moe, const std::
   return r;
 }
 
-moex::Result<moex::SensitivityGate> calibrate_adaptive_gate(Engine& engine, const std::vector<std::vector<std::uint32_t>>& calib,
+moex::Result<moex::SensitivityGate> calibrate_adaptive_gate(Engine& engine,
+                                                            const std::vector<std::vector<std::uint32_t>>& calib,
                                                             double target_k, double* reached) {
   if (std::string e = windows_error(calib); !e.empty()) return moex::invalid_argument(e);
   const moex::ExpertStore& st = engine.store();

@@ -12,11 +12,12 @@
 #include <string>
 #include <vector>
 
-#include "engine_core.hpp"
 #include "moex/gate/sensitivity_gate.hpp"
 #include "moex/moex.hpp"
 #include "moex/policies/hobbit_precision_miss.hpp"
 #include "moex/route/pre_gate_router.hpp"
+
+#include "engine_core.hpp"
 
 namespace moex_engine {
 
@@ -31,15 +32,15 @@ enum class Prefetch : std::uint8_t {
 /// The policies of one executor. Everything off (the default) is moex's exact path.
 struct PolicyOptions {
   Prefetch prefetch = Prefetch::kNone;
-  std::uint32_t depth = 1;                     ///< speculative look-ahead
-  std::optional<moex::PreGateWeights> pregates;  ///< for kPreGatePredict / kPreGateRoute
-  moex::SensitivityGate gate;                  ///< threshold 0 = exact (see calibrate_adaptive_gate)
-  std::optional<moex::Precision> low_precision;  ///< HOBBIT's low-precision pool on miss
-  float t_high = 1.f;                          ///< HOBBIT: unimportance above it loads low precision
-  float t_skip = 1.f;                          ///< HOBBIT: unimportance above it skips the expert
+  std::uint32_t depth = 1;                         ///< speculative look-ahead
+  std::optional<moex::PreGateWeights> pregates;    ///< for kPreGatePredict / kPreGateRoute
+  moex::SensitivityGate gate;                      ///< threshold 0 = exact (see calibrate_adaptive_gate)
+  std::optional<moex::Precision> low_precision;    ///< HOBBIT's low-precision pool on miss
+  float t_high = 1.f;                              ///< HOBBIT: unimportance above it loads low precision
+  float t_skip = 1.f;                              ///< HOBBIT: unimportance above it skips the expert
   std::optional<moex::Precision> cache_precision;  ///< precision of every resident expert
-  double cache_fraction = 0.25;                ///< fast-tier budget as a share of all experts
-  std::uint32_t threads = 0;                   ///< expert compute threads (0 = all cores)
+  double cache_fraction = 0.25;                    ///< fast-tier budget as a share of all experts
+  std::uint32_t threads = 0;                       ///< expert compute threads (0 = all cores)
 
   /// True when no option changes the executor's policies (moex::DefaultPolicies is used).
   bool all_default() const noexcept {
@@ -115,13 +116,15 @@ struct BpbResult {
 /// Runs every window from position 0 (KV cache reset per window, a new trace sequence each) in
 /// chunks of `chunk` tokens (1: token by token, as an offloading decoder runs; 0: the whole
 /// window at once) and measures bits per byte. Stats are reset first.
-moex::Result<BpbResult> evaluate_bpb(Engine& engine, MoeRunner& moe, const std::vector<std::vector<std::uint32_t>>& windows,
-                                     std::size_t chunk, std::vector<float>* logits_out = nullptr);
+moex::Result<BpbResult> evaluate_bpb(Engine& engine, MoeRunner& moe,
+                                     const std::vector<std::vector<std::uint32_t>>& windows, std::size_t chunk,
+                                     std::vector<float>* logits_out = nullptr);
 
 /// AdapMoE's gate for a target average of experts per token: per-layer sensitivities from the
 /// gradient-free estimate on `calib` (dropping each token's last expert), then the threshold that
 /// reaches `target_k` on the exact routing of `calib`. `reached` gets the average on `calib`.
-moex::Result<moex::SensitivityGate> calibrate_adaptive_gate(Engine& engine, const std::vector<std::vector<std::uint32_t>>& calib,
+moex::Result<moex::SensitivityGate> calibrate_adaptive_gate(Engine& engine,
+                                                            const std::vector<std::vector<std::uint32_t>>& calib,
                                                             double target_k, double* reached = nullptr);
 
 /// Fits pre-gates by ridge least squares: W_l minimizes ||X_l W - Z_{l+1}||^2 + lambda ||W - R_{l+1}^T||^2,

@@ -70,7 +70,8 @@ std::string parse_config(const std::string& json_text, ModelShape& s) {
   s.rope_theta = static_cast<float>(j.value("rope_theta", 10000.0));
   s.rms_eps = static_cast<float>(j.value("rms_norm_eps", 1e-6));
   s.tie_embeddings = j.value("tie_word_embeddings", false);
-  if (s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0) return "config.json: num_attention_heads must be a multiple of num_key_value_heads";
+  if (s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0)
+    return "config.json: num_attention_heads must be a multiple of num_key_value_heads";
   if (s.head_dim % 2 != 0) return "config.json: head_dim must be even (rotary embedding)";
   if (s.top_k > s.n_experts) return "config.json: num_experts_per_tok exceeds num_local_experts";
   if (s.max_pos > 65536) return "config.json: max_position_embeddings above 65536 (the KV cache is allocated for it)";
@@ -89,12 +90,15 @@ std::string read_config(const std::string& dir, ModelShape& out) {
 std::string Transformer::load(const ModelShape& s, const TensorLoader& loader) {
   shape_ = s;
   pos_ = 0;
-  const std::size_t H = s.hidden, qd = std::size_t{s.n_heads} * s.head_dim, kvd = std::size_t{s.n_kv_heads} * s.head_dim;
+  const std::size_t H = s.hidden, qd = std::size_t{s.n_heads} * s.head_dim,
+                    kvd = std::size_t{s.n_kv_heads} * s.head_dim;
   std::string e;
   if (!(e = loader("model.embed_tokens.weight", std::size_t{s.vocab} * H, embed_)).empty()) return e;
   if (!(e = loader("model.norm.weight", H, final_norm_)).empty()) return e;
-  if (s.tie_embeddings) lm_head_ = embed_;
-  else if (!(e = loader("lm_head.weight", std::size_t{s.vocab} * H, lm_head_)).empty()) return e;
+  if (s.tie_embeddings)
+    lm_head_ = embed_;
+  else if (!(e = loader("lm_head.weight", std::size_t{s.vocab} * H, lm_head_)).empty())
+    return e;
   layers_.assign(s.n_layers, {});
   for (std::uint32_t l = 0; l < s.n_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";

@@ -5,9 +5,10 @@
 #include <fstream>
 #include <iterator>
 
+#include "moex/cpu/cpu_isa.hpp"
+
 #include "cli_args.hpp"
 #include "engine.hpp"
-#include "moex/cpu/cpu_isa.hpp"
 
 using namespace moex_engine;
 
@@ -29,10 +30,11 @@ constexpr const char* kUsage =
     "          --cache-precision int8|int4|int2\n";
 
 const std::vector<std::string> kFlags = {"speculative", "help"};
-const std::vector<std::string> kKnown = {"text", "stdlib", "window", "first", "windows", "calib-windows", "chunk",
-                                         "cache-fraction", "threads", "speculative", "depth", "pregate", "pregate-route",
-                                         "adaptive-k", "low", "t-high", "t-skip", "cache-precision", "prompt", "tokens",
-                                         "temperature", "seed", "out", "help", "ridge"};
+const std::vector<std::string> kKnown = {
+    "text",    "stdlib",          "window", "first",   "windows",       "calib-windows", "chunk", "cache-fraction",
+    "threads", "speculative",     "depth",  "pregate", "pregate-route", "adaptive-k",    "low",   "t-high",
+    "t-skip",  "cache-precision", "prompt", "tokens",  "temperature",   "seed",          "out",   "help",
+    "ridge"};
 
 int fail(const std::string& msg) {
   std::fprintf(stderr, "moex-engine: %s\n", msg.c_str());
@@ -142,9 +144,11 @@ int cmd_bpb(const Args& a, Engine& eng, bool trace) {
     const std::string out = a.str("out");
     if (out.empty()) return fail("trace needs --out FILE");
     const bool jsonl = out.size() > 6 && out.compare(out.size() - 6, 6, ".jsonl") == 0;
-    moex::Status s = jsonl ? moex::write_trace_jsonl((*moe)->trace(), out) : moex::write_trace_binary((*moe)->trace(), out);
+    moex::Status s =
+        jsonl ? moex::write_trace_jsonl((*moe)->trace(), out) : moex::write_trace_binary((*moe)->trace(), out);
     if (!s.is_ok()) return fail(s.to_string());
-    std::printf("wrote %s: %zu tokens, %zu sequences\n", out.c_str(), (*moe)->trace().tokens(), (*moe)->trace().sequences());
+    std::printf("wrote %s: %zu tokens, %zu sequences\n", out.c_str(), (*moe)->trace().tokens(),
+                (*moe)->trace().sequences());
   }
   return 0;
 }
@@ -280,11 +284,13 @@ int cmd_quality(const Args& a, Engine& eng, const std::string& model) {
     r.o.cache_precision = p;
     rows.push_back(r);
   }
-  std::printf("model: %s; %zu eval windows of %zu bytes (from window %zu), %zu calibration windows; chunk %zu; "
-              "cache %.0f%% of experts; CPU kernels: %s\n\n",
-              model.c_str(), text.eval.size(), text.eval.front().size(), a.count("first", 0), text.calib.size(), chunk,
-              100.0 * base.cache_fraction, std::string(moex::to_string(moex::active_cpu_isa())).c_str());
-  std::printf("| policy | bits/byte | vs exact | experts/token | hit rate | MiB moved | stall s | recall@k | tokens/s |\n");
+  std::printf(
+      "model: %s; %zu eval windows of %zu bytes (from window %zu), %zu calibration windows; chunk %zu; "
+      "cache %.0f%% of experts; CPU kernels: %s\n\n",
+      model.c_str(), text.eval.size(), text.eval.front().size(), a.count("first", 0), text.calib.size(), chunk,
+      100.0 * base.cache_fraction, std::string(moex::to_string(moex::active_cpu_isa())).c_str());
+  std::printf(
+      "| policy | bits/byte | vs exact | experts/token | hit rate | MiB moved | stall s | recall@k | tokens/s |\n");
   std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   double exact_bpb = 0;
   for (const Row& row : rows) {

@@ -31,9 +31,7 @@ int fail(const std::string& msg) {
   return 1;
 }
 
-std::string capi_error(moex_status s) {
-  return std::string(moex_status_string(s)) + ": " + moex_last_error_message();
-}
+std::string capi_error(moex_status s) { return std::string(moex_status_string(s)) + ": " + moex_last_error_message(); }
 
 /// The MoE half through the C API.
 struct CapiMoe {
@@ -46,12 +44,14 @@ struct CapiMoe {
   }
   std::string open(const std::string& dir, double cache_fraction, std::uint32_t threads, bool speculative,
                    const std::string& pregate) {
-    if (moex_status s = moex_model_open(dir.c_str(), nullptr, nullptr, nullptr, &model); s != MOEX_OK) return capi_error(s);
+    if (moex_status s = moex_model_open(dir.c_str(), nullptr, nullptr, nullptr, &model); s != MOEX_OK)
+      return capi_error(s);
     moex_model_info_init(&info);
     if (moex_status s = moex_model_get_info(model, &info); s != MOEX_OK) return capi_error(s);
     moex_executor_params p;
     moex_executor_params_init(&p);
-    p.cache_bytes = static_cast<std::uint64_t>(cache_fraction * double(info.n_layers) * info.n_experts * double(info.expert_bytes));
+    p.cache_bytes =
+        static_cast<std::uint64_t>(cache_fraction * double(info.n_layers) * info.n_experts * double(info.expert_bytes));
     if (p.cache_bytes < info.expert_bytes) p.cache_bytes = info.expert_bytes;
     p.threads = threads;
 #ifdef MOEX_PREDICTION_SPECULATIVE

@@ -3,9 +3,9 @@
 
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -24,9 +24,12 @@ float bf16_to_f32(std::uint16_t b) {
 float f16_to_f32(std::uint16_t h) {
   const std::uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
   float v;
-  if (exp == 0) v = std::ldexp(static_cast<float>(man), -24);
-  else if (exp == 31) v = man ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  else v = std::ldexp(static_cast<float>(man | 0x400u), static_cast<int>(exp) - 25);
+  if (exp == 0)
+    v = std::ldexp(static_cast<float>(man), -24);
+  else if (exp == 31)
+    v = man ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  else
+    v = std::ldexp(static_cast<float>(man | 0x400u), static_cast<int>(exp) - 25);
   return sign ? -v : v;
 }
 
@@ -97,7 +100,8 @@ std::string SafetensorsLite::load(const std::string& name, std::size_t numel, st
   auto it = tensors_.find(name);
   if (it == tensors_.end()) return "tensor " + name + " not found";
   const Entry& e = it->second;
-  if (e.numel != numel) return "tensor " + name + " has " + std::to_string(e.numel) + " elements, expected " + std::to_string(numel);
+  if (e.numel != numel)
+    return "tensor " + name + " has " + std::to_string(e.numel) + " elements, expected " + std::to_string(numel);
   const std::size_t width = e.dtype == "F32" ? 4 : (e.dtype == "BF16" || e.dtype == "F16") ? 2 : 0;
   if (width == 0) return "tensor " + name + ": dtype " + e.dtype + " is not F32, F16 or BF16";
   if (e.end - e.begin != numel * width) return "tensor " + name + ": byte size does not match its shape";

@@ -23,7 +23,8 @@ class SafetensorsLite {
   std::string load(const std::string& name, std::size_t numel, std::vector<float>& out) const;
   /// A TensorLoader over this reader (which must outlive it).
   TensorLoader loader() const {
-    return [this](const std::string& name, std::size_t numel, std::vector<float>& out) { return load(name, numel, out); };
+    return
+        [this](const std::string& name, std::size_t numel, std::vector<float>& out) { return load(name, numel, out); };
   }
 
  private:

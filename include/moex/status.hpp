@@ -30,15 +30,24 @@ enum class StatusCode : std::int32_t {
 /// Static text for a code; never null.
 constexpr std::string_view to_string(StatusCode code) noexcept {
   switch (code) {
-    case StatusCode::kOk: return "ok";
-    case StatusCode::kInvalidArgument: return "invalid argument";
-    case StatusCode::kUnsupported: return "unsupported";
-    case StatusCode::kStructSize: return "struct size";
-    case StatusCode::kOutOfMemory: return "out of memory";
-    case StatusCode::kIo: return "I/O error";
-    case StatusCode::kCorrupt: return "corrupt input";
-    case StatusCode::kNotFound: return "not found";
-    case StatusCode::kInternal: return "internal error";
+    case StatusCode::kOk:
+      return "ok";
+    case StatusCode::kInvalidArgument:
+      return "invalid argument";
+    case StatusCode::kUnsupported:
+      return "unsupported";
+    case StatusCode::kStructSize:
+      return "struct size";
+    case StatusCode::kOutOfMemory:
+      return "out of memory";
+    case StatusCode::kIo:
+      return "I/O error";
+    case StatusCode::kCorrupt:
+      return "corrupt input";
+    case StatusCode::kNotFound:
+      return "not found";
+    case StatusCode::kInternal:
+      return "internal error";
   }
   return "unknown status";
 }
@@ -126,8 +135,8 @@ MOEX_NAMESPACE_END
 
 /// Propagates a non-ok Status out of the current function (the preprocessor is the only way to
 /// return from the caller).
-#define MOEX_RETURN_IF_ERROR(expr)                     \
-  do {                                                 \
-    ::moex::Status moex_status_tmp_ = (expr);          \
+#define MOEX_RETURN_IF_ERROR(expr)                          \
+  do {                                                      \
+    ::moex::Status moex_status_tmp_ = (expr);               \
     if (!moex_status_tmp_.is_ok()) return moex_status_tmp_; \
   } while (0)

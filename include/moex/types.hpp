@@ -27,9 +27,7 @@ struct ExpertKey {
     return a.layer != b.layer ? a.layer < b.layer : a.expert < b.expert;
   }
   /// A dense 64-bit id, usable as a hash key.
-  constexpr std::uint64_t packed() const noexcept {
-    return (static_cast<std::uint64_t>(layer) << 32) | expert;
-  }
+  constexpr std::uint64_t packed() const noexcept { return (static_cast<std::uint64_t>(layer) << 32) | expert; }
 };
 
 /// Numeric storage precision of a weight matrix. Values are pinned (cache files store them).
@@ -42,13 +40,13 @@ enum class Precision : std::uint8_t {
   kInt2 = 5,  ///< group-quantized, 2 bits
   // Block formats read in place from checkpoints (decoded by quant/ggml.hpp); bit-exact to their
   // specifications. Rows are sequences of self-contained blocks.
-  kQ8_0 = 6,     ///< GGUF Q8_0: 32 weights, f16 scale + 32 int8
-  kQ4_0 = 7,     ///< GGUF Q4_0: 32 weights, f16 scale + 16 bytes of nibbles
-  kQ4_K = 8,     ///< GGUF Q4_K: 256-weight super-blocks
-  kQ5_K = 9,     ///< GGUF Q5_K: 256-weight super-blocks
-  kQ6_K = 10,    ///< GGUF Q6_K: 256-weight super-blocks
-  kFp8E4M3 = 11, ///< fp8 e4m3 with one f32 scale per 128x128 block (DeepSeek-V3); scales kept apart
-  kMxfp4 = 12,   ///< OCP MXFP4: 32 e2m1 weights + one e8m0 shared scale (gpt-oss)
+  kQ8_0 = 6,      ///< GGUF Q8_0: 32 weights, f16 scale + 32 int8
+  kQ4_0 = 7,      ///< GGUF Q4_0: 32 weights, f16 scale + 16 bytes of nibbles
+  kQ4_K = 8,      ///< GGUF Q4_K: 256-weight super-blocks
+  kQ5_K = 9,      ///< GGUF Q5_K: 256-weight super-blocks
+  kQ6_K = 10,     ///< GGUF Q6_K: 256-weight super-blocks
+  kFp8E4M3 = 11,  ///< fp8 e4m3 with one f32 scale per 128x128 block (DeepSeek-V3); scales kept apart
+  kMxfp4 = 12,    ///< OCP MXFP4: 32 e2m1 weights + one e8m0 shared scale (gpt-oss)
 };
 inline constexpr std::size_t kPrecisionCount = 13;
 
@@ -61,19 +59,32 @@ enum class QuantScheme : std::uint8_t {
 /// Bits per stored element.
 constexpr std::uint32_t precision_bits(Precision p) noexcept {
   switch (p) {
-    case Precision::kF32: return 32;
-    case Precision::kF16: return 16;
-    case Precision::kBF16: return 16;
-    case Precision::kInt8: return 8;
-    case Precision::kInt4: return 4;
-    case Precision::kInt2: return 2;
-    case Precision::kQ8_0: return 8;
-    case Precision::kQ4_0: return 4;
-    case Precision::kQ4_K: return 4;
-    case Precision::kQ5_K: return 5;
-    case Precision::kQ6_K: return 6;
-    case Precision::kFp8E4M3: return 8;
-    case Precision::kMxfp4: return 4;
+    case Precision::kF32:
+      return 32;
+    case Precision::kF16:
+      return 16;
+    case Precision::kBF16:
+      return 16;
+    case Precision::kInt8:
+      return 8;
+    case Precision::kInt4:
+      return 4;
+    case Precision::kInt2:
+      return 2;
+    case Precision::kQ8_0:
+      return 8;
+    case Precision::kQ4_0:
+      return 4;
+    case Precision::kQ4_K:
+      return 4;
+    case Precision::kQ5_K:
+      return 5;
+    case Precision::kQ6_K:
+      return 6;
+    case Precision::kFp8E4M3:
+      return 8;
+    case Precision::kMxfp4:
+      return 4;
   }
   return 0;
 }
@@ -92,19 +103,32 @@ constexpr bool is_quantized(Precision p) noexcept {
 /// Short lower-case name: "f32", "bf16", "int4"...
 constexpr std::string_view to_string(Precision p) noexcept {
   switch (p) {
-    case Precision::kF32: return "f32";
-    case Precision::kF16: return "f16";
-    case Precision::kBF16: return "bf16";
-    case Precision::kInt8: return "int8";
-    case Precision::kInt4: return "int4";
-    case Precision::kInt2: return "int2";
-    case Precision::kQ8_0: return "q8_0";
-    case Precision::kQ4_0: return "q4_0";
-    case Precision::kQ4_K: return "q4_k";
-    case Precision::kQ5_K: return "q5_k";
-    case Precision::kQ6_K: return "q6_k";
-    case Precision::kFp8E4M3: return "fp8_e4m3";
-    case Precision::kMxfp4: return "mxfp4";
+    case Precision::kF32:
+      return "f32";
+    case Precision::kF16:
+      return "f16";
+    case Precision::kBF16:
+      return "bf16";
+    case Precision::kInt8:
+      return "int8";
+    case Precision::kInt4:
+      return "int4";
+    case Precision::kInt2:
+      return "int2";
+    case Precision::kQ8_0:
+      return "q8_0";
+    case Precision::kQ4_0:
+      return "q4_0";
+    case Precision::kQ4_K:
+      return "q4_k";
+    case Precision::kQ5_K:
+      return "q5_k";
+    case Precision::kQ6_K:
+      return "q6_k";
+    case Precision::kFp8E4M3:
+      return "fp8_e4m3";
+    case Precision::kMxfp4:
+      return "mxfp4";
   }
   return "?";
 }

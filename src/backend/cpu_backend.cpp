@@ -20,7 +20,7 @@ struct CpuBackend::Loader {
   std::condition_variable cv_job, cv_done;
   std::deque<Job> jobs;
   std::vector<std::pair<LoadTicket, std::shared_ptr<std::atomic<bool>>>> live;  // queued or running
-  LoadTicket completed = 0;  // every ticket <= completed is done
+  LoadTicket completed = 0;                                                     // every ticket <= completed is done
   bool stop = false;
   std::thread thread;
 };
@@ -44,12 +44,14 @@ CpuBackend::CpuBackend(CpuBackendConfig config) : config_(config), pool_(std::ma
           job = l->jobs.front();
           l->jobs.pop_front();
         }
-        if (!job.cancel->load(std::memory_order_relaxed)) copy_expert(job.dst, job.src, chunk, nullptr, job.cancel.get());
+        if (!job.cancel->load(std::memory_order_relaxed))
+          copy_expert(job.dst, job.src, chunk, nullptr, job.cancel.get());
         {
           std::lock_guard lk(l->mu);
           l->completed = job.ticket;
-          l->live.erase(std::remove_if(l->live.begin(), l->live.end(), [&](const auto& p) { return p.first == job.ticket; }),
-                        l->live.end());
+          l->live.erase(
+              std::remove_if(l->live.begin(), l->live.end(), [&](const auto& p) { return p.first == job.ticket; }),
+              l->live.end());
         }
         l->cv_done.notify_all();
       }
@@ -79,7 +81,8 @@ Status CpuBackend::allocate_slots(Precision pool, std::size_t slot_bytes, std::s
   pl.slot_bytes = align_up(slot_bytes, kMatrixAlign);
   if (count > (std::size_t{1} << 40) / pl.slot_bytes) return out_of_memory("CpuBackend: slot arena too large");
   pl.arena.reset(new (std::nothrow) std::byte[pl.slot_bytes * count + kMatrixAlign]);
-  if (!pl.arena) return out_of_memory("CpuBackend: cannot allocate " + std::to_string(pl.slot_bytes * count) + " bytes of slots");
+  if (!pl.arena)
+    return out_of_memory("CpuBackend: cannot allocate " + std::to_string(pl.slot_bytes * count) + " bytes of slots");
   pl.base = reinterpret_cast<std::byte*>(align_up(reinterpret_cast<std::uintptr_t>(pl.arena.get()), kMatrixAlign));
   pl.slots = count;
   return Status::ok();
@@ -119,9 +122,11 @@ void CpuBackend::copy_expert(std::byte* dst, const ExpertView& src, std::size_t 
 
 Status CpuBackend::start_load(Precision pool, std::size_t slot, const ExpertView& src, LoadTicket& ticket) noexcept {
   const auto p = static_cast<std::size_t>(pool);
-  if (p >= kPrecisionCount || slot >= pools_[p].slots) return invalid_argument("CpuBackend::start_load: slot out of range");
+  if (p >= kPrecisionCount || slot >= pools_[p].slots)
+    return invalid_argument("CpuBackend::start_load: slot out of range");
   if (!src.valid()) return invalid_argument("CpuBackend::start_load: the source has no data");
-  if (src.layout.total_bytes > pools_[p].slot_bytes) return invalid_argument("CpuBackend::start_load: expert larger than a slot");
+  if (src.layout.total_bytes > pools_[p].slot_bytes)
+    return invalid_argument("CpuBackend::start_load: expert larger than a slot");
   std::byte* dst = pools_[p].base + slot * pools_[p].slot_bytes;
   ticket = next_ticket_++;
   if (!loader_) {
@@ -178,12 +183,13 @@ Status CpuBackend::expert_ffn(const ExpertView& e, const float* x, std::size_t n
 }
 
 std::uint64_t CpuBackend::load_eta_ns(std::size_t bytes) const noexcept {
-  return now_ns() + static_cast<std::uint64_t>(static_cast<double>(bytes) * 1e9 / static_cast<double>(config_.load_bytes_per_s));
+  return now_ns() +
+         static_cast<std::uint64_t>(static_cast<double>(bytes) * 1e9 / static_cast<double>(config_.load_bytes_per_s));
 }
 
 std::uint64_t CpuBackend::source_eta_ns(const ExpertLayout& layout, std::size_t /*n*/) const noexcept {
-  return now_ns() +
-         static_cast<std::uint64_t>(static_cast<double>(layout.total_bytes) * 1e9 / static_cast<double>(config_.source_bytes_per_s));
+  return now_ns() + static_cast<std::uint64_t>(static_cast<double>(layout.total_bytes) * 1e9 /
+                                               static_cast<double>(config_.source_bytes_per_s));
 }
 
 MOEX_NAMESPACE_END

@@ -1,14 +1,14 @@
 // Run-time instruction-set selection for the CPU kernels (cpu_isa.hpp).
 #include "moex/cpu/cpu_isa.hpp"
 
-#include "moex/cpu/cpu_kernels.hpp"
-
 #include <atomic>
 #include <cstdlib>
 #include <string>
 
+#include "moex/cpu/cpu_kernels.hpp"
+
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#  include <cpuid.h>
+#include <cpuid.h>
 #endif
 
 MOEX_NAMESPACE_BEGIN
@@ -24,14 +24,13 @@ CpuIsa detect() noexcept {
   const bool f16c = __get_cpuid(1, &a1, &b1, &c1, &d1) != 0 && (c1 & (1u << 29)) != 0;
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
   if (!avx2) return CpuIsa::kScalar;
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
+  const bool avx512 =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   if (!avx512) return CpuIsa::kAvx2;
   // clang 14 does not know "avx512bf16" in __builtin_cpu_supports: read CPUID leaf 7 subleaf 1,
   // EAX bit 5 (AVX512_BF16). The OS saves ZMM state: checked by the avx512f test above.
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 5)) != 0)
-    return CpuIsa::kAvx512Bf16;
+  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 5)) != 0) return CpuIsa::kAvx512Bf16;
   return CpuIsa::kAvx512;
 #else
   return CpuIsa::kScalar;

@@ -89,25 +89,23 @@ Status check_matrix_view(const MatrixView& m) noexcept {
     return invalid_argument("matrix view: size overflows");
   const Precision p = l.format.precision;
   if (is_block_format(p)) {
-    if (p == Precision::kFp8E4M3)
-      return unsupported("matrix view: fp8 e4m3 needs its separate block scales");
+    if (p == Precision::kFp8E4M3) return unsupported("matrix view: fp8 e4m3 needs its separate block scales");
     const std::size_t bs = block_format_block_size(p);
     if (bs == 0 || l.cols % bs != 0)
-      return invalid_argument("matrix view: " + std::string(to_string(p)) +
-                              " rows must be whole blocks");
+      return invalid_argument("matrix view: " + std::string(to_string(p)) + " rows must be whole blocks");
     return Status::ok();
   }
   if (!format_is_valid(l.format, l.cols))
     return invalid_argument("matrix view: invalid format for " + std::to_string(l.cols) + " columns");
   const MatrixLayout want = matrix_layout(l.rows, l.cols, l.format);
-  if (want.codes_bytes != l.codes_bytes || want.scales_offset != l.scales_offset ||
-      want.mins_offset != l.mins_offset || want.total_bytes != l.total_bytes)
+  if (want.codes_bytes != l.codes_bytes || want.scales_offset != l.scales_offset || want.mins_offset != l.mins_offset ||
+      want.total_bytes != l.total_bytes)
     return invalid_argument("matrix view: layout differs from matrix_layout(rows, cols, format)");
   return Status::ok();
 }
 
-void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y,
-                 std::size_t ldy, std::size_t row_begin, std::size_t row_end) noexcept {
+void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y, std::size_t ldy,
+                 std::size_t row_begin, std::size_t row_end) noexcept {
   if (w.data == nullptr || x == nullptr || y == nullptr || n == 0) return;
   row_end = std::min(row_end, w.layout.rows);
   if (row_begin >= row_end) return;
@@ -118,16 +116,23 @@ void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t
     return;
   }
   switch (active_cpu_isa()) {
-    case CpuIsa::kAvx512Bf16: detail::matmul_rows_avx512bf16(a); return;
-    case CpuIsa::kAvx512: detail::matmul_rows_avx512(a); return;
-    case CpuIsa::kAvx2: detail::matmul_rows_avx2(a); return;
-    case CpuIsa::kScalar: break;
+    case CpuIsa::kAvx512Bf16:
+      detail::matmul_rows_avx512bf16(a);
+      return;
+    case CpuIsa::kAvx512:
+      detail::matmul_rows_avx512(a);
+      return;
+    case CpuIsa::kAvx2:
+      detail::matmul_rows_avx2(a);
+      return;
+    case CpuIsa::kScalar:
+      break;
   }
   detail::matmul_rows_scalar(a);
 }
 
-Status expert_ffn(const ExpertView& e, const float* x, std::size_t n, float* y,
-                  std::span<float> workspace, ThreadPool* pool) noexcept {
+Status expert_ffn(const ExpertView& e, const float* x, std::size_t n, float* y, std::span<float> workspace,
+                  ThreadPool* pool) noexcept {
   const ExpertShape s = e.layout.shape;
   if (!e.valid() || x == nullptr || y == nullptr) return invalid_argument("expert_ffn: null pointer");
   if (s.hidden == 0 || s.ffn == 0) return invalid_argument("expert_ffn: empty expert shape");

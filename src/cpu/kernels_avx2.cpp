@@ -2,11 +2,10 @@
 // int8/int4/int2 weights through q8_kernel.hpp (activations quantized to int8 per group,
 // vpmaddubsw + vpmaddwd). Only the functions below carry the AVX2 target; expert_ffn.cpp calls
 // them after checking the CPU.
-#include <immintrin.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 
 #include "moex/cpu/cpu_kernels.hpp"
 #include "moex/quant/half.hpp"
@@ -14,20 +13,20 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 
-#  if defined(__clang__)
-#    pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#  else
-#    pragma GCC push_options
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
 // GCC 12's AVX-512 headers initialize _mm512_undefined_*() from themselves, which -Wuninitialized
 // reports at every inlined use (GCC PR 105593, fixed in GCC 13).
-#    pragma GCC diagnostic push
-#    pragma GCC diagnostic ignored "-Wuninitialized"
-#    pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#    pragma GCC target("avx2,fma,f16c")
-#  endif
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx2,fma,f16c")
+#endif
 
-#  include "moex/cpu/matmul_kernel.hpp"
-#  include "moex/cpu/q8_kernel.hpp"
+#include "moex/cpu/matmul_kernel.hpp"
+#include "moex/cpu/q8_kernel.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
@@ -106,10 +105,10 @@ struct Avx2Q8 {
     return Asym ? 0 : static_cast<std::uint8_t>(1u << (B - 1));
   }
   template <std::uint32_t B, bool Asym>
-  static constexpr bool corr_neg() noexcept { return B != 8; }
-  static I madd_u8s8(I u, I q) noexcept {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1));
+  static constexpr bool corr_neg() noexcept {
+    return B != 8;
   }
+  static I madd_u8s8(I u, I q) noexcept { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1)); }
   static I corr_dot(I acc, std::uint8_t off, I q) noexcept {
     return _mm256_add_epi32(acc, madd_u8s8(_mm256_set1_epi8(static_cast<char>(off)), q));
   }
@@ -141,11 +140,13 @@ struct Avx2Q8 {
   template <std::uint32_t B>
   static void permute(std::int8_t* blk) noexcept {
     if constexpr (B == 4) {
-      const __m256i sh = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+      const __m256i sh =
+          _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
       const __m256i v = _mm256_shuffle_epi8(iload(blk), sh);
       istore(blk, _mm256_permute4x64_epi64(v, 0xD8));  // qwords 0, 2, 1, 3
     } else if constexpr (B == 2) {
-      const __m256i sh = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+      const __m256i sh =
+          _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
       const __m256i v = _mm256_shuffle_epi8(iload(blk), sh);
       istore(blk, _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     } else {
@@ -153,7 +154,9 @@ struct Avx2Q8 {
     }
   }
   template <std::uint32_t B>
-  static constexpr unsigned g2_mask() noexcept { return 0; }  // groups never share a block
+  static constexpr unsigned g2_mask() noexcept {
+    return 0;
+  }  // groups never share a block
   static void quantize_l(const float* x, float inv, std::int8_t* out) noexcept {
     const __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), _mm256_set1_ps(inv)));
     const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
@@ -196,12 +199,12 @@ void matmul_rows_avx2(const MatmulArgs& a) noexcept {
 
 MOEX_NAMESPACE_END
 
-#  if defined(__clang__)
-#    pragma clang attribute pop
-#  else
-#    pragma GCC diagnostic pop
-#    pragma GCC pop_options
-#  endif
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
 
 #else  // not x86-64: never selected
 

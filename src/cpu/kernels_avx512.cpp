@@ -1,11 +1,10 @@
 // AVX-512 F/BW/VL instantiation of the matmul_rows kernel (matmul_kernel.hpp). Compiled for
 // plain x86-64 like the rest of moex; only the functions below carry the AVX-512 target, and they
 // run only after expert_ffn.cpp has checked the CPU (__builtin_cpu_supports).
-#include <immintrin.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 
 #include "moex/cpu/cpu_kernels.hpp"
 #include "moex/quant/half.hpp"
@@ -13,20 +12,19 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 
-#  if defined(__clang__)
-#    pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), \
-                                 apply_to = function)
-#  else
-#    pragma GCC push_options
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
 // GCC 12's AVX-512 headers initialize _mm512_undefined_*() from themselves, which -Wuninitialized
 // reports at every inlined use (GCC PR 105593, fixed in GCC 13).
-#    pragma GCC diagnostic push
-#    pragma GCC diagnostic ignored "-Wuninitialized"
-#    pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#    pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
-#  endif
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#endif
 
-#  include "moex/cpu/matmul_kernel.hpp"
+#include "moex/cpu/matmul_kernel.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
@@ -44,7 +42,8 @@ struct Avx512 {
   static F fma(F a, F b, F c) noexcept { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(F v) noexcept {
     // Fixed tree: 16 -> 8 -> 4 -> 2 -> 1 (deterministic).
-    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m256 s8 =
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
     const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
     const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     const __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
@@ -90,12 +89,12 @@ void matmul_rows_avx512(const MatmulArgs& a) noexcept { matmul_rows_generic<Avx5
 
 MOEX_NAMESPACE_END
 
-#  if defined(__clang__)
-#    pragma clang attribute pop
-#  else
-#    pragma GCC diagnostic pop
-#    pragma GCC pop_options
-#  endif
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
 
 #else  // not x86-64: never selected (detected_cpu_isa() is kScalar)
 

@@ -5,11 +5,10 @@
 //  - int8/int4/int2 weights: activations quantized to int8 per group, vpdpbusd (vnni_kernel.hpp,
 //    instantiated in kernels_avx512vnni.cpp and, with GFNI unpacking, kernels_avx512vnni_gfni.cpp).
 // Only the functions below carry the target; expert_ffn.cpp calls them after checking the CPU.
-#include <immintrin.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 
 #include "moex/cpu/cpu_kernels.hpp"
 #include "moex/quant/half.hpp"
@@ -17,21 +16,20 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 
-#  if defined(__clang__)
-#    pragma clang attribute push( \
-        __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c"))), \
-        apply_to = function)
-#  else
-#    pragma GCC push_options
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
 // GCC 12's AVX-512 headers initialize _mm512_undefined_*() from themselves, which -Wuninitialized
 // reports at every inlined use (GCC PR 105593, fixed in GCC 13).
-#    pragma GCC diagnostic push
-#    pragma GCC diagnostic ignored "-Wuninitialized"
-#    pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#    pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
-#  endif
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
+#endif
 
-#  include "moex/cpu/matmul_kernel.hpp"
+#include "moex/cpu/matmul_kernel.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
@@ -43,7 +41,8 @@ struct Bf16Traits {
 };
 
 inline float hsum16(__m512 v) noexcept {
-  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  const __m256 s8 =
+      _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   const __m128 s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
@@ -103,9 +102,7 @@ namespace detail {
 
 void matmul_rows_avx512bf16(const MatmulArgs& a) noexcept {
   if (a.layout.format.precision != Precision::kBF16) {
-    if (cpu_has_avx512vnni() &&
-        (cpu_has_gfni() ? matmul_rows_avx512vnni_gfni(a) : matmul_rows_avx512vnni(a)))
-      return;
+    if (cpu_has_avx512vnni() && (cpu_has_gfni() ? matmul_rows_avx512vnni_gfni(a) : matmul_rows_avx512vnni(a))) return;
     return matmul_rows_avx512(a);
   }
   const Bf16DotTile tile{reinterpret_cast<const std::uint8_t*>(a.w), a.layout.cols, a.ldx, a.ldy};
@@ -116,12 +113,12 @@ void matmul_rows_avx512bf16(const MatmulArgs& a) noexcept {
 
 MOEX_NAMESPACE_END
 
-#  if defined(__clang__)
-#    pragma clang attribute pop
-#  else
-#    pragma GCC diagnostic pop
-#    pragma GCC pop_options
-#  endif
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
 
 #else  // not x86-64: never selected
 

@@ -2,11 +2,10 @@
 // unpacking. Used by the kAvx512Bf16 level on CPUs with VNNI but without GFNI.
 // Only the functions below carry the target; kernels_avx512bf16.cpp calls them after checking
 // the CPU (cpu_has_avx512vnni, cpu_has_gfni).
-#include <immintrin.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <new>
 #include <type_traits>
 
@@ -15,19 +14,20 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 
-#  if defined(__clang__)
-#    pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), apply_to = function)
-#  else
-#    pragma GCC push_options
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
 // GCC 12's AVX-512 headers initialize _mm512_undefined_*() from themselves, which -Wuninitialized
 // reports at every inlined use (GCC PR 105593, fixed in GCC 13).
-#    pragma GCC diagnostic push
-#    pragma GCC diagnostic ignored "-Wuninitialized"
-#    pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#    pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
-#  endif
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#endif
 
-#  include "moex/cpu/vnni_kernel.hpp"
+#include "moex/cpu/vnni_kernel.hpp"
 
 MOEX_NAMESPACE_BEGIN
 namespace detail {
@@ -37,12 +37,12 @@ bool matmul_rows_avx512vnni(const MatmulArgs& a) noexcept { return matmul_rows_v
 }  // namespace detail
 MOEX_NAMESPACE_END
 
-#  if defined(__clang__)
-#    pragma clang attribute pop
-#  else
-#    pragma GCC diagnostic pop
-#    pragma GCC pop_options
-#  endif
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
 
 #else  // not x86-64: never selected
 

@@ -57,18 +57,17 @@ inline std::uint16_t load_u16(const std::uint8_t* p) noexcept {
 inline void store_u16(std::uint8_t* p, std::uint16_t h) noexcept { std::memcpy(p, &h, 2); }
 
 // Packs g codes (each < 2^bits) into g*bits/8 bytes, lower column in the lower bits.
-inline void pack_codes(const std::uint8_t* u, std::size_t g, std::uint32_t bits,
-                       std::uint8_t* out) noexcept {
+inline void pack_codes(const std::uint8_t* u, std::size_t g, std::uint32_t bits, std::uint8_t* out) noexcept {
   switch (bits) {
-    case 8: std::memcpy(out, u, g); return;
+    case 8:
+      std::memcpy(out, u, g);
+      return;
     case 4:
-      for (std::size_t j = 0; j < g / 2; ++j)
-        out[j] = static_cast<std::uint8_t>(u[2 * j] | (u[2 * j + 1] << 4));
+      for (std::size_t j = 0; j < g / 2; ++j) out[j] = static_cast<std::uint8_t>(u[2 * j] | (u[2 * j + 1] << 4));
       return;
     default:
       for (std::size_t j = 0; j < g / 4; ++j)
-        out[j] = static_cast<std::uint8_t>(u[4 * j] | (u[4 * j + 1] << 2) | (u[4 * j + 2] << 4) |
-                                           (u[4 * j + 3] << 6));
+        out[j] = static_cast<std::uint8_t>(u[4 * j] | (u[4 * j + 1] << 2) | (u[4 * j + 2] << 4) | (u[4 * j + 3] << 6));
       return;
   }
 }
@@ -127,12 +126,14 @@ bool encode_group(const float* x, std::size_t g, std::uint32_t bits, bool asym, 
 
 // Encodes columns [c0, c0+len) of row r (c0, len multiples of the group size for integer
 // formats). False when a value does not fit the format (overflow of f16/bf16 or of a scale).
-bool encode_row_range(const float* src, const MatrixLayout& l, std::size_t r, std::size_t c0,
-                      std::size_t len, std::byte* base) noexcept {
+bool encode_row_range(const float* src, const MatrixLayout& l, std::size_t r, std::size_t c0, std::size_t len,
+                      std::byte* base) noexcept {
   const std::size_t cols = l.cols;
   auto* out = reinterpret_cast<std::uint8_t*>(base);
   switch (l.format.precision) {
-    case Precision::kF32: std::memcpy(out + (r * cols + c0) * 4, src, len * 4); return true;
+    case Precision::kF32:
+      std::memcpy(out + (r * cols + c0) * 4, src, len * 4);
+      return true;
     case Precision::kBF16: {
       std::uint8_t* o = out + (r * cols + c0) * 2;
       bool ok = true;
@@ -153,7 +154,8 @@ bool encode_row_range(const float* src, const MatrixLayout& l, std::size_t r, st
       }
       return ok;
     }
-    default: break;
+    default:
+      break;
   }
   const std::uint32_t bits = precision_bits(l.format.precision);
   const std::size_t g = l.format.group_size;
@@ -194,8 +196,7 @@ bool encode_row(const float* src, const MatrixLayout& l, std::size_t r, std::byt
 
 namespace detail {
 
-void decode_row_range(const MatrixView& m, std::size_t row, std::size_t c0, std::size_t len,
-                      float* dst) noexcept {
+void decode_row_range(const MatrixView& m, std::size_t row, std::size_t c0, std::size_t len, float* dst) noexcept {
   const MatrixLayout& l = m.layout;
   const std::size_t cols = l.cols;
   const auto* in = reinterpret_cast<const std::uint8_t*>(m.data);
@@ -212,7 +213,9 @@ void decode_row_range(const MatrixView& m, std::size_t row, std::size_t c0, std:
     return;
   }
   switch (p) {
-    case Precision::kF32: std::memcpy(dst, in + (row * cols + c0) * 4, len * 4); return;
+    case Precision::kF32:
+      std::memcpy(dst, in + (row * cols + c0) * 4, len * 4);
+      return;
     case Precision::kBF16: {
       const std::uint8_t* s = in + (row * cols + c0) * 2;
       for (std::size_t c = 0; c < len; ++c) dst[c] = bf16_to_float(load_u16(s + 2 * c));
@@ -223,7 +226,8 @@ void decode_row_range(const MatrixView& m, std::size_t row, std::size_t c0, std:
       for (std::size_t c = 0; c < len; ++c) dst[c] = f16_to_float(load_u16(s + 2 * c));
       return;
     }
-    default: break;
+    default:
+      break;
   }
   const std::uint32_t bits = precision_bits(p);
   const std::size_t g = l.format.group_size;
@@ -235,15 +239,13 @@ void decode_row_range(const MatrixView& m, std::size_t row, std::size_t c0, std:
   for (std::size_t k = 0; k < len / g; ++k) {
     const std::size_t gi = c0 / g + k;
     const float d = f16_to_float(load_u16(in + l.scales_offset + 2 * (row * gpr + gi)));
-    const float off = asym ? f16_to_float(load_u16(in + l.mins_offset + 2 * (row * gpr + gi)))
-                           : -half_range * d;
+    const float off = asym ? f16_to_float(load_u16(in + l.mins_offset + 2 * (row * gpr + gi))) : -half_range * d;
     const std::uint8_t* codes = in + (row * cols + gi * g) * bits / 8;
     float* o = dst + k * g;
     for (std::size_t i = 0; i < g; ++i) {
       const std::uint32_t u = (codes[i / per_byte] >> ((i % per_byte) * bits)) & mask;
       // Symmetric: d*(u - 2^(b-1)) rounds once, as the SIMD kernels' fma(u, d, -2^(b-1) d) does.
-      o[i] = asym ? d * static_cast<float>(u) + off
-                  : d * (static_cast<float>(u) - half_range);
+      o[i] = asym ? d * static_cast<float>(u) + off : d * (static_cast<float>(u) - half_range);
     }
   }
 }
@@ -257,17 +259,16 @@ Status quantize_matrix(const float* src, std::size_t rows, std::size_t cols, Wei
   if (is_block_format(format.precision))
     return unsupported("quantize_matrix: block formats are read from checkpoints, not encoded");
   if (!format_is_valid(format, cols))
-    return invalid_argument("quantize_matrix: format " + std::string(to_string(format.precision)) +
-                            " with group " + std::to_string(format.group_size) +
-                            " cannot store a matrix with " + std::to_string(cols) + " columns");
+    return invalid_argument("quantize_matrix: format " + std::string(to_string(format.precision)) + " with group " +
+                            std::to_string(format.group_size) + " cannot store a matrix with " + std::to_string(cols) +
+                            " columns");
   if (rows > std::numeric_limits<std::size_t>::max() / 8 / cols)
     return invalid_argument("quantize_matrix: matrix size overflows");
   const MatrixLayout l = matrix_layout(rows, cols, format);
   if (dst.data() == nullptr || dst.size() < l.total_bytes)
-    return invalid_argument("quantize_matrix: destination has " + std::to_string(dst.size()) +
-                            " bytes, needs " + std::to_string(l.total_bytes));
-  if (!all_finite(src, rows * cols))
-    return invalid_argument("quantize_matrix: input has a NaN or infinity");
+    return invalid_argument("quantize_matrix: destination has " + std::to_string(dst.size()) + " bytes, needs " +
+                            std::to_string(l.total_bytes));
+  if (!all_finite(src, rows * cols)) return invalid_argument("quantize_matrix: input has a NaN or infinity");
   std::memset(dst.data(), 0, l.total_bytes);
   for (std::size_t r = 0; r < rows; ++r) {
     if (!encode_row(src + r * cols, l, r, dst.data()))
@@ -297,14 +298,13 @@ void dequantize_matrix(const MatrixView& m, float* dst) noexcept {
   for (std::size_t r = 0; r < m.layout.rows; ++r) detail::decode_row_range(m, r, 0, cols, dst + r * cols);
 }
 
-Status pack_expert(const float* w1, const float* w3, const float* w2, ExpertShape shape,
-                   WeightFormat format, std::span<std::byte> dst) noexcept {
-  if (w1 == nullptr || w3 == nullptr || w2 == nullptr)
-    return invalid_argument("pack_expert: null weight pointer");
+Status pack_expert(const float* w1, const float* w3, const float* w2, ExpertShape shape, WeightFormat format,
+                   std::span<std::byte> dst) noexcept {
+  if (w1 == nullptr || w3 == nullptr || w2 == nullptr) return invalid_argument("pack_expert: null weight pointer");
   if (!expert_format_is_valid(shape, format))
     return invalid_argument("pack_expert: format " + std::string(to_string(format.precision)) +
-                            " cannot store an expert of hidden " + std::to_string(shape.hidden) +
-                            ", ffn " + std::to_string(shape.ffn));
+                            " cannot store an expert of hidden " + std::to_string(shape.hidden) + ", ffn " +
+                            std::to_string(shape.ffn));
   const ExpertLayout e = expert_layout(shape, format);
   if (dst.data() == nullptr || dst.size() < e.total_bytes)
     return invalid_argument("pack_expert: destination too small");
@@ -340,12 +340,10 @@ struct ConvertJob {
 
 }  // namespace
 
-Status convert_expert(const ExpertView& src, WeightFormat format, std::span<std::byte> dst,
-                      ThreadPool* pool) noexcept {
+Status convert_expert(const ExpertView& src, WeightFormat format, std::span<std::byte> dst, ThreadPool* pool) noexcept {
   const ExpertShape shape = src.layout.shape;
   if (!src.valid()) return invalid_argument("convert_expert: null source matrix");
-  if (is_block_format(format.precision))
-    return unsupported("convert_expert: block formats cannot be encoded");
+  if (is_block_format(format.precision)) return unsupported("convert_expert: block formats cannot be encoded");
   if (!expert_format_is_valid(shape, format))
     return invalid_argument("convert_expert: target format cannot store this expert's shape");
   const MatrixView ins[3] = {src.w1(), src.w3(), src.w2()};

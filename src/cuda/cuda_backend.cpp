@@ -2,13 +2,13 @@
 // pair per slot (cudart only; kernels through kernels.hpp).
 #include "moex/backend/cuda_backend.hpp"
 
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstring>
 #include <new>
 #include <string>
 #include <vector>
+
+#include <cuda_runtime.h>
 
 #include "kernels.hpp"
 
@@ -25,11 +25,11 @@ Status check(cudaError_t e, const char* what) noexcept { return cuda::cuda_statu
 
 struct CudaBackend::Impl {
   CudaBackendConfig config{};
-  std::byte* arena = nullptr;         // slots, then workspace
-  std::size_t slot_stride = 0;        // slot_bytes rounded to kMatrixAlign
+  std::byte* arena = nullptr;   // slots, then workspace
+  std::size_t slot_stride = 0;  // slot_bytes rounded to kMatrixAlign
   float* workspace = nullptr;
   std::size_t workspace_bytes = 0;
-  std::byte* staging = nullptr;       // pinned, staging_bytes
+  std::byte* staging = nullptr;  // pinned, staging_bytes
   cudaStream_t compute = nullptr;
   cudaStream_t copy = nullptr;
   bool own_compute = false;
@@ -61,12 +61,10 @@ bool CudaBackend::device_available() noexcept {
 
 Result<std::unique_ptr<CudaBackend>> CudaBackend::create(const CudaBackendConfig& c) noexcept {
   if (c.slot_bytes == 0 || c.slot_count == 0) return invalid_argument("CudaBackend: zero slots");
-  if (c.max_shape.hidden == 0 || c.max_shape.ffn == 0)
-    return invalid_argument("CudaBackend: max_shape must be set");
+  if (c.max_shape.hidden == 0 || c.max_shape.ffn == 0) return invalid_argument("CudaBackend: max_shape must be set");
   if (c.staging_bytes < 2 * kMatrixAlign) return invalid_argument("CudaBackend: staging too small");
   int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0)
-    return unsupported("CudaBackend: no CUDA device");
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) return unsupported("CudaBackend: no CUDA device");
   if (c.device < 0 || c.device >= count) return invalid_argument("CudaBackend: bad device ordinal");
   MOEX_RETURN_IF_ERROR(check(cudaSetDevice(c.device), "cudaSetDevice"));
 
@@ -95,8 +93,7 @@ Result<std::unique_ptr<CudaBackend>> CudaBackend::create(const CudaBackendConfig
   if (c.compute_stream) {
     impl->compute = static_cast<cudaStream_t>(c.compute_stream);
   } else {
-    MOEX_RETURN_IF_ERROR(
-        check(cudaStreamCreateWithFlags(&impl->compute, cudaStreamNonBlocking), "compute stream"));
+    MOEX_RETURN_IF_ERROR(check(cudaStreamCreateWithFlags(&impl->compute, cudaStreamNonBlocking), "compute stream"));
     impl->own_compute = true;
   }
   impl->filled.reserve(c.slot_count);
@@ -126,8 +123,7 @@ void* CudaBackend::copy_stream() const noexcept { return impl_->copy; }
 
 Status CudaBackend::register_host(const void* ptr, std::size_t bytes) noexcept {
   if (!ptr || bytes == 0) return invalid_argument("register_host: empty range");
-  return check(cudaHostRegister(const_cast<void*>(ptr), bytes, cudaHostRegisterReadOnly),
-               "cudaHostRegister");
+  return check(cudaHostRegister(const_cast<void*>(ptr), bytes, cudaHostRegisterReadOnly), "cudaHostRegister");
 }
 
 Status CudaBackend::unregister_host(const void* ptr) noexcept {
@@ -145,12 +141,10 @@ Status CudaBackend::upload_slot(std::uint32_t slot, const void* src, std::size_t
   // The previous reader of this slot must be done before it is overwritten.
   MOEX_RETURN_IF_ERROR(check(cudaStreamWaitEvent(m.copy, m.released[slot], 0), "wait released"));
   cudaPointerAttributes attr{};
-  const bool pinned =
-      cudaPointerGetAttributes(&attr, src) == cudaSuccess && attr.type == cudaMemoryTypeHost;
+  const bool pinned = cudaPointerGetAttributes(&attr, src) == cudaSuccess && attr.type == cudaMemoryTypeHost;
   cudaGetLastError();  // pageable pointers may leave an error behind on older drivers
   if (pinned) {
-    MOEX_RETURN_IF_ERROR(
-        check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, m.copy), "upload memcpy"));
+    MOEX_RETURN_IF_ERROR(check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, m.copy), "upload memcpy"));
   } else {
     const std::size_t half = m.config.staging_bytes / kStagingHalves & ~std::size_t{255};
     const auto* s = static_cast<const std::byte*>(src);
@@ -175,8 +169,8 @@ bool CudaBackend::slot_ready(std::uint32_t slot) const noexcept {
   return e == cudaSuccess;
 }
 
-Status CudaBackend::expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks,
-                               const float* x, std::size_t ldx, float* out, std::size_t ldo) noexcept {
+Status CudaBackend::expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x,
+                               std::size_t ldx, float* out, std::size_t ldo) noexcept {
   Impl& m = *impl_;
   if (layout.total_bytes > m.config.slot_bytes) return invalid_argument("expert_ffn: expert larger than a slot");
   if (layout.shape.hidden > m.config.max_shape.hidden || layout.shape.ffn > m.config.max_shape.ffn)
@@ -210,8 +204,7 @@ Status CudaBackend::expert_ffn(const ExpertLayout& layout, std::span<const SlotT
     a.workspace = m.workspace;
     MOEX_RETURN_IF_ERROR(cuda::grouped_expert_ffn(a, m.compute));
     for (std::size_t i = 0; i < count; ++i)
-      MOEX_RETURN_IF_ERROR(
-          check(cudaEventRecord(m.released[tasks[done + i].slot], m.compute), "record released"));
+      MOEX_RETURN_IF_ERROR(check(cudaEventRecord(m.released[tasks[done + i].slot], m.compute), "record released"));
     done += count;
   }
   return Status::ok();

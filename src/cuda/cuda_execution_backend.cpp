@@ -2,8 +2,6 @@
 // through moex::expert_ffn on an internal worker thread).
 #include "moex/backend/cuda_execution_backend.hpp"
 
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -18,10 +16,13 @@
 #include <utility>
 #include <vector>
 
-#include "kernels.hpp"
+#include <cuda_runtime.h>
+
 #include "moex/cpu/expert_ffn.hpp"
 #include "moex/store/expert_store.hpp"
 #include "moex/thread_pool.hpp"
+
+#include "kernels.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
@@ -35,7 +36,8 @@ Status check(cudaError_t e, const char* what) noexcept { return cuda::cuda_statu
 
 std::uint64_t steady_ns() noexcept {
   return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
 }
 
 std::uint64_t duration_ns(std::uint64_t bytes, std::uint64_t per_s) noexcept {
@@ -109,14 +111,14 @@ struct CudaExecutionBackend::Impl {
   std::array<Pool, kPrecisionCount> pools{};
   float* d_x = nullptr;
   float* d_y = nullptr;
-  float* d_ws = nullptr;           // grouped-kernel workspace (one expert)
-  std::uint16_t* d_xb = nullptr;   // cuBLAS path: bf16 x
-  float* d_h1 = nullptr;           // cuBLAS path: gate and up products
+  float* d_ws = nullptr;          // grouped-kernel workspace (one expert)
+  std::uint16_t* d_xb = nullptr;  // cuBLAS path: bf16 x
+  float* d_h1 = nullptr;          // cuBLAS path: gate and up products
   float* d_h3 = nullptr;
-  std::uint16_t* d_hb = nullptr;   // cuBLAS path: bf16 activation
-  float* h_x = nullptr;            // pinned
-  float* h_y = nullptr;            // pinned
-  std::byte* staging = nullptr;    // pinned
+  std::uint16_t* d_hb = nullptr;  // cuBLAS path: bf16 activation
+  float* h_x = nullptr;           // pinned
+  float* h_y = nullptr;           // pinned
+  std::byte* staging = nullptr;   // pinned
   cudaEvent_t staging_done[kStagingHalves] = {};
   std::vector<Pending> pending;
   std::size_t rows_used = 0;
@@ -127,9 +129,9 @@ struct CudaExecutionBackend::Impl {
 
   // Host worker.
   std::unique_ptr<ThreadPool> host_pool;
-  std::vector<float> host_x;           // copies of x for host jobs, [max_rows x hmax]
+  std::vector<float> host_x;  // copies of x for host jobs, [max_rows x hmax]
   std::vector<float> host_ws;
-  std::vector<HostJob> jobs;           // ring of capacity max_rows
+  std::vector<HostJob> jobs;  // ring of capacity max_rows
   std::size_t host_rows_used = 0;
   std::mutex mu;
   std::condition_variable cv_job, cv_done;
@@ -161,9 +163,9 @@ struct CudaExecutionBackend::Impl {
     if (cublas) cuda::cublas_destroy(cublas);
     if (copy) cudaStreamDestroy(copy);
     if (own_compute && compute) cudaStreamDestroy(compute);
-    for (void* p : {static_cast<void*>(d_x), static_cast<void*>(d_y), static_cast<void*>(d_ws),
-                    static_cast<void*>(d_xb), static_cast<void*>(d_h1), static_cast<void*>(d_h3),
-                    static_cast<void*>(d_hb)})
+    for (void* p :
+         {static_cast<void*>(d_x), static_cast<void*>(d_y), static_cast<void*>(d_ws), static_cast<void*>(d_xb),
+          static_cast<void*>(d_h1), static_cast<void*>(d_h3), static_cast<void*>(d_hb)})
       if (p) cudaFree(p);
     for (void* p : {static_cast<void*>(h_x), static_cast<void*>(h_y), static_cast<void*>(staging)})
       if (p) cudaFreeHost(p);
@@ -181,9 +183,9 @@ struct CudaExecutionBackend::Impl {
       }
       const std::uint64_t t0 = steady_ns();
       const std::size_t need = expert_ffn_workspace(job.e.layout.shape, job.n);
-      Status s = need <= host_ws.size()
-                     ? moex::expert_ffn(job.e, job.x, job.n, job.y, std::span<float>(host_ws.data(), need), host_pool.get())
-                     : invalid_argument("CudaExecutionBackend: host workspace too small");
+      Status s = need <= host_ws.size() ? moex::expert_ffn(job.e, job.x, job.n, job.y,
+                                                           std::span<float>(host_ws.data(), need), host_pool.get())
+                                        : invalid_argument("CudaExecutionBackend: host workspace too small");
       const std::uint64_t dt = steady_ns() - t0;
       {
         std::lock_guard lk(mu);
@@ -296,7 +298,8 @@ bool CudaExecutionBackend::device_available() noexcept {
 }
 
 Result<CudaExecutionBackend> CudaExecutionBackend::create(const CudaExecutionBackendConfig& c) noexcept {
-  if (c.max_shape.hidden == 0 || c.max_shape.ffn == 0) return invalid_argument("CudaExecutionBackend: max_shape must be set");
+  if (c.max_shape.hidden == 0 || c.max_shape.ffn == 0)
+    return invalid_argument("CudaExecutionBackend: max_shape must be set");
   if (c.max_shape.hidden % 8 != 0 || c.max_shape.ffn % 8 != 0)
     return invalid_argument("CudaExecutionBackend: max_shape dimensions must be multiples of 8");
   if (c.max_tokens == 0 || c.max_rows_per_step < c.max_tokens)
@@ -334,9 +337,8 @@ Result<CudaExecutionBackend> CudaExecutionBackend::create(const CudaExecutionBac
     return true;
   };
   if (!dev(&m.d_x, rows * h * sizeof(float)) || !dev(&m.d_y, rows * h * sizeof(float)) ||
-      !dev(&m.d_ws, cuda::grouped_expert_workspace_bytes(c.max_shape, 1)) ||
-      !dev(&m.d_xb, tok * std::max(h, f) * 2) || !dev(&m.d_h1, tok * f * sizeof(float)) ||
-      !dev(&m.d_h3, tok * f * sizeof(float)) || !dev(&m.d_hb, tok * f * 2))
+      !dev(&m.d_ws, cuda::grouped_expert_workspace_bytes(c.max_shape, 1)) || !dev(&m.d_xb, tok * std::max(h, f) * 2) ||
+      !dev(&m.d_h1, tok * f * sizeof(float)) || !dev(&m.d_h3, tok * f * sizeof(float)) || !dev(&m.d_hb, tok * f * 2))
     return out_of_memory("CudaExecutionBackend: device activation buffers");
   if (!pinned(&m.h_x, rows * h * sizeof(float)) || !pinned(&m.h_y, rows * h * sizeof(float)) ||
       !pinned(&m.staging, c.staging_bytes))
@@ -474,11 +476,13 @@ std::size_t CudaExecutionBackend::slot_count(Precision pool) const noexcept {
   return impl_ && p < kPrecisionCount ? impl_->pools[p].count : 0;
 }
 
-Status CudaExecutionBackend::start_load(Precision pool, std::size_t slot, const ExpertView& src, LoadTicket& ticket) noexcept {
+Status CudaExecutionBackend::start_load(Precision pool, std::size_t slot, const ExpertView& src,
+                                        LoadTicket& ticket) noexcept {
   if (!impl_) return internal_error("CudaExecutionBackend: moved-from or default backend");
   Impl& m = *impl_;
   const auto p = static_cast<std::size_t>(pool);
-  if (p >= kPrecisionCount || slot >= m.pools[p].count) return invalid_argument("CudaExecutionBackend::start_load: slot out of range");
+  if (p >= kPrecisionCount || slot >= m.pools[p].count)
+    return invalid_argument("CudaExecutionBackend::start_load: slot out of range");
   if (!src.valid()) return invalid_argument("CudaExecutionBackend::start_load: the source has no data");
   Impl::Pool& pl = m.pools[p];
   const ExpertLayout& l = src.layout;
@@ -534,7 +538,8 @@ void CudaExecutionBackend::cancel_load(LoadTicket /*ticket*/) noexcept {
   // A queued copy cannot be withdrawn; the next load into the slot is ordered after it.
 }
 
-ExpertView CudaExecutionBackend::slot_view(Precision pool, std::size_t slot, const ExpertLayout& layout) const noexcept {
+ExpertView CudaExecutionBackend::slot_view(Precision pool, std::size_t slot,
+                                           const ExpertLayout& layout) const noexcept {
   if (!impl_) return {};
   const Impl::Pool& pl = impl_->pools[static_cast<std::size_t>(pool) % kPrecisionCount];
   if (!pl.base || slot >= pl.count) return {};
@@ -545,12 +550,14 @@ Status CudaExecutionBackend::expert_ffn(const ExpertView& e, const float* x, std
   if (!impl_) return internal_error("CudaExecutionBackend: moved-from or default backend");
   Impl& m = *impl_;
   if (!x || !y || !e.valid()) return invalid_argument("CudaExecutionBackend::expert_ffn: null pointer");
-  if (n == 0 || n > m.config.max_tokens) return invalid_argument("CudaExecutionBackend::expert_ffn: n must be 1..max_tokens");
+  if (n == 0 || n > m.config.max_tokens)
+    return invalid_argument("CudaExecutionBackend::expert_ffn: n must be 1..max_tokens");
   const ExpertShape s = e.layout.shape;
   if (s.hidden > m.config.max_shape.hidden || s.ffn > m.config.max_shape.ffn)
     return invalid_argument("CudaExecutionBackend::expert_ffn: shape beyond max_shape");
   std::size_t pool = 0, slot = 0;
-  if (!m.locate(e.w1_data, pool, slot)) return invalid_argument("CudaExecutionBackend::expert_ffn: view is not a slot of this backend");
+  if (!m.locate(e.w1_data, pool, slot))
+    return invalid_argument("CudaExecutionBackend::expert_ffn: view is not a slot of this backend");
   if (m.rows_used + n > m.config.max_rows_per_step)
     return out_of_memory("CudaExecutionBackend::expert_ffn: more rows than max_rows_per_step before sync()");
   const std::size_t row = m.rows_used;
@@ -559,21 +566,23 @@ Status CudaExecutionBackend::expert_ffn(const ExpertView& e, const float* x, std
   float* dx = m.d_x + row * m.hmax;
   float* dy = m.d_y + row * m.hmax;
   std::memcpy(hx, x, floats * sizeof(float));
-  MOEX_RETURN_IF_ERROR(check(cudaMemcpyAsync(dx, hx, floats * sizeof(float), cudaMemcpyHostToDevice, m.compute), "x upload"));
+  MOEX_RETURN_IF_ERROR(
+      check(cudaMemcpyAsync(dx, hx, floats * sizeof(float), cudaMemcpyHostToDevice, m.compute), "x upload"));
   Impl::Pool& pl = m.pools[pool];
   MOEX_RETURN_IF_ERROR(check(cudaStreamWaitEvent(m.compute, pl.filled[slot], 0), "wait filled"));
   MOEX_RETURN_IF_ERROR(m.run_expert(e, dx, n, dy));
   MOEX_RETURN_IF_ERROR(check(cudaEventRecord(pl.released[slot], m.compute), "record released"));
-  MOEX_RETURN_IF_ERROR(check(cudaMemcpyAsync(m.h_y + row * m.hmax, dy, floats * sizeof(float), cudaMemcpyDeviceToHost,
-                                             m.compute),
-                             "y download"));
+  MOEX_RETURN_IF_ERROR(
+      check(cudaMemcpyAsync(m.h_y + row * m.hmax, dy, floats * sizeof(float), cudaMemcpyDeviceToHost, m.compute),
+            "y download"));
   m.pending.push_back({y, row, floats});  // capacity max_rows: no allocation
   m.rows_used += n;
   ++m.counters.gpu_calls;
   return Status::ok();
 }
 
-Status CudaExecutionBackend::expert_ffn_at_source(const ExpertView& e, const float* x, std::size_t n, float* y) noexcept {
+Status CudaExecutionBackend::expert_ffn_at_source(const ExpertView& e, const float* x, std::size_t n,
+                                                  float* y) noexcept {
   if (!impl_) return internal_error("CudaExecutionBackend: moved-from or default backend");
   Impl& m = *impl_;
   if (!x || !y || !e.valid()) return invalid_argument("CudaExecutionBackend::expert_ffn_at_source: null pointer");

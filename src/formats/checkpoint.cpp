@@ -131,7 +131,8 @@ struct Checkpoint::Impl {
     if (!config.is_moe_layer(layer)) {
       return invalid_argument("layer " + std::to_string(layer) + " is not an MoE layer of this " + config.architecture +
                               " model (" + std::to_string(config.n_layers) + " layers, first MoE layer " +
-                              std::to_string(config.first_moe_layer) + ", step " + std::to_string(config.moe_layer_step) + ")");
+                              std::to_string(config.first_moe_layer) + ", step " +
+                              std::to_string(config.moe_layer_step) + ")");
     }
     return Status::ok();
   }
@@ -179,13 +180,17 @@ Result<ExpertTensors> Checkpoint::Impl::gpt_oss_expert(std::uint32_t layer, std:
     x.w2 = mk(*db, *ds, H * F / 2, H * F / 32, H, F, 0, F, "down");
   } else {  // bf16/f32: gate_up_proj [E, H, 2F] (input-major), down_proj [E, F, H]
     auto gu = get(p + "gate_up_proj");
-    if (!gu) return corrupt("gpt-oss layer " + std::to_string(layer) + ": neither '" + p + "gate_up_proj_blocks' nor '" + p + "gate_up_proj'");
+    if (!gu)
+      return corrupt("gpt-oss layer " + std::to_string(layer) + ": neither '" + p + "gate_up_proj_blocks' nor '" + p +
+                     "gate_up_proj'");
     auto dn = get(p + "down_proj");
     if (!dn) return dn.status();
-    if (is_block_dtype(gu->dtype) || is_block_dtype(dn->dtype) || gu->shape != std::vector<std::uint64_t>{E, H, 2 * F} ||
-        dn->shape != std::vector<std::uint64_t>{E, F, H} || gu->dtype != dn->dtype) {
-      return corrupt("gpt-oss expert tensors of layer " + std::to_string(layer) + " have shapes " + shape_str(gu->shape) +
-                     " and " + shape_str(dn->shape) + ", expected [E, hidden, 2*ffn] and [E, ffn, hidden]");
+    if (is_block_dtype(gu->dtype) || is_block_dtype(dn->dtype) ||
+        gu->shape != std::vector<std::uint64_t>{E, H, 2 * F} || dn->shape != std::vector<std::uint64_t>{E, F, H} ||
+        gu->dtype != dn->dtype) {
+      return corrupt("gpt-oss expert tensors of layer " + std::to_string(layer) + " have shapes " +
+                     shape_str(gu->shape) + " and " + shape_str(dn->shape) +
+                     ", expected [E, hidden, 2*ffn] and [E, ffn, hidden]");
     }
     const std::size_t es = dtype_block_bytes(gu->dtype);
     auto mk = [&](const TensorRef& src, std::uint64_t rows, std::uint64_t cols, std::uint64_t first, std::uint64_t rs,
@@ -204,7 +209,8 @@ Result<ExpertTensors> Checkpoint::Impl::gpt_oss_expert(std::uint32_t layer, std:
     x.w2 = mk(*dn, H, F, 0, 1, H, "down");
   }
   // biases: gate_up_proj_bias [E, 2F] interleaved, down_proj_bias [E, H]
-  if (auto gb = get(p + "gate_up_proj_bias"); gb && gb->shape == std::vector<std::uint64_t>{E, 2 * F} && !is_block_dtype(gb->dtype)) {
+  if (auto gb = get(p + "gate_up_proj_bias");
+      gb && gb->shape == std::vector<std::uint64_t>{E, 2 * F} && !is_block_dtype(gb->dtype)) {
     const std::size_t es = dtype_block_bytes(gb->dtype), slab = gb->bytes.size() / E;
     TensorRef b1 = *gb;
     b1.shape = {F};
@@ -217,7 +223,8 @@ Result<ExpertTensors> Checkpoint::Impl::gpt_oss_expert(std::uint32_t layer, std:
     x.b1 = std::move(b1);
     x.b3 = std::move(b3);
   }
-  if (auto db = get(p + "down_proj_bias"); db && db->shape == std::vector<std::uint64_t>{E, H} && !is_block_dtype(db->dtype)) {
+  if (auto db = get(p + "down_proj_bias");
+      db && db->shape == std::vector<std::uint64_t>{E, H} && !is_block_dtype(db->dtype)) {
     const std::size_t slab = db->bytes.size() / E;
     TensorRef b2 = *db;
     b2.shape = {H};
@@ -231,7 +238,8 @@ Result<ExpertTensors> Checkpoint::Impl::gpt_oss_expert(std::uint32_t layer, std:
 Result<ExpertTensors> Checkpoint::Impl::expert(std::uint32_t layer, std::uint32_t e) const {
   MOEX_RETURN_IF_ERROR(check_layer(layer));
   if (e >= config.n_experts) {
-    return invalid_argument("expert " + std::to_string(e) + " out of range (model has " + std::to_string(config.n_experts) + ")");
+    return invalid_argument("expert " + std::to_string(e) + " out of range (model has " +
+                            std::to_string(config.n_experts) + ")");
   }
   Result<ExpertTensors> x = internal_error("unset");
   if (format == CheckpointFormat::kGguf) {
@@ -262,7 +270,8 @@ Result<ExpertTensors> Checkpoint::Impl::expert(std::uint32_t layer, std::uint32_
     } else {  // older llama.cpp Mixtral files: one tensor per expert
       const std::string s = "." + std::to_string(e) + ".weight";
       if (!has(b + "ffn_gate" + s)) {
-        return corrupt("GGUF layer " + std::to_string(layer) + ": neither '" + b + "ffn_gate_exps.weight' nor '" + b + "ffn_gate" + s + "'");
+        return corrupt("GGUF layer " + std::to_string(layer) + ": neither '" + b + "ffn_gate_exps.weight' nor '" + b +
+                       "ffn_gate" + s + "'");
       }
       x = triple(b + "ffn_gate" + s, b + "ffn_up" + s, b + "ffn_down" + s);
     }
@@ -275,7 +284,9 @@ Result<ExpertTensors> Checkpoint::Impl::expert(std::uint32_t layer, std::uint32_
         x = triple(q + "w1.weight", q + "w3.weight", q + "w2.weight");
         break;
       }
-      case Architecture::kGptOss: x = gpt_oss_expert(layer, e); break;
+      case Architecture::kGptOss:
+        x = gpt_oss_expert(layer, e);
+        break;
       default: {
         const std::string q = p + "mlp.experts." + es + ".";
         x = triple(q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight");
@@ -295,7 +306,8 @@ Result<ExpertTensors> Checkpoint::Impl::shared(std::uint32_t layer) const {
     const std::string b = blk(layer);
     x = triple(b + "ffn_gate_shexp.weight", b + "ffn_up_shexp.weight", b + "ffn_down_shexp.weight");
   } else {
-    const std::string q = lp(layer) + (config.arch == Architecture::kQwen2Moe ? "mlp.shared_expert." : "mlp.shared_experts.");
+    const std::string q =
+        lp(layer) + (config.arch == Architecture::kQwen2Moe ? "mlp.shared_expert." : "mlp.shared_experts.");
     x = triple(q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight");
   }
   if (!x) return x;
@@ -357,10 +369,14 @@ Result<TensorRef> Checkpoint::router(std::uint32_t layer) const {
     MOEX_RETURN_IF_ERROR(impl_->check_layer(layer));
     const auto& c = impl_->config;
     std::string name;
-    if (impl_->format == CheckpointFormat::kGguf) name = blk(layer) + "ffn_gate_inp.weight";
-    else if (c.arch == Architecture::kMixtral) name = lp(layer) + "block_sparse_moe.gate.weight";
-    else if (c.arch == Architecture::kGptOss) name = lp(layer) + "mlp.router.weight";
-    else name = lp(layer) + "mlp.gate.weight";
+    if (impl_->format == CheckpointFormat::kGguf)
+      name = blk(layer) + "ffn_gate_inp.weight";
+    else if (c.arch == Architecture::kMixtral)
+      name = lp(layer) + "block_sparse_moe.gate.weight";
+    else if (c.arch == Architecture::kGptOss)
+      name = lp(layer) + "mlp.router.weight";
+    else
+      name = lp(layer) + "mlp.gate.weight";
     auto t = impl_->get(name);
     if (!t) return t;
     if (is_block_dtype(t->dtype)) return unsupported("router '" + name + "' is block-quantized");
@@ -388,7 +404,8 @@ Result<TensorRef> Checkpoint::router_bias(std::uint32_t layer) const {
     auto t = impl_->get(name);
     if (!t) return t;
     if (t->shape != std::vector<std::uint64_t>{c.n_experts} || is_block_dtype(t->dtype)) {
-      return corrupt("router bias '" + name + "' has shape " + shape_str(t->shape) + ", expected [" + std::to_string(c.n_experts) + "]");
+      return corrupt("router bias '" + name + "' has shape " + shape_str(t->shape) + ", expected [" +
+                     std::to_string(c.n_experts) + "]");
     }
     return t;
   } catch (const std::bad_alloc&) {
@@ -442,7 +459,9 @@ Status check_architecture(const Checkpoint& ck) {
   const auto& c = ck.config();
   for (std::uint32_t l = c.first_moe_layer; l < c.n_layers; l += c.moe_layer_step) {
     auto r = ck.router(l);
-    if (!r) return {r.status().code(), c.architecture + " checkpoint: layer " + std::to_string(l) + " router: " + r.status().message()};
+    if (!r)
+      return {r.status().code(),
+              c.architecture + " checkpoint: layer " + std::to_string(l) + " router: " + r.status().message()};
     for (std::uint32_t e = 0; e < c.n_experts; ++e) {
       auto x = ck.expert(l, e);
       if (!x) {
@@ -452,7 +471,9 @@ Status check_architecture(const Checkpoint& ck) {
     }
     if (c.n_shared_experts) {
       auto s = ck.shared_expert(l);
-      if (!s) return {s.status().code(), c.architecture + " checkpoint: layer " + std::to_string(l) + " shared expert: " + s.status().message()};
+      if (!s)
+        return {s.status().code(),
+                c.architecture + " checkpoint: layer " + std::to_string(l) + " shared expert: " + s.status().message()};
     }
   }
   return Status::ok();
@@ -482,11 +503,16 @@ Result<std::unique_ptr<Checkpoint>> Checkpoint::open(const fs::path& path, Progr
         if (ends_with(n, ".gguf")) ggufs.push_back(de.path());
         if (ends_with(n, ".safetensors")) sts.push_back(de.path());
       }
-      if (fs::exists(dir / "model.safetensors.index.json", ec)) index = dir / "model.safetensors.index.json";
-      else if (fs::exists(dir / "model.safetensors", ec)) shards.push_back(dir / "model.safetensors");
-      else if (sts.size() == 1) shards = sts;
-      else if (ggufs.size() == 1) gguf = ggufs[0];
-      else return not_found(path.string() + ": no model.safetensors.index.json, model.safetensors or single .gguf file");
+      if (fs::exists(dir / "model.safetensors.index.json", ec))
+        index = dir / "model.safetensors.index.json";
+      else if (fs::exists(dir / "model.safetensors", ec))
+        shards.push_back(dir / "model.safetensors");
+      else if (sts.size() == 1)
+        shards = sts;
+      else if (ggufs.size() == 1)
+        gguf = ggufs[0];
+      else
+        return not_found(path.string() + ": no model.safetensors.index.json, model.safetensors or single .gguf file");
     } else {
       const auto n = path.filename().string();
       char magic[4] = {};
@@ -494,9 +520,12 @@ Result<std::unique_ptr<Checkpoint>> Checkpoint::open(const fs::path& path, Progr
         std::ifstream in(path, std::ios::binary);
         in.read(magic, 4);
       }
-      if (ends_with(n, ".gguf") || std::memcmp(magic, "GGUF", 4) == 0) gguf = path;
-      else if (ends_with(n, ".index.json")) index = path;
-      else shards.push_back(path);
+      if (ends_with(n, ".gguf") || std::memcmp(magic, "GGUF", 4) == 0)
+        gguf = path;
+      else if (ends_with(n, ".index.json"))
+        index = path;
+      else
+        shards.push_back(path);
     }
     if (!gguf.empty()) {
       im->format = CheckpointFormat::kGguf;
@@ -525,12 +554,15 @@ Result<std::unique_ptr<Checkpoint>> Checkpoint::open(const fs::path& path, Progr
         for (const auto& [name, f] : wm->items()) {
           if (!f.is_string()) return corrupt(index.string() + ": weight_map entry '" + name + "' is not a file name");
           const auto fn = f.get<std::string>();
-          if (fn.empty() || fn.find('/') != std::string::npos || fn.find('\\') != std::string::npos || fn == "." || fn == "..") {
-            return corrupt(index.string() + ": weight_map entry '" + name + "' names '" + fn + "', not a file beside the index");
+          if (fn.empty() || fn.find('/') != std::string::npos || fn.find('\\') != std::string::npos || fn == "." ||
+              fn == "..") {
+            return corrupt(index.string() + ": weight_map entry '" + name + "' names '" + fn +
+                           "', not a file beside the index");
           }
           weight_map[name] = fn;
           if (files.insert(fn).second && !fs::exists(dir / fn, ec)) {
-            return not_found(index.string() + ": shard " + (dir / fn).string() + " (holding '" + name + "') is missing");
+            return not_found(index.string() + ": shard " + (dir / fn).string() + " (holding '" + name +
+                             "') is missing");
           }
         }
         for (const auto& f : files) shards.push_back(dir / f);

@@ -17,12 +17,9 @@ constexpr std::size_t kQK = 32;    // weights per block of Q8_0, Q4_0, MXFP4
 constexpr std::size_t kQKK = 256;  // weights per super-block of the K formats
 
 std::uint16_t load_u16(const std::byte* p) noexcept {
-  return static_cast<std::uint16_t>(std::to_integer<unsigned>(p[0]) |
-                                    (std::to_integer<unsigned>(p[1]) << 8));
+  return static_cast<std::uint16_t>(std::to_integer<unsigned>(p[0]) | (std::to_integer<unsigned>(p[1]) << 8));
 }
-std::uint8_t u8(const std::byte* p, std::size_t i) noexcept {
-  return std::to_integer<std::uint8_t>(p[i]);
-}
+std::uint8_t u8(const std::byte* p, std::size_t i) noexcept { return std::to_integer<std::uint8_t>(p[i]); }
 float half_at(const std::byte* p) noexcept { return f16_to_float(load_u16(p)); }
 
 // Q8_0: { f16 d; int8 qs[32]; } -> d * qs[j]
@@ -131,9 +128,7 @@ void decode_q6_k(const std::byte* b, float* y) noexcept {
       const int q2 = ((u8(ql, l + 32) & 0xF) | (((u8(qh, l) >> 2) & 3) << 4)) - 32;
       const int q3 = ((u8(ql, l) >> 4) | (((u8(qh, l) >> 4) & 3) << 4)) - 32;
       const int q4 = ((u8(ql, l + 32) >> 4) | (((u8(qh, l) >> 6) & 3) << 4)) - 32;
-      const auto s = [&](std::size_t i) {
-        return d * static_cast<float>(static_cast<std::int8_t>(u8(sc, i)));
-      };
+      const auto s = [&](std::size_t i) { return d * static_cast<float>(static_cast<std::int8_t>(u8(sc, i))); };
       y[l + 0] = s(is + 0) * static_cast<float>(q1);
       y[l + 32] = s(is + 2) * static_cast<float>(q2);
       y[l + 64] = s(is + 4) * static_cast<float>(q3);
@@ -172,25 +167,37 @@ std::size_t block_format_block_size(Precision p) noexcept {
   switch (p) {
     case Precision::kQ8_0:
     case Precision::kQ4_0:
-    case Precision::kMxfp4: return kQK;
+    case Precision::kMxfp4:
+      return kQK;
     case Precision::kQ4_K:
     case Precision::kQ5_K:
-    case Precision::kQ6_K: return kQKK;
-    case Precision::kFp8E4M3: return 1;  // one byte per weight; the 128x128 scales live apart
-    default: return 0;
+    case Precision::kQ6_K:
+      return kQKK;
+    case Precision::kFp8E4M3:
+      return 1;  // one byte per weight; the 128x128 scales live apart
+    default:
+      return 0;
   }
 }
 
 std::size_t block_format_block_bytes(Precision p) noexcept {
   switch (p) {
-    case Precision::kQ8_0: return 2 + 32;
-    case Precision::kQ4_0: return 2 + 16;
-    case Precision::kQ4_K: return 2 + 2 + 12 + 128;
-    case Precision::kQ5_K: return 2 + 2 + 12 + 32 + 128;
-    case Precision::kQ6_K: return 128 + 64 + 16 + 2;
-    case Precision::kMxfp4: return 1 + 16;
-    case Precision::kFp8E4M3: return 1;
-    default: return 0;
+    case Precision::kQ8_0:
+      return 2 + 32;
+    case Precision::kQ4_0:
+      return 2 + 16;
+    case Precision::kQ4_K:
+      return 2 + 2 + 12 + 128;
+    case Precision::kQ5_K:
+      return 2 + 2 + 12 + 32 + 128;
+    case Precision::kQ6_K:
+      return 128 + 64 + 16 + 2;
+    case Precision::kMxfp4:
+      return 1 + 16;
+    case Precision::kFp8E4M3:
+      return 1;
+    default:
+      return 0;
   }
 }
 
@@ -204,13 +211,26 @@ void decode_block_row(Precision p, const std::byte* src, std::size_t n, float* d
   }
   for (std::size_t i = 0; i + bs <= n; i += bs, src += bb, dst += bs) {
     switch (p) {
-      case Precision::kQ8_0: decode_q8_0(src, dst); break;
-      case Precision::kQ4_0: decode_q4_0(src, dst); break;
-      case Precision::kQ4_K: decode_q4_k(src, dst); break;
-      case Precision::kQ5_K: decode_q5_k(src, dst); break;
-      case Precision::kQ6_K: decode_q6_k(src, dst); break;
-      case Precision::kMxfp4: decode_mxfp4(src, dst); break;
-      default: return;
+      case Precision::kQ8_0:
+        decode_q8_0(src, dst);
+        break;
+      case Precision::kQ4_0:
+        decode_q4_0(src, dst);
+        break;
+      case Precision::kQ4_K:
+        decode_q4_k(src, dst);
+        break;
+      case Precision::kQ5_K:
+        decode_q5_k(src, dst);
+        break;
+      case Precision::kQ6_K:
+        decode_q6_k(src, dst);
+        break;
+      case Precision::kMxfp4:
+        decode_mxfp4(src, dst);
+        break;
+      default:
+        return;
     }
   }
 }

@@ -63,11 +63,23 @@ class Reader {
 
 std::uint64_t scalar_size(GgufType t) noexcept {
   switch (t) {
-    case GgufType::kU8: case GgufType::kI8: case GgufType::kBool: return 1;
-    case GgufType::kU16: case GgufType::kI16: return 2;
-    case GgufType::kU32: case GgufType::kI32: case GgufType::kF32: return 4;
-    case GgufType::kU64: case GgufType::kI64: case GgufType::kF64: return 8;
-    default: return 0;
+    case GgufType::kU8:
+    case GgufType::kI8:
+    case GgufType::kBool:
+      return 1;
+    case GgufType::kU16:
+    case GgufType::kI16:
+      return 2;
+    case GgufType::kU32:
+    case GgufType::kI32:
+    case GgufType::kF32:
+      return 4;
+    case GgufType::kU64:
+    case GgufType::kI64:
+    case GgufType::kF64:
+      return 8;
+    default:
+      return 0;
   }
 }
 
@@ -76,11 +88,15 @@ Status read_value(Reader& r, GgufType type, GgufValue& out, const std::string& k
 Status skip_array_elems(Reader& r, GgufType et, std::uint64_t count, const std::string& key, int depth) {
   const std::uint64_t es = scalar_size(et);
   if (es) {
-    if (count > r.remaining() / es) return corrupt(r.file() + ": metadata '" + key + "': array count " + std::to_string(count) + " runs past the end of the file");
+    if (count > r.remaining() / es)
+      return corrupt(r.file() + ": metadata '" + key + "': array count " + std::to_string(count) +
+                     " runs past the end of the file");
     return r.skip(count * es, key);
   }
   if (et == GgufType::kString) {
-    if (count > r.remaining() / 8) return corrupt(r.file() + ": metadata '" + key + "': array count " + std::to_string(count) + " runs past the end of the file");
+    if (count > r.remaining() / 8)
+      return corrupt(r.file() + ": metadata '" + key + "': array count " + std::to_string(count) +
+                     " runs past the end of the file");
     for (std::uint64_t i = 0; i < count; ++i) {
       std::uint64_t n = 0;
       MOEX_RETURN_IF_ERROR(r.read(n, key));
@@ -91,29 +107,82 @@ Status skip_array_elems(Reader& r, GgufType et, std::uint64_t count, const std::
   }
   if (et == GgufType::kArray) {
     if (depth >= kMaxArrayDepth) return corrupt(r.file() + ": metadata '" + key + "': arrays nested too deeply");
-    if (count > r.remaining() / 12) return corrupt(r.file() + ": metadata '" + key + "': array count " + std::to_string(count) + " runs past the end of the file");
+    if (count > r.remaining() / 12)
+      return corrupt(r.file() + ": metadata '" + key + "': array count " + std::to_string(count) +
+                     " runs past the end of the file");
     for (std::uint64_t i = 0; i < count; ++i) {
       GgufValue tmp;
       MOEX_RETURN_IF_ERROR(read_value(r, GgufType::kArray, tmp, key, depth + 1));
     }
     return Status::ok();
   }
-  return corrupt(r.file() + ": metadata '" + key + "': unknown array element type " + std::to_string(static_cast<std::uint32_t>(et)));
+  return corrupt(r.file() + ": metadata '" + key + "': unknown array element type " +
+                 std::to_string(static_cast<std::uint32_t>(et)));
 }
 
 Status read_value(Reader& r, GgufType type, GgufValue& out, const std::string& key, int depth) {
   out.type = type;
   switch (type) {
-    case GgufType::kU8: { std::uint8_t v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = std::uint64_t{v}; return Status::ok(); }
-    case GgufType::kU16: { std::uint16_t v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = std::uint64_t{v}; return Status::ok(); }
-    case GgufType::kU32: { std::uint32_t v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = std::uint64_t{v}; return Status::ok(); }
-    case GgufType::kU64: { std::uint64_t v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = v; return Status::ok(); }
-    case GgufType::kI8: { std::int8_t v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = std::int64_t{v}; return Status::ok(); }
-    case GgufType::kI16: { std::int16_t v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = std::int64_t{v}; return Status::ok(); }
-    case GgufType::kI32: { std::int32_t v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = std::int64_t{v}; return Status::ok(); }
-    case GgufType::kI64: { std::int64_t v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = v; return Status::ok(); }
-    case GgufType::kF32: { float v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = double{v}; return Status::ok(); }
-    case GgufType::kF64: { double v; MOEX_RETURN_IF_ERROR(r.read(v, key)); out.scalar = v; return Status::ok(); }
+    case GgufType::kU8: {
+      std::uint8_t v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = std::uint64_t{v};
+      return Status::ok();
+    }
+    case GgufType::kU16: {
+      std::uint16_t v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = std::uint64_t{v};
+      return Status::ok();
+    }
+    case GgufType::kU32: {
+      std::uint32_t v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = std::uint64_t{v};
+      return Status::ok();
+    }
+    case GgufType::kU64: {
+      std::uint64_t v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = v;
+      return Status::ok();
+    }
+    case GgufType::kI8: {
+      std::int8_t v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = std::int64_t{v};
+      return Status::ok();
+    }
+    case GgufType::kI16: {
+      std::int16_t v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = std::int64_t{v};
+      return Status::ok();
+    }
+    case GgufType::kI32: {
+      std::int32_t v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = std::int64_t{v};
+      return Status::ok();
+    }
+    case GgufType::kI64: {
+      std::int64_t v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = v;
+      return Status::ok();
+    }
+    case GgufType::kF32: {
+      float v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = double{v};
+      return Status::ok();
+    }
+    case GgufType::kF64: {
+      double v;
+      MOEX_RETURN_IF_ERROR(r.read(v, key));
+      out.scalar = v;
+      return Status::ok();
+    }
     case GgufType::kBool: {
       std::uint8_t v;
       MOEX_RETURN_IF_ERROR(r.read(v, key));
@@ -132,7 +201,8 @@ Status read_value(Reader& r, GgufType type, GgufValue& out, const std::string& k
       MOEX_RETURN_IF_ERROR(r.read(et, key));
       MOEX_RETURN_IF_ERROR(r.read(out.count, key));
       if (out.count > kGgufMaxArrayElems) {
-        return corrupt(r.file() + ": metadata '" + key + "': array of " + std::to_string(out.count) + " elements exceeds the limit");
+        return corrupt(r.file() + ": metadata '" + key + "': array of " + std::to_string(out.count) +
+                       " elements exceeds the limit");
       }
       out.elem_type = static_cast<GgufType>(et);
       const std::uint64_t from = r.pos();
@@ -141,7 +211,8 @@ Status read_value(Reader& r, GgufType type, GgufValue& out, const std::string& k
       return Status::ok();
     }
   }
-  return corrupt(r.file() + ": metadata '" + key + "': unknown value type " + std::to_string(static_cast<std::uint32_t>(type)));
+  return corrupt(r.file() + ": metadata '" + key + "': unknown value type " +
+                 std::to_string(static_cast<std::uint32_t>(type)));
 }
 
 Result<GgufFile> parse_impl(std::span<const std::byte> bytes, std::string_view file) {
@@ -158,8 +229,10 @@ Result<GgufFile> parse_impl(std::span<const std::byte> bytes, std::string_view f
   std::uint64_t n_tensors = 0, n_kv = 0;
   MOEX_RETURN_IF_ERROR(r.read(n_tensors, "the tensor count"));
   MOEX_RETURN_IF_ERROR(r.read(n_kv, "the metadata count"));
-  if (n_kv > r.remaining() / 13) return corrupt(f + ": metadata count " + std::to_string(n_kv) + " exceeds what the file can hold");
-  if (n_tensors > r.remaining() / 24) return corrupt(f + ": tensor count " + std::to_string(n_tensors) + " exceeds what the file can hold");
+  if (n_kv > r.remaining() / 13)
+    return corrupt(f + ": metadata count " + std::to_string(n_kv) + " exceeds what the file can hold");
+  if (n_tensors > r.remaining() / 24)
+    return corrupt(f + ": tensor count " + std::to_string(n_tensors) + " exceeds what the file can hold");
   for (std::uint64_t i = 0; i < n_kv; ++i) {
     std::string key;
     MOEX_RETURN_IF_ERROR(r.read_string(key, kMaxNameBytes * 4, "a metadata key"));
@@ -189,11 +262,13 @@ Result<GgufFile> parse_impl(std::span<const std::byte> bytes, std::string_view f
     if (!names.insert(t.name).second) return corrupt(where + ": duplicate tensor name");
     std::uint32_t n_dims = 0;
     MOEX_RETURN_IF_ERROR(r.read(n_dims, t.name));
-    if (n_dims == 0 || n_dims > kGgufMaxDims) return corrupt(where + ": " + std::to_string(n_dims) + " dimensions (1 to 4 allowed)");
+    if (n_dims == 0 || n_dims > kGgufMaxDims)
+      return corrupt(where + ": " + std::to_string(n_dims) + " dimensions (1 to 4 allowed)");
     std::uint64_t ne[kGgufMaxDims] = {};
     for (std::uint32_t d = 0; d < n_dims; ++d) {
       MOEX_RETURN_IF_ERROR(r.read(ne[d], t.name));
-      if (ne[d] > (std::uint64_t{1} << 62)) return corrupt(where + ": dimension " + std::to_string(ne[d]) + " is absurd");
+      if (ne[d] > (std::uint64_t{1} << 62))
+        return corrupt(where + ": dimension " + std::to_string(ne[d]) + " is absurd");
     }
     for (std::uint32_t d = n_dims; d-- > 0;) t.shape.push_back(ne[d]);
     std::uint32_t type = 0;
@@ -223,15 +298,18 @@ Result<GgufFile> parse_impl(std::span<const std::byte> bytes, std::string_view f
       return corrupt(f + ": tensor '" + t.name + "': data [" + std::to_string(infos[i].offset) + ", +" +
                      std::to_string(infos[i].nbytes) + ") runs past the end of the file");
     }
-    t.bytes = bytes.subspan(static_cast<std::size_t>(g.data_offset + infos[i].offset), static_cast<std::size_t>(infos[i].nbytes));
+    t.bytes = bytes.subspan(static_cast<std::size_t>(g.data_offset + infos[i].offset),
+                            static_cast<std::size_t>(infos[i].nbytes));
   }
   std::vector<std::size_t> order(g.tensors.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return infos[a].offset < infos[b].offset; });
+  std::sort(order.begin(), order.end(),
+            [&](std::size_t a, std::size_t b) { return infos[a].offset < infos[b].offset; });
   for (std::size_t i = 1; i < order.size(); ++i) {
     const auto& a = infos[order[i - 1]];
     if (infos[order[i]].offset < a.offset + a.nbytes) {
-      return corrupt(f + ": tensors '" + g.tensors[order[i - 1]].name + "' and '" + g.tensors[order[i]].name + "' overlap");
+      return corrupt(f + ": tensors '" + g.tensors[order[i - 1]].name + "' and '" + g.tensors[order[i]].name +
+                     "' overlap");
     }
   }
   return g;
@@ -241,20 +319,34 @@ Result<GgufFile> parse_impl(std::span<const std::byte> bytes, std::string_view f
 
 std::optional<DType> dtype_from_ggml(std::uint32_t t) noexcept {
   switch (static_cast<GgmlType>(t)) {
-    case GgmlType::kF32: return DType::kF32;
-    case GgmlType::kF16: return DType::kF16;
-    case GgmlType::kBF16: return DType::kBF16;
-    case GgmlType::kF64: return DType::kF64;
-    case GgmlType::kI8: return DType::kI8;
-    case GgmlType::kI16: return DType::kI16;
-    case GgmlType::kI32: return DType::kI32;
-    case GgmlType::kI64: return DType::kI64;
-    case GgmlType::kQ8_0: return DType::kQ8_0;
-    case GgmlType::kQ4_0: return DType::kQ4_0;
-    case GgmlType::kQ4_K: return DType::kQ4_K;
-    case GgmlType::kQ5_K: return DType::kQ5_K;
-    case GgmlType::kQ6_K: return DType::kQ6_K;
-    case GgmlType::kMxfp4: return DType::kMxfp4;
+    case GgmlType::kF32:
+      return DType::kF32;
+    case GgmlType::kF16:
+      return DType::kF16;
+    case GgmlType::kBF16:
+      return DType::kBF16;
+    case GgmlType::kF64:
+      return DType::kF64;
+    case GgmlType::kI8:
+      return DType::kI8;
+    case GgmlType::kI16:
+      return DType::kI16;
+    case GgmlType::kI32:
+      return DType::kI32;
+    case GgmlType::kI64:
+      return DType::kI64;
+    case GgmlType::kQ8_0:
+      return DType::kQ8_0;
+    case GgmlType::kQ4_0:
+      return DType::kQ4_0;
+    case GgmlType::kQ4_K:
+      return DType::kQ4_K;
+    case GgmlType::kQ5_K:
+      return DType::kQ5_K;
+    case GgmlType::kQ6_K:
+      return DType::kQ6_K;
+    case GgmlType::kMxfp4:
+      return DType::kMxfp4;
   }
   return std::nullopt;
 }
@@ -269,7 +361,8 @@ std::optional<GgmlType> ggml_from_dtype(DType t) noexcept {
 
 std::optional<std::uint64_t> GgufValue::as_uint() const noexcept {
   if (const auto* u = std::get_if<std::uint64_t>(&scalar); u && type != GgufType::kArray) return *u;
-  if (const auto* i = std::get_if<std::int64_t>(&scalar); i && *i >= 0 && type != GgufType::kArray) return static_cast<std::uint64_t>(*i);
+  if (const auto* i = std::get_if<std::int64_t>(&scalar); i && *i >= 0 && type != GgufType::kArray)
+    return static_cast<std::uint64_t>(*i);
   if (const auto* b = std::get_if<bool>(&scalar); b && type == GgufType::kBool) return *b ? 1 : 0;
   return std::nullopt;
 }
@@ -291,20 +384,35 @@ std::optional<double> GgufValue::array_number(std::uint64_t i) const noexcept {
   const std::uint64_t es = scalar_size(elem_type);
   if (type != GgufType::kArray || es == 0 || i >= count || (i + 1) * es > raw.size()) return std::nullopt;
   const std::byte* p = raw.data() + i * es;
-  auto ld = [p](auto v) { std::memcpy(&v, p, sizeof v); return v; };
+  auto ld = [p](auto v) {
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
   switch (elem_type) {
-    case GgufType::kU8: return ld(std::uint8_t{});
-    case GgufType::kI8: return ld(std::int8_t{});
-    case GgufType::kBool: return ld(std::uint8_t{}) ? 1.0 : 0.0;
-    case GgufType::kU16: return ld(std::uint16_t{});
-    case GgufType::kI16: return ld(std::int16_t{});
-    case GgufType::kU32: return ld(std::uint32_t{});
-    case GgufType::kI32: return ld(std::int32_t{});
-    case GgufType::kF32: return ld(float{});
-    case GgufType::kU64: return static_cast<double>(ld(std::uint64_t{}));
-    case GgufType::kI64: return static_cast<double>(ld(std::int64_t{}));
-    case GgufType::kF64: return ld(double{});
-    default: return std::nullopt;
+    case GgufType::kU8:
+      return ld(std::uint8_t{});
+    case GgufType::kI8:
+      return ld(std::int8_t{});
+    case GgufType::kBool:
+      return ld(std::uint8_t{}) ? 1.0 : 0.0;
+    case GgufType::kU16:
+      return ld(std::uint16_t{});
+    case GgufType::kI16:
+      return ld(std::int16_t{});
+    case GgufType::kU32:
+      return ld(std::uint32_t{});
+    case GgufType::kI32:
+      return ld(std::int32_t{});
+    case GgufType::kF32:
+      return ld(float{});
+    case GgufType::kU64:
+      return static_cast<double>(ld(std::uint64_t{}));
+    case GgufType::kI64:
+      return static_cast<double>(ld(std::int64_t{}));
+    case GgufType::kF64:
+      return ld(double{});
+    default:
+      return std::nullopt;
   }
 }
 

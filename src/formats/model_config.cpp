@@ -45,7 +45,8 @@ class ConfigReader {
     if (it == j_.end() || it->is_null()) return Status::ok();
     if (!it->is_number()) return corrupt(source_ + ": '" + std::string(key) + "' is not a number");
     const double v = it->get<double>();
-    if (!std::isfinite(v) || std::fabs(v) > 1e30) return corrupt(source_ + ": '" + std::string(key) + "' is out of range");
+    if (!std::isfinite(v) || std::fabs(v) > 1e30)
+      return corrupt(source_ + ": '" + std::string(key) + "' is out of range");
     out = static_cast<float>(v);
     return Status::ok();
   }
@@ -100,7 +101,8 @@ Result<ModelConfig> parse_impl(std::string_view text, const std::string& src) {
   const std::string model_type = r.opt_string("model_type");
   std::optional<Architecture> arch = arch_from_model_type(model_type);
   std::string arch_class;
-  if (const auto it = j.find("architectures"); it != j.end() && it->is_array() && !it->empty() && (*it)[0].is_string()) {
+  if (const auto it = j.find("architectures");
+      it != j.end() && it->is_array() && !it->empty() && (*it)[0].is_string()) {
     arch_class = (*it)[0].get<std::string>();
     if (!arch) arch = arch_from_class(arch_class);
   }
@@ -213,13 +215,20 @@ Result<ModelConfig> parse_impl(std::string_view text, const std::string& src) {
 
 std::string_view to_string(Architecture a) noexcept {
   switch (a) {
-    case Architecture::kMixtral: return "mixtral";
-    case Architecture::kQwen2Moe: return "qwen2_moe";
-    case Architecture::kQwen3Moe: return "qwen3_moe";
-    case Architecture::kDeepseekV2: return "deepseek_v2";
-    case Architecture::kDeepseekV3: return "deepseek_v3";
-    case Architecture::kOlmoe: return "olmoe";
-    case Architecture::kGptOss: return "gpt_oss";
+    case Architecture::kMixtral:
+      return "mixtral";
+    case Architecture::kQwen2Moe:
+      return "qwen2_moe";
+    case Architecture::kQwen3Moe:
+      return "qwen3_moe";
+    case Architecture::kDeepseekV2:
+      return "deepseek_v2";
+    case Architecture::kDeepseekV3:
+      return "deepseek_v3";
+    case Architecture::kOlmoe:
+      return "olmoe";
+    case Architecture::kGptOss:
+      return "gpt_oss";
   }
   return "?";
 }
@@ -228,18 +237,22 @@ Status validate_model_config(const ModelConfig& c, std::string_view source) {
   const std::string s(source);
   auto in = [](std::uint64_t v, std::uint64_t lo, std::uint64_t hi) { return v >= lo && v <= hi; };
   if (!in(c.n_layers, 1, 4096)) return corrupt(s + ": layer count " + std::to_string(c.n_layers) + " out of 1..4096");
-  if (!in(c.n_experts, 1, 65536)) return corrupt(s + ": expert count " + std::to_string(c.n_experts) + " out of 1..65536");
+  if (!in(c.n_experts, 1, 65536))
+    return corrupt(s + ": expert count " + std::to_string(c.n_experts) + " out of 1..65536");
   if (!in(c.top_k, 1, std::min<std::uint32_t>(kMaxTopK, c.n_experts))) {
-    return corrupt(s + ": top-k " + std::to_string(c.top_k) + " out of 1.." + std::to_string(std::min<std::uint32_t>(kMaxTopK, c.n_experts)));
+    return corrupt(s + ": top-k " + std::to_string(c.top_k) + " out of 1.." +
+                   std::to_string(std::min<std::uint32_t>(kMaxTopK, c.n_experts)));
   }
   if (!in(c.hidden, 1, 1u << 20)) return corrupt(s + ": hidden size " + std::to_string(c.hidden) + " out of range");
-  if (!in(c.expert_ffn, 1, 1u << 20)) return corrupt(s + ": expert ffn size " + std::to_string(c.expert_ffn) + " out of range");
+  if (!in(c.expert_ffn, 1, 1u << 20))
+    return corrupt(s + ": expert ffn size " + std::to_string(c.expert_ffn) + " out of range");
   if (c.shared_ffn > (1u << 24)) return corrupt(s + ": shared expert ffn size out of range");
   if (c.first_moe_layer >= c.n_layers) return corrupt(s + ": no MoE layer (first_k_dense_replace >= layers)");
   if (c.moe_layer_step == 0) return corrupt(s + ": MoE layer step is 0");
   if (c.n_group == 0 || c.n_experts % c.n_group != 0) return corrupt(s + ": n_group does not divide the expert count");
   if (c.topk_group == 0 || c.topk_group > c.n_group) return corrupt(s + ": topk_group out of 1..n_group");
-  if (c.n_heads && c.n_kv_heads && c.n_heads % c.n_kv_heads != 0) return corrupt(s + ": heads not a multiple of KV heads");
+  if (c.n_heads && c.n_kv_heads && c.n_heads % c.n_kv_heads != 0)
+    return corrupt(s + ": heads not a multiple of KV heads");
   if (!(c.routed_scaling > 0.f)) return corrupt(s + ": routed scaling must be > 0");
   return Status::ok();
 }
@@ -264,7 +277,8 @@ Result<ModelConfig> model_config_from_gguf(const GgufFile& g, std::string_view s
     const auto* v = get(k);
     if (!v) return required ? corrupt(src + ": missing key '" + a + "." + k + "'") : Status::ok();
     const auto u = v->as_uint();
-    if (!u || *u > std::numeric_limits<std::uint32_t>::max()) return corrupt(src + ": '" + a + "." + k + "' is not an unsigned 32-bit integer");
+    if (!u || *u > std::numeric_limits<std::uint32_t>::max())
+      return corrupt(src + ": '" + a + "." + k + "' is not an unsigned 32-bit integer");
     out = static_cast<std::uint32_t>(*u);
     return Status::ok();
   };
@@ -272,20 +286,29 @@ Result<ModelConfig> model_config_from_gguf(const GgufFile& g, std::string_view s
     const auto* v = get(k);
     if (!v) return Status::ok();
     const auto d = v->as_double();
-    if (!d || !std::isfinite(*d) || std::fabs(*d) > 1e30) return corrupt(src + ": '" + a + "." + k + "' is not a finite number");
+    if (!d || !std::isfinite(*d) || std::fabs(*d) > 1e30)
+      return corrupt(src + ": '" + a + "." + k + "' is not a finite number");
     out = static_cast<float>(*d);
     return Status::ok();
   };
   ModelConfig c;
   std::uint32_t gating = 0;
   MOEX_RETURN_IF_ERROR(u32("expert_gating_func", gating, false));
-  if (a == "llama" || a == "mixtral") c.arch = Architecture::kMixtral;
-  else if (a == "qwen2moe") c.arch = Architecture::kQwen2Moe;
-  else if (a == "qwen3moe") c.arch = Architecture::kQwen3Moe;
-  else if (a == "deepseek2") c.arch = gating == 2 ? Architecture::kDeepseekV3 : Architecture::kDeepseekV2;
-  else if (a == "olmoe") c.arch = Architecture::kOlmoe;
-  else if (a == "gpt-oss") c.arch = Architecture::kGptOss;
-  else return unsupported(src + ": unsupported GGUF architecture '" + a + "' (moex reads llama/mixtral, qwen2moe, qwen3moe, deepseek2, olmoe, gpt-oss)");
+  if (a == "llama" || a == "mixtral")
+    c.arch = Architecture::kMixtral;
+  else if (a == "qwen2moe")
+    c.arch = Architecture::kQwen2Moe;
+  else if (a == "qwen3moe")
+    c.arch = Architecture::kQwen3Moe;
+  else if (a == "deepseek2")
+    c.arch = gating == 2 ? Architecture::kDeepseekV3 : Architecture::kDeepseekV2;
+  else if (a == "olmoe")
+    c.arch = Architecture::kOlmoe;
+  else if (a == "gpt-oss")
+    c.arch = Architecture::kGptOss;
+  else
+    return unsupported(src + ": unsupported GGUF architecture '" + a +
+                       "' (moex reads llama/mixtral, qwen2moe, qwen3moe, deepseek2, olmoe, gpt-oss)");
   c.architecture = std::string(to_string(c.arch));
   MOEX_RETURN_IF_ERROR(u32("block_count", c.n_layers, true));
   MOEX_RETURN_IF_ERROR(u32("embedding_length", c.hidden, true));
@@ -312,12 +335,20 @@ Result<ModelConfig> model_config_from_gguf(const GgufFile& g, std::string_view s
   MOEX_RETURN_IF_ERROR(u32("expert_weights_norm", norm, false));
   switch (c.arch) {
     case Architecture::kMixtral:
-    case Architecture::kGptOss: c.norm_topk_prob = true; break;
-    case Architecture::kDeepseekV3: c.norm_topk_prob = has_norm ? norm != 0 : true; break;
-    default: c.norm_topk_prob = norm != 0; break;
+    case Architecture::kGptOss:
+      c.norm_topk_prob = true;
+      break;
+    case Architecture::kDeepseekV3:
+      c.norm_topk_prob = has_norm ? norm != 0 : true;
+      break;
+    default:
+      c.norm_topk_prob = norm != 0;
+      break;
   }
-  if (c.arch == Architecture::kDeepseekV3) c.router = RouterKind::kSigmoidBiasScaled;
-  else c.router = c.norm_topk_prob ? RouterKind::kSoftmaxTopKRenorm : RouterKind::kSoftmaxTopK;
+  if (c.arch == Architecture::kDeepseekV3)
+    c.router = RouterKind::kSigmoidBiasScaled;
+  else
+    c.router = c.norm_topk_prob ? RouterKind::kSoftmaxTopKRenorm : RouterKind::kSoftmaxTopK;
   MOEX_RETURN_IF_ERROR(u32("attention.head_count", c.n_heads, false));
   c.n_kv_heads = c.n_heads;
   MOEX_RETURN_IF_ERROR(u32("attention.head_count_kv", c.n_kv_heads, false));

@@ -19,14 +19,20 @@ std::size_t json_depth(std::string_view s) noexcept {
   bool in_str = false, esc = false;
   for (char ch : s) {
     if (in_str) {
-      if (esc) esc = false;
-      else if (ch == '\\') esc = true;
-      else if (ch == '"') in_str = false;
+      if (esc)
+        esc = false;
+      else if (ch == '\\')
+        esc = true;
+      else if (ch == '"')
+        in_str = false;
       continue;
     }
-    if (ch == '"') in_str = true;
-    else if (ch == '{' || ch == '[') max_depth = std::max(max_depth, ++depth);
-    else if ((ch == '}' || ch == ']') && depth > 0) --depth;
+    if (ch == '"')
+      in_str = true;
+    else if (ch == '{' || ch == '[')
+      max_depth = std::max(max_depth, ++depth);
+    else if ((ch == '}' || ch == ']') && depth > 0)
+      --depth;
   }
   return max_depth;
 }

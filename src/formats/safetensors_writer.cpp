@@ -19,7 +19,8 @@ Status SafetensorsWriter::add(std::string name, DType dtype, std::vector<std::ui
     auto nb = dtype_tensor_bytes(dtype, shape);
     if (!nb) return nb.status();
     if (*nb != data.size()) {
-      return invalid_argument(name + ": shape needs " + std::to_string(*nb) + " bytes, got " + std::to_string(data.size()));
+      return invalid_argument(name + ": shape needs " + std::to_string(*nb) + " bytes, got " +
+                              std::to_string(data.size()));
     }
     for (const auto& e : entries_) {
       if (e.name == name) return invalid_argument("tensor '" + name + "' added twice");
@@ -65,7 +66,9 @@ Status SafetensorsWriter::write_entries(const fs::path& path, std::span<const En
   }
   std::uint64_t off = 0;
   for (const auto* e : entries) {
-    h[e->name] = {{"dtype", std::string(to_string(e->dtype))}, {"shape", e->shape}, {"data_offsets", {off, off + e->data.size()}}};
+    h[e->name] = {{"dtype", std::string(to_string(e->dtype))},
+                  {"shape", e->shape},
+                  {"data_offsets", {off, off + e->data.size()}}};
     off += e->data.size();
   }
   std::string text = h.dump();
@@ -77,7 +80,8 @@ Status SafetensorsWriter::write_entries(const fs::path& path, std::span<const En
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
   out.write(reinterpret_cast<const char*>(len), 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (const auto* e : entries) out.write(reinterpret_cast<const char*>(e->data.data()), static_cast<std::streamsize>(e->data.size()));
+  for (const auto* e : entries)
+    out.write(reinterpret_cast<const char*>(e->data.data()), static_cast<std::streamsize>(e->data.size()));
   out.close();
   if (!out) return io_error("cannot write " + path.string());
   return Status::ok();
@@ -145,7 +149,7 @@ std::string hf_router_tensor_name(Architecture arch, std::uint32_t layer) {
 Status write_config_json(const fs::path& dir, const ModelConfig& c) {
   try {
     nlohmann::ordered_json j;
-    static constexpr const char* kClass[] = {"MixtralForCausalLM",   "Qwen2MoeForCausalLM",   "Qwen3MoeForCausalLM",
+    static constexpr const char* kClass[] = {"MixtralForCausalLM",    "Qwen2MoeForCausalLM",   "Qwen3MoeForCausalLM",
                                              "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "OlmoeForCausalLM",
                                              "GptOssForCausalLM"};
     j["architectures"] = {kClass[static_cast<int>(c.arch)]};
@@ -195,9 +199,12 @@ Status write_config_json(const fs::path& dir, const ModelConfig& c) {
         j["topk_group"] = c.topk_group;
         j["norm_topk_prob"] = c.norm_topk_prob;
         j["scoring_func"] = c.router == RouterKind::kSigmoidBiasScaled ? "sigmoid" : "softmax";
-        j["topk_method"] = c.router == RouterKind::kSigmoidBiasScaled ? "noaux_tc" : (c.n_group > 1 ? "group_limited_greedy" : "greedy");
+        j["topk_method"] = c.router == RouterKind::kSigmoidBiasScaled
+                               ? "noaux_tc"
+                               : (c.n_group > 1 ? "group_limited_greedy" : "greedy");
         if (c.fp8_block) {
-          j["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {c.fp8_block, c.fp8_block}}};
+          j["quantization_config"] = {
+              {"quant_method", "fp8"}, {"fmt", "e4m3"}, {"weight_block_size", {c.fp8_block, c.fp8_block}}};
         }
         break;
     }

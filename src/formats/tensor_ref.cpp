@@ -19,15 +19,12 @@ struct DTypeInfo {
 };
 
 constexpr DTypeInfo kDTypes[] = {
-    {DType::kF64, "F64", 1, 8},       {DType::kF32, "F32", 1, 4},
-    {DType::kF16, "F16", 1, 2},       {DType::kBF16, "BF16", 1, 2},
-    {DType::kF8E4M3, "F8_E4M3", 1, 1}, {DType::kF8E5M2, "F8_E5M2", 1, 1},
-    {DType::kI64, "I64", 1, 8},       {DType::kI32, "I32", 1, 4},
-    {DType::kI16, "I16", 1, 2},       {DType::kI8, "I8", 1, 1},
-    {DType::kU8, "U8", 1, 1},         {DType::kBool, "BOOL", 1, 1},
-    {DType::kQ8_0, "Q8_0", 32, 34},   {DType::kQ4_0, "Q4_0", 32, 18},
-    {DType::kQ4_K, "Q4_K", 256, 144}, {DType::kQ5_K, "Q5_K", 256, 176},
-    {DType::kQ6_K, "Q6_K", 256, 210}, {DType::kMxfp4, "MXFP4", 32, 17},
+    {DType::kF64, "F64", 1, 8},       {DType::kF32, "F32", 1, 4},        {DType::kF16, "F16", 1, 2},
+    {DType::kBF16, "BF16", 1, 2},     {DType::kF8E4M3, "F8_E4M3", 1, 1}, {DType::kF8E5M2, "F8_E5M2", 1, 1},
+    {DType::kI64, "I64", 1, 8},       {DType::kI32, "I32", 1, 4},        {DType::kI16, "I16", 1, 2},
+    {DType::kI8, "I8", 1, 1},         {DType::kU8, "U8", 1, 1},          {DType::kBool, "BOOL", 1, 1},
+    {DType::kQ8_0, "Q8_0", 32, 34},   {DType::kQ4_0, "Q4_0", 32, 18},    {DType::kQ4_K, "Q4_K", 256, 144},
+    {DType::kQ5_K, "Q5_K", 256, 176}, {DType::kQ6_K, "Q6_K", 256, 210},  {DType::kMxfp4, "MXFP4", 32, 17},
 };
 
 const DTypeInfo* info(DType t) noexcept {
@@ -45,19 +42,32 @@ T load(const std::byte* p) noexcept {
 // One element of an element dtype at byte pointer p.
 float element_to_f32(DType t, const std::byte* p) noexcept {
   switch (t) {
-    case DType::kF64: return static_cast<float>(load<double>(p));
-    case DType::kF32: return load<float>(p);
-    case DType::kF16: return f16_to_float(load<std::uint16_t>(p));
-    case DType::kBF16: return bf16_to_float(load<std::uint16_t>(p));
-    case DType::kF8E4M3: return fp8_e4m3_to_float(load<std::uint8_t>(p));
-    case DType::kF8E5M2: return fp8_e5m2_to_float(load<std::uint8_t>(p));
-    case DType::kI64: return static_cast<float>(load<std::int64_t>(p));
-    case DType::kI32: return static_cast<float>(load<std::int32_t>(p));
-    case DType::kI16: return static_cast<float>(load<std::int16_t>(p));
-    case DType::kI8: return static_cast<float>(load<std::int8_t>(p));
-    case DType::kU8: return static_cast<float>(load<std::uint8_t>(p));
-    case DType::kBool: return load<std::uint8_t>(p) != 0 ? 1.f : 0.f;
-    default: return 0.f;
+    case DType::kF64:
+      return static_cast<float>(load<double>(p));
+    case DType::kF32:
+      return load<float>(p);
+    case DType::kF16:
+      return f16_to_float(load<std::uint16_t>(p));
+    case DType::kBF16:
+      return bf16_to_float(load<std::uint16_t>(p));
+    case DType::kF8E4M3:
+      return fp8_e4m3_to_float(load<std::uint8_t>(p));
+    case DType::kF8E5M2:
+      return fp8_e5m2_to_float(load<std::uint8_t>(p));
+    case DType::kI64:
+      return static_cast<float>(load<std::int64_t>(p));
+    case DType::kI32:
+      return static_cast<float>(load<std::int32_t>(p));
+    case DType::kI16:
+      return static_cast<float>(load<std::int16_t>(p));
+    case DType::kI8:
+      return static_cast<float>(load<std::int8_t>(p));
+    case DType::kU8:
+      return static_cast<float>(load<std::uint8_t>(p));
+    case DType::kBool:
+      return load<std::uint8_t>(p) != 0 ? 1.f : 0.f;
+    default:
+      return 0.f;
   }
 }
 
@@ -89,17 +99,28 @@ std::size_t dtype_block_bytes(DType t) noexcept { return info(t) ? info(t)->bloc
 
 std::optional<Precision> dtype_precision(DType t) noexcept {
   switch (t) {
-    case DType::kF32: return Precision::kF32;
-    case DType::kF16: return Precision::kF16;
-    case DType::kBF16: return Precision::kBF16;
-    case DType::kF8E4M3: return Precision::kFp8E4M3;
-    case DType::kQ8_0: return Precision::kQ8_0;
-    case DType::kQ4_0: return Precision::kQ4_0;
-    case DType::kQ4_K: return Precision::kQ4_K;
-    case DType::kQ5_K: return Precision::kQ5_K;
-    case DType::kQ6_K: return Precision::kQ6_K;
-    case DType::kMxfp4: return Precision::kMxfp4;
-    default: return std::nullopt;
+    case DType::kF32:
+      return Precision::kF32;
+    case DType::kF16:
+      return Precision::kF16;
+    case DType::kBF16:
+      return Precision::kBF16;
+    case DType::kF8E4M3:
+      return Precision::kFp8E4M3;
+    case DType::kQ8_0:
+      return Precision::kQ8_0;
+    case DType::kQ4_0:
+      return Precision::kQ4_0;
+    case DType::kQ4_K:
+      return Precision::kQ4_K;
+    case DType::kQ5_K:
+      return Precision::kQ5_K;
+    case DType::kQ6_K:
+      return Precision::kQ6_K;
+    case DType::kMxfp4:
+      return Precision::kMxfp4;
+    default:
+      return std::nullopt;
   }
 }
 

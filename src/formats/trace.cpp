@@ -9,10 +9,11 @@
 #include <fstream>
 #include <limits>
 #include <map>
-#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string_view>
 #include <utility>
+
+#include <nlohmann/json.hpp>
 
 #include "moex/quant/half.hpp"
 
@@ -181,8 +182,8 @@ Result<RoutingTrace> assemble(std::vector<Row>& rows, std::uint32_t min_experts,
   }
   std::vector<bool> seen(toks.size() * n_layers, false);
   for (const Row& r : rows) {
-    const auto tok = static_cast<std::size_t>(
-        std::lower_bound(toks.begin(), toks.end(), std::make_pair(r.seq, r.pos)) - toks.begin());
+    const auto tok = static_cast<std::size_t>(std::lower_bound(toks.begin(), toks.end(), std::make_pair(r.seq, r.pos)) -
+                                              toks.begin());
     const auto layer = static_cast<std::uint32_t>(
         renumber_layers ? std::lower_bound(layers.begin(), layers.end(), r.layer) - layers.begin()
                         : static_cast<std::ptrdiff_t>(r.layer));
@@ -249,8 +250,7 @@ Status RoutingTrace::validate() const {
   return Status::ok();
 }
 
-void route_softmax_topk(std::span<const float> logits, std::uint32_t k, std::uint32_t* ids,
-                        float* weights) noexcept {
+void route_softmax_topk(std::span<const float> logits, std::uint32_t k, std::uint32_t* ids, float* weights) noexcept {
   // Partial selection by (logit desc, id asc); k is small.
   for (std::uint32_t j = 0; j < k; ++j) {
     std::uint32_t best = kNoExpert;
@@ -287,8 +287,8 @@ Result<RoutingTrace> read_trace_binary(const std::filesystem::path& path) {
     std::uint32_t version = 0, flags = 0, n_seq = 0;
     std::uint64_t n_tokens = 0;
     RoutingTrace t;
-    if (!r.get(version) || !r.get(flags) || !r.get(t.n_layers) || !r.get(t.n_experts) ||
-        !r.get(t.top_k) || !r.get(n_seq) || !r.get(n_tokens))
+    if (!r.get(version) || !r.get(flags) || !r.get(t.n_layers) || !r.get(t.n_experts) || !r.get(t.top_k) ||
+        !r.get(n_seq) || !r.get(n_tokens))
       return corrupt("trace: truncated header");
     if (version != kVersion) return unsupported("trace: version " + std::to_string(version));
     if ((flags & ~kFlagLogits) != 0) return unsupported("trace: unknown flags");
@@ -338,16 +338,13 @@ Status write_trace_jsonl(const RoutingTrace& trace, const std::filesystem::path&
     MOEX_RETURN_IF_ERROR(trace.validate());
     std::ofstream f(path, std::ios::trunc);
     if (!f) return io_error("cannot create " + path.string());
-    nlohmann::json h = {{"moex_trace", kVersion},
-                        {"n_layers", trace.n_layers},
-                        {"n_experts", trace.n_experts},
-                        {"top_k", trace.top_k}};
+    nlohmann::json h = {
+        {"moex_trace", kVersion}, {"n_layers", trace.n_layers}, {"n_experts", trace.n_experts}, {"top_k", trace.top_k}};
     f << h.dump() << '\n';
     for (std::size_t t = 0; t < trace.tokens(); ++t) {
       nlohmann::json line;
       line["seq"] = trace.sequence_of(t);
-      nlohmann::json ex = nlohmann::json::array(), w = nlohmann::json::array(),
-                     lg = nlohmann::json::array();
+      nlohmann::json ex = nlohmann::json::array(), w = nlohmann::json::array(), lg = nlohmann::json::array();
       for (std::uint32_t l = 0; l < trace.n_layers; ++l) {
         const auto e = trace.experts(t, l);
         const auto g = trace.weights(t, l);
@@ -433,8 +430,7 @@ Result<RoutingTrace> read_trace_jsonl(const std::filesystem::path& path) {
   });
 }
 
-Result<RoutingTrace> read_npy_router_logits(const std::filesystem::path& path,
-                                            const TraceLoadOptions& options) {
+Result<RoutingTrace> read_npy_router_logits(const std::filesystem::path& path, const TraceLoadOptions& options) {
   return guarded([&]() -> Result<RoutingTrace> {
     auto data = read_file(path);
     if (!data) return data.status();
@@ -456,8 +452,7 @@ Result<RoutingTrace> read_npy_router_logits(const std::filesystem::path& path,
     const std::string_view header(d.data() + hoff, hlen);
     if (header.find("'descr': '<f2'") == std::string_view::npos)
       return unsupported("npy: only little-endian float16 ('<f2') is read");
-    if (header.find("'fortran_order': False") == std::string_view::npos)
-      return unsupported("npy: fortran order");
+    if (header.find("'fortran_order': False") == std::string_view::npos) return unsupported("npy: fortran order");
     const auto sp = header.find("'shape': (");
     if (sp == std::string_view::npos) return corrupt("npy: no shape");
     std::vector<std::uint64_t> shape;
@@ -505,7 +500,8 @@ Result<RoutingTrace> read_npy_router_logits(const std::filesystem::path& path,
         const std::size_t b = (c * t.n_experts + e) * 2;
         row[e] = f16_to_float(static_cast<std::uint16_t>(src[b] | (src[b + 1] << 8)));
       }
-      if (options.keep_logits) std::copy(row.begin(), row.end(), t.router_logits.begin() + static_cast<std::ptrdiff_t>(c * t.n_experts));
+      if (options.keep_logits)
+        std::copy(row.begin(), row.end(), t.router_logits.begin() + static_cast<std::ptrdiff_t>(c * t.n_experts));
       route_softmax_topk(row, k, &t.expert_ids[c * k], &t.gate_weights[c * k]);
     }
     for (std::size_t s = 0; s < n; s += options.sequence_length) t.seq_start.push_back(static_cast<std::uint32_t>(s));
@@ -581,8 +577,7 @@ Result<RoutingTrace> load_trace(const std::filesystem::path& path, const TraceLo
     f.read(head.data(), static_cast<std::streamsize>(head.size()));
     head.resize(static_cast<std::size_t>(f.gcount()));
     if (head.size() >= 8 && std::memcmp(head.data(), kMagic, 8) == 0) return read_trace_binary(path);
-    if (head.size() >= 6 && std::memcmp(head.data(), "\x93NUMPY", 6) == 0)
-      return read_npy_router_logits(path, options);
+    if (head.size() >= 6 && std::memcmp(head.data(), "\x93NUMPY", 6) == 0) return read_npy_router_logits(path, options);
     const std::string first = head.substr(0, head.find('\n'));
     if (first.find("\"moex_trace\"") != std::string::npos) return read_trace_jsonl(path);
     if (first.find("\"problem_id\"") != std::string::npos && first.find("\"gating_probs\"") != std::string::npos)

@@ -1,13 +1,12 @@
 #include "moex/io/mapped_file.hpp"
 
+#include <cerrno>
+#include <cstring>
 #include <fcntl.h>
+#include <string>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-#include <string>
 #include <utility>
 
 MOEX_NAMESPACE_BEGIN

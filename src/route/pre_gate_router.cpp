@@ -21,8 +21,8 @@ Status write_pre_gates(const PreGateWeights& w, const std::filesystem::path& pat
   sw.set_metadata("moex.version", "1");
   sw.set_metadata("moex.n_layers", std::to_string(w.n_layers));
   for (std::uint32_t l = 0; l + 1 < w.n_layers; ++l)
-    MOEX_RETURN_IF_ERROR(sw.add_floats("pregate." + std::to_string(l) + ".weight", DType::kF32,
-                                       {w.n_experts, w.hidden}, w.layer(l)));
+    MOEX_RETURN_IF_ERROR(
+        sw.add_floats("pregate." + std::to_string(l) + ".weight", DType::kF32, {w.n_experts, w.hidden}, w.layer(l)));
   return sw.write_file(path);
 }
 
@@ -69,7 +69,8 @@ Result<PreGateWeights> read_pre_gates(const std::filesystem::path& path) {
 
 Result<PreGateRouter> PreGateRouter::speculative(const ExpertStore& store, std::uint32_t depth) {
   const MoeModelSpec& s = store.spec();
-  if (store.is_virtual()) return unsupported("speculative prediction needs a store with routers (use replay in simulation)");
+  if (store.is_virtual())
+    return unsupported("speculative prediction needs a store with routers (use replay in simulation)");
   if (depth == 0 || depth >= s.n_layers) return invalid_argument("speculative: depth must be in 1..n_layers-1");
   PreGateRouter r;
   r.mode_ = PreGateMode::kSpeculative;
@@ -81,15 +82,16 @@ Result<PreGateRouter> PreGateRouter::speculative(const ExpertStore& store, std::
   r.hidden_ = s.shape.hidden;
   const std::size_t per = std::size_t{s.n_experts} * s.shape.hidden;
   r.stacked_.resize(per * s.n_layers);
-  for (std::uint32_t l = 0; l < s.n_layers; ++l) std::memcpy(r.stacked_.data() + l * per, store.router_weights(l), per * sizeof(float));
+  for (std::uint32_t l = 0; l < s.n_layers; ++l)
+    std::memcpy(r.stacked_.data() + l * per, store.router_weights(l), per * sizeof(float));
   return r;
 }
 
 Result<PreGateRouter> PreGateRouter::trained(const ExpertStore& store, PreGateWeights w, bool as_routing) {
   const MoeModelSpec& s = store.spec();
   if (w.n_layers != s.n_layers || w.n_experts != s.n_experts || w.hidden != s.shape.hidden)
-    return invalid_argument("pre-gates: shape differs from the model's (layers " + std::to_string(w.n_layers) + ", experts " +
-                            std::to_string(w.n_experts) + ", hidden " + std::to_string(w.hidden) + ")");
+    return invalid_argument("pre-gates: shape differs from the model's (layers " + std::to_string(w.n_layers) +
+                            ", experts " + std::to_string(w.n_experts) + ", hidden " + std::to_string(w.hidden) + ")");
   PreGateRouter r;
   r.mode_ = as_routing ? PreGateMode::kTrainedRouting : PreGateMode::kTrainedPrediction;
   r.depth_ = 1;
@@ -119,10 +121,14 @@ Result<PreGateRouter> PreGateRouter::replay(RoutingTrace trace, std::uint32_t de
 
 std::string_view PreGateRouter::name() const noexcept {
   switch (mode_) {
-    case PreGateMode::kSpeculative: return "speculative";
-    case PreGateMode::kTrainedPrediction: return "pre-gate";
-    case PreGateMode::kTrainedRouting: return "pre-gate-routing";
-    case PreGateMode::kReplay: return "replay";
+    case PreGateMode::kSpeculative:
+      return "speculative";
+    case PreGateMode::kTrainedPrediction:
+      return "pre-gate";
+    case PreGateMode::kTrainedRouting:
+      return "pre-gate-routing";
+    case PreGateMode::kReplay:
+      return "replay";
   }
   return "?";
 }
@@ -168,7 +174,8 @@ Status PreGateRouter::predict(const PredictContext& ctx, std::vector<Prediction>
     }
     return Status::ok();
   }
-  if (ctx.hidden == nullptr) return invalid_argument("PreGateRouter: hidden states are needed for " + std::string(name()));
+  if (ctx.hidden == nullptr)
+    return invalid_argument("PreGateRouter: hidden states are needed for " + std::string(name()));
   const std::size_t per = std::size_t{n_experts_} * hidden_;
   const std::uint32_t first = ctx.layer + 1;
   const bool trained = mode_ != PreGateMode::kSpeculative;

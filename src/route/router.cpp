@@ -85,13 +85,14 @@ Status route_token(const RouterConfig& cfg, std::span<const float> logits, std::
       std::uint32_t best[2] = {0, 0};
       const std::span<const float> gk(keys + g * per_group, per_group);
       const std::uint32_t take = cfg.kind == RouterKind::kSigmoidBiasScaled ? std::min(2u, per_group) : 1u;
-      top_k_indices(gk, take, [](std::uint32_t) { return true; }, best);
+      top_k_indices(
+          gk, take, [](std::uint32_t) { return true; }, best);
       group_score[g] = 0.f;
       for (std::uint32_t j = 0; j < take; ++j) group_score[g] += gk[best[j]];
     }
     std::uint32_t kept[kMaxExperts];
-    top_k_indices(std::span<const float>(group_score, cfg.n_group), cfg.topk_group,
-                  [](std::uint32_t) { return true; }, kept);
+    top_k_indices(
+        std::span<const float>(group_score, cfg.n_group), cfg.topk_group, [](std::uint32_t) { return true; }, kept);
     for (std::uint32_t j = 0; j < cfg.topk_group; ++j) group_kept[kept[j]] = true;
   } else {
     group_kept[0] = true;
@@ -102,8 +103,8 @@ Status route_token(const RouterConfig& cfg, std::span<const float> logits, std::
 
   double wsum = 0;
   for (std::uint32_t j = 0; j < cfg.top_k; ++j) wsum += scores[out.experts[j]];
-  const bool renorm = cfg.kind == RouterKind::kSoftmaxTopKRenorm ||
-                      (cfg.kind == RouterKind::kSigmoidBiasScaled && cfg.norm_topk_prob);
+  const bool renorm =
+      cfg.kind == RouterKind::kSoftmaxTopKRenorm || (cfg.kind == RouterKind::kSigmoidBiasScaled && cfg.norm_topk_prob);
   for (std::uint32_t j = 0; j < cfg.top_k; ++j) {
     double w = scores[out.experts[j]];
     if (renorm) w = wsum > 0 ? w / wsum : 1.0 / cfg.top_k;
@@ -117,8 +118,8 @@ Status route_token(const RouterConfig& cfg, std::span<const float> logits, std::
   return Status::ok();
 }
 
-void router_logits(const float* w, std::size_t n_experts, std::size_t hidden, const float* x,
-                   std::size_t n_tokens, float* logits) noexcept {
+void router_logits(const float* w, std::size_t n_experts, std::size_t hidden, const float* x, std::size_t n_tokens,
+                   float* logits) noexcept {
   for (std::size_t t = 0; t < n_tokens; ++t)
     for (std::size_t e = 0; e < n_experts; ++e) {
       double acc = 0;

@@ -1,8 +1,9 @@
 // DeviceProfile JSON: parsing and writing (nlohmann json).
 #include <cmath>
 #include <fstream>
-#include <nlohmann/json.hpp>
 #include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "moex/backend/sim_backend.hpp"
 
@@ -10,8 +11,7 @@ MOEX_NAMESPACE_BEGIN
 
 namespace {
 
-constexpr const char* kLinkNames[kSimLinkCount] = {"disk_to_host", "host_to_device",
-                                                   "device_to_device"};
+constexpr const char* kLinkNames[kSimLinkCount] = {"disk_to_host", "host_to_device", "device_to_device"};
 constexpr const char* kDeviceNames[kSimDeviceCount] = {"gpu", "host"};
 
 // A non-negative finite number that fits u64, rounded to the nearest integer.
@@ -99,14 +99,12 @@ std::string device_profile_to_json(const DeviceProfile& p) {
   nlohmann::ordered_json j;
   j["name"] = p.name;
   for (std::size_t i = 0; i < kSimLinkCount; ++i) {
-    j["links"][kLinkNames[i]] = {{"latency_ns", p.links[i].latency_ns},
-                                 {"bytes_per_s", p.links[i].bytes_per_s}};
+    j["links"][kLinkNames[i]] = {{"latency_ns", p.links[i].latency_ns}, {"bytes_per_s", p.links[i].bytes_per_s}};
   }
   for (std::size_t i = 0; i < kSimDeviceCount; ++i) {
     const ComputeProfile& c = p.compute[i];
-    nlohmann::ordered_json cj = {{"read_bytes_per_s", c.read_bytes_per_s},
-                                 {"flops_per_s", c.flops_per_s},
-                                 {"launch_ns", c.launch_ns}};
+    nlohmann::ordered_json cj = {
+        {"read_bytes_per_s", c.read_bytes_per_s}, {"flops_per_s", c.flops_per_s}, {"launch_ns", c.launch_ns}};
     nlohmann::ordered_json by = nlohmann::ordered_json::object();
     for (std::size_t q = 0; q < kPrecisionCount; ++q) {
       if (c.flops_per_s_by_precision[q])

@@ -29,7 +29,9 @@ namespace {
 
 // Per-layer budgets in the executor, detected so this file builds before and after they land.
 template <class C>
-concept HasLayerCacheBytes = requires(C c) { c.layer_cache_bytes = std::vector<std::uint64_t>{}; };
+concept HasLayerCacheBytes = requires(C c) {
+  c.layer_cache_bytes = std::vector<std::uint64_t>{};
+};
 constexpr bool kLayerBudgets = HasLayerCacheBytes<ExecutorConfig>;
 
 // Sets the per-layer budgets where the executor has them (a template, so the discarded branch is
@@ -44,9 +46,12 @@ struct PolicyName {
   std::string_view name;
 };
 constexpr PolicyName kPolicyNames[] = {
-    {SimPolicy::kLru, "lru"},       {SimPolicy::kLfu, "lfu"},
-    {SimPolicy::kLrfu, "lrfu"},     {SimPolicy::kHobbit, "hobbit"},
-    {SimPolicy::kStaticHot, "static-hot"}, {SimPolicy::kBelady, "belady"},
+    {SimPolicy::kLru, "lru"},
+    {SimPolicy::kLfu, "lfu"},
+    {SimPolicy::kLrfu, "lrfu"},
+    {SimPolicy::kHobbit, "hobbit"},
+    {SimPolicy::kStaticHot, "static-hot"},
+    {SimPolicy::kBelady, "belady"},
     {SimPolicy::kLruLayerDp, "lru-dp"},
 };
 
@@ -57,16 +62,14 @@ struct SimPoliciesOf : DefaultPolicies {
 };
 
 // The store format holding experts in precision p.
-WeightFormat format_of(Precision p) noexcept {
-  return is_quantized(p) ? quant_format(p) : float_format(p);
-}
+WeightFormat format_of(Precision p) noexcept { return is_quantized(p) ? quant_format(p) : float_format(p); }
 
 // Replays [begin, end) of the trace through a fresh executor; fills the measured part of `r`.
 template <class E>
 Status replay(const RoutingTrace& trace, std::size_t begin, std::size_t end, const ExpertStore& store,
               ExecutorConfig cfg, const DeviceProfile& profile, E policy, SimRunResult& r) {
   auto ex = MoeLayerExecutor<SimPoliciesOf<E>>::create(store, std::move(cfg), SimExecutionBackend(profile),
-                                                        std::move(policy));
+                                                       std::move(policy));
   if (!ex) return ex.status();
   TokenRouting routing;
   std::uint64_t calls = 0;
@@ -209,9 +212,9 @@ Result<NamedShape> resolve_sim_shape(std::string_view spec, const std::filesyste
     }
     if (trace.n_layers == 32 && trace.n_experts == 8 && trace.top_k == 2)
       return NamedShape{"native-mixtral", {4096, 14336}};
-    return invalid_argument("model-native: no config.json beside " + trace_path.string() +
-                            " and no known model with " + std::to_string(trace.n_layers) + " layers x " +
-                            std::to_string(trace.n_experts) + " experts; pass --shape mixtral, qwen3-30b-a3b or HxF");
+    return invalid_argument("model-native: no config.json beside " + trace_path.string() + " and no known model with " +
+                            std::to_string(trace.n_layers) + " layers x " + std::to_string(trace.n_experts) +
+                            " experts; pass --shape mixtral, qwen3-30b-a3b or HxF");
   }
   const std::size_t x = spec.find('x');
   if (x != std::string_view::npos && x > 0 && x + 1 < spec.size()) {
@@ -268,11 +271,10 @@ Result<SimRunResult> run_simulation(const SimRunConfig& c) {
   const std::size_t end = std::min(c.end_token, trace.tokens());
   const std::size_t begin = c.begin_token;
   if (begin >= end)
-    return invalid_argument("run_simulation: empty token range [" + std::to_string(begin) + ", " +
-                            std::to_string(end) + ")");
+    return invalid_argument("run_simulation: empty token range [" + std::to_string(begin) + ", " + std::to_string(end) +
+                            ")");
   if (!(c.budget_fraction > 0.0 && c.budget_fraction <= 1.0))
-    return invalid_argument("run_simulation: budget fraction " + fmt_double(c.budget_fraction) +
-                            " is outside (0, 1]");
+    return invalid_argument("run_simulation: budget fraction " + fmt_double(c.budget_fraction) + " is outside (0, 1]");
   if (c.policy == SimPolicy::kLruLayerDp && !kLayerBudgets)
     return unsupported("lru-dp: this build's executor has no per-layer budgets (ExecutorConfig::layer_cache_bytes)");
 
@@ -316,10 +318,18 @@ Result<SimRunResult> run_simulation(const SimRunConfig& c) {
   const DeviceProfile& prof = c.profile;
   Status s;
   switch (c.policy) {
-    case SimPolicy::kLru: s = replay(trace, begin, end, *store, cfg, prof, LruEviction{}, r); break;
-    case SimPolicy::kLfu: s = replay(trace, begin, end, *store, cfg, prof, LfuEviction{}, r); break;
-    case SimPolicy::kLrfu: s = replay(trace, begin, end, *store, cfg, prof, LrfuEviction{}, r); break;
-    case SimPolicy::kHobbit: s = replay(trace, begin, end, *store, cfg, prof, HobbitScoreEviction{}, r); break;
+    case SimPolicy::kLru:
+      s = replay(trace, begin, end, *store, cfg, prof, LruEviction{}, r);
+      break;
+    case SimPolicy::kLfu:
+      s = replay(trace, begin, end, *store, cfg, prof, LfuEviction{}, r);
+      break;
+    case SimPolicy::kLrfu:
+      s = replay(trace, begin, end, *store, cfg, prof, LrfuEviction{}, r);
+      break;
+    case SimPolicy::kHobbit:
+      s = replay(trace, begin, end, *store, cfg, prof, HobbitScoreEviction{}, r);
+      break;
     case SimPolicy::kStaticHot: {
       std::vector<double> scores = c.static_scores.empty() ? counts_of(trace, begin, end) : c.static_scores;
       if (scores.size() != std::size_t{trace.n_layers} * trace.n_experts)
@@ -379,7 +389,8 @@ Result<std::vector<SimRunResult>> run_grid(const RoutingTrace& trace, const SimG
   if (config.profiles.empty()) return invalid_argument("run_grid: no device profile");
   if (config.shapes.empty()) return invalid_argument("run_grid: no expert shape");
   for (double b : budgets)
-    if (!(b > 0.0 && b <= 1.0)) return invalid_argument("run_grid: budget fraction " + fmt_double(b) + " is outside (0, 1]");
+    if (!(b > 0.0 && b <= 1.0))
+      return invalid_argument("run_grid: budget fraction " + fmt_double(b) + " is outside (0, 1]");
   const std::size_t T = trace.tokens();
   const std::size_t mid = config.split == TraceSplit::kHalf ? T / 2 : 0;
   const std::size_t prof_end = config.split == TraceSplit::kHalf ? mid : T;
@@ -406,7 +417,8 @@ Result<std::vector<SimRunResult>> run_grid(const RoutingTrace& trace, const SimG
           rc.budget_fraction = b;
           rc.cache_precision = config.cache_precision;
           if (pol == SimPolicy::kStaticHot) rc.static_scores = scores;
-          const std::string what = shape.name + " " + prof.name + " " + std::string(to_string(pol)) + " " + fmt_double(b);
+          const std::string what =
+              shape.name + " " + prof.name + " " + std::string(to_string(pol)) + " " + fmt_double(b);
           if (progress) progress(done, total, what);
           if (pol == SimPolicy::kLruLayerDp) {
             // The DP needs the slot count, which depends on the shape and budget only.

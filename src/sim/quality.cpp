@@ -50,7 +50,8 @@ Result<std::vector<float>> norm_weights(const OpenedModel& m) {
     const std::uint32_t cl = l < m.moe_layers.size() ? m.moe_layers[l] : l;
     auto t = m.checkpoint->tensor("model.layers." + std::to_string(cl) + ".post_attention_layernorm.weight");
     if (!t) continue;
-    if (t->numel() != h) return corrupt("post_attention_layernorm of layer " + std::to_string(cl) + " has the wrong size");
+    if (t->numel() != h)
+      return corrupt("post_attention_layernorm of layer " + std::to_string(cl) + " has the wrong size");
     MOEX_RETURN_IF_ERROR(tensor_to_f32(*t, std::span<float>(w.data() + std::size_t{l} * h, h)));
   }
   return w;
@@ -66,7 +67,8 @@ void rms_norm(const float* x, const float* w, float* y, std::size_t n) {
 Status check_inputs(const OpenedModel& m, std::span<const float> inputs) {
   const std::size_t h = m.store.spec().shape.hidden;
   if (h == 0 || inputs.empty() || inputs.size() % h != 0)
-    return invalid_argument("quality: inputs must be a non-empty [n x hidden] array (hidden " + std::to_string(h) + ")");
+    return invalid_argument("quality: inputs must be a non-empty [n x hidden] array (hidden " + std::to_string(h) +
+                            ")");
   for (float v : inputs)
     if (!std::isfinite(v)) return invalid_argument("quality: non-finite input");
   return Status::ok();
@@ -83,7 +85,8 @@ Result<QualityResult> measure_with(OpenedModel& m, std::span<const float> inputs
   const std::uint64_t all = eb * spec.n_layers * spec.n_experts;
   ExecutorConfig cfg;
   cfg.cache_precision = full;
-  cfg.cache_bytes = std::max<std::uint64_t>(eb, static_cast<std::uint64_t>(p.budget_fraction * static_cast<double>(all)));
+  cfg.cache_bytes =
+      std::max<std::uint64_t>(eb, static_cast<std::uint64_t>(p.budget_fraction * static_cast<double>(all)));
   if (!p.layer_slots.empty()) {
     if (p.layer_slots.size() != spec.n_layers) return invalid_argument("quality: one layer budget per layer needed");
     cfg.layer_cache_bytes.clear();
@@ -109,7 +112,7 @@ Result<QualityResult> measure_with(OpenedModel& m, std::span<const float> inputs
     gate.set_threshold(p.gate_threshold);
   }
   auto approx = MoeLayerExecutor<QualityPolicies<E>>::create(store, cfg, one_thread(), std::move(eviction),
-                                                              std::move(gate), {}, miss);
+                                                             std::move(gate), {}, miss);
   if (!approx) return approx.status();
   auto nw = norm_weights(m);
   if (!nw) return nw.status();
@@ -117,8 +120,8 @@ Result<QualityResult> measure_with(OpenedModel& m, std::span<const float> inputs
   std::vector<double> d2(spec.n_layers, 0.0), y2(spec.n_layers, 0.0);
   std::vector<float> x(h), xn(h), ye(h), ya(h);
   for (std::size_t t = 0; t < n; ++t) {
-    std::copy(inputs.begin() + static_cast<std::ptrdiff_t>(t * h), inputs.begin() + static_cast<std::ptrdiff_t>((t + 1) * h),
-              x.begin());
+    std::copy(inputs.begin() + static_cast<std::ptrdiff_t>(t * h),
+              inputs.begin() + static_cast<std::ptrdiff_t>((t + 1) * h), x.begin());
     for (std::uint32_t l = 0; l < spec.n_layers; ++l) {
       rms_norm(x.data(), nw->data() + std::size_t{l} * h, xn.data(), h);
       MOEX_RETURN_IF_ERROR(exact->forward(l, xn.data(), 1, ye.data()));
@@ -145,7 +148,8 @@ Result<QualityResult> measure_with(OpenedModel& m, std::span<const float> inputs
   for (const LayerStats& ls : approx->stats().layers) steps += ls.steps;
   r.avg_k = steps ? static_cast<double>(s.expert_calls) / static_cast<double>(steps) : 0.0;
   r.misses = s.misses;
-  r.low_precision_loads = p.low_precision_on_miss ? s.misses_by_precision[static_cast<std::size_t>(p.low_precision)] : 0;
+  r.low_precision_loads =
+      p.low_precision_on_miss ? s.misses_by_precision[static_cast<std::size_t>(p.low_precision)] : 0;
   r.skipped = s.skipped;
   return r;
 }
@@ -197,7 +201,7 @@ Result<std::vector<float>> estimate_model_sensitivities(const OpenedModel& m, st
   if (!full) return full.status();
   // Threshold 1 with sensitivity 1 drops every expert but the top one (w_tail <= 1).
   auto reduced = MoeLayerExecutor<GatePolicies>::create(m.store, cfg, one_thread(), {},
-                                                         SensitivityGate(std::vector<float>(spec.n_layers, 1.f), 1.f));
+                                                        SensitivityGate(std::vector<float>(spec.n_layers, 1.f), 1.f));
   if (!reduced) return reduced.status();
   auto nw = norm_weights(m);
   if (!nw) return nw.status();
@@ -231,7 +235,8 @@ Result<QualityResult> measure_moe_quality(OpenedModel& m, std::span<const float>
   if (!(p.budget_fraction > 0.0 && p.budget_fraction <= 1.0))
     return invalid_argument("quality: budget fraction outside (0, 1]");
   if (p.low_precision_on_miss && !m.store.has_precision(p.low_precision)) {
-    const WeightFormat f = is_quantized(p.low_precision) ? quant_format(p.low_precision) : float_format(p.low_precision);
+    const WeightFormat f =
+        is_quantized(p.low_precision) ? quant_format(p.low_precision) : float_format(p.low_precision);
     MOEX_RETURN_IF_ERROR(m.store.build_precision(f));
   }
   if (p.eviction == "lru") return measure_with(m, inputs, p, LruEviction{});

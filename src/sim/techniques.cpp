@@ -114,10 +114,14 @@ struct Context {
 
 template <class E>
 constexpr std::string_view eviction_name_of() noexcept {
-  if constexpr (std::is_same_v<E, LruEviction>) return "lru";
-  else if constexpr (std::is_same_v<E, LfuEviction>) return "lfu";
-  else if constexpr (std::is_same_v<E, LrfuEviction>) return "lrfu";
-  else return "hobbit";
+  if constexpr (std::is_same_v<E, LruEviction>)
+    return "lru";
+  else if constexpr (std::is_same_v<E, LfuEviction>)
+    return "lfu";
+  else if constexpr (std::is_same_v<E, LrfuEviction>)
+    return "lrfu";
+  else
+    return "hobbit";
 }
 
 // Replays the measured tokens through one executor built for `setup` with eviction E.
@@ -156,9 +160,9 @@ Result<SimTechniqueResult> run_row(const Context& cx, const RowSetup& setup, E e
   miss.hobbit.t_high = cx.params.hobbit_t_high;
   miss.hobbit.t_skip = cx.params.hobbit_t_skip;
 
-  auto ex = MoeLayerExecutor<TechniquePolicies<E>>::create(*cx.store, std::move(ec),
-                                                            SimExecutionBackend(cx.cfg->profile), std::move(eviction),
-                                                            std::move(gate), std::move(pred), miss);
+  auto ex =
+      MoeLayerExecutor<TechniquePolicies<E>>::create(*cx.store, std::move(ec), SimExecutionBackend(cx.cfg->profile),
+                                                     std::move(eviction), std::move(gate), std::move(pred), miss);
   if (!ex) return ex.status();
   TokenRouting routing;
   std::uint64_t calls = 0;
@@ -303,8 +307,8 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
   if (!is_quantized(st.low_precision) && st.low_precision != Precision::kF16 && st.low_precision != Precision::kBF16)
     return invalid_argument("run_techniques: the low precision must be int8, int4, int2 or a 16-bit float");
   if (!st.layer_recall.empty() && st.layer_recall.size() != trace.n_layers - 1)
-    return invalid_argument("run_techniques: " + std::to_string(st.layer_recall.size()) +
-                            " per-layer recalls for " + std::to_string(trace.n_layers - 1) + " predicting layers");
+    return invalid_argument("run_techniques: " + std::to_string(st.layer_recall.size()) + " per-layer recalls for " +
+                            std::to_string(trace.n_layers - 1) + " predicting layers");
   for (float r : st.layer_recall)
     if (!(r >= 0.f && r <= 1.f)) return invalid_argument("run_techniques: a per-layer recall lies outside [0, 1]");
   if (!st.sensitivities.empty() && st.sensitivities.size() != trace.n_layers)
@@ -347,7 +351,8 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
   cx.expert_bytes = store->expert_bytes(c.cache_precision);
   if (cx.expert_bytes == 0) return internal_error("run_techniques: zero-byte expert");
   const long double all = static_cast<long double>(trace.n_layers) * trace.n_experts * cx.expert_bytes;
-  cx.slots = static_cast<std::uint64_t>(std::floor(all * static_cast<long double>(c.budget_fraction))) / cx.expert_bytes;
+  cx.slots =
+      static_cast<std::uint64_t>(std::floor(all * static_cast<long double>(c.budget_fraction))) / cx.expert_bytes;
   if (cx.slots == 0)
     return invalid_argument("run_techniques: a budget of " + fmt("%g", c.budget_fraction) + " holds no whole expert");
 
@@ -357,7 +362,8 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
     want.insert(want.begin(), SimTechnique::kBaseline);
   std::sort(want.begin(), want.end());
   want.erase(std::unique(want.begin(), want.end()), want.end());
-  const bool need_layers = std::any_of(want.begin(), want.end(), [](SimTechnique t) { return setup_of(t).layer_budgets; });
+  const bool need_layers =
+      std::any_of(want.begin(), want.end(), [](SimTechnique t) { return setup_of(t).layer_budgets; });
   if (need_layers && cx.slots < trace.n_layers)
     return invalid_argument("run_techniques: a budget of " + fmt("%g", c.budget_fraction) + " holds " +
                             std::to_string(cx.slots) + " experts, fewer than one per layer (" +
@@ -390,8 +396,8 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
     const double share = st.low_precision_share;
     const double lb = static_cast<double>(store->expert_bytes(st.low_precision));
     const double eb = static_cast<double>(cx.expert_bytes);
-    const auto min_slots = static_cast<std::uint32_t>(std::max(
-        {1.0, std::ceil(1.0 / (1.0 - share) - 1e-9), std::ceil(lb / (share * eb) - 1e-9)}));
+    const auto min_slots = static_cast<std::uint32_t>(
+        std::max({1.0, std::ceil(1.0 / (1.0 - share) - 1e-9), std::ceil(lb / (share * eb) - 1e-9)}));
     if (std::uint64_t{min_slots} * trace.n_layers <= cx.slots) {
       auto s2 = dp_layer_split(*curves, static_cast<std::uint32_t>(std::min<std::uint64_t>(cx.slots, 0xFFFFFFFFu)),
                                min_slots);
@@ -450,15 +456,16 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
           (uniform ? fmt("%.2f", mean) : fmt("%.2f", mean) + " mean per layer") + " (measured " +
           fmt("%.2f", row->recall) + ")");
     }
-    if (setup.layer_budgets) add(row->run.policy + ", DP split" + (setup.low ? " (each layer with room in both pools)" : ""));
+    if (setup.layer_budgets)
+      add(row->run.policy + ", DP split" + (setup.low ? " (each layer with room in both pools)" : ""));
     if (layers_dropped) add("no per-layer budgets (the budget cannot give every layer room in both pools)");
     if (setup.gate) add("T=" + fmt("%.3g", p.gate_threshold) + ", avg k " + fmt("%.2f", row->avg_k));
     if (setup.low)
       add(std::string(to_string(st.low_precision)) + " pool " + fmt("%.0f%%", 100 * st.low_precision_share) +
           ", t_high " + fmt("%.2f", p.hobbit_t_high) + ", t_skip " + fmt("%.2f", p.hobbit_t_skip) + ", " +
           fmt("%.0f%%", row->run.misses ? 100.0 * static_cast<double>(row->low_precision_loads) /
-                                             static_cast<double>(row->run.misses)
-                                       : 0.0) +
+                                              static_cast<double>(row->run.misses)
+                                        : 0.0) +
           " of misses low");
     if (setup.cpu)
       add(fmt("%.0f%%", row->run.misses ? 100.0 * static_cast<double>(row->computed_at_source) /
@@ -535,7 +542,7 @@ std::string sim_techniques_to_json(std::string_view trace_name, const SimTechniq
                                    std::span<const SimTechniqueResult> rows) {
   nlohmann::json j;
   j["trace"] = std::string(trace_name);
-  j["params"] = {{"layer_recall", p.layer_recall},   {"sensitivities", p.sensitivities},
+  j["params"] = {{"layer_recall", p.layer_recall},     {"sensitivities", p.sensitivities},
                  {"gate_threshold", p.gate_threshold}, {"gate_target_k", p.gate_target_k},
                  {"gate_profile_k", p.gate_profile_k}, {"hobbit_t_high", p.hobbit_t_high},
                  {"hobbit_t_skip", p.hobbit_t_skip},   {"best_eviction", p.best_eviction},

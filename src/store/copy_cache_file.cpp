@@ -68,8 +68,11 @@ std::uint64_t checksum64(std::span<const std::byte> bytes) noexcept {
 Status write_copy_cache(const ExpertStore& store, WeightFormat format, std::uint64_t fingerprint,
                         const std::filesystem::path& path) {
   const auto blob = store.copy_blob(format.precision);
-  if (blob.empty()) return not_found("write_copy_cache: the store holds no built " + std::string(to_string(format.precision)) + " copy");
-  if (!(store.format(format.precision) == format)) return invalid_argument("write_copy_cache: the copy's format differs");
+  if (blob.empty())
+    return not_found("write_copy_cache: the store holds no built " + std::string(to_string(format.precision)) +
+                     " copy");
+  if (!(store.format(format.precision) == format))
+    return invalid_argument("write_copy_cache: the copy's format differs");
   Header h = expected(store, format, fingerprint);
   if (h.blob_bytes != blob.size()) return internal_error("write_copy_cache: blob size mismatch");
   h.checksum = checksum64(blob);

@@ -28,8 +28,8 @@ Result<ExpertStore> ExpertStore::create(const MoeModelSpec& spec, WeightFormat m
   MOEX_RETURN_IF_ERROR(validate(spec));
   if (!expert_format_is_valid(spec.shape, master_format))
     return invalid_argument("ExpertStore: format " + std::string(to_string(master_format.precision)) +
-                            " cannot hold experts of hidden " + std::to_string(spec.shape.hidden) +
-                            " and ffn " + std::to_string(spec.shape.ffn));
+                            " cannot hold experts of hidden " + std::to_string(spec.shape.hidden) + " and ffn " +
+                            std::to_string(spec.shape.ffn));
   ExpertStore s;
   s.spec_ = spec;
   s.master_format_ = master_format;
@@ -76,8 +76,8 @@ Status ExpertStore::set_expert(ExpertKey key, const float* w1, const float* w3, 
     return unsupported("set_expert: block formats are read in place (set_expert_view), not encoded");
   if (master_blob_.empty()) master_blob_.resize(master_views_.size() * master_layout_.total_bytes);
   std::byte* dst = master_blob_.data() + index(key) * master_layout_.total_bytes;
-  MOEX_RETURN_IF_ERROR(pack_expert(w1, w3, w2, spec_.shape, master_format_,
-                                   std::span<std::byte>(dst, master_layout_.total_bytes)));
+  MOEX_RETURN_IF_ERROR(
+      pack_expert(w1, w3, w2, spec_.shape, master_format_, std::span<std::byte>(dst, master_layout_.total_bytes)));
   master_views_[index(key)] = ExpertView::contiguous(dst, master_layout_);
   return Status::ok();
 }
@@ -102,7 +102,8 @@ Status ExpertStore::set_router(std::uint32_t layer, std::span<const float> weigh
   if (weights.size() != per)
     return invalid_argument("set_router: expected " + std::to_string(per) + " weights, got " +
                             std::to_string(weights.size()));
-  if (!bias.empty() && bias.size() != spec_.n_experts) return invalid_argument("set_router: bias size differs from n_experts");
+  if (!bias.empty() && bias.size() != spec_.n_experts)
+    return invalid_argument("set_router: bias size differs from n_experts");
   for (float w : weights)
     if (!std::isfinite(w)) return invalid_argument("set_router: non-finite router weight");
   std::copy(weights.begin(), weights.end(), routers_.begin() + static_cast<std::ptrdiff_t>(layer * per));
@@ -127,8 +128,8 @@ bool ExpertStore::complete() const noexcept {
 
 Status ExpertStore::build_precision(WeightFormat format, ThreadPool* pool, const ProgressFn& progress) {
   if (virtual_) return unsupported("build_precision: a virtual store has no data (pass formats to create_virtual)");
-  if (!is_quantized(format.precision) && format.precision != Precision::kBF16 &&
-      format.precision != Precision::kF16 && format.precision != Precision::kF32)
+  if (!is_quantized(format.precision) && format.precision != Precision::kBF16 && format.precision != Precision::kF16 &&
+      format.precision != Precision::kF32)
     return unsupported("build_precision: copies can be f32, f16, bf16, int8, int4 or int2");
   if (format.precision == master_format_.precision)
     return invalid_argument("build_precision: the master copy already has this precision");
@@ -156,7 +157,8 @@ Status ExpertStore::build_precision(WeightFormat format, ThreadPool* pool, const
     if (progress) progress((l + 1) * per_layer, n, "building low-precision copies");
   }
   if (failed.load()) return internal_error("build_precision: converting an expert failed");
-  auto it = std::find_if(copies_.begin(), copies_.end(), [&](const Copy& x) { return x.format.precision == format.precision; });
+  auto it = std::find_if(copies_.begin(), copies_.end(),
+                         [&](const Copy& x) { return x.format.precision == format.precision; });
   if (it != copies_.end()) {
     *it = std::move(c);
   } else {
@@ -173,8 +175,10 @@ std::span<const std::byte> ExpertStore::copy_blob(Precision p) const noexcept {
 
 Status ExpertStore::adopt_copy(WeightFormat format, std::vector<std::byte> blob) {
   if (virtual_) return unsupported("adopt_copy: a virtual store has no data");
-  if (format.precision == master_format_.precision) return invalid_argument("adopt_copy: that is the master's precision");
-  if (!expert_format_is_valid(spec_.shape, format)) return invalid_argument("adopt_copy: format cannot hold this shape");
+  if (format.precision == master_format_.precision)
+    return invalid_argument("adopt_copy: that is the master's precision");
+  if (!expert_format_is_valid(spec_.shape, format))
+    return invalid_argument("adopt_copy: format cannot hold this shape");
   Copy c;
   c.format = format;
   c.layout = expert_layout(spec_.shape, format);
@@ -182,7 +186,8 @@ Status ExpertStore::adopt_copy(WeightFormat format, std::vector<std::byte> blob)
     return invalid_argument("adopt_copy: blob has " + std::to_string(blob.size()) + " bytes, expected " +
                             std::to_string(master_views_.size() * c.layout.total_bytes));
   c.blob = std::move(blob);
-  auto it = std::find_if(copies_.begin(), copies_.end(), [&](const Copy& x) { return x.format.precision == format.precision; });
+  auto it = std::find_if(copies_.begin(), copies_.end(),
+                         [&](const Copy& x) { return x.format.precision == format.precision; });
   if (it != copies_.end()) {
     *it = std::move(c);
   } else {

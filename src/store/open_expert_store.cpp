@@ -15,10 +15,14 @@ namespace {
 std::optional<Precision> dense_float_precision(const TensorRef& t) {
   if (!t.is_dense()) return std::nullopt;
   switch (t.dtype) {
-    case DType::kF32: return Precision::kF32;
-    case DType::kF16: return Precision::kF16;
-    case DType::kBF16: return Precision::kBF16;
-    default: return std::nullopt;
+    case DType::kF32:
+      return Precision::kF32;
+    case DType::kF16:
+      return Precision::kF16;
+    case DType::kBF16:
+      return Precision::kBF16;
+    default:
+      return std::nullopt;
   }
 }
 
@@ -65,8 +69,9 @@ std::filesystem::path cache_path(const Checkpoint& ck, const StoreOptions& o, We
   const auto files = ck.files();
   const std::filesystem::path first = files.empty() ? std::filesystem::path("model") : files.front();
   const std::filesystem::path dir = o.cache_dir.empty() ? first.parent_path() / ".moex-cache" : o.cache_dir;
-  return dir / (first.stem().string() + "-" + std::string(to_string(f.precision)) +
-                (f.scheme == QuantScheme::kAsymmetric ? "-asym" : "-sym") + "-g" + std::to_string(f.group_size) + ".bin");
+  return dir /
+         (first.stem().string() + "-" + std::string(to_string(f.precision)) +
+          (f.scheme == QuantScheme::kAsymmetric ? "-asym" : "-sym") + "-g" + std::to_string(f.group_size) + ".bin");
 }
 
 }  // namespace
@@ -84,7 +89,9 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
   for (std::uint32_t l = 0; l < cfg.n_layers; ++l)
     if (cfg.is_moe_layer(l)) m.moe_layers.push_back(l);
   if (m.moe_layers.empty()) return invalid_argument("open_expert_store: the model has no MoE layers");
-  MoeModelSpec spec{static_cast<std::uint32_t>(m.moe_layers.size()), cfg.n_experts, {cfg.hidden, cfg.expert_ffn},
+  MoeModelSpec spec{static_cast<std::uint32_t>(m.moe_layers.size()),
+                    cfg.n_experts,
+                    {cfg.hidden, cfg.expert_ffn},
                     cfg.router_config()};
   MOEX_RETURN_IF_ERROR(validate(spec));
 
@@ -106,8 +113,8 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
       auto ex = ck->expert(l, e);
       if (!ex) return ex.status();
       const bool dense_ok = in_place && dense_float_precision(ex->w1) == pf && dense_float_precision(ex->w3) == pf &&
-                            dense_float_precision(ex->w2) == pf && shape_is(ex->w1, f, h) &&
-                            shape_is(ex->w3, f, h) && shape_is(ex->w2, h, f);
+                            dense_float_precision(ex->w2) == pf && shape_is(ex->w1, f, h) && shape_is(ex->w3, f, h) &&
+                            shape_is(ex->w2, h, f);
       if (dense_ok) {
         ExpertView v{ex->w1.bytes.data(), ex->w3.bytes.data(), ex->w2.bytes.data(), layout};
         MOEX_RETURN_IF_ERROR(store->set_expert_view({sl, e}, v, Tier::kDisk));

@@ -27,10 +27,14 @@ void progress_bar(std::uint64_t done, std::uint64_t total, std::string_view what
 
 std::string human(std::uint64_t b) {
   char buf[32];
-  if (b >= (1ull << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(b) / (1ull << 30));
-  else if (b >= (1ull << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(b) / (1ull << 20));
-  else if (b >= 1024) std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / 1024);
-  else std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
+  if (b >= (1ull << 30))
+    std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(b) / (1ull << 30));
+  else if (b >= (1ull << 20))
+    std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(b) / (1ull << 20));
+  else if (b >= 1024)
+    std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / 1024);
+  else
+    std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
   return buf;
 }
 
@@ -54,11 +58,16 @@ int main(int argc, char** argv) {
   std::string model;
   bool json = false, quiet = false;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--json")) json = true;
-    else if (!std::strcmp(argv[i], "--quiet")) quiet = true;
-    else if (!std::strcmp(argv[i], "-h") || !std::strcmp(argv[i], "--help")) return usage(), 0;
-    else if (model.empty()) model = argv[i];
-    else return usage();
+    if (!std::strcmp(argv[i], "--json"))
+      json = true;
+    else if (!std::strcmp(argv[i], "--quiet"))
+      quiet = true;
+    else if (!std::strcmp(argv[i], "-h") || !std::strcmp(argv[i], "--help"))
+      return usage(), 0;
+    else if (model.empty())
+      model = argv[i];
+    else
+      return usage();
   }
   if (model.empty()) return usage();
   moex::ProgressFn progress;
@@ -132,15 +141,20 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::printf("model          %s\n", model.c_str());
-  std::printf("format         %s, %zu file(s), %s\n", fmt, ck.value()->files().size(), human(ck.value()->file_bytes()).c_str());
+  std::printf("format         %s, %zu file(s), %s\n", fmt, ck.value()->files().size(),
+              human(ck.value()->file_bytes()).c_str());
   std::printf("architecture   %s\n", c.architecture.c_str());
-  std::printf("layers         %u (%u MoE, first MoE layer %u, step %u)\n", c.n_layers, moe_layers, c.first_moe_layer, c.moe_layer_step);
-  std::printf("experts        %u routed, top-%u, %u shared (ffn %u)\n", c.n_experts, c.top_k, c.n_shared_experts, c.shared_ffn);
+  std::printf("layers         %u (%u MoE, first MoE layer %u, step %u)\n", c.n_layers, moe_layers, c.first_moe_layer,
+              c.moe_layer_step);
+  std::printf("experts        %u routed, top-%u, %u shared (ffn %u)\n", c.n_experts, c.top_k, c.n_shared_experts,
+              c.shared_ffn);
   std::printf("router         %s, scaling %g, groups %u/%u\n", std::string(moex::to_string(c.router)).c_str(),
               static_cast<double>(c.routed_scaling), c.topk_group, c.n_group);
-  std::printf("hidden         %u, expert ffn %u, heads %u/%u, vocab %u\n", c.hidden, c.expert_ffn, c.n_heads, c.n_kv_heads, c.vocab);
-  std::printf("expert shapes  w1 %s, w3 %s, w2 %s, %s (%s)\n", shape_str(x->w1.shape).c_str(), shape_str(x->w3.shape).c_str(),
-              shape_str(x->w2.shape).c_str(), std::string(moex::to_string(x->w1.dtype)).c_str(),
+  std::printf("hidden         %u, expert ffn %u, heads %u/%u, vocab %u\n", c.hidden, c.expert_ffn, c.n_heads,
+              c.n_kv_heads, c.vocab);
+  std::printf("expert shapes  w1 %s, w3 %s, w2 %s, %s (%s)\n", shape_str(x->w1.shape).c_str(),
+              shape_str(x->w3.shape).c_str(), shape_str(x->w2.shape).c_str(),
+              std::string(moex::to_string(x->w1.dtype)).c_str(),
               x->w1.is_dense() ? "dense" : (x->w1.scales.empty() ? "strided" : "scaled"));
   std::printf("tensors        %zu:", ck.value()->tensor_names().size());
   for (const auto& [d, n] : dtype_counts) std::printf(" %s x%llu", d.c_str(), static_cast<unsigned long long>(n));

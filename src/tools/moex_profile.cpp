@@ -9,10 +9,10 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <thread>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "moex/backend/sim_backend.hpp"
@@ -43,18 +43,22 @@ double memcpy_bytes_per_s(std::size_t bytes) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string base =
-      (std::filesystem::path(__FILE__).parent_path() / "../../bench/profiles/h100_pcie5.json").string();
+  std::string base = (std::filesystem::path(__FILE__).parent_path() / "../../bench/profiles/h100_pcie5.json").string();
   std::string out, name = "this_machine";
   std::uint32_t hidden = 4096, ffn = 14336;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
-    if (a == "--base") base = next();
-    else if (a == "--out") out = next();
-    else if (a == "--name") name = next();
-    else if (a == "--hidden") hidden = static_cast<std::uint32_t>(std::stoul(next()));
-    else if (a == "--ffn") ffn = static_cast<std::uint32_t>(std::stoul(next()));
+    if (a == "--base")
+      base = next();
+    else if (a == "--out")
+      out = next();
+    else if (a == "--name")
+      name = next();
+    else if (a == "--hidden")
+      hidden = static_cast<std::uint32_t>(std::stoul(next()));
+    else if (a == "--ffn")
+      ffn = static_cast<std::uint32_t>(std::stoul(next()));
     else {
       std::cerr << "usage: moex-profile [--base PROFILE.json] [--hidden N] [--ffn N] [--out FILE] [--name NAME]\n";
       return 2;
@@ -104,7 +108,8 @@ int main(int argc, char** argv) {
   host.flops_per_s = std::max<std::uint64_t>(
       host.flops_per_s, static_cast<std::uint64_t>(static_cast<double>(moex::expert_flops(shape, 1)) / best));
 
-  std::fprintf(stderr, "moex-profile: memcpy %.2f GB/s (read+write); expert %ux%u bf16 batch 1: %.3f ms on %s "
+  std::fprintf(stderr,
+               "moex-profile: memcpy %.2f GB/s (read+write); expert %ux%u bf16 batch 1: %.3f ms on %s "
                "(%.2f GB/s); GPU fields from %s\n",
                memcpy_bw / 1e9, hidden, ffn, best * 1e3, moex::cpu_kernel_isa(),
                static_cast<double>(bytes) / best / 1e9, base.c_str());

@@ -3,8 +3,6 @@
 // (shape, profile), writes CSV / JSON / Markdown, and draws PNG plots with gnuplot.
 // See docs/simulator.md.
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -17,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unistd.h>
 #include <vector>
 
 #include "moex/backend/sim_backend.hpp"
@@ -32,58 +31,58 @@ namespace fs = std::filesystem;
 
 int usage(std::FILE* out) {
   std::fprintf(out,
-      "usage: moex-sim TRACE [options]\n"
-      "Replays TRACE through moex's executor on the simulated backend (virtual clock, no data) for\n"
-      "every policy x budget x device profile x expert shape, and reports hit rate and simulated speed.\n"
-      "\n"
-      "  TRACE                 .npy router logits (top-k from config.json beside it), moex .bin/.jsonl,\n"
-      "                        Mixtral routing .jsonl, FLAME-MoE .csv (format detected from content)\n"
-      "  --policies LIST       comma-separated: lru,lfu,lrfu,hobbit,static-hot,belady%s (default: all)\n"
-      "  --budgets LIST        fast-tier budgets as fractions of all expert bytes, each in (0,1]\n"
-      "                        (default: 0.1,0.25,0.5)\n"
-      "  --profile FILE        device profile JSON; repeat for several (default: bench/profiles/\n"
-      "                        h100_pcie5.json and rtx4090_pcie4.json)\n"
-      "  --shape S             expert shape: mixtral | qwen3-30b-a3b | model-native | HIDDENxFFN;\n"
-      "                        repeat or comma-separate for several (default: mixtral)\n"
-      "  --precision P         cache/load precision: bf16 (default), f16, f32, int8, int4, int2\n"
-      "  --split half|none     half (default): profile static-hot/lru-dp on the first half of the\n"
-      "                        tokens, measure every policy on the second half; none: whole trace\n"
-      "                        for both (an oracle-ish profile)\n"
-      "  --top-k K             experts per token for .npy traces (default: config.json beside it)\n"
-      "  --csv FILE            write every run as CSV\n"
-      "  --json FILE           write every run as JSON\n"
-      "  --markdown FILE       write the tables as Markdown\n"
-      "  --plot PREFIX         draw PREFIX_<shape>_<profile>_{hitrate,stall,bytes}.png with gnuplot\n"
-      "Technique rows (issue 4; docs/simulator.md):\n"
-      "  --techniques LIST     after the grid, one table per shape and profile at one budget: on-demand\n"
-      "                        LRU, then each technique added alone, then all combined. LIST: all or\n"
-      "                        comma-separated baseline,prefetch,layer-budgets,adaptive-gate,\n"
-      "                        low-precision,cpu-compute,combined\n"
-      "  --techniques-only     skip the eviction grid\n"
-      "  --technique-budget F  budget of the technique rows (default 0.25)\n"
-      "  --recall R            predictor recall in [0,1] for every layer (default: recall_at_k per\n"
-      "                        layer from training_report.json beside the trace, else 0.8)\n"
-      "  --recall-from FILE    per-layer recall from a training_report.json\n"
-      "  --prefetch-depth D    layers of look-ahead (default 1)\n"
-      "  --gate-keep F         adaptive gate target: F x top-k experts per token (default 0.75)\n"
-      "  --sensitivities S     model (estimated from the checkpoint beside the trace; the default\n"
-      "                        where there is one), depth (1 falling to 0.25 with depth; the default\n"
-      "                        otherwise), or a comma-separated list, one per layer\n"
-      "  --low-precision P     HOBBIT's low copy: int8, int4 (default), int2\n"
-      "  --low-share F         fraction of the budget for the low-precision pool (default 0.25)\n"
-      "  --hobbit TH,TS        HOBBIT thresholds (default: t_high = median unimportance of the non-top\n"
-      "                        experts of the profile tokens, t_skip = 0.9)\n"
-      "  --quality-text DIR    real text for quality runs: the .py files of DIR (default\n"
-      "                        /usr/lib/python3.11)\n"
-      "  --quality-tokens N    bytes of that text to run (default 2048)\n"
-      "  --no-quality          skip quality runs on the checkpoint beside the trace\n"
-      "  --techniques-csv FILE, --techniques-json FILE   write the technique rows\n"
-      "  --progress            force the progress bar (default: only when stderr is a terminal)\n"
-      "  --no-progress         never draw the progress bar\n"
-      "  --quiet               print no table\n"
-      "  -h, --help            this text\n"
-      "Exit status: 0 ok, 1 a run failed or Belady did not bound a policy, 2 bad usage.\n",
-      moex::sim_layer_budgets_supported() ? ",lru-dp" : "");
+               "usage: moex-sim TRACE [options]\n"
+               "Replays TRACE through moex's executor on the simulated backend (virtual clock, no data) for\n"
+               "every policy x budget x device profile x expert shape, and reports hit rate and simulated speed.\n"
+               "\n"
+               "  TRACE                 .npy router logits (top-k from config.json beside it), moex .bin/.jsonl,\n"
+               "                        Mixtral routing .jsonl, FLAME-MoE .csv (format detected from content)\n"
+               "  --policies LIST       comma-separated: lru,lfu,lrfu,hobbit,static-hot,belady%s (default: all)\n"
+               "  --budgets LIST        fast-tier budgets as fractions of all expert bytes, each in (0,1]\n"
+               "                        (default: 0.1,0.25,0.5)\n"
+               "  --profile FILE        device profile JSON; repeat for several (default: bench/profiles/\n"
+               "                        h100_pcie5.json and rtx4090_pcie4.json)\n"
+               "  --shape S             expert shape: mixtral | qwen3-30b-a3b | model-native | HIDDENxFFN;\n"
+               "                        repeat or comma-separate for several (default: mixtral)\n"
+               "  --precision P         cache/load precision: bf16 (default), f16, f32, int8, int4, int2\n"
+               "  --split half|none     half (default): profile static-hot/lru-dp on the first half of the\n"
+               "                        tokens, measure every policy on the second half; none: whole trace\n"
+               "                        for both (an oracle-ish profile)\n"
+               "  --top-k K             experts per token for .npy traces (default: config.json beside it)\n"
+               "  --csv FILE            write every run as CSV\n"
+               "  --json FILE           write every run as JSON\n"
+               "  --markdown FILE       write the tables as Markdown\n"
+               "  --plot PREFIX         draw PREFIX_<shape>_<profile>_{hitrate,stall,bytes}.png with gnuplot\n"
+               "Technique rows (issue 4; docs/simulator.md):\n"
+               "  --techniques LIST     after the grid, one table per shape and profile at one budget: on-demand\n"
+               "                        LRU, then each technique added alone, then all combined. LIST: all or\n"
+               "                        comma-separated baseline,prefetch,layer-budgets,adaptive-gate,\n"
+               "                        low-precision,cpu-compute,combined\n"
+               "  --techniques-only     skip the eviction grid\n"
+               "  --technique-budget F  budget of the technique rows (default 0.25)\n"
+               "  --recall R            predictor recall in [0,1] for every layer (default: recall_at_k per\n"
+               "                        layer from training_report.json beside the trace, else 0.8)\n"
+               "  --recall-from FILE    per-layer recall from a training_report.json\n"
+               "  --prefetch-depth D    layers of look-ahead (default 1)\n"
+               "  --gate-keep F         adaptive gate target: F x top-k experts per token (default 0.75)\n"
+               "  --sensitivities S     model (estimated from the checkpoint beside the trace; the default\n"
+               "                        where there is one), depth (1 falling to 0.25 with depth; the default\n"
+               "                        otherwise), or a comma-separated list, one per layer\n"
+               "  --low-precision P     HOBBIT's low copy: int8, int4 (default), int2\n"
+               "  --low-share F         fraction of the budget for the low-precision pool (default 0.25)\n"
+               "  --hobbit TH,TS        HOBBIT thresholds (default: t_high = median unimportance of the non-top\n"
+               "                        experts of the profile tokens, t_skip = 0.9)\n"
+               "  --quality-text DIR    real text for quality runs: the .py files of DIR (default\n"
+               "                        /usr/lib/python3.11)\n"
+               "  --quality-tokens N    bytes of that text to run (default 2048)\n"
+               "  --no-quality          skip quality runs on the checkpoint beside the trace\n"
+               "  --techniques-csv FILE, --techniques-json FILE   write the technique rows\n"
+               "  --progress            force the progress bar (default: only when stderr is a terminal)\n"
+               "  --no-progress         never draw the progress bar\n"
+               "  --quiet               print no table\n"
+               "  -h, --help            this text\n"
+               "Exit status: 0 ok, 1 a run failed or Belady did not bound a policy, 2 bad usage.\n",
+               moex::sim_layer_budgets_supported() ? ",lru-dp" : "");
   return out == stdout ? 0 : 2;
 }
 
@@ -115,8 +114,8 @@ std::optional<double> parse_double(const std::string& s) {
 
 std::optional<moex::Precision> parse_precision(std::string_view s) {
   using moex::Precision;
-  for (Precision p : {Precision::kBF16, Precision::kF16, Precision::kF32, Precision::kInt8, Precision::kInt4,
-                      Precision::kInt2})
+  for (Precision p :
+       {Precision::kBF16, Precision::kF16, Precision::kF32, Precision::kInt8, Precision::kInt4, Precision::kInt2})
     if (moex::to_string(p) == s) return p;
   return std::nullopt;
 }
@@ -183,8 +182,8 @@ std::optional<double> belady_at(const Group& g, double budget) {
 
 // One table (text or Markdown) for a group; returns the rows Belady failed to bound.
 std::string table(const Group& g, bool markdown, std::vector<std::string>& violations) {
-  const char* head[] = {"policy", "budget", "slots", "hit rate", "% of belady", "tok/s", "ms/token",
-                        "stall ms/tok", "GB/token", "PCIe busy"};
+  const char* head[] = {"policy", "budget",   "slots",        "hit rate", "% of belady",
+                        "tok/s",  "ms/token", "stall ms/tok", "GB/token", "PCIe busy"};
   std::vector<std::vector<std::string>> rows;
   for (const auto* r : g.rows) {
     const auto opt = belady_at(g, r->budget_fraction);
@@ -220,7 +219,8 @@ std::string table(const Group& g, bool markdown, std::vector<std::string>& viola
   std::string s = line(std::vector<std::string>(head, head + kCols));
   if (markdown) {
     s += "|";
-    for (std::size_t c = 0; c < kCols; ++c) s += (c ? " " + std::string(w[c], '-') + ":|" : " " + std::string(w[c], '-') + " |");
+    for (std::size_t c = 0; c < kCols; ++c)
+      s += (c ? " " + std::string(w[c], '-') + ":|" : " " + std::string(w[c], '-') + " |");
     s += "\n";
   } else {
     std::size_t total = 0;
@@ -276,8 +276,8 @@ bool draw_plots(const std::string& prefix, const std::vector<Group>& groups, con
       pngs.push_back(png);
       gp << "set terminal pngcairo size 900,560 noenhanced\n"
          << "set output '" << png << "'\n"
-         << "set title '" << sanitize(trace_name) << ": " << p.ylabel << " vs budget (" << g.shape << ", "
-         << g.profile << ")'\n"
+         << "set title '" << sanitize(trace_name) << ": " << p.ylabel << " vs budget (" << g.shape << ", " << g.profile
+         << ")'\n"
          << "set xlabel 'fast-tier budget (fraction of all expert bytes)'\n"
          << "set ylabel '" << p.ylabel << "'\nset grid\nset key outside right\n"
          << (p.column == 2 ? "set yrange [0:1]\n" : "set yrange [0:*]\n") << "plot ";
@@ -289,8 +289,7 @@ bool draw_plots(const std::string& prefix, const std::vector<Group>& groups, con
   }
   gp.close();
   if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
-    message = "gnuplot not found (Debian: apt-get install gnuplot-nox); plots skipped, script kept in " +
-              script_path;
+    message = "gnuplot not found (Debian: apt-get install gnuplot-nox); plots skipped, script kept in " + script_path;
     return false;
   }
   const std::string cmd = "gnuplot '" + script_path + "'";
@@ -304,8 +303,8 @@ bool draw_plots(const std::string& prefix, const std::vector<Group>& groups, con
 
 // A technique table (text or Markdown) with the details of each row under it.
 std::string technique_table(const std::vector<moex::SimTechniqueResult>& rows, bool markdown) {
-  const char* head[] = {"technique", "eviction", "hit rate", "ms/token", "stall ms/tok", "vs base", "GB/token",
-                        "PCIe busy", "CPU busy", "speedup", "experts/tok", "rel. error (real model)"};
+  const char* head[] = {"technique", "eviction",  "hit rate", "ms/token", "stall ms/tok", "vs base",
+                        "GB/token",  "PCIe busy", "CPU busy", "speedup",  "experts/tok",  "rel. error (real model)"};
   constexpr std::size_t kCols = sizeof head / sizeof head[0];
   std::vector<std::vector<std::string>> cells;
   for (const auto& r : rows) {
@@ -418,9 +417,12 @@ int main(int argc, char** argv) {
     };
     std::string v;
     if (a == "-h" || a == "--help") return usage(stdout);
-    if (a == "--quiet") quiet = true;
-    else if (a == "--techniques-only") techniques_only = true;
-    else if (a == "--no-quality") quality = false;
+    if (a == "--quiet")
+      quiet = true;
+    else if (a == "--techniques-only")
+      techniques_only = true;
+    else if (a == "--no-quality")
+      quality = false;
     else if (a == "--techniques" || a == "--technique-budget" || a == "--recall" || a == "--recall-from" ||
              a == "--prefetch-depth" || a == "--gate-keep" || a == "--sensitivities" || a == "--low-precision" ||
              a == "--low-share" || a == "--hobbit" || a == "--quality-text" || a == "--quality-tokens" ||
@@ -439,7 +441,8 @@ int main(int argc, char** argv) {
         }
       } else if (a == "--technique-budget") {
         const auto d = parse_double(v);
-        if (!d || !(*d > 0.0 && *d <= 1.0)) return fail_usage("bad --technique-budget '" + v + "' (a fraction in (0, 1])");
+        if (!d || !(*d > 0.0 && *d <= 1.0))
+          return fail_usage("bad --technique-budget '" + v + "' (a fraction in (0, 1])");
         technique_budget = *d;
       } else if (a == "--recall") {
         const auto d = parse_double(v);
@@ -497,12 +500,12 @@ int main(int argc, char** argv) {
       } else {
         techniques_json = v;
       }
-    }
-    else if (a == "--progress") progress_mode = 1;
-    else if (a == "--no-progress") progress_mode = 0;
+    } else if (a == "--progress")
+      progress_mode = 1;
+    else if (a == "--no-progress")
+      progress_mode = 0;
     else if (a == "--policies" || a == "--budgets" || a == "--profile" || a == "--shape" || a == "--precision" ||
-             a == "--split" || a == "--top-k" || a == "--csv" || a == "--json" || a == "--markdown" ||
-             a == "--plot") {
+             a == "--split" || a == "--top-k" || a == "--csv" || a == "--json" || a == "--markdown" || a == "--plot") {
       if (!value(v)) return fail_usage(a + " needs a value");
       if (a == "--policies") {
         if (v == "all") continue;
@@ -537,10 +540,14 @@ int main(int argc, char** argv) {
         if (!d || *d < 1 || *d > moex::kMaxTopK || *d != static_cast<double>(static_cast<std::uint32_t>(*d)))
           return fail_usage("bad --top-k '" + v + "' (an integer in 1.." + std::to_string(moex::kMaxTopK) + ")");
         top_k = static_cast<std::uint32_t>(*d);
-      } else if (a == "--csv") csv = v;
-      else if (a == "--json") json = v;
-      else if (a == "--markdown") markdown = v;
-      else plot = v;
+      } else if (a == "--csv")
+        csv = v;
+      else if (a == "--json")
+        json = v;
+      else if (a == "--markdown")
+        markdown = v;
+      else
+        plot = v;
     } else if (a.rfind("-", 0) == 0 && a.size() > 1) {
       return fail_usage("unknown option '" + args[i] + "'");
     } else if (trace_path.empty()) {
@@ -627,10 +634,13 @@ int main(int argc, char** argv) {
     md += "#### " + sub + "\n" + table(g, true, v_md) + "\n";
     violations.insert(violations.end(), v_text.begin(), v_text.end());
   }
-  const bool has_belady = std::any_of(results->begin(), results->end(), [](const auto& r) { return r.policy == "belady"; });
+  const bool has_belady =
+      std::any_of(results->begin(), results->end(), [](const auto& r) { return r.policy == "belady"; });
   std::string bound;
-  if (!has_belady) bound = "Belady bound: not checked (belady not in --policies)\n";
-  else if (violations.empty()) bound = "Belady bound: holds (no policy beats belady's hit rate at any budget)\n";
+  if (!has_belady)
+    bound = "Belady bound: not checked (belady not in --policies)\n";
+  else if (violations.empty())
+    bound = "Belady bound: holds (no policy beats belady's hit rate at any budget)\n";
   else {
     bound = "Belady bound: VIOLATED (a bug in the cache or a policy):\n";
     for (const auto& v : violations) bound += "  " + v + "\n";
@@ -664,7 +674,8 @@ int main(int argc, char** argv) {
       }
     }
     std::optional<moex::OpenedModel> model;
-    if (quality || sensitivities_mode.empty() || sensitivities_mode == "model") model = model_beside(trace_path, *trace);
+    if (quality || sensitivities_mode.empty() || sensitivities_mode == "model")
+      model = model_beside(trace_path, *trace);
     if (sensitivities_mode == "model" && !model) {
       std::fprintf(stderr, "moex-sim: --sensitivities model needs a checkpoint beside the trace matching it\n");
       return 1;
@@ -682,8 +693,8 @@ int main(int argc, char** argv) {
         if (a && b) {
           s_inputs = std::move(*a);
           q_inputs = std::move(*b);
-          text_src = std::to_string(bytes->size() - half) + " bytes of " + quality_text + "/*.py (sorted) for quality, the " +
-                     std::to_string(half) + " before them for sensitivities";
+          text_src = std::to_string(bytes->size() - half) + " bytes of " + quality_text +
+                     "/*.py (sorted) for quality, the " + std::to_string(half) + " before them for sensitivities";
         } else {
           std::fprintf(stderr, "moex-sim: embeddings: %s\n", (a ? b.status() : a.status()).to_string().c_str());
         }
@@ -708,14 +719,16 @@ int main(int argc, char** argv) {
                         std::to_string(begin) + ", " + std::to_string(T) + ")):\n  predictor recall: " + recall_src +
                         "\n  gate sensitivities: " + sens_src + "\n  quality: " +
                         (model ? (quality && !q_inputs.empty() ? "relative error of the MoE layer outputs vs the exact "
-                                                                 "path on the real checkpoint, " + text_src
+                                                                 "path on the real checkpoint, " +
+                                                                     text_src
                                                                : std::string("not measured"))
                                : std::string("n/a (no weights beside the trace)")) +
                         "\n";
     std::string tmd = "#### Technique rows at budget " + fmt("%.0f%%", 100 * technique_budget) + "\n\n" +
                       "- predictor recall: " + recall_src + "\n- gate sensitivities: " + sens_src + "\n- quality: " +
                       (model ? (quality && !q_inputs.empty() ? "relative error of the MoE layer outputs vs the exact "
-                                                               "path on the real checkpoint, " + text_src
+                                                               "path on the real checkpoint, " +
+                                                                   text_src
                                                              : std::string("not measured"))
                              : std::string("n/a (no weights beside the trace)")) +
                       "\n";
@@ -753,8 +766,10 @@ int main(int argc, char** argv) {
             r.quality_note = "not measured";
             continue;
           }
-          const bool gate = r.technique == moex::SimTechnique::kAdaptiveGate || r.technique == moex::SimTechnique::kCombined;
-          const bool low = r.technique == moex::SimTechnique::kLowPrecision || r.technique == moex::SimTechnique::kCombined;
+          const bool gate =
+              r.technique == moex::SimTechnique::kAdaptiveGate || r.technique == moex::SimTechnique::kCombined;
+          const bool low =
+              r.technique == moex::SimTechnique::kLowPrecision || r.technique == moex::SimTechnique::kCombined;
           const bool layers = r.technique == moex::SimTechnique::kCombined;
           moex::QualityPolicy qp;
           qp.budget_fraction = technique_budget;
@@ -776,17 +791,18 @@ int main(int argc, char** argv) {
           std::string key = std::string(moex::to_string(r.technique)) + "/" + qp.eviction;
           for (auto x : qp.layer_slots) key += "," + std::to_string(x);
           auto it = quality_cache.find(key);
-          if (it == quality_cache.end()) it = quality_cache.emplace(key, moex::measure_moe_quality(*model, q_inputs, qp)).first;
+          if (it == quality_cache.end())
+            it = quality_cache.emplace(key, moex::measure_moe_quality(*model, q_inputs, qp)).first;
           if (!it->second) {
             r.quality_note = "failed: " + it->second.status().message();
             continue;
           }
           r.quality = it->second->rel_error;
-          r.quality_note = fmt("(k %.2f", it->second->avg_k) + fmt(", %.0f%% of misses low)",
-                                                                   it->second->misses
-                                                                       ? 100.0 * static_cast<double>(it->second->low_precision_loads) /
-                                                                             static_cast<double>(it->second->misses)
-                                                                       : 0.0);
+          r.quality_note = fmt("(k %.2f", it->second->avg_k) +
+                           fmt(", %.0f%% of misses low)",
+                               it->second->misses ? 100.0 * static_cast<double>(it->second->low_precision_loads) /
+                                                        static_cast<double>(it->second->misses)
+                                                  : 0.0);
           if (!low) r.quality_note = fmt("(k %.2f)", it->second->avg_k);
         }
         const auto& r0 = rows->front().run;
@@ -820,8 +836,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "moex-sim: cannot write %s\n", csv.c_str());
     rc = 1;
   }
-  if (!json.empty() &&
-      !write_file(json, moex::sim_results_to_json(name, *trace, grid.split, *results) + "\n")) {
+  if (!json.empty() && !write_file(json, moex::sim_results_to_json(name, *trace, grid.split, *results) + "\n")) {
     std::fprintf(stderr, "moex-sim: cannot write %s\n", json.c_str());
     rc = 1;
   }

@@ -18,9 +18,10 @@ int main(int argc, char** argv) {
   snprintf(model_dir, sizeof model_dir, "%s/demo-model", argv[1]);
 
   /* Status text and messages are never NULL. */
-  const moex_status codes[] = {MOEX_OK, MOEX_ERR_INVALID_ARGUMENT, MOEX_ERR_UNSUPPORTED, MOEX_ERR_STRUCT_SIZE,
-                               MOEX_ERR_OUT_OF_MEMORY, MOEX_ERR_IO, MOEX_ERR_CORRUPT, MOEX_ERR_NOT_FOUND,
-                               MOEX_ERR_INTERNAL, 12345, -12345};
+  const moex_status codes[] = {
+      MOEX_OK,     MOEX_ERR_INVALID_ARGUMENT, MOEX_ERR_UNSUPPORTED, MOEX_ERR_STRUCT_SIZE, MOEX_ERR_OUT_OF_MEMORY,
+      MOEX_ERR_IO, MOEX_ERR_CORRUPT,          MOEX_ERR_NOT_FOUND,   MOEX_ERR_INTERNAL,    12345,
+      -12345};
   for (size_t i = 0; i < sizeof codes / sizeof codes[0]; ++i) CHECK(moex_status_string(codes[i]) != NULL);
   CHECK(strcmp(moex_status_string(MOEX_ERR_IO), "I/O error") == 0);
   CHECK(strcmp(moex_status_string(-12345), "unknown status") == 0);
@@ -188,9 +189,9 @@ int main(int argc, char** argv) {
   CHECK_STATUS(moex_executor_forward_f32(ex, 0, x, 0, y), MOEX_ERR_INVALID_ARGUMENT);
   CHECK_STATUS(moex_executor_forward_f32(ex, 2, x, T, y), MOEX_ERR_INVALID_ARGUMENT);
   CHECK_STATUS(moex_executor_forward_f32(ex, 0xFFFFFFFFu, x, T, y), MOEX_ERR_INVALID_ARGUMENT);
-  CHECK_STATUS(moex_executor_forward_f32(ex, 0, x, T, x), MOEX_ERR_INVALID_ARGUMENT);      /* aliasing */
-  CHECK_STATUS(moex_executor_forward_f32(ex, 0, x, T, x + 1), MOEX_ERR_INVALID_ARGUMENT);  /* overlap */
-  CHECK_STATUS(moex_executor_step_f32(ex, x, T, x + 3), MOEX_ERR_INVALID_ARGUMENT);        /* partial */
+  CHECK_STATUS(moex_executor_forward_f32(ex, 0, x, T, x), MOEX_ERR_INVALID_ARGUMENT);          /* aliasing */
+  CHECK_STATUS(moex_executor_forward_f32(ex, 0, x, T, x + 1), MOEX_ERR_INVALID_ARGUMENT);      /* overlap */
+  CHECK_STATUS(moex_executor_step_f32(ex, x, T, x + 3), MOEX_ERR_INVALID_ARGUMENT);            /* partial */
   CHECK_STATUS(moex_executor_forward_f32(ex, 0, x, (size_t)-1, y), MOEX_ERR_INVALID_ARGUMENT); /* overflow */
   CHECK_STATUS(moex_executor_forward_bf16(ex, 0, NULL, T, yb), MOEX_ERR_INVALID_ARGUMENT);
   CHECK_STATUS(moex_executor_step_bf16(ex, xb, 0, yb), MOEX_ERR_INVALID_ARGUMENT);
@@ -235,7 +236,8 @@ int main(int argc, char** argv) {
   CHECK_STATUS(moex_trace_write(tr, path, 9), MOEX_ERR_UNSUPPORTED);
   CHECK_STATUS(moex_trace_write(tr, NULL, 0), MOEX_ERR_INVALID_ARGUMENT);
   CHECK_STATUS(moex_trace_shape(NULL, NULL, NULL, NULL, NULL), MOEX_ERR_INVALID_ARGUMENT);
-  CHECK_STATUS(moex_trace_shape((const moex_trace*)ex, NULL, NULL, NULL, NULL), MOEX_ERR_INVALID_ARGUMENT); /* wrong kind */
+  CHECK_STATUS(moex_trace_shape((const moex_trace*)ex, NULL, NULL, NULL, NULL),
+               MOEX_ERR_INVALID_ARGUMENT); /* wrong kind */
 
   /* After destroy: detected (the handle registry), never a crash. Double destroy is a no-op. */
   moex_trace_destroy(tr);

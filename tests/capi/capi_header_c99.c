@@ -1,7 +1,8 @@
 /* moex.h and moex/experimental.h must compile as strict C99 (built with -std=c99 -pedantic-errors). */
 #define MOEX_EXPERIMENTAL 1
-#include "moex.h"
 #include "moex/experimental.h"
+
+#include "moex.h"
 
 /* Referencing a few declarations keeps the translation unit non-empty under -pedantic. */
 moex_status (*const moex_test_c99_open)(const char*, const moex_model_params*, moex_progress_fn, void*,

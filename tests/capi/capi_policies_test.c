@@ -51,11 +51,12 @@ static int write_pregates(const char* path) {
   char header[2048];
   size_t len = 0;
   const size_t per = (size_t)kExperts * kHidden * sizeof(float);
-  len += (size_t)snprintf(header + len, sizeof header - len, "{\"__metadata__\":{\"moex.kind\":\"pregate\",\"moex.version\":\"1\"}");
+  len += (size_t)snprintf(header + len, sizeof header - len,
+                          "{\"__metadata__\":{\"moex.kind\":\"pregate\",\"moex.version\":\"1\"}");
   for (int l = 0; l < kLayers - 1; ++l)
     len += (size_t)snprintf(header + len, sizeof header - len,
-                            ",\"pregate.%d.weight\":{\"dtype\":\"F32\",\"shape\":[%d,%d],\"data_offsets\":[%zu,%zu]}", l,
-                            kExperts, kHidden, (size_t)l * per, (size_t)(l + 1) * per);
+                            ",\"pregate.%d.weight\":{\"dtype\":\"F32\",\"shape\":[%d,%d],\"data_offsets\":[%zu,%zu]}",
+                            l, kExperts, kHidden, (size_t)l * per, (size_t)(l + 1) * per);
   len += (size_t)snprintf(header + len, sizeof header - len, "}");
   while (len % 8 != 0) header[len++] = ' ';
   FILE* f = fopen(path, "wb");
@@ -89,8 +90,8 @@ int main(int argc, char** argv) {
     memset(buf, 0xAB, sizeof buf);
     moex_executor_params_init_size((moex_executor_params*)(void*)buf, 100);
     CHECK(((moex_executor_params*)(void*)buf)->struct_size == 100 && buf[99] == 0 && buf[100] == 0xAB);
-    moex_executor_params_init_size(NULL, 100);                                  /* no-op */
-    moex_executor_params_init_size((moex_executor_params*)(void*)buf, 4);       /* no-op */
+    moex_executor_params_init_size(NULL, 100);                            /* no-op */
+    moex_executor_params_init_size((moex_executor_params*)(void*)buf, 4); /* no-op */
     CHECK(((moex_executor_params*)(void*)buf)->struct_size == 100);
     moex_executor_params p;
     moex_executor_params_init(&p);
@@ -213,7 +214,8 @@ int main(int argc, char** argv) {
     CHECK_STATUS(moex_executor_forward_routed_f32(ex, 0, le, lw, 0, kTokens, x, y), MOEX_ERR_INVALID_ARGUMENT);
     CHECK_STATUS(moex_executor_forward_routed_f32(ex, 0, le, lw, 17, kTokens, x, y), MOEX_ERR_INVALID_ARGUMENT);
     CHECK_STATUS(moex_executor_forward_routed_f32(ex, 0, le, lw, kTopK, 0, x, y), MOEX_ERR_INVALID_ARGUMENT);
-    CHECK_STATUS(moex_executor_forward_routed_f32(ex, kLayers, le, lw, kTopK, kTokens, x, y), MOEX_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(moex_executor_forward_routed_f32(ex, kLayers, le, lw, kTopK, kTokens, x, y),
+                 MOEX_ERR_INVALID_ARGUMENT);
     CHECK_STATUS(moex_executor_forward_routed_f32(ex, 0, le, lw, kTopK, kTokens, x, x), MOEX_ERR_INVALID_ARGUMENT);
     const uint32_t e0 = le[0];
     le[0] = kExperts;
@@ -404,8 +406,8 @@ int main(int argc, char** argv) {
       CHECK_STATUS(moex_executor_create(model, &p, &e), MOEX_OK);
       for (size_t t = 0; t < kTokens && e; ++t)
         for (uint32_t l = 0; l < kLayers; ++l)
-          CHECK_STATUS(moex_executor_forward_routed_f32(e, l, &ids[(t * kLayers + l) * kTopK], &ws[(t * kLayers + l) * kTopK],
-                                                        kTopK, 1, x, y),
+          CHECK_STATUS(moex_executor_forward_routed_f32(e, l, &ids[(t * kLayers + l) * kTopK],
+                                                        &ws[(t * kLayers + l) * kTopK], kTopK, 1, x, y),
                        MOEX_OK);
       moex_stats_init(&st);
       CHECK_STATUS(moex_executor_get_stats(e, MOEX_ALL_LAYERS, &st), MOEX_OK);
@@ -442,7 +444,8 @@ int main(int argc, char** argv) {
       {"miss -1", 0, 0, -1, 0, 0, 0, 0, 0, 0.6, 0.9, 0, MOEX_ERR_INVALID_ARGUMENT},
       {"low precision 50", 0, 0, 0, 50, 0, 0, 0, 0, 0.6, 0.9, 0, MOEX_ERR_UNSUPPORTED},
       {"low precision -1", 0, 0, 0, -1, 0, 0, 0, 0, 0.6, 0.9, 0, MOEX_ERR_INVALID_ARGUMENT},
-      {"low precision not held", 0, 0, MOEX_MISS_HOBBIT, MOEX_PRECISION_INT4, 0, 0, 0, 0, 0.6, 0.9, 0, MOEX_ERR_INVALID_ARGUMENT},
+      {"low precision not held", 0, 0, MOEX_MISS_HOBBIT, MOEX_PRECISION_INT4, 0, 0, 0, 0, 0.6, 0.9, 0,
+       MOEX_ERR_INVALID_ARGUMENT},
       {"unknown miss flag", 0, 0, MOEX_MISS_COST_MODEL, 0, 8, 0, 0, 0, 0.6, 0.9, 0, MOEX_ERR_UNSUPPORTED},
       {"miss flags without cost model", 0, 0, MOEX_MISS_HOBBIT, 0, 1, 0, 0, 0, 0.6, 0.9, 0, MOEX_ERR_INVALID_ARGUMENT},
       {"depth without speculative", 0, 0, 0, 0, 0, 2, 0, 0, 0.6, 0.9, 0, MOEX_ERR_INVALID_ARGUMENT},

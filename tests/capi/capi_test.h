@@ -10,30 +10,30 @@
 
 static int g_checks = 0, g_failures = 0;
 
-#define CHECK(cond)                                                                                \
-  do {                                                                                             \
-    ++g_checks;                                                                                    \
-    if (!(cond)) {                                                                                 \
-      ++g_failures;                                                                                \
-      fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,     \
-              moex_last_error_message());                                                          \
-    }                                                                                              \
+#define CHECK(cond)                                                                            \
+  do {                                                                                         \
+    ++g_checks;                                                                                \
+    if (!(cond)) {                                                                             \
+      ++g_failures;                                                                            \
+      fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond, \
+              moex_last_error_message());                                                      \
+    }                                                                                          \
   } while (0)
 
 /* CHECK that `expr` returns `code` and, for errors, leaves a non-empty message. */
-#define CHECK_STATUS(expr, code)                                                                   \
-  do {                                                                                             \
-    moex_status check_status_ = (expr);                                                            \
-    ++g_checks;                                                                                    \
-    if (check_status_ != (code)) {                                                                 \
-      ++g_failures;                                                                                \
-      fprintf(stderr, "%s:%d: %s returned %d (%s), expected %d (%s); last error: %s\n", __FILE__,  \
-              __LINE__, #expr, (int)check_status_, moex_status_string(check_status_), (int)(code), \
-              moex_status_string(code), moex_last_error_message());                                \
-    } else if ((code) != MOEX_OK && moex_last_error_message()[0] == '\0') {                        \
-      ++g_failures;                                                                                \
-      fprintf(stderr, "%s:%d: %s failed without a message\n", __FILE__, __LINE__, #expr);          \
-    }                                                                                              \
+#define CHECK_STATUS(expr, code)                                                                                   \
+  do {                                                                                                             \
+    moex_status check_status_ = (expr);                                                                            \
+    ++g_checks;                                                                                                    \
+    if (check_status_ != (code)) {                                                                                 \
+      ++g_failures;                                                                                                \
+      fprintf(stderr, "%s:%d: %s returned %d (%s), expected %d (%s); last error: %s\n", __FILE__, __LINE__, #expr, \
+              (int)check_status_, moex_status_string(check_status_), (int)(code), moex_status_string(code),        \
+              moex_last_error_message());                                                                          \
+    } else if ((code) != MOEX_OK && moex_last_error_message()[0] == '\0') {                                        \
+      ++g_failures;                                                                                                \
+      fprintf(stderr, "%s:%d: %s failed without a message\n", __FILE__, __LINE__, #expr);                          \
+    }                                                                                                              \
   } while (0)
 
 /* Prints the summary; the process exit code. */

@@ -28,13 +28,17 @@ static void* run_worker(void* arg) {
   float y[kTokens * kHidden];
   char expected[64];
   for (int r = 0; r < kRounds; ++r) {
-    if (moex_executor_step_f32(ex, g_x, kTokens, y) != MOEX_OK) ++w->errors;
-    else if (memcmp(y, g_want, sizeof y) != 0) ++w->mismatches;
+    if (moex_executor_step_f32(ex, g_x, kTokens, y) != MOEX_OK)
+      ++w->errors;
+    else if (memcmp(y, g_want, sizeof y) != 0)
+      ++w->mismatches;
     /* A thread-specific error; its message must be this thread's. */
     const uint32_t bad_layer = 100u + (uint32_t)w->index;
     snprintf(expected, sizeof expected, "layer %u", bad_layer);
-    if (moex_executor_forward_f32(ex, bad_layer, g_x, kTokens, y) != MOEX_ERR_INVALID_ARGUMENT) ++w->errors;
-    else if (strstr(moex_last_error_message(), expected) == NULL) ++w->message_mixups;
+    if (moex_executor_forward_f32(ex, bad_layer, g_x, kTokens, y) != MOEX_ERR_INVALID_ARGUMENT)
+      ++w->errors;
+    else if (strstr(moex_last_error_message(), expected) == NULL)
+      ++w->message_mixups;
   }
   moex_executor_destroy(ex);
   return NULL;

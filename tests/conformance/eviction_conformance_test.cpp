@@ -1,8 +1,8 @@
 // Every EvictionPolicy must pass these, whatever its strategy.
-#include <doctest/doctest.h>
-
 #include <random>
 #include <vector>
+
+#include <doctest/doctest.h>
 
 #include "moex/cache/mixed_precision_cache.hpp"
 #include "moex/policies/belady_oracle_eviction.hpp"
@@ -11,6 +11,7 @@
 #include "moex/policies/lrfu_eviction.hpp"
 #include "moex/policies/lru_eviction.hpp"
 #include "moex/policies/static_hot_set_eviction.hpp"
+
 #include "support/test_support.hpp"
 
 namespace {
@@ -91,6 +92,5 @@ TEST_CASE_TEMPLATE_DEFINE("EvictionPolicy conformance", Policy, eviction_conform
   SUBCASE("name is not empty") { CHECK(!std::string_view(policy.name()).empty()); }
 }
 
-TEST_CASE_TEMPLATE_INVOKE(eviction_conformance, moex::LruEviction, moex::LfuEviction,
-                          moex::LrfuEviction, moex::HobbitScoreEviction,
-                          moex::StaticHotSetEviction, moex::BeladyOracleEviction);
+TEST_CASE_TEMPLATE_INVOKE(eviction_conformance, moex::LruEviction, moex::LfuEviction, moex::LrfuEviction,
+                          moex::HobbitScoreEviction, moex::StaticHotSetEviction, moex::BeladyOracleEviction);

@@ -16,9 +16,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   int (*fn)(const std::uint8_t*, std::size_t) = nullptr;
-  if (!std::strcmp(argv[1], "safetensors")) fn = moex::fuzz::safetensors;
-  else if (!std::strcmp(argv[1], "gguf")) fn = moex::fuzz::gguf;
-  else if (!std::strcmp(argv[1], "config")) fn = moex::fuzz::config;
+  if (!std::strcmp(argv[1], "safetensors"))
+    fn = moex::fuzz::safetensors;
+  else if (!std::strcmp(argv[1], "gguf"))
+    fn = moex::fuzz::gguf;
+  else if (!std::strcmp(argv[1], "config"))
+    fn = moex::fuzz::config;
   if (!fn) {
     std::fprintf(stderr, "unknown target %s\n", argv[1]);
     return 2;

@@ -1,15 +1,16 @@
 // CudaBackend: slots, uploads (pageable and registered), per-slot ordering, experts against the
 // CPU expert_ffn.
-#include <doctest/doctest.h>
-
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "gpu_test_support.hpp"
+#include <doctest/doctest.h>
+
 #include "moex/backend/cuda_backend.hpp"
 #include "moex/cpu/expert_ffn.hpp"
 #include "moex/quant/quantize.hpp"
+
+#include "gpu_test_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
@@ -24,7 +25,7 @@ TEST_CASE("CudaBackend::create rejects empty configurations before touching a de
   moex::CudaBackendConfig c;
   CHECK(moex::CudaBackend::create(c).status().code() == moex::StatusCode::kInvalidArgument);
 }
-}
+}  // TEST_SUITE("cuda")
 
 TEST_SUITE("gpu" * doctest::skip(!moex::test::gpu_available())) {
 TEST_CASE("CudaBackend runs uploaded experts like the CPU expert_ffn, reusing slots") {
@@ -67,8 +68,8 @@ TEST_CASE("CudaBackend runs uploaded experts like the CPU expert_ffn, reusing sl
   // Two rounds: experts {0,1,3,4} in slots 0..3, then {2,5} overwrite slots 0 and 2.
   const std::vector<std::vector<std::size_t>> rounds = {{0, 1, 3, 4}, {2, 5}};
   for (const auto& round : rounds) {
-    MOEX_CUDA_REQUIRE(cudaMemsetAsync(dout.get(), 0, x.size() * sizeof(float),
-                                      static_cast<cudaStream_t>(be.compute_stream())));
+    MOEX_CUDA_REQUIRE(
+        cudaMemsetAsync(dout.get(), 0, x.size() * sizeof(float), static_cast<cudaStream_t>(be.compute_stream())));
     std::vector<moex::SlotTask> tasks;
     std::vector<double> ref(x.size(), 0.0);
     for (std::size_t i = 0; i < round.size(); ++i) {
@@ -101,4 +102,4 @@ TEST_CASE("CudaBackend runs uploaded experts like the CPU expert_ffn, reusing sl
   }
   REQUIRE(be.unregister_host(registered.data()).is_ok());
 }
-}
+}  // TEST_SUITE("gpu"*doctest::skip(!moex::test::gpu_available()

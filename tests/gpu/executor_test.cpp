@@ -1,19 +1,20 @@
 // MoeLayerExecutor on CudaExecutionBackend against the same executor on CpuBackend: bf16 and int4
 // caches, batch 1 and 4, with speculative prefetch, and (bf16) CostModelMiss computing some misses
 // on the host while others load.
-#include <doctest/doctest.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include "gpu_test_support.hpp"
+#include <doctest/doctest.h>
+
 #include "moex/backend/cuda_execution_backend.hpp"
 #include "moex/executor/moe_layer_executor.hpp"
 #include "moex/policies/cost_model_miss.hpp"
 #include "moex/quant/quantize.hpp"
 #include "moex/route/pre_gate_router.hpp"
+
+#include "gpu_test_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
@@ -60,7 +61,7 @@ TEST_CASE("CudaExecutionBackend::create rejects an unset shape before touching a
   CHECK(empty.slot_count(moex::Precision::kBF16) == 0);
   CHECK_FALSE(empty.sync().is_ok());
 }
-}
+}  // TEST_SUITE("cuda")
 
 TEST_SUITE("gpu" * doctest::skip(!moex::test::gpu_available())) {
 TEST_CASE("the executor on the GPU agrees with the CPU executor (prefetch, cost-model misses)") {
@@ -98,7 +99,8 @@ TEST_CASE("the executor on the GPU agrees with the CPU executor (prefetch, cost-
         miss.allow_source_compute = cache == moex::Precision::kBF16;
         auto gpu_pred = moex::PreGateRouter::speculative(store, 1);
         REQUIRE(gpu_pred.is_ok());
-        auto gpu = moex::MoeLayerExecutor<GpuPolicies>::create(store, ec, std::move(*be), {}, {}, std::move(*gpu_pred), miss);
+        auto gpu =
+            moex::MoeLayerExecutor<GpuPolicies>::create(store, ec, std::move(*be), {}, {}, std::move(*gpu_pred), miss);
         INFO(gpu.status().to_string());
         REQUIRE(gpu.is_ok());
         CHECK(gpu->exact());
@@ -142,4 +144,4 @@ TEST_CASE("the executor on the GPU agrees with the CPU executor (prefetch, cost-
   }
   REQUIRE(moex::CudaExecutionBackend::unregister_store(store).is_ok());
 }
-}
+}  // TEST_SUITE("gpu"*doctest::skip(!moex::test::gpu_available()

@@ -1,10 +1,10 @@
 #pragma once
 // Helpers of the GPU suite: device detection, RAII device buffers, checked CUDA calls.
 
-#include <cuda_runtime.h>
-
 #include <cstddef>
 #include <vector>
+
+#include <cuda_runtime.h>
 
 namespace moex::test {
 
@@ -25,7 +25,9 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   T* get() const { return p_; }
   std::size_t size() const { return n_; }
-  bool upload(const T* src, std::size_t n) { return cudaMemcpy(p_, src, n * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess; }
+  bool upload(const T* src, std::size_t n) {
+    return cudaMemcpy(p_, src, n * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess;
+  }
   bool upload(const std::vector<T>& v) { return upload(v.data(), v.size()); }
   std::vector<T> download(std::size_t n) const {
     std::vector<T> v(n);
@@ -43,9 +45,9 @@ class DeviceBuffer {
 }  // namespace moex::test
 
 /// REQUIREs that a CUDA runtime call succeeded, printing its error string otherwise.
-#define MOEX_CUDA_REQUIRE(expr)                                   \
-  do {                                                            \
-    const cudaError_t moex_err_ = (expr);                         \
-    INFO("CUDA error: ", cudaGetErrorString(moex_err_));          \
-    REQUIRE(moex_err_ == cudaSuccess);                            \
+#define MOEX_CUDA_REQUIRE(expr)                          \
+  do {                                                   \
+    const cudaError_t moex_err_ = (expr);                \
+    INFO("CUDA error: ", cudaGetErrorString(moex_err_)); \
+    REQUIRE(moex_err_ == cudaSuccess);                   \
   } while (0)

@@ -1,6 +1,6 @@
 // The CUDA kernels against float64 references on the CPU, on fresh random data, outputs poisoned
 // (NaN) before every launch.
-#include <doctest/doctest.h>
+#include "kernels.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -9,11 +9,13 @@
 #include <numeric>
 #include <vector>
 
-#include "gpu_test_support.hpp"
-#include "kernels.hpp"
+#include <doctest/doctest.h>
+
 #include "moex/quant/half.hpp"
 #include "moex/quant/quantize.hpp"
 #include "moex/route/router.hpp"
+
+#include "gpu_test_support.hpp"
 #include "support/test_support.hpp"
 
 namespace {
@@ -89,13 +91,15 @@ TEST_CASE("the GEMV dispatch rejects combinations that are not instantiated") {
   CHECK(mc::gemv_supported(moex::quant_format(Precision::kInt4, 128), 4096));
   CHECK_FALSE(mc::gemv_supported(moex::float_format(Precision::kF32), 4096));
 }
-}
+}  // TEST_SUITE("cuda")
 
 TEST_SUITE("gpu" * doctest::skip(!moex::test::gpu_available())) {
 TEST_CASE("dequant_gemv matches the float64 reference in every format, batch 1..8") {
   const std::uint64_t seed = moex::test::seed();
   CAPTURE(seed);
-  struct Shape { std::size_t rows, cols; };
+  struct Shape {
+    std::size_t rows, cols;
+  };
   for (const WeightFormat f : all_formats()) {
     for (const Shape sh : {Shape{37, 1408}, Shape{130, 640}}) {
       for (const std::uint32_t n : {1u, 3u, 8u}) {
@@ -151,7 +155,9 @@ TEST_CASE("dequant_gemv matches the float64 reference in every format, batch 1..
 TEST_CASE("q8 GEMV (int8 activations, dp4a; int4/int2) matches the CPU quantization rule and its error bound") {
   const std::uint64_t seed = moex::test::seed();
   CAPTURE(seed);
-  struct Shape { std::size_t rows, cols; };
+  struct Shape {
+    std::size_t rows, cols;
+  };
   double worst_exact = 0;  // norm-wise error against the exact product, over every case
   for (const WeightFormat f : all_formats()) {
     if (f.precision != Precision::kInt4 && f.precision != Precision::kInt2) continue;  // the q8 path's formats
@@ -279,8 +285,8 @@ TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the fl
     std::vector<double> ref(out0.begin(), out0.end());
     moex::test::DeviceBuffer<std::byte> dw(experts * l.total_bytes);
     for (std::size_t e = 0; e < experts; ++e) {
-      MOEX_CUDA_REQUIRE(cudaMemcpy(dw.get() + e * l.total_bytes, blobs[e].data(), l.total_bytes,
-                                   cudaMemcpyHostToDevice));
+      MOEX_CUDA_REQUIRE(
+          cudaMemcpy(dw.get() + e * l.total_bytes, blobs[e].data(), l.total_bytes, cudaMemcpyHostToDevice));
       const moex::ExpertView v = moex::ExpertView::contiguous(dw.get() + e * l.total_bytes, l);
       tasks[e].w1 = v.w1_data;
       tasks[e].w3 = v.w3_data;
@@ -340,7 +346,13 @@ TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the fl
 TEST_CASE("route_topk matches the Mixtral, Qwen2-MoE and DeepSeek-V3 routers") {
   const std::uint64_t seed = moex::test::seed();
   CAPTURE(seed);
-  struct Variant { const char* name; std::uint32_t experts, k; mc::RouterScore score; bool bias, renorm; float scaling; };
+  struct Variant {
+    const char* name;
+    std::uint32_t experts, k;
+    mc::RouterScore score;
+    bool bias, renorm;
+    float scaling;
+  };
   const Variant variants[] = {{"mixtral", 8, 2, mc::RouterScore::kSoftmax, false, true, 1.f},
                               {"qwen2-moe", 60, 4, mc::RouterScore::kSoftmax, false, false, 1.f},
                               {"deepseek-v3", 256, 8, mc::RouterScore::kSigmoid, true, true, 2.5f}};
@@ -385,7 +397,8 @@ TEST_CASE("route_topk matches the Mixtral, Qwen2-MoE and DeepSeek-V3 routers") {
       }
       std::vector<std::uint32_t> order(v.experts);
       std::iota(order.begin(), order.end(), 0u);
-      std::stable_sort(order.begin(), order.end(), [&](std::uint32_t a1, std::uint32_t b1) { return sel[a1] > sel[b1]; });
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::uint32_t a1, std::uint32_t b1) { return sel[a1] > sel[b1]; });
       double total = 0;
       for (std::uint32_t j = 0; j < v.k; ++j) total += score[order[j]];
       for (std::uint32_t j = 0; j < v.k; ++j) {
@@ -455,7 +468,8 @@ TEST_CASE("route_topk's group-limited selection agrees with the CPU router (Deep
       CAPTURE(t);
       moex::TokenRouting ref;
       const std::span<const float> lg(logits.data() + t * ld, v.experts);
-      REQUIRE(moex::route_token(cfg, lg, sigmoid ? std::span<const float>(bias) : std::span<const float>(), ref).is_ok());
+      REQUIRE(
+          moex::route_token(cfg, lg, sigmoid ? std::span<const float>(bias) : std::span<const float>(), ref).is_ok());
       for (std::uint32_t j = 0; j < v.k; ++j) {
         CHECK(idx[t * v.k + j] == static_cast<std::int32_t>(ref.experts[j]));
         CHECK(std::fabs(wt[t * v.k + j] - ref.weights[j]) <= kRouterTol * std::max(1.f, std::fabs(ref.weights[j])));
@@ -553,4 +567,4 @@ TEST_CASE("the cuBLAS bf16 path and the bf16 conversion agree with the reference
     }
   CHECK(moex::test::rel_error(y, ref) < kGemmTol);
 }
-}
+}  // TEST_SUITE("gpu"*doctest::skip(!moex::test::gpu_available()

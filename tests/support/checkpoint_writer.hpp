@@ -19,6 +19,7 @@
 #include "moex/formats/safetensors_writer.hpp"
 #include "moex/quant/ggml.hpp"
 #include "moex/quant/half.hpp"
+
 #include "support/test_support.hpp"
 
 namespace moex::test {
@@ -26,13 +27,34 @@ namespace moex::test {
 /// Builds a GGUF file in memory: metadata of every value type, tensor infos, aligned data.
 class GgufWriter {
  public:
-  void kv_u32(const std::string& k, std::uint32_t v) { key(k, GgufType::kU32); put(v); }
-  void kv_f32(const std::string& k, float v) { key(k, GgufType::kF32); put(v); }
-  void kv_bool(const std::string& k, bool v) { key(k, GgufType::kBool); put(static_cast<std::uint8_t>(v)); }
-  void kv_u64(const std::string& k, std::uint64_t v) { key(k, GgufType::kU64); put(v); }
-  void kv_i8(const std::string& k, std::int8_t v) { key(k, GgufType::kI8); put(v); }
-  void kv_f64(const std::string& k, double v) { key(k, GgufType::kF64); put(v); }
-  void kv_string(const std::string& k, const std::string& v) { key(k, GgufType::kString); str(v); }
+  void kv_u32(const std::string& k, std::uint32_t v) {
+    key(k, GgufType::kU32);
+    put(v);
+  }
+  void kv_f32(const std::string& k, float v) {
+    key(k, GgufType::kF32);
+    put(v);
+  }
+  void kv_bool(const std::string& k, bool v) {
+    key(k, GgufType::kBool);
+    put(static_cast<std::uint8_t>(v));
+  }
+  void kv_u64(const std::string& k, std::uint64_t v) {
+    key(k, GgufType::kU64);
+    put(v);
+  }
+  void kv_i8(const std::string& k, std::int8_t v) {
+    key(k, GgufType::kI8);
+    put(v);
+  }
+  void kv_f64(const std::string& k, double v) {
+    key(k, GgufType::kF64);
+    put(v);
+  }
+  void kv_string(const std::string& k, const std::string& v) {
+    key(k, GgufType::kString);
+    str(v);
+  }
   void kv_strings(const std::string& k, const std::vector<std::string>& v) {
     key(k, GgufType::kArray);
     put(static_cast<std::uint32_t>(GgufType::kString));
@@ -49,7 +71,10 @@ class GgufWriter {
   void tensor(const std::string& name, GgmlType type, std::vector<std::uint64_t> shape, std::vector<std::byte> data) {
     tensors_.push_back({name, type, std::move(shape), std::move(data)});
   }
-  void set_alignment(std::uint32_t a) { alignment_ = a; kv_u32("general.alignment", a); }
+  void set_alignment(std::uint32_t a) {
+    alignment_ = a;
+    kv_u32("general.alignment", a);
+  }
 
   std::vector<std::byte> bytes(std::uint32_t version = 3) const {
     std::vector<std::byte> out;
@@ -171,7 +196,8 @@ inline ModelConfig tiny_config(Architecture arch, std::uint32_t hidden = 64, std
       c.norm_topk_prob = arch == Architecture::kDeepseekV3;
       c.router = arch == Architecture::kDeepseekV3 ? RouterKind::kSigmoidBiasScaled : RouterKind::kSoftmaxTopK;
       break;
-    default: break;
+    default:
+      break;
   }
   return c;
 }
@@ -187,7 +213,8 @@ struct WrittenModel {
 
 /// Writes an HF safetensors checkpoint of `c` (bf16 weights; DeepSeek-V3 with fp8_block writes fp8
 /// experts with scales; gpt-oss fused gate_up, or MXFP4 blocks when `mxfp4`) into `dir`.
-inline WrittenModel write_hf_model(const std::filesystem::path& dir, const ModelConfig& c, bool sharded, bool mxfp4 = false) {
+inline WrittenModel write_hf_model(const std::filesystem::path& dir, const ModelConfig& c, bool sharded,
+                                   bool mxfp4 = false) {
   WrittenModel w;
   w.config = c;
   SafetensorsWriter st;
@@ -266,7 +293,8 @@ inline WrittenModel write_hf_model(const std::filesystem::path& dir, const Model
         mx(p + "mlp.experts.gate_up_proj", 2 * F, H, gu);
         mx(p + "mlp.experts.down_proj", H, F, dn);
         for (std::uint32_t e = 0; e < E; ++e) {
-          std::vector<float> g(F * H), u(F * H), d(dn.begin() + std::ptrdiff_t{e} * H * F, dn.begin() + std::ptrdiff_t{e + 1} * H * F);
+          std::vector<float> g(F * H), u(F * H),
+              d(dn.begin() + std::ptrdiff_t{e} * H * F, dn.begin() + std::ptrdiff_t{e + 1} * H * F);
           for (std::uint32_t o = 0; o < F; ++o)
             for (std::uint32_t i = 0; i < H; ++i) {
               g[o * H + i] = gu[(std::size_t{e} * 2 * F + 2 * o) * H + i];
@@ -281,7 +309,8 @@ inline WrittenModel write_hf_model(const std::filesystem::path& dir, const Model
     }
     for (std::uint32_t e = 0; e < E; ++e) {
       for (int which = 0; which < 3; ++which) {
-        const std::vector<std::uint64_t> shape = which == 2 ? std::vector<std::uint64_t>{H, F} : std::vector<std::uint64_t>{F, H};
+        const std::vector<std::uint64_t> shape =
+            which == 2 ? std::vector<std::uint64_t>{H, F} : std::vector<std::uint64_t>{F, H};
         const std::string name = hf_expert_tensor_name(c.arch, l, e, which);
         if (c.fp8_block) {  // fp8 e4m3 codes 0..0x77 (finite) with one scale per block
           std::vector<std::byte> codes(std::size_t{F} * H);
@@ -329,13 +358,19 @@ inline WrittenModel write_hf_model(const std::filesystem::path& dir, const Model
 /// The GGUF architecture name of `a`.
 inline std::string gguf_arch_name(Architecture a) {
   switch (a) {
-    case Architecture::kMixtral: return "llama";
-    case Architecture::kQwen2Moe: return "qwen2moe";
-    case Architecture::kQwen3Moe: return "qwen3moe";
+    case Architecture::kMixtral:
+      return "llama";
+    case Architecture::kQwen2Moe:
+      return "qwen2moe";
+    case Architecture::kQwen3Moe:
+      return "qwen3moe";
     case Architecture::kDeepseekV2:
-    case Architecture::kDeepseekV3: return "deepseek2";
-    case Architecture::kOlmoe: return "olmoe";
-    case Architecture::kGptOss: return "gpt-oss";
+    case Architecture::kDeepseekV3:
+      return "deepseek2";
+    case Architecture::kOlmoe:
+      return "olmoe";
+    case Architecture::kGptOss:
+      return "gpt-oss";
   }
   return "?";
 }
@@ -351,7 +386,8 @@ inline std::vector<std::byte> encode_q8_0(const float* x, std::size_t n) {
     const std::uint16_t dh = float_to_f16(d);
     out.push_back(std::byte(dh & 0xff));
     out.push_back(std::byte(dh >> 8));
-    for (int j = 0; j < 32; ++j) out.push_back(std::byte(static_cast<std::uint8_t>(static_cast<std::int8_t>(std::lround(x[b * 32 + j] * id)))));
+    for (int j = 0; j < 32; ++j)
+      out.push_back(std::byte(static_cast<std::uint8_t>(static_cast<std::int8_t>(std::lround(x[b * 32 + j] * id)))));
   }
   return out;
 }
@@ -404,7 +440,10 @@ inline WrittenModel write_gguf_model(const std::filesystem::path& path, const Mo
     } else if (t == GgmlType::kF16) {
       for (auto& x : vals) x = f16_to_float(float_to_f16(x));
       b.resize(n * 2);
-      for (std::size_t i = 0; i < n; ++i) { const auto h = float_to_f16(vals[i]); std::memcpy(&b[2 * i], &h, 2); }
+      for (std::size_t i = 0; i < n; ++i) {
+        const auto h = float_to_f16(vals[i]);
+        std::memcpy(&b[2 * i], &h, 2);
+      }
     } else if (t == GgmlType::kBF16) {
       for (auto& x : vals) x = bf16_to_float(float_to_bf16(x));
       b = to_bf16_bytes(vals);
@@ -424,8 +463,10 @@ inline WrittenModel write_gguf_model(const std::filesystem::path& path, const Mo
       continue;
     }
     g.tensor(p + "ffn_gate_inp.weight", GgmlType::kF32, {E, H}, make(E * H, GgmlType::kF32, w.router_values[l]));
-    if (c.arch == Architecture::kDeepseekV3) g.tensor(p + "exp_probs_b.bias", GgmlType::kF32, {E}, make(E, GgmlType::kF32, tmp));
-    if (c.arch == Architecture::kGptOss) g.tensor(p + "ffn_gate_inp.bias", GgmlType::kF32, {E}, make(E, GgmlType::kF32, tmp));
+    if (c.arch == Architecture::kDeepseekV3)
+      g.tensor(p + "exp_probs_b.bias", GgmlType::kF32, {E}, make(E, GgmlType::kF32, tmp));
+    if (c.arch == Architecture::kGptOss)
+      g.tensor(p + "ffn_gate_inp.bias", GgmlType::kF32, {E}, make(E, GgmlType::kF32, tmp));
     static constexpr const char* kNames[] = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"};
     for (int which = 0; which < 3; ++which) {
       const std::uint64_t rows = which == 2 ? H : F, cols = which == 2 ? F : H;
@@ -435,8 +476,9 @@ inline WrittenModel write_gguf_model(const std::filesystem::path& path, const Mo
       for (std::uint32_t e = 0; e < E; ++e) {
         w.expert_bytes[{l, e, which}] = std::vector<std::byte>(b.begin() + static_cast<std::ptrdiff_t>(per * e),
                                                                b.begin() + static_cast<std::ptrdiff_t>(per * (e + 1)));
-        w.expert_values[{l, e, which}] = std::vector<float>(vals.begin() + static_cast<std::ptrdiff_t>(rows * cols * e),
-                                                            vals.begin() + static_cast<std::ptrdiff_t>(rows * cols * (e + 1)));
+        w.expert_values[{l, e, which}] =
+            std::vector<float>(vals.begin() + static_cast<std::ptrdiff_t>(rows * cols * e),
+                               vals.begin() + static_cast<std::ptrdiff_t>(rows * cols * (e + 1)));
       }
       g.tensor(p + kNames[which], type, {E, rows, cols}, std::move(b));
     }
@@ -445,7 +487,8 @@ inline WrittenModel write_gguf_model(const std::filesystem::path& path, const Mo
       g.tensor(p + "ffn_gate_shexp.weight", type, {S, H}, make(S * H, type, tmp));
       g.tensor(p + "ffn_up_shexp.weight", type, {S, H}, make(S * H, type, tmp));
       g.tensor(p + "ffn_down_shexp.weight", type, {H, S}, make(S * H, type, tmp));
-      if (c.arch == Architecture::kQwen2Moe) g.tensor(p + "ffn_gate_inp_shexp.weight", GgmlType::kF32, {1, H}, make(H, GgmlType::kF32, tmp));
+      if (c.arch == Architecture::kQwen2Moe)
+        g.tensor(p + "ffn_gate_inp_shexp.weight", GgmlType::kF32, {1, H}, make(H, GgmlType::kF32, tmp));
     }
   }
   std::vector<float> tmp;

@@ -4,7 +4,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <system_error>
-
 #include <unistd.h>
 
 namespace moex::test {

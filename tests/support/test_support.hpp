@@ -30,10 +30,10 @@ std::filesystem::path temp_dir(const std::string& tag);
 }  // namespace moex::test
 
 /// Skips the current test case with a clear message when ../shared is absent (a user's clone).
-#define MOEX_REQUIRE_SHARED(var)                                                          \
-  auto var##_opt = ::moex::test::shared_dir();                                             \
-  if (!var##_opt) {                                                                        \
+#define MOEX_REQUIRE_SHARED(var)                                                               \
+  auto var##_opt = ::moex::test::shared_dir();                                                 \
+  if (!var##_opt) {                                                                            \
     MESSAGE("skipped: ../shared is absent (it ships with the project's CI, not with clones)"); \
-    return;                                                                                \
-  }                                                                                        \
+    return;                                                                                    \
+  }                                                                                            \
   const std::filesystem::path var = *var##_opt

@@ -28,10 +28,10 @@ extern "C" {
  */
 typedef struct moex_cuda_params {
   uint64_t struct_size;
-  int32_t device;      /* CUDA device ordinal */
-  uint32_t flags;      /* must be 0 */
-  void* stream;        /* a cudaStream_t to enqueue on, borrowed (must outlive the executor);
-                          NULL = the executor creates its own */
+  int32_t device; /* CUDA device ordinal */
+  uint32_t flags; /* must be 0 */
+  void* stream;   /* a cudaStream_t to enqueue on, borrowed (must outlive the executor);
+                     NULL = the executor creates its own */
 } moex_cuda_params;
 
 /** Fills the first `size` bytes of `params` with defaults; size < 8 or > 4096, or NULL: no-op. */

@@ -1,7 +1,7 @@
 // Tests of the mini engine on the shared real models: logits against a float64 reference forward
 // pass written here, bits per byte against the reference's, the C API variant against the C++
 // one, exactness of prediction-only policies, the pre-gate fit and the adaptive-gate calibration.
-#include <doctest/doctest.h>
+#include "engine.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -11,9 +11,11 @@
 #include <string>
 #include <vector>
 
-#include "engine.hpp"
-#include "moex.h"
+#include <doctest/doctest.h>
+
 #include "moex/cpu/cpu_isa.hpp"
+
+#include "moex.h"
 #include "safetensors_lite.hpp"
 #include "support/test_support.hpp"
 
@@ -40,7 +42,8 @@ Windows fixed_windows() {
 class Reference {
  public:
   explicit Reference(const moex::Checkpoint& ck) : c_(ck.config()) {
-    const std::size_t H = c_.hidden, qd = std::size_t{c_.n_heads} * c_.head_dim, kvd = std::size_t{c_.n_kv_heads} * c_.head_dim;
+    const std::size_t H = c_.hidden, qd = std::size_t{c_.n_heads} * c_.head_dim,
+                      kvd = std::size_t{c_.n_kv_heads} * c_.head_dim;
     auto get = [&](const std::string& name, std::size_t numel) {
       auto t = ck.tensor(name);
       REQUIRE_MESSAGE(t.is_ok(), name);
@@ -241,25 +244,25 @@ TEST_CASE("engine logits and bits per byte match a float64 reference on both sha
                                                                                      : moex::detected_cpu_isa()};
     if (moex::detected_cpu_isa() == moex::CpuIsa::kAvx512Bf16) isas.push_back(moex::CpuIsa::kAvx512Bf16);
     for (moex::CpuIsa isa : isas)
-    for (std::size_t chunk : {std::size_t{0}, std::size_t{1}}) {  // whole windows, and token by token
-      REQUIRE(moex::set_cpu_isa(isa).is_ok());
-      const bool bf16 = isa == moex::CpuIsa::kAvx512Bf16;
-      const std::string isa_name(moex::to_string(isa));
-      CAPTURE(isa_name);
-      CAPTURE(chunk);
-      auto moe = (*eng)->make_runner({});
-      REQUIRE(moe.is_ok());
-      std::vector<float> logits;
-      auto r = moex_engine::evaluate_bpb(**eng, **moe, windows, chunk, &logits);
-      REQUIRE_MESSAGE(r.is_ok(), r.status().to_string());
-      REQUIRE(logits.size() == ref_logits.size());
-      const double err = moex::test::rel_error(logits.data(), ref_logits.data(), logits.size());
-      MESSAGE(name << " kernels " << isa_name << " chunk " << chunk << ": logits relative error " << err << "; bpb "
-                   << r->bpb() << " vs reference " << ref_bits / double(ref_count));
-      CHECK(err < (bf16 ? kBf16LogitTolerance : kLogitTolerance));
-      CHECK(r->predictions == ref_count);
-      CHECK(std::abs(r->bpb() - ref_bits / double(ref_count)) < (bf16 ? kBf16BpbTolerance : kBpbTolerance));
-    }
+      for (std::size_t chunk : {std::size_t{0}, std::size_t{1}}) {  // whole windows, and token by token
+        REQUIRE(moex::set_cpu_isa(isa).is_ok());
+        const bool bf16 = isa == moex::CpuIsa::kAvx512Bf16;
+        const std::string isa_name(moex::to_string(isa));
+        CAPTURE(isa_name);
+        CAPTURE(chunk);
+        auto moe = (*eng)->make_runner({});
+        REQUIRE(moe.is_ok());
+        std::vector<float> logits;
+        auto r = moex_engine::evaluate_bpb(**eng, **moe, windows, chunk, &logits);
+        REQUIRE_MESSAGE(r.is_ok(), r.status().to_string());
+        REQUIRE(logits.size() == ref_logits.size());
+        const double err = moex::test::rel_error(logits.data(), ref_logits.data(), logits.size());
+        MESSAGE(name << " kernels " << isa_name << " chunk " << chunk << ": logits relative error " << err << "; bpb "
+                     << r->bpb() << " vs reference " << ref_bits / double(ref_count));
+        CHECK(err < (bf16 ? kBf16LogitTolerance : kLogitTolerance));
+        CHECK(r->predictions == ref_count);
+        CHECK(std::abs(r->bpb() - ref_bits / double(ref_count)) < (bf16 ? kBf16BpbTolerance : kBpbTolerance));
+      }
     REQUIRE(moex::set_cpu_isa(moex::detected_cpu_isa()).is_ok());
   }
 }
@@ -299,7 +302,8 @@ TEST_CASE("the C API variant computes the same logits as the C++ engine") {
     for (const auto& w : windows) {
       tf.reset();
       std::vector<float> l(w.size() * shape.vocab);
-      for (std::size_t i = 0; i < w.size(); ++i) REQUIRE(tf.forward(std::span(w).subspan(i, 1), fn, &l[i * shape.vocab]).empty());
+      for (std::size_t i = 0; i < w.size(); ++i)
+        REQUIRE(tf.forward(std::span(w).subspan(i, 1), fn, &l[i * shape.vocab]).empty());
       got.insert(got.end(), l.begin(), l.end());
     }
     moex_executor_destroy(ex);
@@ -374,12 +378,12 @@ TEST_CASE("prediction-only policies are exact; pre-gate fit and adaptive-gate ca
     REQUIRE(am.is_ok());
     auto ar = moex_engine::evaluate_bpb(**eng, **am, windows, 1);
     REQUIRE(ar.is_ok());
-    MESSAGE(name << ": adaptive k target " << target << " reached " << reached << " on calibration, "
-                 << ar->average_k() << " on the test text; bpb " << ar->bpb());
+    MESSAGE(name << ": adaptive k target " << target << " reached " << reached << " on calibration, " << ar->average_k()
+                 << " on the test text; bpb " << ar->bpb());
     CHECK(ar->average_k() < top_k);
   }
 }
-}
+}  // TEST_SUITE("engine")
 
 TEST_SUITE("engine") {
 TEST_CASE("a recorded routing trace round-trips through moex's binary and JSON Lines forms") {
@@ -445,4 +449,4 @@ TEST_CASE("bad config.json and safetensors inputs are errors, not crashes") {
   const std::uint32_t tok = 0;
   CHECK_FALSE(tf.forward(std::span(&tok, 1), {}, nullptr).empty());  // nothing loaded
 }
-}
+}  // TEST_SUITE("engine")

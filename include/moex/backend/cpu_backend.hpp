@@ -55,7 +55,8 @@ class CpuBackend {
 
   std::uint64_t now_ns() const noexcept {
     return static_cast<std::uint64_t>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+            .count());
   }
 
   Status allocate_slots(Precision pool, std::size_t slot_bytes, std::size_t count) noexcept;

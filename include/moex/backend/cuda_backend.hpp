@@ -29,20 +29,20 @@ MOEX_NAMESPACE_BEGIN
 
 /// Sizes and streams of a CudaBackend.
 struct CudaBackendConfig {
-  int device = 0;                            ///< CUDA device ordinal
-  std::size_t slot_bytes = 0;                ///< bytes of one slot (>= the largest expert blob)
-  std::uint32_t slot_count = 0;              ///< slots in the device cache
-  std::size_t staging_bytes = 64ull << 20;   ///< pinned bounce buffer for pageable uploads
-  ExpertShape max_shape{};                   ///< largest expert shape, sizes the workspace
-  void* compute_stream = nullptr;            ///< caller's cudaStream_t; null: the backend makes one
+  int device = 0;                           ///< CUDA device ordinal
+  std::size_t slot_bytes = 0;               ///< bytes of one slot (>= the largest expert blob)
+  std::uint32_t slot_count = 0;             ///< slots in the device cache
+  std::size_t staging_bytes = 64ull << 20;  ///< pinned bounce buffer for pageable uploads
+  ExpertShape max_shape{};                  ///< largest expert shape, sizes the workspace
+  void* compute_stream = nullptr;           ///< caller's cudaStream_t; null: the backend makes one
 };
 
 /// One expert of one step: the slot that holds it and the tokens routed to it.
 struct SlotTask {
   std::uint32_t slot = 0;
-  std::uint32_t n = 0;              ///< tokens, 1..8
-  std::uint32_t token[8] = {};      ///< rows of x / out
-  float weight[8] = {};             ///< gate weights
+  std::uint32_t n = 0;          ///< tokens, 1..8
+  std::uint32_t token[8] = {};  ///< rows of x / out
+  float weight[8] = {};         ///< gate weights
 };
 
 /// Device expert cache + copy engine + expert kernels on one GPU.
@@ -83,8 +83,8 @@ class CudaBackend {
   /// out[token] += weight * expert(x[token]) for every task, all experts of `layout` (one grouped
   /// launch per 32 tasks) on the compute stream, after their slots' uploads. x and out are
   /// device pointers, [tokens x hidden] with strides ldx / ldo; out is accumulated into.
-  Status expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x,
-                    std::size_t ldx, float* out, std::size_t ldo) noexcept;
+  Status expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x, std::size_t ldx,
+                    float* out, std::size_t ldo) noexcept;
 
   /// Waits for both streams.
   Status synchronize() noexcept;

@@ -39,28 +39,28 @@ class ExpertStore;
 
 /// Settings of a CudaExecutionBackend.
 struct CudaExecutionBackendConfig {
-  int device = 0;                          ///< CUDA device ordinal
-  void* compute_stream = nullptr;          ///< caller's cudaStream_t; null: the backend makes one
-  ExpertShape max_shape{};                 ///< largest expert shape served (sizes the buffers); required
-  std::uint32_t max_tokens = 64;           ///< most tokens of one expert_ffn call
-  std::uint32_t max_rows_per_step = 1024;  ///< most rows staged between two sync() calls (tokens x top-k)
-  std::uint32_t gemv_max_tokens = 2;       ///< bf16/f16 calls with more tokens use cuBLAS (bf16) ...
-  std::size_t staging_bytes = 64ull << 20; ///< pinned bounce buffer for pageable sources
-  std::uint64_t pcie_bytes_per_s = 0;      ///< cost model; 0 = measured at create (64 MB pinned copy)
-  std::uint64_t host_bytes_per_s = 0;      ///< cost model: host expert compute, weight bytes/s; 0 = 20e9
-  std::uint32_t host_threads = 0;          ///< threads of the host expert pool; 0 = cores - 2 (>= 1)
+  int device = 0;                           ///< CUDA device ordinal
+  void* compute_stream = nullptr;           ///< caller's cudaStream_t; null: the backend makes one
+  ExpertShape max_shape{};                  ///< largest expert shape served (sizes the buffers); required
+  std::uint32_t max_tokens = 64;            ///< most tokens of one expert_ffn call
+  std::uint32_t max_rows_per_step = 1024;   ///< most rows staged between two sync() calls (tokens x top-k)
+  std::uint32_t gemv_max_tokens = 2;        ///< bf16/f16 calls with more tokens use cuBLAS (bf16) ...
+  std::size_t staging_bytes = 64ull << 20;  ///< pinned bounce buffer for pageable sources
+  std::uint64_t pcie_bytes_per_s = 0;       ///< cost model; 0 = measured at create (64 MB pinned copy)
+  std::uint64_t host_bytes_per_s = 0;       ///< cost model: host expert compute, weight bytes/s; 0 = 20e9
+  std::uint32_t host_threads = 0;           ///< threads of the host expert pool; 0 = cores - 2 (>= 1)
 };
 
 /// Counters of a CudaExecutionBackend (cumulative; reset_counters clears them).
 struct CudaExecutionCounters {
   std::uint64_t loads = 0;
   std::uint64_t load_bytes = 0;
-  std::uint64_t staged_load_bytes = 0;    ///< of which went through pageable staging
+  std::uint64_t staged_load_bytes = 0;  ///< of which went through pageable staging
   std::uint64_t gpu_calls = 0;
   std::uint64_t cublas_calls = 0;
   std::uint64_t host_calls = 0;
-  std::uint64_t host_busy_ns = 0;         ///< time the host worker spent computing experts
-  std::uint64_t sync_wait_ns = 0;         ///< time sync() waited
+  std::uint64_t host_busy_ns = 0;  ///< time the host worker spent computing experts
+  std::uint64_t sync_wait_ns = 0;  ///< time sync() waited
 };
 
 /// The executor's backend on one GPU (see the file comment).

@@ -52,8 +52,7 @@ struct ComputeProfile {
   /// The FLOP rate used for `p`.
   std::uint64_t rate(Precision p) const noexcept {
     const std::size_t i = static_cast<std::size_t>(p);
-    return i < kPrecisionCount && flops_per_s_by_precision[i] ? flops_per_s_by_precision[i]
-                                                              : flops_per_s;
+    return i < kPrecisionCount && flops_per_s_by_precision[i] ? flops_per_s_by_precision[i] : flops_per_s;
   }
 };
 
@@ -113,26 +112,24 @@ class SimBackend {
   /// Queues a copy of `bytes` on `link`; returns its completion time.
   std::uint64_t submit_copy(SimLink link, std::uint64_t bytes, std::uint64_t not_before_ns) noexcept {
     const LinkProfile& p = profile_.links[static_cast<std::size_t>(link)];
-    return enqueue(static_cast<std::size_t>(link), bytes,
-                   p.latency_ns + sim_duration_ns(bytes, p.bytes_per_s), not_before_ns);
+    return enqueue(static_cast<std::size_t>(link), bytes, p.latency_ns + sim_duration_ns(bytes, p.bytes_per_s),
+                   not_before_ns);
   }
   /// submit_copy not before now().
-  std::uint64_t submit_copy(SimLink link, std::uint64_t bytes) noexcept {
-    return submit_copy(link, bytes, now_);
-  }
+  std::uint64_t submit_copy(SimLink link, std::uint64_t bytes) noexcept { return submit_copy(link, bytes, now_); }
 
   /// Time of one computation reading `bytes` of weights and doing `flops` at `precision`.
   std::uint64_t compute_ns(SimDevice device, Precision precision, std::uint64_t bytes,
                            std::uint64_t flops) const noexcept {
     const ComputeProfile& c = profile_.compute[static_cast<std::size_t>(device)];
-    return c.launch_ns + std::max(sim_duration_ns(bytes, c.read_bytes_per_s),
-                                  sim_duration_ns(flops, c.rate(precision)));
+    return c.launch_ns +
+           std::max(sim_duration_ns(bytes, c.read_bytes_per_s), sim_duration_ns(flops, c.rate(precision)));
   }
   /// Queues a computation on `device`; returns its completion time.
-  std::uint64_t submit_compute(SimDevice device, Precision precision, std::uint64_t bytes,
-                               std::uint64_t flops, std::uint64_t not_before_ns) noexcept {
-    return enqueue(kSimLinkCount + static_cast<std::size_t>(device), bytes,
-                   compute_ns(device, precision, bytes, flops), not_before_ns);
+  std::uint64_t submit_compute(SimDevice device, Precision precision, std::uint64_t bytes, std::uint64_t flops,
+                               std::uint64_t not_before_ns) noexcept {
+    return enqueue(kSimLinkCount + static_cast<std::size_t>(device), bytes, compute_ns(device, precision, bytes, flops),
+                   not_before_ns);
   }
   /// submit_compute not before now().
   std::uint64_t submit_compute(SimDevice device, Precision precision, std::uint64_t bytes,
@@ -148,16 +145,12 @@ class SimBackend {
     return now_;
   }
   /// When a queue becomes free.
-  std::uint64_t link_free_at(SimLink link) const noexcept {
-    return free_at_[static_cast<std::size_t>(link)];
-  }
+  std::uint64_t link_free_at(SimLink link) const noexcept { return free_at_[static_cast<std::size_t>(link)]; }
   std::uint64_t device_free_at(SimDevice device) const noexcept {
     return free_at_[kSimLinkCount + static_cast<std::size_t>(device)];
   }
   /// Counters of a queue.
-  const SimQueueStats& link_stats(SimLink link) const noexcept {
-    return stats_[static_cast<std::size_t>(link)];
-  }
+  const SimQueueStats& link_stats(SimLink link) const noexcept { return stats_[static_cast<std::size_t>(link)]; }
   const SimQueueStats& device_stats(SimDevice device) const noexcept {
     return stats_[kSimLinkCount + static_cast<std::size_t>(device)];
   }
@@ -181,8 +174,7 @@ class SimBackend {
  private:
   static constexpr std::size_t kQueues = kSimLinkCount + kSimDeviceCount;
 
-  std::uint64_t enqueue(std::size_t q, std::uint64_t bytes, std::uint64_t duration,
-                        std::uint64_t not_before) noexcept {
+  std::uint64_t enqueue(std::size_t q, std::uint64_t bytes, std::uint64_t duration, std::uint64_t not_before) noexcept {
     const std::uint64_t start = std::max(not_before, free_at_[q]);
     free_at_[q] = start + duration;
     ++stats_[q].operations;

@@ -17,9 +17,9 @@ MOEX_NAMESPACE_BEGIN
 
 /// Where simulated experts move and run.
 struct SimExecutionConfig {
-  SimLink load_link = SimLink::kHostToDevice;      ///< the link a miss or prefetch is loaded over
-  SimDevice compute_device = SimDevice::kGpu;      ///< where resident experts run
-  SimDevice source_device = SimDevice::kHostCpu;   ///< where an expert runs at its source
+  SimLink load_link = SimLink::kHostToDevice;     ///< the link a miss or prefetch is loaded over
+  SimDevice compute_device = SimDevice::kGpu;     ///< where resident experts run
+  SimDevice source_device = SimDevice::kHostCpu;  ///< where an expert runs at its source
   /// Copies move in chunks of this size; a cancelled copy stops at the next chunk boundary and
   /// what is queued behind it moves up (as a copy engine fed chunk by chunk would). 0 = whole
   /// copies (not cancellable once started).
@@ -44,7 +44,9 @@ class SimExecutionBackend {
     slots_[static_cast<std::size_t>(pool) % kPrecisionCount] = count;
     return Status::ok();
   }
-  std::size_t slot_count(Precision pool) const noexcept { return slots_[static_cast<std::size_t>(pool) % kPrecisionCount]; }
+  std::size_t slot_count(Precision pool) const noexcept {
+    return slots_[static_cast<std::size_t>(pool) % kPrecisionCount];
+  }
   /// Queues the copy on the load link.
   Status start_load(Precision pool, std::size_t slot, const ExpertView& src, LoadTicket& ticket) noexcept {
     if (slot >= slot_count(pool)) return invalid_argument("SimExecutionBackend::start_load: slot out of range");
@@ -78,11 +80,11 @@ class SimExecutionBackend {
       cut = std::min(it->end, it->start + (now - it->start + chunk_ns - 1) / chunk_ns * chunk_ns);
     }
     const std::uint64_t removed = it->end - cut;
-    const std::uint64_t moved_bytes =
-        it->end > it->start ? static_cast<std::uint64_t>(static_cast<long double>(it->bytes) *
-                                                          static_cast<long double>(cut - it->start) /
-                                                          static_cast<long double>(it->end - it->start))
-                            : it->bytes;
+    const std::uint64_t moved_bytes = it->end > it->start
+                                          ? static_cast<std::uint64_t>(static_cast<long double>(it->bytes) *
+                                                                       static_cast<long double>(cut - it->start) /
+                                                                       static_cast<long double>(it->end - it->start))
+                                          : it->bytes;
     sim_.rewind_link(config_.load_link, removed, it->bytes - std::min(it->bytes, moved_bytes));
     for (auto later = it + 1; later != jobs_.end(); ++later) {
       later->start -= std::min(later->start, removed);
@@ -112,7 +114,8 @@ class SimExecutionBackend {
   }
   std::uint64_t load_eta_ns(std::size_t bytes) const noexcept {
     const LinkProfile& p = sim_.profile().links[static_cast<std::size_t>(config_.load_link)];
-    return std::max(sim_.now(), sim_.link_free_at(config_.load_link)) + p.latency_ns + sim_duration_ns(bytes, p.bytes_per_s);
+    return std::max(sim_.now(), sim_.link_free_at(config_.load_link)) + p.latency_ns +
+           sim_duration_ns(bytes, p.bytes_per_s);
   }
   std::uint64_t source_eta_ns(const ExpertLayout& l, std::size_t n) const noexcept {
     return std::max(sim_.now(), sim_.device_free_at(config_.source_device)) +

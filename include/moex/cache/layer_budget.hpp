@@ -23,11 +23,9 @@ MOEX_NAMESPACE_BEGIN
 using MissCurves = std::vector<std::vector<std::uint64_t>>;
 
 /// `total_slots` split over `n_layers` as evenly as possible; the first layers get the remainder.
-inline std::vector<std::uint32_t> uniform_layer_split(std::uint32_t n_layers,
-                                                      std::uint32_t total_slots) {
+inline std::vector<std::uint32_t> uniform_layer_split(std::uint32_t n_layers, std::uint32_t total_slots) {
   std::vector<std::uint32_t> out(n_layers, 0);
-  for (std::uint32_t l = 0; l < n_layers; ++l)
-    out[l] = total_slots / n_layers + (l < total_slots % n_layers ? 1u : 0u);
+  for (std::uint32_t l = 0; l < n_layers; ++l) out[l] = total_slots / n_layers + (l < total_slots % n_layers ? 1u : 0u);
   return out;
 }
 
@@ -38,8 +36,7 @@ inline std::vector<std::uint32_t> uniform_layer_split(std::uint32_t n_layers,
 /// Errors: kInvalidArgument when a curve is shorter than min_slots + 1 or L * min_slots exceeds
 /// total_slots.
 inline Result<std::vector<std::uint32_t>> dp_layer_split(std::span<const std::vector<std::uint64_t>> curves,
-                                                         std::uint32_t total_slots,
-                                                         std::uint32_t min_slots = 0) {
+                                                         std::uint32_t total_slots, std::uint32_t min_slots = 0) {
   const std::size_t n_layers = curves.size();
   if (n_layers == 0) return invalid_argument("dp_layer_split: no layers");
   if (static_cast<std::uint64_t>(n_layers) * min_slots > total_slots)
@@ -82,8 +79,7 @@ inline Result<std::vector<std::uint32_t>> dp_layer_split(std::span<const std::ve
 }
 
 /// Bytes per layer for a slot split, each slot holding one expert of `expert_bytes`.
-inline std::vector<std::uint64_t> slots_to_bytes(std::span<const std::uint32_t> slots,
-                                                 std::uint64_t expert_bytes) {
+inline std::vector<std::uint64_t> slots_to_bytes(std::span<const std::uint32_t> slots, std::uint64_t expert_bytes) {
   std::vector<std::uint64_t> out(slots.size());
   for (std::size_t i = 0; i < slots.size(); ++i) out[i] = slots[i] * expert_bytes;
   return out;

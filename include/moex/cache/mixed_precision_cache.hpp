@@ -48,10 +48,10 @@ struct CacheEntry {
   std::uint32_t slot = 0;  ///< dense slot id within its pool (the backend maps it to memory)
   Precision precision = Precision::kBF16;
   std::uint64_t bytes = 0;
-  std::uint32_t hits = 0;      ///< hits since insertion
-  std::uint32_t hp_uses = 0;   ///< high-precision uses since insertion
+  std::uint32_t hits = 0;     ///< hits since insertion
+  std::uint32_t hp_uses = 0;  ///< high-precision uses since insertion
   std::uint64_t last_step = 0;
-  bool is_protected = false;   ///< protected from eviction (see protect())
+  bool is_protected = false;  ///< protected from eviction (see protect())
 };
 
 /// One expert that left the cache during an insert.
@@ -122,8 +122,8 @@ class MixedPrecisionCache {
   /// Errors: kInvalidArgument (key out of range, bytes == 0, bytes larger than the group's
   /// budget), kOutOfMemory (the group's protected entries leave too little room; nothing was
   /// evicted then), kInternal (the policy returned an index out of range).
-  Result<InsertResult> insert(ExpertKey key, Precision precision, std::uint64_t bytes,
-                              std::uint64_t step, bool protect = false) noexcept;
+  Result<InsertResult> insert(ExpertKey key, Precision precision, std::uint64_t bytes, std::uint64_t step,
+                              bool protect = false) noexcept;
 
   /// Protects a resident key from eviction (until unprotect() or its next lookup hit).
   /// kNotFound when not resident.
@@ -157,9 +157,7 @@ class MixedPrecisionCache {
   std::size_t size() const noexcept { return resident_; }
   /// One more than the largest slot id ever handed out in the pool of `precision` (the number of
   /// slots the backend must be able to address).
-  std::uint32_t slot_high_water(Precision precision) const noexcept {
-    return next_slot_[pool_of(precision)];
-  }
+  std::uint32_t slot_high_water(Precision precision) const noexcept { return next_slot_[pool_of(precision)]; }
   /// The resident entries of group g as the policy sees them (unprotected first).
   std::span<const SlotView> group_views(std::size_t g) const noexcept { return groups_[g].views; }
 
@@ -182,20 +180,15 @@ class MixedPrecisionCache {
     std::uint64_t budget = 0;
     std::uint64_t used = 0;
     std::uint64_t protected_bytes = 0;
-    std::uint32_t n_unprotected = 0;    // views[0, n_unprotected) are eviction candidates
+    std::uint32_t n_unprotected = 0;  // views[0, n_unprotected) are eviction candidates
     std::vector<SlotView> views;
-    std::vector<std::uint32_t> slots;   // parallel to views
+    std::vector<std::uint32_t> slots;  // parallel to views
   };
 
-  MixedPrecisionCache(CacheConfig config, E policy) noexcept
-      : config_(std::move(config)), policy_(std::move(policy)) {}
+  MixedPrecisionCache(CacheConfig config, E policy) noexcept : config_(std::move(config)), policy_(std::move(policy)) {}
 
-  std::size_t pool_of(Precision p) const noexcept {
-    return pools_ == 1 ? 0 : static_cast<std::size_t>(p);
-  }
-  bool in_range(ExpertKey k) const noexcept {
-    return k.layer < config_.n_layers && k.expert < config_.n_experts;
-  }
+  std::size_t pool_of(Precision p) const noexcept { return pools_ == 1 ? 0 : static_cast<std::size_t>(p); }
+  bool in_range(ExpertKey k) const noexcept { return k.layer < config_.n_layers && k.expert < config_.n_experts; }
   std::size_t index(ExpertKey k) const noexcept {
     return static_cast<std::size_t>(k.layer) * config_.n_experts + k.expert;
   }
@@ -204,8 +197,7 @@ class MixedPrecisionCache {
   }
   CacheEntry entry_at(const Group& g, std::uint32_t pos) const noexcept {
     const SlotView& v = g.views[pos];
-    return {g.slots[pos], v.precision, v.bytes, v.hits, v.hp_uses, v.last_step,
-            pos >= g.n_unprotected};
+    return {g.slots[pos], v.precision, v.bytes, v.hits, v.hp_uses, v.last_step, pos >= g.n_unprotected};
   }
   void move_entry(Group& g, std::uint32_t from, std::uint32_t to) noexcept {
     g.views[to] = g.views[from];
@@ -242,14 +234,12 @@ Result<MixedPrecisionCache<E>> MixedPrecisionCache<E>::create(CacheConfig config
   if (config.n_layers == 0 || config.n_experts == 0)
     return invalid_argument("CacheConfig: n_layers and n_experts must be > 0");
   const std::uint64_t n_keys = static_cast<std::uint64_t>(config.n_layers) * config.n_experts;
-  if (n_keys > (std::uint64_t{1} << 26))
-    return invalid_argument("CacheConfig: n_layers * n_experts exceeds 2^26");
+  if (n_keys > (std::uint64_t{1} << 26)) return invalid_argument("CacheConfig: n_layers * n_experts exceeds 2^26");
   const bool per_layer = !config.layer_budget_bytes.empty();
   if (per_layer && config.layer_budget_bytes.size() != config.n_layers)
     return invalid_argument("CacheConfig: layer_budget_bytes must have n_layers entries");
   const bool per_precision = config.pools == PoolMode::kPerPrecision;
-  if (config.pools != PoolMode::kShared && !per_precision)
-    return invalid_argument("CacheConfig: unknown pool mode");
+  if (config.pools != PoolMode::kShared && !per_precision) return invalid_argument("CacheConfig: unknown pool mode");
   long double precision_total = 0;
   for (std::uint64_t b : config.precision_budget_bytes) precision_total += static_cast<long double>(b);
   if (per_precision && precision_total == 0)
@@ -267,10 +257,10 @@ Result<MixedPrecisionCache<E>> MixedPrecisionCache<E>::create(CacheConfig config
       for (std::size_t pg = 0; pg < cache.pools_; ++pg) {
         std::uint64_t b = per_layer ? c.layer_budget_bytes[lg] : c.budget_bytes;
         if (per_precision) {
-          b = per_layer ? static_cast<std::uint64_t>(static_cast<long double>(b) *
-                                                     static_cast<long double>(c.precision_budget_bytes[pg]) /
-                                                     precision_total)
-                        : c.precision_budget_bytes[pg];
+          b = per_layer
+                  ? static_cast<std::uint64_t>(static_cast<long double>(b) *
+                                               static_cast<long double>(c.precision_budget_bytes[pg]) / precision_total)
+                  : c.precision_budget_bytes[pg];
         }
         cache.groups_[lg * cache.pools_ + pg].budget = b;
       }
@@ -289,8 +279,7 @@ Result<MixedPrecisionCache<E>> MixedPrecisionCache<E>::create(CacheConfig config
 }
 
 template <EvictionPolicy E>
-std::optional<CacheEntry> MixedPrecisionCache<E>::lookup(ExpertKey key,
-                                                         std::uint64_t step) noexcept {
+std::optional<CacheEntry> MixedPrecisionCache<E>::lookup(ExpertKey key, std::uint64_t step) noexcept {
   if (!in_range(key)) return std::nullopt;
   tell_step(step, key.layer);
   const Loc loc = where_[index(key)];
@@ -343,17 +332,14 @@ EvictedEntry MixedPrecisionCache<E>::remove_at(std::size_t gi, std::uint32_t pos
 }
 
 template <EvictionPolicy E>
-Result<InsertResult> MixedPrecisionCache<E>::insert(ExpertKey key, Precision precision,
-                                                    std::uint64_t bytes, std::uint64_t step,
-                                                    bool protect) noexcept {
+Result<InsertResult> MixedPrecisionCache<E>::insert(ExpertKey key, Precision precision, std::uint64_t bytes,
+                                                    std::uint64_t step, bool protect) noexcept {
   if (!in_range(key)) return invalid_argument("insert: key out of range");
-  if (static_cast<std::size_t>(precision) >= kPrecisionCount)
-    return invalid_argument("insert: unknown precision");
+  if (static_cast<std::size_t>(precision) >= kPrecisionCount) return invalid_argument("insert: unknown precision");
   if (bytes == 0) return invalid_argument("insert: bytes must be > 0");
   const std::size_t gi = group_of(key, precision);
   if (bytes > groups_[gi].budget)
-    return invalid_argument("insert: expert of " + std::to_string(bytes) +
-                            " bytes exceeds its group's budget of " +
+    return invalid_argument("insert: expert of " + std::to_string(bytes) + " bytes exceeds its group's budget of " +
                             std::to_string(groups_[gi].budget));
   tell_step(step, key.layer);
   evicted_.clear();
@@ -370,11 +356,9 @@ Result<InsertResult> MixedPrecisionCache<E>::insert(ExpertKey key, Precision pre
     // which is replaced) must leave room for the new entry.
     const Group& g = groups_[gi];
     std::uint64_t pinned = g.protected_bytes;
-    if (old.pos != kAbsent && old.group == gi && old.pos >= g.n_unprotected)
-      pinned -= g.views[old.pos].bytes;
+    if (old.pos != kAbsent && old.group == gi && old.pos >= g.n_unprotected) pinned -= g.views[old.pos].bytes;
     if (g.budget - pinned < bytes)
-      return Status(StatusCode::kOutOfMemory,
-                    "insert: protected experts leave too little room in the group");
+      return Status(StatusCode::kOutOfMemory, "insert: protected experts leave too little room in the group");
   }
   const bool reserved = detail::try_alloc([&] {
     // Reserve everything this insert may push, so that nothing below allocates or throws:
@@ -397,8 +381,7 @@ Result<InsertResult> MixedPrecisionCache<E>::insert(ExpertKey key, Precision pre
   Group& g = groups_[gi];
   while (g.budget - g.used < bytes) {
     // Guaranteed non-empty by the room check above.
-    const std::size_t victim =
-        policy_.choose_victim(std::span<const SlotView>(g.views.data(), g.n_unprotected));
+    const std::size_t victim = policy_.choose_victim(std::span<const SlotView>(g.views.data(), g.n_unprotected));
     if (victim >= g.n_unprotected) return internal_error("eviction policy returned a bad index");
     policy_.on_evict(g.views[victim]);
     const EvictedEntry e = remove_at(gi, static_cast<std::uint32_t>(victim));

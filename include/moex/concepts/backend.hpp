@@ -37,24 +37,36 @@ using LoadTicket = std::uint64_t;
 /// Performance considerations: transfers and compute are what the executor overlaps; a backend
 /// never allocates inside start_load, expert_ffn or sync.
 template <class B>
-concept ExecutionBackend =
-    std::move_constructible<B> &&
+concept ExecutionBackend = std::move_constructible<B> &&
     requires(B& b, const B& cb, Precision pool, std::size_t slot, std::size_t bytes, const ExpertView& v,
              const ExpertLayout& l, const float* x, std::size_t n, float* y, LoadTicket t, LoadTicket& tout) {
-      { B::kHasData } -> std::convertible_to<bool>;
-      { cb.now_ns() } noexcept -> std::same_as<std::uint64_t>;
-      { b.allocate_slots(pool, bytes, n) } noexcept -> std::same_as<Status>;
-      { cb.slot_count(pool) } noexcept -> std::same_as<std::size_t>;
-      { b.start_load(pool, slot, v, tout) } noexcept -> std::same_as<Status>;
-      { b.wait_load(t) } noexcept -> std::same_as<Status>;
-      { b.load_done(t) } noexcept -> std::same_as<bool>;
-      { b.cancel_load(t) } noexcept;
-      { cb.slot_view(pool, slot, l) } noexcept -> std::same_as<ExpertView>;
-      { b.expert_ffn(v, x, n, y) } noexcept -> std::same_as<Status>;
-      { b.expert_ffn_at_source(v, x, n, y) } noexcept -> std::same_as<Status>;
-      { b.sync() } noexcept -> std::same_as<Status>;
-      { cb.load_eta_ns(bytes) } noexcept -> std::same_as<std::uint64_t>;
-      { cb.source_eta_ns(l, n) } noexcept -> std::same_as<std::uint64_t>;
-    };
+  { B::kHasData } -> std::convertible_to<bool>;
+  { cb.now_ns() }
+  noexcept->std::same_as<std::uint64_t>;
+  { b.allocate_slots(pool, bytes, n) }
+  noexcept->std::same_as<Status>;
+  { cb.slot_count(pool) }
+  noexcept->std::same_as<std::size_t>;
+  { b.start_load(pool, slot, v, tout) }
+  noexcept->std::same_as<Status>;
+  { b.wait_load(t) }
+  noexcept->std::same_as<Status>;
+  { b.load_done(t) }
+  noexcept->std::same_as<bool>;
+  { b.cancel_load(t) }
+  noexcept;
+  { cb.slot_view(pool, slot, l) }
+  noexcept->std::same_as<ExpertView>;
+  { b.expert_ffn(v, x, n, y) }
+  noexcept->std::same_as<Status>;
+  { b.expert_ffn_at_source(v, x, n, y) }
+  noexcept->std::same_as<Status>;
+  { b.sync() }
+  noexcept->std::same_as<Status>;
+  { cb.load_eta_ns(bytes) }
+  noexcept->std::same_as<std::uint64_t>;
+  { cb.source_eta_ns(l, n) }
+  noexcept->std::same_as<std::uint64_t>;
+};
 
 MOEX_NAMESPACE_END

@@ -37,15 +37,15 @@ bool try_alloc(F&& f) noexcept {
 /// What an eviction policy may look at for one resident entry. The cache owns these views and
 /// keeps them up to date; a policy only reads them.
 struct SlotView {
-  ExpertKey key;                    ///< the resident expert
+  ExpertKey key;                           ///< the resident expert
   Precision precision = Precision::kBF16;  ///< the precision it is resident in
-  std::uint64_t last_step = 0;      ///< step of the last access (insertion counts as an access)
-  std::uint64_t last_use = 0;       ///< cache-wide access counter at the last access: unique, a
-                                    ///< total order finer than steps (exact LRU order)
-  std::uint64_t inserted_step = 0;  ///< step at which it was inserted
-  std::uint64_t bytes = 0;          ///< bytes it occupies in fast memory
-  std::uint32_t hits = 0;           ///< hits since insertion (the insertion itself not counted)
-  std::uint32_t hp_uses = 0;        ///< uses at high precision since insertion (HOBBIT's LHU)
+  std::uint64_t last_step = 0;             ///< step of the last access (insertion counts as an access)
+  std::uint64_t last_use = 0;              ///< cache-wide access counter at the last access: unique, a
+                                           ///< total order finer than steps (exact LRU order)
+  std::uint64_t inserted_step = 0;         ///< step at which it was inserted
+  std::uint64_t bytes = 0;                 ///< bytes it occupies in fast memory
+  std::uint32_t hits = 0;                  ///< hits since insertion (the insertion itself not counted)
+  std::uint32_t hp_uses = 0;               ///< uses at high precision since insertion (HOBBIT's LHU)
 };
 
 /// EvictionPolicy — picks the resident entry to give up when the cache is full.
@@ -83,31 +83,34 @@ struct SlotView {
 ///   static_assert(moex::EvictionPolicy<OldestFirst>);
 /// @endcode
 template <class P>
-concept EvictionPolicy =
-    std::default_initializable<P> && std::move_constructible<P> &&
+concept EvictionPolicy = std::default_initializable<P> && std::move_constructible<P> &&
     requires(P& p, const P& cp, const SlotView& s, std::span<const SlotView> candidates) {
-      { p.on_access(s) } noexcept;
-      { p.on_insert(s) } noexcept;
-      { p.on_evict(s) } noexcept;
-      { p.choose_victim(candidates) } noexcept -> std::same_as<std::size_t>;
-      { cp.name() } noexcept -> std::convertible_to<std::string_view>;
-    };
+  { p.on_access(s) }
+  noexcept;
+  { p.on_insert(s) }
+  noexcept;
+  { p.on_evict(s) }
+  noexcept;
+  { p.choose_victim(candidates) }
+  noexcept->std::same_as<std::size_t>;
+  { cp.name() }
+  noexcept->std::convertible_to<std::string_view>;
+};
 
 /// An EvictionPolicy with per-key state in dense arrays: the cache calls
 /// `reserve_keys(n_layers, n_experts)` once when it is created (keys are then `layer < n_layers`,
 /// `expert < n_experts`) and fails creation with the returned Status if that fails.
 template <class P>
-concept KeyedEviction =
-    EvictionPolicy<P> && requires(P& p, std::uint32_t n_layers, std::uint32_t n_experts) {
-      { p.reserve_keys(n_layers, n_experts) } -> std::same_as<Status>;
-    };
+concept KeyedEviction = EvictionPolicy<P> && requires(P& p, std::uint32_t n_layers, std::uint32_t n_experts) {
+  { p.reserve_keys(n_layers, n_experts) } -> std::same_as<Status>;
+};
 
 /// An EvictionPolicy that also wants to know the current step and layer (see on_step above).
 /// Steps passed to on_step never decrease.
 template <class P>
-concept StepAwareEviction =
-    EvictionPolicy<P> && requires(P& p, std::uint64_t step, std::uint32_t layer) {
-      { p.on_step(step, layer) } noexcept;
-    };
+concept StepAwareEviction = EvictionPolicy<P> && requires(P& p, std::uint64_t step, std::uint32_t layer) {
+  { p.on_step(step, layer) }
+  noexcept;
+};
 
 MOEX_NAMESPACE_END

@@ -22,11 +22,14 @@ MOEX_NAMESPACE_BEGIN
 /// Performance considerations: runs per token per layer; O(k) work, no allocation.
 template <class G>
 concept GatePolicy = std::default_initializable<G> && std::move_constructible<G> &&
-                     requires(G& g, const G& cg, std::uint32_t layer, TokenRouting& r) {
-                       { g.apply(layer, r) } noexcept -> std::same_as<std::uint32_t>;
-                       { cg.exact() } noexcept -> std::same_as<bool>;
-                       { cg.name() } noexcept -> std::convertible_to<std::string_view>;
-                     };
+    requires(G& g, const G& cg, std::uint32_t layer, TokenRouting& r) {
+  { g.apply(layer, r) }
+  noexcept->std::same_as<std::uint32_t>;
+  { cg.exact() }
+  noexcept->std::same_as<bool>;
+  { cg.name() }
+  noexcept->std::convertible_to<std::string_view>;
+};
 
 /// The router's own top-k, unchanged (the exact path).
 struct FixedTopKGate {

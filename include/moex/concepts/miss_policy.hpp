@@ -27,10 +27,10 @@ struct MissDecision {
 /// if queued now behind what is already queued (so the policy balances the two queues).
 struct MissContext {
   ExpertKey key;
-  std::uint32_t rank = 0;        ///< 0 = the token's top expert
-  float weight = 0.f;            ///< the expert's normalized gate weight (largest over its tokens)
-  float unimportance = 0.f;      ///< HOBBIT's score: normalized weight of the experts ranked before it
-  std::uint32_t tokens = 0;      ///< tokens that use it this step
+  std::uint32_t rank = 0;                        ///< 0 = the token's top expert
+  float weight = 0.f;                            ///< the expert's normalized gate weight (largest over its tokens)
+  float unimportance = 0.f;                      ///< HOBBIT's score: normalized weight of the experts ranked before it
+  std::uint32_t tokens = 0;                      ///< tokens that use it this step
   Precision cache_precision = Precision::kBF16;  ///< the full-precision choice
   Precision low_precision = Precision::kBF16;    ///< the low-precision copy held, == cache_precision if none
   std::uint64_t now_ns = 0;
@@ -44,11 +44,14 @@ struct MissContext {
 /// policy never changes the model's function (kLoad at full precision, or kComputeAtSource, only).
 template <class M>
 concept MissPolicy = std::default_initializable<M> && std::move_constructible<M> &&
-                     requires(M& m, const M& cm, const MissContext& c) {
-                       { m.decide(c) } noexcept -> std::same_as<MissDecision>;
-                       { cm.exact() } noexcept -> std::same_as<bool>;
-                       { cm.name() } noexcept -> std::convertible_to<std::string_view>;
-                     };
+    requires(M& m, const M& cm, const MissContext& c) {
+  { m.decide(c) }
+  noexcept->std::same_as<MissDecision>;
+  { cm.exact() }
+  noexcept->std::same_as<bool>;
+  { cm.name() }
+  noexcept->std::convertible_to<std::string_view>;
+};
 
 /// Always load at full (cache) precision: on-demand loading, the exact baseline.
 struct LoadOnMiss {

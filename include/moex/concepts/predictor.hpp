@@ -25,11 +25,11 @@ struct Prediction {
 
 /// What a predictor sees after a layer is routed.
 struct PredictContext {
-  std::uint32_t layer = 0;                  ///< the layer just routed
-  const float* hidden = nullptr;            ///< its input hidden states [n x hidden]; null in simulation
-  std::size_t n = 0;                        ///< tokens
-  std::span<const TokenRouting> routing;    ///< its actual routing (after the gate)
-  std::uint64_t step = 0;                   ///< the executor step of this layer's call
+  std::uint32_t layer = 0;                ///< the layer just routed
+  const float* hidden = nullptr;          ///< its input hidden states [n x hidden]; null in simulation
+  std::size_t n = 0;                      ///< tokens
+  std::span<const TokenRouting> routing;  ///< its actual routing (after the gate)
+  std::uint64_t step = 0;                 ///< the executor step of this layer's call
   const ExpertStore* store = nullptr;
 };
 
@@ -45,11 +45,13 @@ struct PredictContext {
 /// product per predicted layer (O(n * E * hidden)), tiny next to an expert.
 template <class P>
 concept Predictor = std::move_constructible<P> &&
-                    requires(P& p, const P& cp, const PredictContext& c, std::vector<Prediction>& out) {
-                      { p.predict(c, out) } -> std::same_as<Status>;
-                      { cp.depth() } noexcept -> std::same_as<std::uint32_t>;
-                      { cp.name() } noexcept -> std::convertible_to<std::string_view>;
-                    };
+    requires(P& p, const P& cp, const PredictContext& c, std::vector<Prediction>& out) {
+  { p.predict(c, out) } -> std::same_as<Status>;
+  { cp.depth() }
+  noexcept->std::same_as<std::uint32_t>;
+  { cp.name() }
+  noexcept->std::convertible_to<std::string_view>;
+};
 
 /// A predictor that can also supply a layer's routing itself (Pre-gated MoE: the pre-gate in
 /// block i selects block i+1's experts). `take_routing(layer, out)` fills the routing of `layer`
@@ -57,9 +59,11 @@ concept Predictor = std::move_constructible<P> &&
 /// own router decide.
 /// `routes_layers()` says whether it does so at all (then the executor is not exact).
 template <class P>
-concept RoutingPredictor = Predictor<P> && requires(P& p, const P& cp, std::uint32_t layer, std::span<TokenRouting> out) {
+concept RoutingPredictor = Predictor<P> &&
+    requires(P& p, const P& cp, std::uint32_t layer, std::span<TokenRouting> out) {
   { p.take_routing(layer, out) } -> std::same_as<bool>;
-  { cp.routes_layers() } noexcept -> std::same_as<bool>;
+  { cp.routes_layers() }
+  noexcept->std::same_as<bool>;
 };
 
 /// No prediction (on-demand loading only).

@@ -16,10 +16,13 @@ MOEX_NAMESPACE_BEGIN
 template <class P>
 concept PrefetchPrecisionPolicy = std::default_initializable<P> && std::move_constructible<P> &&
     requires(P& p, const P& cp, const Prediction& pr, Precision full, Precision low) {
-      { p.choose(pr, full, low) } noexcept -> std::same_as<Precision>;
-      { cp.exact() } noexcept -> std::same_as<bool>;
-      { cp.name() } noexcept -> std::convertible_to<std::string_view>;
-    };
+  { p.choose(pr, full, low) }
+  noexcept->std::same_as<Precision>;
+  { cp.exact() }
+  noexcept->std::same_as<bool>;
+  { cp.name() }
+  noexcept->std::convertible_to<std::string_view>;
+};
 
 /// Prefetch at full precision (exact).
 struct PrefetchFullPrecision {

@@ -42,10 +42,14 @@ enum class CpuIsa : std::uint8_t {
 /// "scalar", "avx2", "avx512", "avx512bf16".
 constexpr std::string_view to_string(CpuIsa isa) noexcept {
   switch (isa) {
-    case CpuIsa::kScalar: return "scalar";
-    case CpuIsa::kAvx2: return "avx2";
-    case CpuIsa::kAvx512: return "avx512";
-    case CpuIsa::kAvx512Bf16: return "avx512bf16";
+    case CpuIsa::kScalar:
+      return "scalar";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx512Bf16:
+      return "avx512bf16";
   }
   return "scalar";
 }

@@ -53,8 +53,7 @@ bool cpu_has_gfni() noexcept;
 /// Decodes columns [c0, c0+len) of row `row` into dst. c0 and len are multiples of the group size
 /// (integer formats) or block size (block formats); any value for float formats.
 /// Precondition: the view passed check_matrix_view().
-void decode_row_range(const MatrixView& m, std::size_t row, std::size_t c0, std::size_t len,
-                      float* dst) noexcept;
+void decode_row_range(const MatrixView& m, std::size_t row, std::size_t c0, std::size_t len, float* dst) noexcept;
 
 }  // namespace detail
 

@@ -39,8 +39,8 @@ Status check_matrix_view(const MatrixView& m) noexcept;
 /// Preconditions: check_matrix_view(w) is ok, row_end <= rows, x holds n rows of ldx >= cols
 /// floats, y holds n rows of ldy >= row_end floats. Null pointers make it return without writing.
 /// Block formats (quant/ggml.hpp) are decoded through decode_block_row, 1024 columns at a time.
-void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y,
-                 std::size_t ldy, std::size_t row_begin, std::size_t row_end) noexcept;
+void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y, std::size_t ldy,
+                 std::size_t row_begin, std::size_t row_end) noexcept;
 
 /// Scratch floats expert_ffn needs for n tokens of `shape`.
 constexpr std::size_t expert_ffn_workspace(ExpertShape shape, std::size_t n) noexcept {
@@ -53,8 +53,8 @@ constexpr std::size_t expert_ffn_workspace(ExpertShape shape, std::size_t n) noe
 /// together with the SwiGLU activation in one pass. y may alias x.
 /// Errors: kInvalidArgument for null pointers, views whose layouts do not match the shape, an
 /// invalid format or a short workspace; kUnsupported for fp8 e4m3 weights.
-Status expert_ffn(const ExpertView& e, const float* x, std::size_t n, float* y,
-                  std::span<float> workspace, ThreadPool* pool = nullptr) noexcept;
+Status expert_ffn(const ExpertView& e, const float* x, std::size_t n, float* y, std::span<float> workspace,
+                  ThreadPool* pool = nullptr) noexcept;
 
 /// The instruction set the kernels use now (active_cpu_isa()): "avx512bf16", "avx512", "avx2",
 /// "scalar". Never null; static storage.

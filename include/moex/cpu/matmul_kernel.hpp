@@ -68,8 +68,8 @@ struct FloatRows {
 
 /// R x T tile over float rows [r0, r0+R), tokens [0, T) of x/y (already offset).
 template <class V, int R, int T, Precision P>
-inline void float_tile(const FloatRows<V, P>& w, std::size_t r0, const float* x, std::size_t ldx,
-                       float* y, std::size_t ldy) noexcept {
+inline void float_tile(const FloatRows<V, P>& w, std::size_t r0, const float* x, std::size_t ldx, float* y,
+                       std::size_t ldy) noexcept {
   using F = typename V::F;
   const std::size_t cols = w.cols;
   F acc[R][T];
@@ -115,8 +115,8 @@ struct QuantRows {
 };
 
 template <class V, int R, int T, std::uint32_t B, bool Asym>
-inline void quant_tile(const QuantRows& q, std::size_t r0, const float* x, std::size_t ldx,
-                       float* y, std::size_t ldy) noexcept {
+inline void quant_tile(const QuantRows& q, std::size_t r0, const float* x, std::size_t ldx, float* y,
+                       std::size_t ldy) noexcept {
   using F = typename V::F;
   constexpr float kHalf = static_cast<float>(1u << (B - 1));
   F acc[R][T];
@@ -179,10 +179,17 @@ inline void token_blocks(const Tile& tile, std::size_t r0, const MatmulArgs& a) 
   std::size_t t = 0;
   for (; t + 4 <= a.n; t += 4) tile.template run<R, 4>(r0, a.x + t * a.ldx, a.y + t * a.ldy);
   switch (a.n - t) {
-    case 1: tile.template run<R, 1>(r0, a.x + t * a.ldx, a.y + t * a.ldy); break;
-    case 2: tile.template run<R, 2>(r0, a.x + t * a.ldx, a.y + t * a.ldy); break;
-    case 3: tile.template run<R, 3>(r0, a.x + t * a.ldx, a.y + t * a.ldy); break;
-    default: break;
+    case 1:
+      tile.template run<R, 1>(r0, a.x + t * a.ldx, a.y + t * a.ldy);
+      break;
+    case 2:
+      tile.template run<R, 2>(r0, a.x + t * a.ldx, a.y + t * a.ldy);
+      break;
+    case 3:
+      tile.template run<R, 3>(r0, a.x + t * a.ldx, a.y + t * a.ldy);
+      break;
+    default:
+      break;
   }
 }
 
@@ -217,8 +224,14 @@ struct QuantTile {
 template <class V, std::uint32_t B, bool Asym>
 inline void run_quant(const MatmulArgs& a) noexcept {
   const MatrixLayout& l = a.layout;
-  const QuantRows q{reinterpret_cast<const std::uint8_t*>(a.w), l.cols, l.format.group_size,
-                    l.cols / l.format.group_size, l.scales_offset, l.mins_offset, B, Asym};
+  const QuantRows q{reinterpret_cast<const std::uint8_t*>(a.w),
+                    l.cols,
+                    l.format.group_size,
+                    l.cols / l.format.group_size,
+                    l.scales_offset,
+                    l.mins_offset,
+                    B,
+                    Asym};
   row_tiles<V>(QuantTile<V, B, Asym>{q, a.ldx, a.ldy}, a);
 }
 
@@ -244,7 +257,8 @@ inline void matmul_rows_generic(const MatmulArgs& a) noexcept {
       return asym ? run_quant<V, 4, true>(a) : run_quant<V, 4, false>(a);
     case Precision::kInt2:
       return asym ? run_quant<V, 2, true>(a) : run_quant<V, 2, false>(a);
-    default: return;
+    default:
+      return;
   }
 }
 

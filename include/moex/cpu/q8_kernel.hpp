@@ -83,19 +83,14 @@ struct Q8Kernel {
 
   static constexpr std::uint8_t kOff = static_cast<std::uint8_t>(1u << (B - 1));
 
-  std::int8_t* qp(std::size_t t) const noexcept {
-    return reinterpret_cast<std::int8_t*>(buf + t * geo.stride);
-  }
-  float* dxv(std::size_t t) const noexcept {
-    return reinterpret_cast<float*>(buf + t * geo.stride + geo.q_bytes);
-  }
+  std::int8_t* qp(std::size_t t) const noexcept { return reinterpret_cast<std::int8_t*>(buf + t * geo.stride); }
+  float* dxv(std::size_t t) const noexcept { return reinterpret_cast<float*>(buf + t * geo.stride + geo.q_bytes); }
   std::int32_t* corr(std::size_t t) const noexcept {
     return reinterpret_cast<std::int32_t*>(buf + t * geo.stride + geo.q_bytes +
                                            Q8Geometry<Q>::a64(geo.units * Q::L * 4));
   }
   float* cs(std::size_t t) const noexcept {
-    return reinterpret_cast<float*>(buf + t * geo.stride + geo.q_bytes +
-                                    2 * Q8Geometry<Q>::a64(geo.units * Q::L * 4));
+    return reinterpret_cast<float*>(buf + t * geo.stride + geo.q_bytes + 2 * Q8Geometry<Q>::a64(geo.units * Q::L * 4));
   }
 
   // Quantizes columns [c0, c0+len) of token t's x into the buffer.
@@ -158,8 +153,8 @@ struct Q8Kernel {
   // R rows from r0, T tokens from t0 (buffer and y already offset by t0 via tb / yt), chunk
   // columns [c0, c0 + len). first: y = result, else y += result.
   template <int R, int T>
-  void tile(std::size_t r0, std::size_t tb, float* y, std::size_t ldy, std::size_t c0,
-            std::size_t len, bool first) const noexcept {
+  void tile(std::size_t r0, std::size_t tb, float* y, std::size_t ldy, std::size_t c0, std::size_t len,
+            bool first) const noexcept {
     F acc[R][T];
     MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) {
       MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = Q::fzero();
@@ -186,8 +181,8 @@ struct Q8Kernel {
       MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) {
         if constexpr (Q::kBlock > 32) {
           if (gpu == 2) {
-            dw[r] = Q::template fblend_g2<B>(Q::fset1(scale(sc[r], g0 + 2 * u)),
-                                             Q::fset1(scale(sc[r], g0 + 2 * u + 1)));
+            dw[r] =
+                Q::template fblend_g2<B>(Q::fset1(scale(sc[r], g0 + 2 * u)), Q::fset1(scale(sc[r], g0 + 2 * u + 1)));
             continue;
           }
         }
@@ -210,8 +205,8 @@ struct Q8Kernel {
       }
       MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t) {
         const F dx = Q::fload(dt[t] + u * Q::L);
-        MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r)
-          acc[r][t] = Q::ffma(Q::cvt(is[r][t]), Q::fmul(dw[r], dx), acc[r][t]);
+        MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) acc[r][t] =
+            Q::ffma(Q::cvt(is[r][t]), Q::fmul(dw[r], dx), acc[r][t]);
       }
     }
     if constexpr (Asym) {  // + sum_g m[g] * d_x[g] * sum q[g]
@@ -221,8 +216,8 @@ struct Q8Kernel {
         for (std::size_t g = 0; g < ng; g += Q::L) {
           const std::size_t cnt = ng - g < Q::L ? ng - g : Q::L;
           const F m = Q::load_h(mn + 2 * g, cnt);
-          MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t)
-            acc[r][t] = Q::ffma(m, Q::fload(cs(tb + static_cast<std::size_t>(t)) + g), acc[r][t]);
+          MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t) acc[r][t] =
+              Q::ffma(m, Q::fload(cs(tb + static_cast<std::size_t>(t)) + g), acc[r][t]);
         }
       }
     }
@@ -236,15 +231,21 @@ struct Q8Kernel {
   }
 
   template <int R>
-  void token_blocks(std::size_t r0, const MatmulArgs& a, std::size_t c0, std::size_t len,
-                    bool first) const noexcept {
+  void token_blocks(std::size_t r0, const MatmulArgs& a, std::size_t c0, std::size_t len, bool first) const noexcept {
     std::size_t t = 0;
     for (; t + Q::T <= a.n; t += Q::T) tile<R, Q::T>(r0, t, a.y + t * a.ldy, a.ldy, c0, len, first);
     switch (a.n - t) {
-      case 1: tile<R, 1>(r0, t, a.y + t * a.ldy, a.ldy, c0, len, first); break;
-      case 2: if constexpr (Q::T > 2) tile<R, 2>(r0, t, a.y + t * a.ldy, a.ldy, c0, len, first); break;
-      case 3: if constexpr (Q::T > 3) tile<R, 3>(r0, t, a.y + t * a.ldy, a.ldy, c0, len, first); break;
-      default: break;
+      case 1:
+        tile<R, 1>(r0, t, a.y + t * a.ldy, a.ldy, c0, len, first);
+        break;
+      case 2:
+        if constexpr (Q::T > 2) tile<R, 2>(r0, t, a.y + t * a.ldy, a.ldy, c0, len, first);
+        break;
+      case 3:
+        if constexpr (Q::T > 3) tile<R, 3>(r0, t, a.y + t * a.ldy, a.ldy, c0, len, first);
+        break;
+      default:
+        break;
     }
   }
 
@@ -283,8 +284,13 @@ inline Q8Geometry<Q> q8_geometry(std::size_t cols, std::size_t group, std::size_
 template <class Q, std::uint32_t B, bool Asym>
 inline void run_q8(const MatmulArgs& a, std::uint8_t* buf) noexcept {
   const MatrixLayout& l = a.layout;
-  Q8Kernel<Q, B, Asym> k{reinterpret_cast<const std::uint8_t*>(a.w), l.cols, l.format.group_size,
-                         l.cols / l.format.group_size, l.scales_offset, l.mins_offset, buf,
+  Q8Kernel<Q, B, Asym> k{reinterpret_cast<const std::uint8_t*>(a.w),
+                         l.cols,
+                         l.format.group_size,
+                         l.cols / l.format.group_size,
+                         l.scales_offset,
+                         l.mins_offset,
+                         buf,
                          q8_geometry<Q>(l.cols, l.format.group_size, a.n)};
   k.run(a);
 }
@@ -305,9 +311,15 @@ inline bool matmul_rows_q8(const MatmulArgs& a) noexcept {
     s.x = a.x + t0 * a.ldx;
     s.y = a.y + t0 * a.ldy;
     switch (p) {
-      case Precision::kInt8: asym ? run_q8<Q, 8, true>(s, buf) : run_q8<Q, 8, false>(s, buf); break;
-      case Precision::kInt4: asym ? run_q8<Q, 4, true>(s, buf) : run_q8<Q, 4, false>(s, buf); break;
-      default: asym ? run_q8<Q, 2, true>(s, buf) : run_q8<Q, 2, false>(s, buf); break;
+      case Precision::kInt8:
+        asym ? run_q8<Q, 8, true>(s, buf) : run_q8<Q, 8, false>(s, buf);
+        break;
+      case Precision::kInt4:
+        asym ? run_q8<Q, 4, true>(s, buf) : run_q8<Q, 4, false>(s, buf);
+        break;
+      default:
+        asym ? run_q8<Q, 2, true>(s, buf) : run_q8<Q, 2, false>(s, buf);
+        break;
     }
   }
   return true;

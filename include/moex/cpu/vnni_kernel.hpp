@@ -41,11 +41,10 @@
 /// tokens share its tile or pass either). So results do not depend on
 /// how rows are split across threads.
 
-#include <immintrin.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <new>
 #include <type_traits>
 
@@ -53,7 +52,7 @@
 #include "moex/quant/layout.hpp"
 
 #ifndef MOEX_KERNEL_UNROLL
-#  define MOEX_KERNEL_UNROLL _Pragma("GCC unroll 16")
+#define MOEX_KERNEL_UNROLL _Pragma("GCC unroll 16")
 #endif
 
 MOEX_NAMESPACE_BEGIN
@@ -120,13 +119,13 @@ constexpr std::uint64_t gf_extract_bits(unsigned s, unsigned w) noexcept {
 
 template <std::uint32_t B, bool Asym, bool Gfni>
 struct VnniKernel {
-  static constexpr std::size_t CL = B == 8 ? 4 : 16;      // columns per int32 lane
-  static constexpr std::size_t KB = 16 * CL;              // columns per block
-  static constexpr std::size_t NV = KB / 64;              // activation vectors (dpbusd) per block
-  static constexpr std::size_t NL = KB * B / 8 / 64;      // 64-byte code lines per block
-  static constexpr std::size_t RowTile1 = 8;     // rows per tile when n == 1
-  static constexpr std::size_t RowTileN = 2;  // rows per tile when n > 1 (2 x 8 measured best)
-  static constexpr int TokTile = 8;           // tokens per tile when n > 1
+  static constexpr std::size_t CL = B == 8 ? 4 : 16;  // columns per int32 lane
+  static constexpr std::size_t KB = 16 * CL;          // columns per block
+  static constexpr std::size_t NV = KB / 64;          // activation vectors (dpbusd) per block
+  static constexpr std::size_t NL = KB * B / 8 / 64;  // 64-byte code lines per block
+  static constexpr std::size_t RowTile1 = 8;          // rows per tile when n == 1
+  static constexpr std::size_t RowTileN = 2;          // rows per tile when n > 1 (2 x 8 measured best)
+  static constexpr int TokTile = 8;                   // tokens per tile when n > 1
 
   const std::uint8_t* base;
   std::size_t cols, group, gpr, scales_offset, mins_offset, row_bytes;
@@ -145,8 +144,9 @@ struct VnniKernel {
   // {8,..,14} / {9,..,15}; int2: plane k of code bytes 4i..4i+3, columns 16i + {k, 4+k, 8+k, 12+k}).
   static void permute_block(std::int8_t* blk) noexcept {
     if constexpr (B != 8) {
-      const __m512i sh = B == 4 ? _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15))
-                                : _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+      const __m512i sh =
+          B == 4 ? _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15))
+                 : _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
       const __m512i ix = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
       __m512i c[4];
       for (int k = 0; k < 4; ++k)
@@ -198,9 +198,12 @@ struct VnniKernel {
       const __m512i m2 = _mm512_set1_epi8(0x03);
       pl[0] = _mm512_and_si512(line[0], m2);
       if constexpr (Gfni) {
-        pl[1] = _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(2, 2))), 0);
-        pl[2] = _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(4, 2))), 0);
-        pl[3] = _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(6, 2))), 0);
+        pl[1] =
+            _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(2, 2))), 0);
+        pl[2] =
+            _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(4, 2))), 0);
+        pl[3] =
+            _mm512_gf2p8affine_epi64_epi8(line[0], _mm512_set1_epi64(static_cast<long long>(gf_extract_bits(6, 2))), 0);
       } else {
         pl[1] = _mm512_and_si512(_mm512_srli_epi16(line[0], 2), m2);
         pl[2] = _mm512_and_si512(_mm512_srli_epi16(line[0], 4), m2);
@@ -240,8 +243,8 @@ struct VnniKernel {
   }
 
   template <int R, int T>
-  void tile(std::size_t r0, std::size_t tb, float* y, std::size_t ldy, std::size_t c0, std::size_t len,
-            bool first, bool prefetch) const noexcept {
+  void tile(std::size_t r0, std::size_t tb, float* y, std::size_t ldy, std::size_t c0, std::size_t len, bool first,
+            bool prefetch) const noexcept {
     __m512 acc[R][T];
     MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) {
       MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -281,13 +284,13 @@ struct VnniKernel {
         sv[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, sc[r] + 2 * gw));
         if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(sc[r] + 2 * gw + sahead), _MM_HINT_T1);
         const __m512 off = Asym ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, mn[r] + 2 * gw)) : sv[r];
-        MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t)
-          acc[r][t] = _mm512_fmadd_ps(off, _mm512_loadu_ps(ct[t] + gw), acc[r][t]);
+        MOEX_KERNEL_UNROLL for (int t = 0; t < T; ++t) acc[r][t] =
+            _mm512_fmadd_ps(off, _mm512_loadu_ps(ct[t] + gw), acc[r][t]);
       }
       if constexpr (Asym) {
         if (prefetch) {
           MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r)
-            _mm_prefetch(reinterpret_cast<const char*>(mn[r] + 2 * gw + sahead), _MM_HINT_T1);
+              _mm_prefetch(reinterpret_cast<const char*>(mn[r] + 2 * gw + sahead), _MM_HINT_T1);
         }
       }
       // n == 1: d_w[g] * d_x[g] once per window (the same products as per lane later, so the
@@ -313,11 +316,11 @@ struct VnniKernel {
             }
             if (prefetch) {
               MOEX_KERNEL_UNROLL for (std::size_t l = 0; l < NL; ++l)
-                _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l + ahead), _MM_HINT_T1);
+                  _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l + ahead), _MM_HINT_T1);
             }
             __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pl[0], _mm512_load_si512(qb));
-            MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < NV; ++k)
-              is = _mm512_dpbusd_epi32(is, pl[k], _mm512_load_si512(qb + 64 * k));
+            MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < NV; ++k) is =
+                _mm512_dpbusd_epi32(is, pl[k], _mm512_load_si512(qb + 64 * k));
             acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), _mm512_permutexvar_ps(idx, sd[r]), acc[r][0]);
           }
           continue;
@@ -333,7 +336,7 @@ struct VnniKernel {
           }
           if (prefetch) {
             MOEX_KERNEL_UNROLL for (std::size_t l = 0; l < NL; ++l)
-              _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l + ahead), _MM_HINT_T1);
+                _mm_prefetch(reinterpret_cast<const char*>(p + 64 * l + ahead), _MM_HINT_T1);
           }
           dw[r] = _mm512_permutexvar_ps(idx, sv[r]);
         }
@@ -344,14 +347,15 @@ struct VnniKernel {
           __m512i is[R];
           {
             const __m512i qv = _mm512_load_si512(qb);
-            MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) is[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), pl[r][0], qv);
+            MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) is[r] =
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), pl[r][0], qv);
           }
           MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < NV; ++k) {
             const __m512i qv = _mm512_load_si512(qb + 64 * k);
             MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) is[r] = _mm512_dpbusd_epi32(is[r], pl[r][k], qv);
           }
-          MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r)
-            acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(dw[r], dxl), acc[r][t]);
+          MOEX_KERNEL_UNROLL for (int r = 0; r < R; ++r) acc[r][t] =
+              _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r]), _mm512_mul_ps(dw[r], dxl), acc[r][t]);
         }
       }
     }
@@ -392,7 +396,8 @@ struct VnniKernel {
       bool pf = true;
       for (; t + TokTile <= n; t += TokTile, pf = false)
         this->template tile<RR, TokTile>(r, tb + t, y + t * a.ldy, a.ldy, c0, len, first, pf);
-      if (n > t) this->template tail_tokens<RR, TokTile - 1>(n - t, r, tb + t, y + t * a.ldy, a.ldy, c0, len, first, pf);
+      if (n > t)
+        this->template tail_tokens<RR, TokTile - 1>(n - t, r, tb + t, y + t * a.ldy, a.ldy, c0, len, first, pf);
     };
     std::size_t r = a.row_begin;
     for (; r + R <= a.row_end; r += R) run_tokens(std::integral_constant<int, R>{}, r);
@@ -421,9 +426,15 @@ template <std::uint32_t B, bool Asym, bool Gfni>
 inline void run_vnni(const MatmulArgs& a) noexcept {
   const MatrixLayout& l = a.layout;
   const std::size_t G = l.format.group_size;
-  VnniKernel<B, Asym, Gfni> k{reinterpret_cast<const std::uint8_t*>(a.w), l.cols, G, l.cols / G, l.scales_offset,
-                        l.mins_offset, l.cols * B / 8, nullptr,
-                        vnni_geometry(l.cols, G, VnniKernel<B, Asym, Gfni>::KB)};
+  VnniKernel<B, Asym, Gfni> k{reinterpret_cast<const std::uint8_t*>(a.w),
+                              l.cols,
+                              G,
+                              l.cols / G,
+                              l.scales_offset,
+                              l.mins_offset,
+                              l.cols * B / 8,
+                              nullptr,
+                              vnni_geometry(l.cols, G, VnniKernel<B, Asym, Gfni>::KB)};
   std::uint8_t* heap = vnni_scratch(k.geo.stride * (a.n < kVnniMaxTokens ? a.n : kVnniMaxTokens));
   if (heap != nullptr) {
     k.buf = heap;
@@ -441,10 +452,17 @@ inline bool matmul_rows_vnni(const MatmulArgs& a) noexcept {
   const Precision p = a.layout.format.precision;
   const bool asym = a.layout.format.scheme == QuantScheme::kAsymmetric;
   switch (p) {
-    case Precision::kInt8: asym ? run_vnni<8, true, Gfni>(a) : run_vnni<8, false, Gfni>(a); return true;
-    case Precision::kInt4: asym ? run_vnni<4, true, Gfni>(a) : run_vnni<4, false, Gfni>(a); return true;
-    case Precision::kInt2: asym ? run_vnni<2, true, Gfni>(a) : run_vnni<2, false, Gfni>(a); return true;
-    default: return false;
+    case Precision::kInt8:
+      asym ? run_vnni<8, true, Gfni>(a) : run_vnni<8, false, Gfni>(a);
+      return true;
+    case Precision::kInt4:
+      asym ? run_vnni<4, true, Gfni>(a) : run_vnni<4, false, Gfni>(a);
+      return true;
+    case Precision::kInt2:
+      asym ? run_vnni<2, true, Gfni>(a) : run_vnni<2, false, Gfni>(a);
+      return true;
+    default:
+      return false;
   }
 }
 

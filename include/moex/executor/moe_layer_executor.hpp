@@ -35,8 +35,8 @@ MOEX_NAMESPACE_BEGIN
 /// Every role of the executor, checked one by one so that an error names the role that failed.
 template <class P>
 concept ExecutorPolicies = EvictionPolicy<typename P::Eviction> && GatePolicy<typename P::Gate> &&
-                           ExecutionBackend<typename P::Backend> && Predictor<typename P::Predictor> &&
-                           MissPolicy<typename P::Miss> && PrefetchPrecisionPolicy<typename P::PrefetchPrecision>;
+    ExecutionBackend<typename P::Backend> && Predictor<typename P::Predictor> && MissPolicy<typename P::Miss> &&
+    PrefetchPrecisionPolicy<typename P::PrefetchPrecision>;
 
 /// Runs the MoE layers of one model over an ExpertStore.
 ///
@@ -81,8 +81,8 @@ class MoeLayerExecutor {
 
   /// Like forward with the routing given (from a trace, or routed by the caller). On a backend
   /// without data (the simulator) hidden and out may be null.
-  Status forward_routed(std::uint32_t layer, std::span<const TokenRouting> routing, const float* hidden,
-                        std::size_t n, float* out);
+  Status forward_routed(std::uint32_t layer, std::span<const TokenRouting> routing, const float* hidden, std::size_t n,
+                        float* out);
 
   /// Starts (or stops) recording the routing each forward call uses (after the gate) into a
   /// RoutingTrace; starting clears what was recorded. Token t of layer l is the t-th token that
@@ -135,10 +135,17 @@ class MoeLayerExecutor {
     std::size_t first_row = 0;  // its rows in ys_
   };
 
-  MoeLayerExecutor(const ExpertStore& store, ExecutorConfig config, Backend backend, MixedPrecisionCache<Eviction> cache,
-                   Gate g, PredictorType pred, Miss miss, PrefetchScheduler<PrefetchPrecision> sched)
-      : store_(&store), config_(std::move(config)), backend_(std::move(backend)), cache_(std::move(cache)),
-        gate_(std::move(g)), predictor_(std::move(pred)), miss_(std::move(miss)), prefetch_(std::move(sched)) {}
+  MoeLayerExecutor(const ExpertStore& store, ExecutorConfig config, Backend backend,
+                   MixedPrecisionCache<Eviction> cache, Gate g, PredictorType pred, Miss miss,
+                   PrefetchScheduler<PrefetchPrecision> sched)
+      : store_(&store),
+        config_(std::move(config)),
+        backend_(std::move(backend)),
+        cache_(std::move(cache)),
+        gate_(std::move(g)),
+        predictor_(std::move(pred)),
+        miss_(std::move(miss)),
+        prefetch_(std::move(sched)) {}
 
   const ExpertLayout& layout_of(Precision p) const noexcept { return p == full_.format.precision ? full_ : low_; }
   /// Inserts key in precision p (protected when prefetched) and starts its load. A demand load
@@ -186,8 +193,9 @@ class MoeLayerExecutor {
 // ---- implementation (out of class, so extern template works) ----------------------------------
 
 template <ExecutorPolicies P>
-Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store, ExecutorConfig config, Backend backend,
-                                                        Eviction eviction, Gate gate, PredictorType predictor, Miss miss,
+Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store, ExecutorConfig config,
+                                                        Backend backend, Eviction eviction, Gate gate,
+                                                        PredictorType predictor, Miss miss,
                                                         PrefetchPrecision prefetch_precision) {
   if (!store.complete()) return invalid_argument("executor: the store has experts without a master copy");
   if (Backend::kHasData && store.is_virtual())
@@ -212,7 +220,8 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
   }
   const std::uint64_t all = std::uint64_t{spec.n_layers} * spec.n_experts * full.total_bytes;
   if (!config.layer_cache_bytes.empty() && config.layer_cache_bytes.size() != spec.n_layers)
-    return invalid_argument("executor: layer_cache_bytes needs one budget per layer (" + std::to_string(spec.n_layers) + ")");
+    return invalid_argument("executor: layer_cache_bytes needs one budget per layer (" + std::to_string(spec.n_layers) +
+                            ")");
   if (config.layer_cache_bytes.empty() && config.cache_bytes == 0)
     config.cache_bytes = std::max<std::uint64_t>(all / 4, full.total_bytes);
   if (config.layer_cache_bytes.empty() && config.cache_bytes < full.total_bytes)
@@ -226,9 +235,11 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
   cc.budget_bytes = config.cache_bytes;
   cc.layer_budget_bytes = config.layer_cache_bytes;
   if (has_low) {
-    const std::uint64_t total = config.layer_cache_bytes.empty()
-                                    ? config.cache_bytes
-                                    : [&] { std::uint64_t s = 0; for (auto b : config.layer_cache_bytes) s += b; return s; }();
+    const std::uint64_t total = config.layer_cache_bytes.empty() ? config.cache_bytes : [&] {
+      std::uint64_t s = 0;
+      for (auto b : config.layer_cache_bytes) s += b;
+      return s;
+    }();
     cc.pools = PoolMode::kPerPrecision;
     const auto low_bytes = static_cast<std::uint64_t>(static_cast<double>(total) * config.low_precision_share);
     cc.precision_budget_bytes[static_cast<std::size_t>(p)] = total - low_bytes;
@@ -254,12 +265,12 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
     const std::size_t g = cache->group_of({l, 0}, p);
     if (cache->group_budget(g) < full.total_bytes)
       return invalid_argument("executor: the budget of layer " + std::to_string(l) + " (" +
-                              std::to_string(cache->group_budget(g)) + " bytes) holds no " +
-                              std::string(to_string(p)) + " expert (" + std::to_string(full.total_bytes) + " bytes)");
+                              std::to_string(cache->group_budget(g)) + " bytes) holds no " + std::string(to_string(p)) +
+                              " expert (" + std::to_string(full.total_bytes) + " bytes)");
     if (has_low && cache->group_budget(cache->group_of({l, 0}, *config.low_precision)) < low.total_bytes)
       return invalid_argument("executor: the low-precision pool of layer " + std::to_string(l) + " holds no " +
-                              std::string(to_string(*config.low_precision)) + " expert (" + std::to_string(low.total_bytes) +
-                              " bytes): raise low_precision_share or the budget");
+                              std::string(to_string(*config.low_precision)) + " expert (" +
+                              std::to_string(low.total_bytes) + " bytes): raise low_precision_share or the budget");
   }
   const std::uint64_t n_full = slots_for(p, full.total_bytes);
   const std::uint64_t n_low = has_low ? slots_for(*config.low_precision, low.total_bytes) : 0;
@@ -274,7 +285,8 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
   MOEX_RETURN_IF_ERROR(ex.backend_.allocate_slots(p, full.total_bytes, static_cast<std::size_t>(n_full)));
   if (has_low) {
     if (n_low > 0)
-      MOEX_RETURN_IF_ERROR(ex.backend_.allocate_slots(*config.low_precision, low.total_bytes, static_cast<std::size_t>(n_low)));
+      MOEX_RETURN_IF_ERROR(
+          ex.backend_.allocate_slots(*config.low_precision, low.total_bytes, static_cast<std::size_t>(n_low)));
   }
   ex.stats_.layers.resize(spec.n_layers);
   ex.predicted_.assign(spec.n_layers, std::vector<std::uint8_t>(spec.n_experts, 0));
@@ -305,12 +317,14 @@ void MoeLayerExecutor<P>::begin_sequence() {
 }
 
 template <ExecutorPolicies P>
-Status MoeLayerExecutor<P>::route(std::uint32_t layer, const float* hidden, std::size_t n, std::span<TokenRouting> out) {
+Status MoeLayerExecutor<P>::route(std::uint32_t layer, const float* hidden, std::size_t n,
+                                  std::span<TokenRouting> out) {
   const MoeModelSpec& spec = store_->spec();
   if (layer >= spec.n_layers) return invalid_argument("route: layer " + std::to_string(layer) + " out of range");
   if (hidden == nullptr && n > 0) return invalid_argument("route: hidden is null");
   if (out.size() < n) return invalid_argument("route: output span shorter than n");
-  if (store_->is_virtual()) return unsupported("route: a virtual store has no routers; replay routing with forward_routed");
+  if (store_->is_virtual())
+    return unsupported("route: a virtual store has no routers; replay routing with forward_routed");
   if (config_.check_finite)
     for (std::size_t i = 0; i < n * spec.shape.hidden; ++i)
       if (!std::isfinite(hidden[i]))
@@ -318,14 +332,16 @@ Status MoeLayerExecutor<P>::route(std::uint32_t layer, const float* hidden, std:
   logits_.resize(n * spec.n_experts);
   router_logits(store_->router_weights(layer), spec.n_experts, spec.shape.hidden, hidden, n, logits_.data());
   for (std::size_t t = 0; t < n; ++t)
-    MOEX_RETURN_IF_ERROR(route_token(spec.router, std::span<const float>(logits_.data() + t * spec.n_experts, spec.n_experts),
+    MOEX_RETURN_IF_ERROR(route_token(spec.router,
+                                     std::span<const float>(logits_.data() + t * spec.n_experts, spec.n_experts),
                                      store_->router_bias(layer), out[t]));
   return Status::ok();
 }
 
 template <ExecutorPolicies P>
 Status MoeLayerExecutor<P>::forward(std::uint32_t layer, const float* hidden, std::size_t n, float* out) {
-  if (layer >= store_->spec().n_layers) return invalid_argument("forward: layer " + std::to_string(layer) + " out of range");
+  if (layer >= store_->spec().n_layers)
+    return invalid_argument("forward: layer " + std::to_string(layer) + " out of range");
   if (n == 0) return invalid_argument("forward: zero tokens");
   const std::uint64_t t0 = backend_.now_ns();
   routing_.resize(n);
@@ -445,7 +461,8 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         trace_.gate_weights[off + j] = j < r.k ? r.weights[j] : 0.f;
       }
     }
-    for (std::uint32_t j = 0; j < r.k; ++j) users_[r.experts[j]].emplace_back(static_cast<std::uint32_t>(t), r.weights[j]);
+    for (std::uint32_t j = 0; j < r.k; ++j)
+      users_[r.experts[j]].emplace_back(static_cast<std::uint32_t>(t), r.weights[j]);
   }
 
   // 2. Predictions made for this layer: recall, and stale ones dropped.

@@ -31,8 +31,7 @@ class Checkpoint {
   /// Opens a model: a `.safetensors` file (config.json beside it), a directory holding
   /// `model.safetensors.index.json` (sharded) or `model.safetensors` plus config.json, or a `.gguf`
   /// file (or a directory holding exactly one). Every file is validated on open.
-  static Result<std::unique_ptr<Checkpoint>> open(const std::filesystem::path& path_or_dir,
-                                                  ProgressFn progress = {});
+  static Result<std::unique_ptr<Checkpoint>> open(const std::filesystem::path& path_or_dir, ProgressFn progress = {});
 
   Checkpoint(const Checkpoint&) = delete;
   Checkpoint& operator=(const Checkpoint&) = delete;

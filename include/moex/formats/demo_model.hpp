@@ -22,7 +22,7 @@ struct DemoModelSpec {
   std::uint32_t hidden = 1024;
   std::uint32_t ffn = 3584;
   std::uint64_t seed = 1;
-  DType dtype = DType::kBF16;  ///< F32, F16 or BF16
+  DType dtype = DType::kBF16;           ///< F32, F16 or BF16
   std::string_view generator = "moex";  ///< written into the safetensors metadata
 };
 

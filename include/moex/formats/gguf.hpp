@@ -21,14 +21,37 @@ MOEX_NAMESPACE_BEGIN
 
 /// GGUF metadata value types (pinned by the spec).
 enum class GgufType : std::uint32_t {
-  kU8 = 0, kI8 = 1, kU16 = 2, kI16 = 3, kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7, kString = 8,
-  kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
+  kU8 = 0,
+  kI8 = 1,
+  kU16 = 2,
+  kI16 = 3,
+  kU32 = 4,
+  kI32 = 5,
+  kF32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kU64 = 10,
+  kI64 = 11,
+  kF64 = 12,
 };
 
 /// ggml tensor types moex reads (values pinned by ggml.h).
 enum class GgmlType : std::uint32_t {
-  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kI8 = 24, kI16 = 25,
-  kI32 = 26, kI64 = 27, kF64 = 28, kBF16 = 30, kMxfp4 = 39,
+  kF32 = 0,
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kI8 = 24,
+  kI16 = 25,
+  kI32 = 26,
+  kI64 = 27,
+  kF64 = 28,
+  kBF16 = 30,
+  kMxfp4 = 39,
 };
 /// The DType of a ggml type; nullopt for types moex does not read.
 std::optional<DType> dtype_from_ggml(std::uint32_t ggml_type) noexcept;
@@ -40,9 +63,9 @@ std::optional<GgmlType> ggml_from_dtype(DType t) noexcept;
 struct GgufValue {
   GgufType type = GgufType::kU32;
   std::variant<std::uint64_t, std::int64_t, double, bool, std::string> scalar;  ///< non-arrays
-  GgufType elem_type = GgufType::kU8;  ///< arrays
-  std::uint64_t count = 0;             ///< arrays: number of elements
-  std::span<const std::byte> raw;      ///< arrays: the elements as stored (points into the file)
+  GgufType elem_type = GgufType::kU8;                                           ///< arrays
+  std::uint64_t count = 0;                                                      ///< arrays: number of elements
+  std::span<const std::byte> raw;  ///< arrays: the elements as stored (points into the file)
 
   /// The value as an unsigned integer if it is a non-negative integer (or bool).
   std::optional<std::uint64_t> as_uint() const noexcept;

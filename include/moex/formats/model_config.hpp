@@ -14,13 +14,13 @@ MOEX_NAMESPACE_BEGIN
 
 /// The MoE architectures moex reads (by config.json `model_type` and GGUF `general.architecture`).
 enum class Architecture : std::uint8_t {
-  kMixtral = 0,    ///< mixtral (GGUF: "llama" with expert_count > 0)
-  kQwen2Moe = 1,   ///< qwen2_moe (GGUF: qwen2moe)
-  kQwen3Moe = 2,   ///< qwen3_moe (GGUF: qwen3moe)
-  kDeepseekV2 = 3, ///< deepseek_v2 (GGUF: deepseek2)
-  kDeepseekV3 = 4, ///< deepseek_v3 (GGUF: deepseek2 with sigmoid gating)
-  kOlmoe = 5,      ///< olmoe (GGUF: olmoe)
-  kGptOss = 6,     ///< gpt_oss (GGUF: gpt-oss)
+  kMixtral = 0,     ///< mixtral (GGUF: "llama" with expert_count > 0)
+  kQwen2Moe = 1,    ///< qwen2_moe (GGUF: qwen2moe)
+  kQwen3Moe = 2,    ///< qwen3_moe (GGUF: qwen3moe)
+  kDeepseekV2 = 3,  ///< deepseek_v2 (GGUF: deepseek2)
+  kDeepseekV3 = 4,  ///< deepseek_v3 (GGUF: deepseek2 with sigmoid gating)
+  kOlmoe = 5,       ///< olmoe (GGUF: olmoe)
+  kGptOss = 6,      ///< gpt_oss (GGUF: gpt-oss)
 };
 
 /// The config.json `model_type` spelling: "mixtral", "qwen2_moe", ..., "gpt_oss".
@@ -34,12 +34,12 @@ struct ModelConfig {
   std::uint32_t n_experts = 0;
   std::uint32_t top_k = 0;
   std::uint32_t hidden = 0;
-  std::uint32_t expert_ffn = 0;       ///< intermediate size of one routed expert
-  std::uint32_t dense_ffn = 0;        ///< intermediate size of dense (non-MoE) layers' MLP
-  std::uint32_t n_shared_experts = 0; ///< 0: none
-  std::uint32_t shared_ffn = 0;       ///< intermediate size of the (merged) shared expert
-  std::uint32_t first_moe_layer = 0;  ///< leading dense layers (DeepSeek first_k_dense_replace)
-  std::uint32_t moe_layer_step = 1;   ///< every step-th layer from first_moe_layer is MoE
+  std::uint32_t expert_ffn = 0;        ///< intermediate size of one routed expert
+  std::uint32_t dense_ffn = 0;         ///< intermediate size of dense (non-MoE) layers' MLP
+  std::uint32_t n_shared_experts = 0;  ///< 0: none
+  std::uint32_t shared_ffn = 0;        ///< intermediate size of the (merged) shared expert
+  std::uint32_t first_moe_layer = 0;   ///< leading dense layers (DeepSeek first_k_dense_replace)
+  std::uint32_t moe_layer_step = 1;    ///< every step-th layer from first_moe_layer is MoE
   RouterKind router = RouterKind::kSoftmaxTopKRenorm;
   float routed_scaling = 1.f;
   std::uint32_t n_group = 1;
@@ -59,8 +59,7 @@ struct ModelConfig {
 
   /// True when layer `l` has routed experts.
   bool is_moe_layer(std::uint32_t l) const noexcept {
-    return l < n_layers && l >= first_moe_layer && moe_layer_step != 0 &&
-           (l - first_moe_layer) % moe_layer_step == 0;
+    return l < n_layers && l >= first_moe_layer && moe_layer_step != 0 && (l - first_moe_layer) % moe_layer_step == 0;
   }
   /// The router configuration of this model.
   RouterConfig router_config() const noexcept {

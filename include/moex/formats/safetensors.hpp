@@ -21,9 +21,9 @@ inline constexpr std::uint64_t kMaxSafetensorsHeader = 100ull << 20;
 
 /// The parsed header of one safetensors file; tensor bytes point into `file_bytes`.
 struct SafetensorsHeader {
-  std::vector<TensorRef> tensors;                  ///< in file order of data offsets
-  std::map<std::string, std::string> metadata;     ///< `__metadata__` (string values only)
-  std::uint64_t data_offset = 0;                   ///< 8 + N
+  std::vector<TensorRef> tensors;               ///< in file order of data offsets
+  std::map<std::string, std::string> metadata;  ///< `__metadata__` (string values only)
+  std::uint64_t data_offset = 0;                ///< 8 + N
 };
 
 /// Parses and validates a whole safetensors file held in memory (usually an mmap). Every check the

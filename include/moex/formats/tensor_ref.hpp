@@ -18,9 +18,25 @@ MOEX_NAMESPACE_BEGIN
 
 /// Element type of a stored tensor: the safetensors dtypes, then the GGUF block types.
 enum class DType : std::uint8_t {
-  kF64, kF32, kF16, kBF16, kF8E4M3, kF8E5M2, kI64, kI32, kI16, kI8, kU8, kBool,
+  kF64,
+  kF32,
+  kF16,
+  kBF16,
+  kF8E4M3,
+  kF8E5M2,
+  kI64,
+  kI32,
+  kI16,
+  kI8,
+  kU8,
+  kBool,
   // GGUF block types (rows are sequences of self-contained blocks; see quant/ggml.hpp)
-  kQ8_0, kQ4_0, kQ4_K, kQ5_K, kQ6_K, kMxfp4,
+  kQ8_0,
+  kQ4_0,
+  kQ4_K,
+  kQ5_K,
+  kQ6_K,
+  kMxfp4,
 };
 
 /// Name as safetensors spells it ("BF16", "F8_E4M3"...) or as ggml does ("Q4_K", "MXFP4").
@@ -60,13 +76,13 @@ struct TensorRef {
   std::string name;
   DType dtype = DType::kF32;
   std::vector<std::uint64_t> shape;
-  std::span<const std::byte> bytes;  ///< points into the mmap
-  std::string file;                  ///< the file it was read from
-  std::uint64_t row_stride = 0;      ///< 0: dense
-  std::uint64_t col_stride = 0;      ///< 0: dense
-  std::span<const std::byte> scales; ///< empty unless scaled (see above)
+  std::span<const std::byte> bytes;   ///< points into the mmap
+  std::string file;                   ///< the file it was read from
+  std::uint64_t row_stride = 0;       ///< 0: dense
+  std::uint64_t col_stride = 0;       ///< 0: dense
+  std::span<const std::byte> scales;  ///< empty unless scaled (see above)
   std::vector<std::uint64_t> scales_shape;
-  std::uint32_t scale_block = 0;     ///< fp8: 128 (weight_block_size); mxfp4: 32
+  std::uint32_t scale_block = 0;  ///< fp8: 128 (weight_block_size); mxfp4: 32
 
   /// Number of elements (product of the shape; 1 for a scalar).
   std::uint64_t numel() const noexcept;

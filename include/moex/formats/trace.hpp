@@ -41,11 +41,11 @@ struct RoutingTrace {
   std::uint32_t n_layers = 0;
   std::uint32_t n_experts = 0;
   std::uint32_t top_k = 0;
-  std::vector<std::uint32_t> seq_start;  ///< first token of each sequence
-  std::vector<std::uint32_t> expert_ids; ///< [tokens][n_layers][top_k]
-  std::vector<float> gate_weights;       ///< [tokens][n_layers][top_k]
-  std::vector<float> router_logits;      ///< empty or [tokens][n_layers][n_experts]
-  std::string source;                    ///< where it came from (free text)
+  std::vector<std::uint32_t> seq_start;   ///< first token of each sequence
+  std::vector<std::uint32_t> expert_ids;  ///< [tokens][n_layers][top_k]
+  std::vector<float> gate_weights;        ///< [tokens][n_layers][top_k]
+  std::vector<float> router_logits;       ///< empty or [tokens][n_layers][n_experts]
+  std::string source;                     ///< where it came from (free text)
 
   /// Number of tokens.
   std::size_t tokens() const noexcept {
@@ -98,8 +98,7 @@ struct TraceLoadOptions {
 
 /// Routing from logits: softmax over all experts, top-k (ties to the lower id), renormalized over
 /// the k (Mixtral). Writes k ids and k weights. k <= logits.size().
-void route_softmax_topk(std::span<const float> logits, std::uint32_t k, std::uint32_t* ids,
-                        float* weights) noexcept;
+void route_softmax_topk(std::span<const float> logits, std::uint32_t k, std::uint32_t* ids, float* weights) noexcept;
 
 /// Reads moex's binary form.
 Result<RoutingTrace> read_trace_binary(const std::filesystem::path& path);
@@ -111,8 +110,7 @@ Result<RoutingTrace> read_trace_jsonl(const std::filesystem::path& path);
 Status write_trace_jsonl(const RoutingTrace& trace, const std::filesystem::path& path);
 /// Reads a NumPy .npy float16 [tokens, layers, experts] router-logit file (the shared models'
 /// router_logits_code.npy) and routes it with route_softmax_topk.
-Result<RoutingTrace> read_npy_router_logits(const std::filesystem::path& path,
-                                            const TraceLoadOptions& options = {});
+Result<RoutingTrace> read_npy_router_logits(const std::filesystem::path& path, const TraceLoadOptions& options = {});
 /// Reads the Mixtral-8x7B routing JSON Lines of speculative-moe (one line per token and layer:
 /// problem_id, token_idx, layer, experts, gating_probs). Each problem is a sequence; a
 /// (token, layer) missing from the file gets no experts.
@@ -123,8 +121,7 @@ Result<RoutingTrace> read_mixtral_routing_jsonl(const std::filesystem::path& pat
 Result<RoutingTrace> read_flame_csv(const std::filesystem::path& path);
 /// Detects the format from the content (binary magic, NumPy magic, moex JSONL header, Mixtral
 /// JSONL fields, FLAME CSV header) and reads it.
-Result<RoutingTrace> load_trace(const std::filesystem::path& path,
-                                const TraceLoadOptions& options = {});
+Result<RoutingTrace> load_trace(const std::filesystem::path& path, const TraceLoadOptions& options = {});
 
 /// Access counts per expert, [n_layers * n_experts] (a profile for StaticHotSetEviction).
 std::vector<double> expert_access_counts(const RoutingTrace& trace);

@@ -66,7 +66,8 @@ class SensitivityGate {
   std::span<const float> sensitivities() const noexcept { return sens_; }
   Status set_sensitivities(std::vector<float> s) {
     for (float f : s)
-      if (!std::isfinite(f) || f < 0.f) return invalid_argument("SensitivityGate: sensitivities must be finite and >= 0");
+      if (!std::isfinite(f) || f < 0.f)
+        return invalid_argument("SensitivityGate: sensitivities must be finite and >= 0");
     sens_ = std::move(s);
     return Status::ok();
   }
@@ -110,7 +111,10 @@ class SensitivityGate {
     for (int it = 0; it < 60; ++it) {
       const float mid = 0.5f * (lo + hi);
       set_threshold(mid);
-      if (average_k(trace) > target_k) lo = mid; else hi = mid;
+      if (average_k(trace) > target_k)
+        lo = mid;
+      else
+        hi = mid;
       if (hi - lo <= 1e-7f * fmax) break;
     }
     set_threshold(hi);

@@ -37,8 +37,7 @@ class BeladyOracleEviction {
   /// Loads the future: every access the cache will see, in any order. Keys must satisfy
   /// layer < n_layers and expert < n_experts (kInvalidArgument otherwise); n_layers * n_experts
   /// is capped at 2^26 keys.
-  Status set_future(std::span<const FutureAccess> accesses, std::uint32_t n_layers,
-                    std::uint32_t n_experts) {
+  Status set_future(std::span<const FutureAccess> accesses, std::uint32_t n_layers, std::uint32_t n_experts) {
     const std::uint64_t n_keys = static_cast<std::uint64_t>(n_layers) * n_experts;
     if (n_keys == 0 || n_keys > (std::uint64_t{1} << 26))
       return invalid_argument("BeladyOracleEviction: n_layers * n_experts out of range");
@@ -108,15 +107,13 @@ class BeladyOracleEviction {
   static constexpr std::uint64_t kNever = std::numeric_limits<std::uint64_t>::max();
 
  private:
-  std::size_t index(ExpertKey k) const noexcept {
-    return static_cast<std::size_t>(k.layer) * n_experts_ + k.expert;
-  }
+  std::size_t index(ExpertKey k) const noexcept { return static_cast<std::size_t>(k.layer) * n_experts_ + k.expert; }
 
   std::uint32_t n_experts_ = 0;
   std::uint64_t now_ = 0;
-  std::vector<std::size_t> begin_;   // [n_keys + 1] offsets into steps_
-  std::vector<std::uint64_t> steps_; // per key, ascending
-  std::vector<std::size_t> cursor_;  // per key, first step >= now (lazily advanced)
+  std::vector<std::size_t> begin_;    // [n_keys + 1] offsets into steps_
+  std::vector<std::uint64_t> steps_;  // per key, ascending
+  std::vector<std::size_t> cursor_;   // per key, first step >= now (lazily advanced)
 };
 
 static_assert(StepAwareEviction<BeladyOracleEviction>);

@@ -69,8 +69,7 @@ class HobbitScoreEviction {
     double best_score = 0;
     for (std::size_t i = 0; i < candidates.size(); ++i) {
       const double s = score(candidates[i], now, r_span, f_norm, h_norm);
-      if (i == 0 || s < best_score ||
-          (s == best_score && candidates[i].last_use < candidates[best].last_use)) {
+      if (i == 0 || s < best_score || (s == best_score && candidates[i].last_use < candidates[best].last_use)) {
         best = i;
         best_score = s;
       }
@@ -93,8 +92,7 @@ class HobbitScoreEviction {
     for (const SlotView& s : c) m = std::max(m, s.last_step);
     return m;
   }
-  double score(const SlotView& c, std::uint64_t now, double r_span, double f_norm,
-               double h_norm) const noexcept {
+  double score(const SlotView& c, std::uint64_t now, double r_span, double f_norm, double h_norm) const noexcept {
     const double r = 1.0 - static_cast<double>(now - c.last_step) / r_span;
     return config_.w_recency * r + config_.w_frequency * c.hits * f_norm +
            config_.w_high_precision * c.hp_uses * h_norm +

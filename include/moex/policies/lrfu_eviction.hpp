@@ -39,8 +39,7 @@ class LrfuEviction {
   Status reserve_keys(std::uint32_t n_layers, std::uint32_t n_experts) {
     n_experts_ = n_experts;
     if (!detail::try_alloc([&] {
-          a_.assign(static_cast<std::size_t>(n_layers) * n_experts,
-                    -std::numeric_limits<double>::infinity());
+          a_.assign(static_cast<std::size_t>(n_layers) * n_experts, -std::numeric_limits<double>::infinity());
         })) {
       n_experts_ = 0;
       return out_of_memory("LrfuEviction state");

@@ -37,7 +37,8 @@ template <PrefetchPrecisionPolicy PP = PrefetchFullPrecision>
 class PrefetchScheduler {
  public:
   PrefetchScheduler() = default;
-  explicit PrefetchScheduler(PrefetchConfig config, PP precision = {}) : config_(config), precision_(std::move(precision)) {}
+  explicit PrefetchScheduler(PrefetchConfig config, PP precision = {})
+      : config_(config), precision_(std::move(precision)) {}
 
   /// Queues a prediction. `resident_or_in_flight` says the expert needs no transfer (deduplicated
   /// against the cache and in-flight work by the caller, which owns both); a request already
@@ -82,7 +83,8 @@ class PrefetchScheduler {
     std::size_t i = 0;
     for (; i < pending_.size(); ++i) {
       const std::uint64_t b = pending_[i].bytes;
-      if (config_.max_bytes_in_flight && bytes_in_flight > 0 && bytes_in_flight + b > config_.max_bytes_in_flight) break;
+      if (config_.max_bytes_in_flight && bytes_in_flight > 0 && bytes_in_flight + b > config_.max_bytes_in_flight)
+        break;
       bytes_in_flight += b;
       out.push_back(pending_[i]);
     }

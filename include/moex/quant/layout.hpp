@@ -59,9 +59,7 @@ struct MatrixLayout {
   std::size_t mins_offset = 0;    ///< 0 unless asymmetric
   std::size_t total_bytes = 0;
 
-  std::size_t groups_per_row() const noexcept {
-    return format.group_size ? cols / format.group_size : 0;
-  }
+  std::size_t groups_per_row() const noexcept { return format.group_size ? cols / format.group_size : 0; }
 };
 
 /// True when `format` is a valid storage format for a matrix with `cols` columns.

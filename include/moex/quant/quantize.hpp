@@ -26,8 +26,8 @@ void dequantize_matrix(const MatrixView& m, float* dst) noexcept;
 
 /// Packs an expert from f32 matrices (w1, w3: [ffn x hidden]; w2: [hidden x ffn]) into one blob of
 /// expert_bytes(shape, format) bytes.
-Status pack_expert(const float* w1, const float* w3, const float* w2, ExpertShape shape,
-                   WeightFormat format, std::span<std::byte> dst) noexcept;
+Status pack_expert(const float* w1, const float* w3, const float* w2, ExpertShape shape, WeightFormat format,
+                   std::span<std::byte> dst) noexcept;
 
 /// Re-encodes an expert blob into another format (decode each row to f32, encode again): how the
 /// store builds low-precision copies. `pool` may be null (single-threaded).

@@ -37,8 +37,8 @@ enum class PreGateMode : std::uint8_t {
 /// Settings of a PreGateRouter.
 struct PreGateConfig {
   PreGateMode mode = PreGateMode::kSpeculative;
-  std::uint32_t depth = 1;     ///< layers of look-ahead (1 = next layer); trained modes use 1
-  float replay_recall = 1.f;   ///< kReplay: fraction of true experts kept in the prediction
+  std::uint32_t depth = 1;    ///< layers of look-ahead (1 = next layer); trained modes use 1
+  float replay_recall = 1.f;  ///< kReplay: fraction of true experts kept in the prediction
   std::uint64_t replay_seed = 1;
 };
 
@@ -85,7 +85,7 @@ class PreGateRouter {
   const ExpertStore* store_ = nullptr;
   RouterConfig router_{};
   std::uint32_t n_layers_ = 0, n_experts_ = 0, hidden_ = 0;
-  std::vector<float> stacked_;   // [L x E x H] routers (speculative) or [(L-1) x E x H] pre-gates
+  std::vector<float> stacked_;  // [L x E x H] routers (speculative) or [(L-1) x E x H] pre-gates
   std::vector<float> logits_;
   RoutingTrace trace_;
   float recall_ = 1.f;

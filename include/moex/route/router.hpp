@@ -29,7 +29,7 @@ Status route_token(const RouterConfig& cfg, std::span<const float> logits, std::
 
 /// logits[t * n_experts + e] = sum_c w[e * hidden + c] * x[t * hidden + c], accumulated in double
 /// per output (the router is tiny; exactness here keeps routing identical across backends).
-void router_logits(const float* w, std::size_t n_experts, std::size_t hidden, const float* x,
-                   std::size_t n_tokens, float* logits) noexcept;
+void router_logits(const float* w, std::size_t n_experts, std::size_t hidden, const float* x, std::size_t n_tokens,
+                   float* logits) noexcept;
 
 MOEX_NAMESPACE_END

@@ -25,9 +25,12 @@ enum class RouterKind : std::uint8_t {
 /// Short name: "softmax_topk_renorm", "softmax_topk", "sigmoid_bias_scaled".
 constexpr std::string_view to_string(RouterKind k) noexcept {
   switch (k) {
-    case RouterKind::kSoftmaxTopKRenorm: return "softmax_topk_renorm";
-    case RouterKind::kSoftmaxTopK: return "softmax_topk";
-    case RouterKind::kSigmoidBiasScaled: return "sigmoid_bias_scaled";
+    case RouterKind::kSoftmaxTopKRenorm:
+      return "softmax_topk_renorm";
+    case RouterKind::kSoftmaxTopK:
+      return "softmax_topk";
+    case RouterKind::kSigmoidBiasScaled:
+      return "sigmoid_bias_scaled";
   }
   return "?";
 }

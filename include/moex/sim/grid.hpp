@@ -36,13 +36,13 @@ MOEX_NAMESPACE_BEGIN
 
 /// The eviction policies the grid runs, by their command-line names.
 enum class SimPolicy : std::uint8_t {
-  kLru = 0,        ///< "lru": LruEviction, one global pool
-  kLfu = 1,        ///< "lfu": LfuEviction
-  kLrfu = 2,       ///< "lrfu": LrfuEviction (lambda 0.05)
-  kHobbit = 3,     ///< "hobbit": HobbitScoreEviction (equal weights)
-  kStaticHot = 4,  ///< "static-hot": StaticHotSetEviction over access counts of the profile tokens
-  kBelady = 5,     ///< "belady": BeladyOracleEviction reading the replayed future (the bound)
-  kLruLayerDp = 6, ///< "lru-dp": LRU with AdapMoE's per-layer DP split (needs executor support)
+  kLru = 0,         ///< "lru": LruEviction, one global pool
+  kLfu = 1,         ///< "lfu": LfuEviction
+  kLrfu = 2,        ///< "lrfu": LrfuEviction (lambda 0.05)
+  kHobbit = 3,      ///< "hobbit": HobbitScoreEviction (equal weights)
+  kStaticHot = 4,   ///< "static-hot": StaticHotSetEviction over access counts of the profile tokens
+  kBelady = 5,      ///< "belady": BeladyOracleEviction reading the replayed future (the bound)
+  kLruLayerDp = 6,  ///< "lru-dp": LRU with AdapMoE's per-layer DP split (needs executor support)
 };
 
 /// The command-line name of a policy ("lru", "static-hot", ...).
@@ -91,7 +91,7 @@ struct SimRunConfig {
   NamedShape shape{};                   ///< bytes and FLOPs of one expert
   DeviceProfile profile{};              ///< the simulated machine
   SimPolicy policy = SimPolicy::kLru;
-  double budget_fraction = 0.25;        ///< fast-tier budget as a fraction of all expert bytes, (0, 1]
+  double budget_fraction = 0.25;                 ///< fast-tier budget as a fraction of all expert bytes, (0, 1]
   Precision cache_precision = Precision::kBF16;  ///< precision experts are held and loaded in
   /// static-hot: popularity [n_layers * n_experts]; empty = access counts of the replayed tokens.
   std::vector<double> static_scores;
@@ -106,25 +106,25 @@ struct SimRunResult {
   std::string shape;
   ExpertShape expert_shape{};
   double budget_fraction = 0;
-  std::uint64_t expert_bytes = 0;   ///< one expert in the cache precision
-  std::uint64_t cache_slots = 0;    ///< experts the fast tier holds
-  std::uint64_t cache_bytes = 0;    ///< cache_slots * expert_bytes
-  std::uint64_t tokens = 0;         ///< tokens replayed
-  std::uint64_t layer_steps = 0;    ///< executor calls (token, layer pairs with experts)
+  std::uint64_t expert_bytes = 0;  ///< one expert in the cache precision
+  std::uint64_t cache_slots = 0;   ///< experts the fast tier holds
+  std::uint64_t cache_bytes = 0;   ///< cache_slots * expert_bytes
+  std::uint64_t tokens = 0;        ///< tokens replayed
+  std::uint64_t layer_steps = 0;   ///< executor calls (token, layer pairs with experts)
   std::uint64_t hits = 0;
   std::uint64_t misses = 0;
   std::uint64_t bytes_loaded = 0;
-  std::uint64_t sim_ns = 0;         ///< virtual time of the whole replay
-  std::uint64_t stall_ns = 0;       ///< of which waiting for loads
-  std::uint64_t compute_ns = 0;     ///< of which computing experts
-  std::uint64_t link_busy_ns = 0;   ///< busy time of the load link (host to device)
-  double hit_rate = 0;              ///< hits / (hits + misses)
-  double tokens_per_s = 0;          ///< tokens * 1e9 / sim_ns (MoE expert work only)
+  std::uint64_t sim_ns = 0;        ///< virtual time of the whole replay
+  std::uint64_t stall_ns = 0;      ///< of which waiting for loads
+  std::uint64_t compute_ns = 0;    ///< of which computing experts
+  std::uint64_t link_busy_ns = 0;  ///< busy time of the load link (host to device)
+  double hit_rate = 0;             ///< hits / (hits + misses)
+  double tokens_per_s = 0;         ///< tokens * 1e9 / sim_ns (MoE expert work only)
   double ms_per_token = 0;
   double stall_ms_per_token = 0;
   double compute_ms_per_token = 0;
   double bytes_per_token = 0;
-  double pcie_busy_fraction = 0;    ///< link_busy_ns / sim_ns
+  double pcie_busy_fraction = 0;  ///< link_busy_ns / sim_ns
 };
 
 /// Replays the configured tokens through a fresh executor over SimExecutionBackend.
@@ -135,10 +135,10 @@ Result<SimRunResult> run_simulation(const SimRunConfig& config);
 
 /// A grid: every policy x budget x profile x shape over one trace.
 struct SimGridConfig {
-  std::vector<SimPolicy> policies;       ///< empty = default_sim_policies()
-  std::vector<double> budgets;           ///< empty = {0.1, 0.25, 0.5}
-  std::vector<DeviceProfile> profiles;   ///< at least one
-  std::vector<NamedShape> shapes;        ///< at least one
+  std::vector<SimPolicy> policies;      ///< empty = default_sim_policies()
+  std::vector<double> budgets;          ///< empty = {0.1, 0.25, 0.5}
+  std::vector<DeviceProfile> profiles;  ///< at least one
+  std::vector<NamedShape> shapes;       ///< at least one
   Precision cache_precision = Precision::kBF16;
   TraceSplit split = TraceSplit::kHalf;
 };

@@ -26,9 +26,9 @@ MOEX_NAMESPACE_BEGIN
 
 /// The approximate policy of a quality run (the exact shadow always loads at full precision).
 struct QualityPolicy {
-  double budget_fraction = 0.25;          ///< fast tier as a fraction of all expert bytes
-  std::string eviction = "lru";           ///< lru, lfu, lrfu or hobbit
-  std::vector<std::uint32_t> layer_slots; ///< per-layer budgets in experts; empty = one pool
+  double budget_fraction = 0.25;           ///< fast tier as a fraction of all expert bytes
+  std::string eviction = "lru";            ///< lru, lfu, lrfu or hobbit
+  std::vector<std::uint32_t> layer_slots;  ///< per-layer budgets in experts; empty = one pool
   /// AdapMoE's gate: on when gate_threshold > 0.
   std::vector<float> sensitivities;
   float gate_threshold = 0.f;
@@ -41,9 +41,9 @@ struct QualityPolicy {
 
 /// What a quality run measured.
 struct QualityResult {
-  double rel_error = 0;                ///< sqrt(sum ||d||^2 / sum ||y||^2) over all layers and tokens
-  std::vector<double> layer_rel_error; ///< the same per layer
-  double avg_k = 0;                    ///< experts computed per (token, layer)
+  double rel_error = 0;                 ///< sqrt(sum ||d||^2 / sum ||y||^2) over all layers and tokens
+  std::vector<double> layer_rel_error;  ///< the same per layer
+  double avg_k = 0;                     ///< experts computed per (token, layer)
   std::uint64_t misses = 0, low_precision_loads = 0, skipped = 0;
   std::size_t tokens = 0;
 };

@@ -48,9 +48,9 @@ struct SimTechniqueSettings {
   /// Predictor recall per predicting layer l (predicting l+1; n_layers - 1 values), e.g. the
   /// recall_at_k of a model's training_report.json. Empty: `recall` for every layer.
   std::vector<float> layer_recall;
-  float recall = 0.8f;                ///< recall when layer_recall is empty, in [0, 1]
-  std::uint32_t prefetch_depth = 1;   ///< layers of look-ahead
-  std::uint64_t replay_seed = 1;      ///< which predictions a recall below 1 gets wrong
+  float recall = 0.8f;               ///< recall when layer_recall is empty, in [0, 1]
+  std::uint32_t prefetch_depth = 1;  ///< layers of look-ahead
+  std::uint64_t replay_seed = 1;     ///< which predictions a recall below 1 gets wrong
   /// Per-layer sensitivities of the gate. Empty: falling linearly with depth from 1 at the first
   /// layer to 0.25 at the last (AdapMoE's observation that shallow layers are more sensitive).
   std::vector<float> sensitivities;
@@ -79,13 +79,13 @@ struct SimTechniqueConfig {
 /// The parameters a table actually ran with (after calibration), so that quality runs on the
 /// real model can use the very same ones.
 struct SimTechniqueParams {
-  std::vector<float> layer_recall;     ///< per predicting layer
-  std::vector<float> sensitivities;    ///< per layer
-  float gate_threshold = 0.f;          ///< calibrated T
-  double gate_target_k = 0;            ///< asked for
-  double gate_profile_k = 0;           ///< reached on the profile tokens
+  std::vector<float> layer_recall;   ///< per predicting layer
+  std::vector<float> sensitivities;  ///< per layer
+  float gate_threshold = 0.f;        ///< calibrated T
+  double gate_target_k = 0;          ///< asked for
+  double gate_profile_k = 0;         ///< reached on the profile tokens
   float hobbit_t_high = 0.f, hobbit_t_skip = 0.f;
-  std::string best_eviction;           ///< of the per-layer-budget row
+  std::string best_eviction;               ///< of the per-layer-budget row
   std::vector<std::uint32_t> layer_slots;  ///< DP split (experts per layer)
   /// DP split of the combined row, where each layer must hold one expert in each pool; empty when
   /// the budget allows none (the combined row then runs without per-layer budgets).
@@ -95,23 +95,23 @@ struct SimTechniqueParams {
 /// One row of a technique table.
 struct SimTechniqueResult {
   SimTechnique technique = SimTechnique::kBaseline;
-  std::string detail;                    ///< what ran, e.g. "lfu, DP split" or "T=0.31, k 1.50"
-  SimRunResult run;                      ///< the replay's figures (run.policy = eviction)
-  std::uint64_t host_busy_ns = 0;        ///< host CPU computing experts
-  double cpu_busy_fraction = 0;          ///< host_busy_ns / sim_ns
-  std::uint64_t skipped = 0;             ///< experts dropped by the gate or the miss policy
-  std::uint64_t computed_at_source = 0;  ///< misses computed on the host CPU
-  std::uint64_t low_precision_loads = 0; ///< misses loaded in the low precision
+  std::string detail;                     ///< what ran, e.g. "lfu, DP split" or "T=0.31, k 1.50"
+  SimRunResult run;                       ///< the replay's figures (run.policy = eviction)
+  std::uint64_t host_busy_ns = 0;         ///< host CPU computing experts
+  double cpu_busy_fraction = 0;           ///< host_busy_ns / sim_ns
+  std::uint64_t skipped = 0;              ///< experts dropped by the gate or the miss policy
+  std::uint64_t computed_at_source = 0;   ///< misses computed on the host CPU
+  std::uint64_t low_precision_loads = 0;  ///< misses loaded in the low precision
   std::uint64_t prefetches = 0, prefetch_hits = 0, prefetch_wasted_bytes = 0;
-  double recall = 0;                     ///< measured prediction recall (prefetching rows)
-  double avg_k = 0;                      ///< experts computed per (token, layer)
-  double speedup = 1;                    ///< baseline ms/token / this row's
-  double stall_cut = 0;                  ///< 1 - stall / baseline stall
-  bool exact = true;                     ///< no approximation in this row's policies
+  double recall = 0;     ///< measured prediction recall (prefetching rows)
+  double avg_k = 0;      ///< experts computed per (token, layer)
+  double speedup = 1;    ///< baseline ms/token / this row's
+  double stall_cut = 0;  ///< 1 - stall / baseline stall
+  bool exact = true;     ///< no approximation in this row's policies
   /// Relative error of the MoE layer outputs against the exact path on the real model; filled by
   /// the caller (moex-sim) where weights exist.
   std::optional<double> quality;
-  std::string quality_note;              ///< "exact", "n/a (no weights)", ...
+  std::string quality_note;  ///< "exact", "n/a (no weights)", ...
 };
 
 /// Runs the table: every technique asked for (and the baseline) on the measured tokens of the

@@ -121,11 +121,11 @@ class ExpertStore {
   Tier master_tier_ = Tier::kHost;
   bool virtual_ = false;
   ExpertLayout master_layout_{};
-  std::vector<std::byte> master_blob_;       // owned master copies (set_expert)
-  std::vector<ExpertView> master_views_;     // per expert; w1_data null until set
-  std::vector<Copy> copies_;                 // other precisions
-  std::vector<float> routers_;               // n_layers * n_experts * hidden
-  std::vector<std::vector<float>> biases_;   // per layer, may be empty
+  std::vector<std::byte> master_blob_;      // owned master copies (set_expert)
+  std::vector<ExpertView> master_views_;    // per expert; w1_data null until set
+  std::vector<Copy> copies_;                // other precisions
+  std::vector<float> routers_;              // n_layers * n_experts * hidden
+  std::vector<std::vector<float>> biases_;  // per layer, may be empty
   std::vector<std::shared_ptr<const void>> owners_;
 };
 

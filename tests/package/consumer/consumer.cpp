@@ -3,10 +3,9 @@
 // output on the same model. usage: consumer_cxx <model dir>
 #include <cmath>
 #include <cstdio>
-#include <vector>
-
 #include <moex.h>
 #include <moex/moex.hpp>
+#include <vector>
 
 int main(int argc, char** argv) {
   if (argc != 2) return 2;

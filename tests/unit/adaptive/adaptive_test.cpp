@@ -1,9 +1,9 @@
 // Pre-gating, adaptive gating, prefetching and miss handling (issue 4).
-#include <doctest/doctest.h>
-
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include <doctest/doctest.h>
 
 #include "moex/backend/sim_execution_backend.hpp"
 #include "moex/executor/moe_layer_executor.hpp"
@@ -13,6 +13,7 @@
 #include "moex/policies/hobbit_precision_miss.hpp"
 #include "moex/route/pre_gate_router.hpp"
 #include "moex/store/open_expert_store.hpp"
+
 #include "support/test_support.hpp"
 
 namespace {
@@ -91,9 +92,8 @@ TEST_CASE("a prefetch issued at layer i lands before layer i+1 needs it when the
   auto tr = cyclic_trace(8);
   auto pred = moex::PreGateRouter::replay(tr, 1, 1.f);
   REQUIRE(pred.is_ok());
-  auto ex = moex::MoeLayerExecutor<ReplayPolicies>::create(*store, {.cache_bytes = 8 * eb},
-                                                           moex::SimExecutionBackend(profile(link, gpu, 0)), {}, {},
-                                                           std::move(*pred));
+  auto ex = moex::MoeLayerExecutor<ReplayPolicies>::create(
+      *store, {.cache_bytes = 8 * eb}, moex::SimExecutionBackend(profile(link, gpu, 0)), {}, {}, std::move(*pred));
   REQUIRE(ex.is_ok());
   const std::uint64_t copy_ns = moex::sim_duration_ns(eb, link), comp_ns = moex::sim_duration_ns(eb, gpu);
   for (std::uint32_t t = 0; t < 8; ++t)
@@ -127,9 +127,8 @@ TEST_CASE("prefetch stalls exactly the remainder when the link is slower than co
   const std::uint64_t link = 2'000'000'000ull, gpu = 8'000'000'000ull;  // copy 4x slower than compute
   auto pred = moex::PreGateRouter::replay(cyclic_trace(1), 1, 1.f);
   REQUIRE(pred.is_ok());
-  auto ex = moex::MoeLayerExecutor<ReplayPolicies>::create(*store, {.cache_bytes = 4 * eb},
-                                                           moex::SimExecutionBackend(profile(link, gpu, 0)), {}, {},
-                                                           std::move(*pred));
+  auto ex = moex::MoeLayerExecutor<ReplayPolicies>::create(
+      *store, {.cache_bytes = 4 * eb}, moex::SimExecutionBackend(profile(link, gpu, 0)), {}, {}, std::move(*pred));
   REQUIRE(ex.is_ok());
   const std::uint64_t c = moex::sim_duration_ns(eb, link), g = moex::sim_duration_ns(eb, gpu);
   auto r = routing({0}, {1.f});
@@ -154,7 +153,8 @@ TEST_CASE("a wrong prefetch gives the link back from its next chunk and later co
   sc.chunk_bytes = 1 << 20;
   moex::SimExecutionBackend be(profile(link, 0, 0), sc);
   REQUIRE(be.allocate_slots(moex::Precision::kBF16, eb, 4).is_ok());
-  const moex::ExpertView v{nullptr, nullptr, nullptr, moex::expert_layout(spec.shape, moex::float_format(moex::Precision::kBF16))};
+  const moex::ExpertView v{nullptr, nullptr, nullptr,
+                           moex::expert_layout(spec.shape, moex::float_format(moex::Precision::kBF16))};
   moex::LoadTicket a = 0, b = 0, c = 0;
   REQUIRE(be.start_load(moex::Precision::kBF16, 0, v, a).is_ok());
   REQUIRE(be.start_load(moex::Precision::kBF16, 1, v, b).is_ok());
@@ -215,7 +215,8 @@ TEST_CASE("transfers and CPU compute of misses run at once in simulation") {
     using Miss = moex::CostModelMiss;
   };
   auto base = moex::MoeLayerExecutor<SimPolicies>::create(*store, {.cache_bytes = eb}, moex::SimExecutionBackend(prof));
-  auto cost = moex::MoeLayerExecutor<CostPolicies>::create(*store, {.cache_bytes = eb}, moex::SimExecutionBackend(prof));
+  auto cost =
+      moex::MoeLayerExecutor<CostPolicies>::create(*store, {.cache_bytes = eb}, moex::SimExecutionBackend(prof));
   REQUIRE(base.is_ok());
   REQUIRE(cost.is_ok());
   REQUIRE(base->forward_routed(0, std::span(&r, 1), nullptr, 1, nullptr).is_ok());
@@ -439,7 +440,7 @@ TEST_CASE("skipping renormalizes the remaining weights and low-precision loads u
   CHECK(ex->stats().layers[0].misses_by_precision[static_cast<std::size_t>(moex::Precision::kInt4)] == 1);
   CHECK(ex->cache().peek({0, 3})->precision == moex::Precision::kInt4);
 }
-}
+}  // TEST_SUITE("cpu")
 
 TEST_SUITE("concurrency") {
 TEST_CASE("asynchronous CPU loads with cancellation keep outputs exact") {
@@ -468,4 +469,4 @@ TEST_CASE("asynchronous CPU loads with cancellation keep outputs exact") {
   }
   CHECK(a->stats().total().prefetches > 0);
 }
-}
+}  // TEST_SUITE("concurrency")

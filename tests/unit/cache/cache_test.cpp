@@ -1,10 +1,10 @@
 // MixedPrecisionCache and the eviction policies: hand-worked sequences, references, budgets, Belady.
-#include <doctest/doctest.h>
-
 #include <algorithm>
 #include <list>
 #include <map>
 #include <random>
+
+#include <doctest/doctest.h>
 
 #include "moex/cache/mixed_precision_cache.hpp"
 #include "moex/policies/belady_oracle_eviction.hpp"
@@ -13,6 +13,7 @@
 #include "moex/policies/lrfu_eviction.hpp"
 #include "moex/policies/lru_eviction.hpp"
 #include "moex/policies/static_hot_set_eviction.hpp"
+
 #include "support/test_support.hpp"
 #include "unit/cache/replay.hpp"
 
@@ -59,7 +60,9 @@ struct RefLru {
 // Independent in-cache LFU: evict fewest hits since insertion, ties least recently used.
 struct RefLfu {
   std::size_t cap;
-  struct E { std::uint64_t hits, last; };
+  struct E {
+    std::uint64_t hits, last;
+  };
   std::map<std::uint64_t, E> m;
   std::uint64_t clock = 0;
   bool access(std::uint64_t k) {
@@ -198,8 +201,7 @@ TEST_CASE("HOBBIT layer distance and a hand-worked choice") {
 
 TEST_CASE("static hot set keeps the profiled experts") {
   std::vector<double> scores = {5, 1, 9, 0};  // layer 0, experts 0..3
-  auto c = MixedPrecisionCache<StaticHotSetEviction>::create(shared_config(1, 4, 2),
-                                                             StaticHotSetEviction(scores, 4));
+  auto c = MixedPrecisionCache<StaticHotSetEviction>::create(shared_config(1, 4, 2), StaticHotSetEviction(scores, 4));
   REQUIRE(c.is_ok());
   touch(*c, 0, 0);
   touch(*c, 1, 1);
@@ -221,13 +223,9 @@ TEST_CASE("Belady on a hand-worked sequence") {
   CHECK(c->stats().misses == 7);
 }
 
-TEST_CASE("LRU matches an independent reference on random traces") {
-  check_against_reference<RefLru, LruEviction>(1);
-}
+TEST_CASE("LRU matches an independent reference on random traces") { check_against_reference<RefLru, LruEviction>(1); }
 
-TEST_CASE("LFU matches an independent reference on random traces") {
-  check_against_reference<RefLfu, LfuEviction>(2);
-}
+TEST_CASE("LFU matches an independent reference on random traces") { check_against_reference<RefLfu, LfuEviction>(2); }
 
 TEST_CASE("a budget smaller than one expert is an error") {
   auto c = MixedPrecisionCache<LruEviction>::create(shared_config(2, 4, 100));
@@ -364,8 +362,8 @@ TEST_CASE("Belady is never worse than any online policy (random traces)") {
     auto lfu = MixedPrecisionCache<LfuEviction>::create(cfg);
     auto lrfu = MixedPrecisionCache<LrfuEviction>::create(cfg);
     auto hob = MixedPrecisionCache<HobbitScoreEviction>::create(cfg);
-    auto hot = MixedPrecisionCache<StaticHotSetEviction>::create(
-        cfg, StaticHotSetEviction(expert_access_counts(t), experts));
+    auto hot =
+        MixedPrecisionCache<StaticHotSetEviction>::create(cfg, StaticHotSetEviction(expert_access_counts(t), experts));
     CHECK(test::replay(t, *lru, ok) <= best);
     CHECK(test::replay(t, *lfu, ok) <= best);
     CHECK(test::replay(t, *lrfu, ok) <= best);
@@ -374,4 +372,4 @@ TEST_CASE("Belady is never worse than any online policy (random traces)") {
   }
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("cache")

@@ -1,10 +1,11 @@
 // Layer budgets: the DP split equals brute force; miss curves from a trace.
-#include <doctest/doctest.h>
+#include "moex/cache/layer_budget.hpp"
 
 #include <functional>
 #include <random>
 
-#include "moex/cache/layer_budget.hpp"
+#include <doctest/doctest.h>
+
 #include "support/test_support.hpp"
 #include "unit/cache/replay.hpp"
 
@@ -36,15 +37,15 @@ TEST_CASE("DP split equals brute force on small cases") {
     // brute force
     std::uint64_t best = ~0ull;
     std::vector<std::uint32_t> cur(layers);
-    std::function<void(std::size_t, std::uint32_t, std::uint64_t)> rec =
-        [&](std::size_t l, std::uint32_t left, std::uint64_t cost) {
-          if (l == layers) {
-            best = std::min(best, cost);
-            return;
-          }
-          for (std::uint32_t s = min_slots; s < curves[l].size() && s <= left; ++s)
-            rec(l + 1, left - s, cost + curves[l][s]);
-        };
+    std::function<void(std::size_t, std::uint32_t, std::uint64_t)> rec = [&](std::size_t l, std::uint32_t left,
+                                                                             std::uint64_t cost) {
+      if (l == layers) {
+        best = std::min(best, cost);
+        return;
+      }
+      for (std::uint32_t s = min_slots; s < curves[l].size() && s <= left; ++s)
+        rec(l + 1, left - s, cost + curves[l][s]);
+    };
     rec(0, total, 0);
     std::uint64_t got = 0, used = 0;
     for (std::size_t l = 0; l < layers; ++l) {
@@ -69,7 +70,7 @@ TEST_CASE("profiled LRU miss curves start at all accesses and never increase") {
     REQUIRE(c.size() == 9);
     CHECK(c[0] == 600);
     for (std::size_t s = 1; s < c.size(); ++s) CHECK(c[s] <= c[s - 1]);  // LRU inclusion
-    CHECK(c[8] <= 8);  // everything fits: compulsory misses only
+    CHECK(c[8] <= 8);                                                    // everything fits: compulsory misses only
   }
   auto split = dp_layer_split(*curves, 12, 2);
   REQUIRE(split.is_ok());
@@ -82,4 +83,4 @@ TEST_CASE("profiled LRU miss curves start at all accesses and never increase") {
   CHECK(dp_miss <= uni_miss);
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("cache")

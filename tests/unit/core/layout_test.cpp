@@ -1,6 +1,7 @@
+#include "moex/quant/layout.hpp"
+
 #include <doctest/doctest.h>
 
-#include "moex/quant/layout.hpp"
 #include "moex/status.hpp"
 
 TEST_SUITE("cpu") {
@@ -25,4 +26,4 @@ TEST_CASE("Result carries either a value or an error") {
   CHECK(bad.status().code() == moex::StatusCode::kInvalidArgument);
   CHECK(bad.status().to_string() == "invalid argument: nope");
 }
-}
+}  // TEST_SUITE("cpu")

@@ -1,11 +1,11 @@
-#include <doctest/doctest.h>
+#include "moex/thread_pool.hpp"
 
 #include <atomic>
 #include <numeric>
 #include <thread>
 #include <vector>
 
-#include "moex/thread_pool.hpp"
+#include <doctest/doctest.h>
 
 TEST_SUITE("concurrency") {
 TEST_CASE("parallel_for covers every index exactly once at any grain and pool size") {
@@ -36,4 +36,4 @@ TEST_CASE("several threads may call parallel_for on one pool at once") {
   for (auto& t : callers) t.join();
   CHECK(total.load() == 4 * 50 * 100);
 }
-}
+}  // TEST_SUITE("concurrency")

@@ -1,7 +1,5 @@
 // matmul_rows and expert_ffn in every format and every ISA path this CPU has, against float64
 // math on the DEQUANTIZED weights (so only the kernels' arithmetic error is measured).
-#include <doctest/doctest.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,11 +7,14 @@
 #include <string>
 #include <vector>
 
+#include <doctest/doctest.h>
+
 #include "moex/cpu/cpu_isa.hpp"
 #include "moex/cpu/cpu_kernels.hpp"
 #include "moex/cpu/expert_ffn.hpp"
 #include "moex/quant/quantize.hpp"
 #include "moex/thread_pool.hpp"
+
 #include "support/test_support.hpp"
 
 namespace {
@@ -327,7 +328,7 @@ TEST_CASE("expert_ffn matches float64 SwiGLU in every format and ISA, pool or no
           REQUIRE(moex::expert_ffn(ev, x.data(), n, y1.data(), ws, nullptr).is_ok());
           REQUIRE(moex::expert_ffn(ev, x.data(), n, yp.data(), ws, &pool).is_ok());
           CHECK(std::memcmp(y1.data(), yp.data(), y1.size() * sizeof(float)) == 0);
-          const double tol = lowers_activations(isa, f)  ? kFfnBf16Tol
+          const double tol = lowers_activations(isa, f) ? kFfnBf16Tol
                              : int8_activations(isa, f) ? kFfnQ8Tol
                                                         : kFfnF32Tol;
           CHECK(moex::test::rel_error(y1.data(), ref.data(), ref.size()) <= tol);
@@ -373,4 +374,4 @@ TEST_CASE("expert_ffn rejects bad input") {
   bad.layout.shape = {0, 128};
   CHECK(moex::expert_ffn(bad, x.data(), 2, y.data(), ws).code() == StatusCode::kInvalidArgument);
 }
-}
+}  // TEST_SUITE("cpu")

@@ -1,10 +1,11 @@
-#include <doctest/doctest.h>
-
 #include <cmath>
 #include <vector>
 
+#include <doctest/doctest.h>
+
 #include "moex/executor/moe_layer_executor.hpp"
 #include "moex/quant/quantize.hpp"
+
 #include "support/test_support.hpp"
 
 namespace {
@@ -97,9 +98,9 @@ TEST_CASE("the executor's output equals a dense computation of the same layer") 
         auto x = moex::test::random_normal(n * 64, 1.f, 100 + n + layer);
         std::vector<float> y(n * 64, NAN);
         REQUIRE(ex->forward(layer, x.data(), n, y.data()).is_ok());
-        const double tol = fmt.precision == moex::Precision::kF32    ? kTolF32
-                           : moex::is_quantized(fmt.precision)          ? kTolInt8Activations
-                                                                        : kTolBf16Activations;
+        const double tol = fmt.precision == moex::Precision::kF32 ? kTolF32
+                           : moex::is_quantized(fmt.precision)    ? kTolInt8Activations
+                                                                  : kTolBf16Activations;
         CHECK(moex::test::rel_error(y, dense_reference(m.store, layer, x, n)) < tol);
       }
     }
@@ -148,7 +149,8 @@ TEST_CASE("bad input to the executor is an error and never a crash") {
     CHECK(ex.status().code() == moex::StatusCode::kInvalidArgument);
   }
   SUBCASE("a cache precision the store does not hold is refused") {
-    auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 4 * eb, .cache_precision = moex::Precision::kInt4});
+    auto ex =
+        moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 4 * eb, .cache_precision = moex::Precision::kInt4});
     CHECK(ex.status().code() == moex::StatusCode::kInvalidArgument);
   }
   auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 4 * eb});
@@ -186,11 +188,12 @@ TEST_CASE("an incomplete store or a bad spec is refused") {
   spec.shape.hidden = 60;  // not a multiple of any group size
   CHECK_FALSE(moex::ExpertStore::create(spec, moex::quant_format(moex::Precision::kInt4, 32)).is_ok());
 }
-}
+}  // TEST_SUITE("cpu")
 
 TEST_CASE("the executor records the routing it used as a trace") {
   auto m = make_model(moex::float_format(moex::Precision::kBF16), 2, 4, 2);
-  auto ex = moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 8 * m.store.expert_bytes(moex::Precision::kBF16)});
+  auto ex =
+      moex::MoeLayerExecutor<>::create(m.store, {.cache_bytes = 8 * m.store.expert_bytes(moex::Precision::kBF16)});
   REQUIRE(ex.is_ok());
   ex->record_trace(true);
   auto x = moex::test::random_normal(3 * 64, 1.f, 11);

@@ -1,14 +1,16 @@
 // Checkpoints of every architecture written with the writers, opened through Checkpoint, every
 // expert's bytes compared with what was written; the shared tiny-mixtral models; bad inputs.
 
-#include <doctest/doctest.h>
+#include "moex/formats/checkpoint.hpp"
 
 #include <cstring>
 #include <fstream>
 
-#include "moex/formats/checkpoint.hpp"
+#include <doctest/doctest.h>
+
 #include "moex/formats/safetensors.hpp"
 #include "moex/quant/half.hpp"
+
 #include "support/checkpoint_writer.hpp"
 #include "support/test_support.hpp"
 
@@ -55,7 +57,8 @@ void check_model(const fs::path& path, const test::WrittenModel& w, bool bytes_e
     auto r = ck.value()->router(l);
     REQUIRE_MESSAGE(r.is_ok(), r.status().to_string());
     CHECK(to_f32(*r) == w.router_values.at(l));
-    if (c.arch == Architecture::kDeepseekV3 || c.arch == Architecture::kGptOss) CHECK(ck.value()->router_bias(l).is_ok());
+    if (c.arch == Architecture::kDeepseekV3 || c.arch == Architecture::kGptOss)
+      CHECK(ck.value()->router_bias(l).is_ok());
     if (c.n_shared_experts) CHECK(ck.value()->shared_expert(l).is_ok());
     for (std::uint32_t e = 0; e < c.n_experts; ++e) {
       CAPTURE(e);
@@ -144,7 +147,8 @@ TEST_CASE("GGUF checkpoints of every architecture: merged experts sliced exactly
 
 TEST_CASE("the shared tiny-mixtral checkpoints") {
   MOEX_REQUIRE_SHARED(shared);
-  for (const auto& model : {std::tuple{"tiny-mixtral-8e", 8u, 2u, 256u}, std::tuple{"tiny-mixtral-32e", 32u, 4u, 64u}}) {
+  for (const auto& model :
+       {std::tuple{"tiny-mixtral-8e", 8u, 2u, 256u}, std::tuple{"tiny-mixtral-32e", 32u, 4u, 64u}}) {
     const std::string name = std::get<0>(model);
     const std::uint32_t experts = std::get<1>(model), top_k = std::get<2>(model), ffn = std::get<3>(model);
     CAPTURE(name);
@@ -227,7 +231,8 @@ TEST_CASE("bad checkpoints give errors naming the file and tensor") {
     REQUIRE(write_config_json(dir, c).is_ok());
     auto ck = Checkpoint::open(dir);
     REQUIRE(!ck.is_ok());
-    CHECK(ck.status().message().find("block_sparse_moe.gate.weight") != std::string::npos);  // router [4, 64] vs 5 experts
+    CHECK(ck.status().message().find("block_sparse_moe.gate.weight") !=
+          std::string::npos);  // router [4, 64] vs 5 experts
   }
   SUBCASE("truncated shard") {
     const auto p = dir / "model-00003-of-00004.safetensors";
@@ -243,4 +248,4 @@ TEST_CASE("bad checkpoints give errors naming the file and tensor") {
   }
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("formats")

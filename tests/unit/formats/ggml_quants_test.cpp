@@ -2,14 +2,15 @@
 // ggml block layouts, independent of the decoders). Values are small integers times powers of
 // two, so every expected float is exact and the comparison is bitwise.
 
-#include <doctest/doctest.h>
-
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+#include <doctest/doctest.h>
+
 #include "moex/quant/ggml.hpp"
 #include "moex/quant/half.hpp"
+
 #include "support/test_support.hpp"
 
 using namespace moex;
@@ -95,7 +96,8 @@ TEST_CASE("Q4_K and Q5_K decode hand-built super-blocks") {
     pack_scales_k4(b4.data() + 4, sc, m);
     for (int k = 0; k < 4; ++k)
       for (int l = 0; l < 32; ++l)
-        b4[16 + 32 * k + l] = std::byte(static_cast<std::uint8_t>((q[64 * k + l] & 15) | ((q[64 * k + 32 + l] & 15) << 4)));
+        b4[16 + 32 * k + l] =
+            std::byte(static_cast<std::uint8_t>((q[64 * k + l] & 15) | ((q[64 * k + 32 + l] & 15) << 4)));
     // Q5_K: d, dmin, scales[12], qh[32], qs[128]; bit s of qh[l] is the 5th bit of element l of sub-block s.
     std::vector<std::byte> b5(176);
     put_f16(b5, 0, d);
@@ -108,7 +110,8 @@ TEST_CASE("Q4_K and Q5_K decode hand-built super-blocks") {
     }
     for (int k = 0; k < 4; ++k)
       for (int l = 0; l < 32; ++l)
-        b5[48 + 32 * k + l] = std::byte(static_cast<std::uint8_t>((q[64 * k + l] & 15) | ((q[64 * k + 32 + l] & 15) << 4)));
+        b5[48 + 32 * k + l] =
+            std::byte(static_cast<std::uint8_t>((q[64 * k + l] & 15) | ((q[64 * k + 32 + l] & 15) << 4)));
     float y4[256], y5[256];
     decode_block_row(Precision::kQ4_K, b4.data(), 256, y4);
     decode_block_row(Precision::kQ5_K, b5.data(), 256, y5);
@@ -198,4 +201,4 @@ TEST_CASE("fp8 e4m3 and e5m2 decode exactly") {
   }
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("formats")

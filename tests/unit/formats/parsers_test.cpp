@@ -1,16 +1,17 @@
 // The safetensors, GGUF and config.json parsers on valid and hand-broken inputs: every bad input is
 // a Status naming the file (and tensor), never a crash.
 
-#include <doctest/doctest.h>
-
 #include <cstring>
 #include <fstream>
 #include <iterator>
+
+#include <doctest/doctest.h>
 
 #include "moex/formats/checkpoint.hpp"
 #include "moex/formats/gguf.hpp"
 #include "moex/formats/model_config.hpp"
 #include "moex/formats/safetensors.hpp"
+
 #include "support/checkpoint_writer.hpp"
 #include "support/test_support.hpp"
 
@@ -75,14 +76,20 @@ TEST_CASE("safetensors: bad inputs") {
       {"not json", R"({"a":)", 0, 0, "not valid JSON"},
       {"not an object", R"([1,2])", 0, 0, "not a JSON object"},
       {"unknown dtype", R"({"t":{"dtype":"F12","shape":[1],"data_offsets":[0,2]}})", 2, 0, "unknown dtype 'F12'"},
-      {"offset out of range", R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8, 0, "past the data section"},
+      {"offset out of range", R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8, 0,
+       "past the data section"},
       {"shape/bytes mismatch", R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}})", 16, 0, "need 12 bytes"},
       {"begin after end", R"({"t":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}})", 8, 0, "begin 4 > end"},
-      {"overlap", R"({"t":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"u":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}})", 8, 0, "overlap"},
-      {"duplicate", R"({"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"t":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}})", 2, 0, "duplicate tensor name 't'"},
+      {"overlap",
+       R"({"t":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"u":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}})",
+       8, 0, "overlap"},
+      {"duplicate",
+       R"({"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"t":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}})",
+       2, 0, "duplicate tensor name 't'"},
       {"negative dim", R"({"t":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}})", 1, 0, "non-negative"},
       {"float offset", R"({"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1.5]}})", 2, 0, "non-negative"},
-      {"overflowing shape", R"({"t":{"dtype":"F64","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}})", 8, 0, "overflows"},
+      {"overflowing shape", R"({"t":{"dtype":"F64","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}})", 8, 0,
+       "overflows"},
       {"missing dtype", R"({"t":{"shape":[1],"data_offsets":[0,1]}})", 1, 0, "dtype"},
       {"bad metadata", R"({"__metadata__":{"a":1}})", 0, 0, "__metadata__"},
       {"deep nesting", std::string(1000, '[') + std::string(1000, ']'), 0, 0, "nested too deeply"},
@@ -216,10 +223,15 @@ TEST_CASE("config.json: every architecture and errors naming the key") {
   }
   CHECK(parse_model_config("{").status().code() == StatusCode::kCorrupt);
   CHECK(parse_model_config("{}").status().message().find("model_type") != std::string::npos);
-  CHECK(parse_model_config(R"({"model_type":"mixtral","hidden_size":-4})").status().message().find("hidden_size") != std::string::npos);
+  CHECK(parse_model_config(R"({"model_type":"mixtral","hidden_size":-4})").status().message().find("hidden_size") !=
+        std::string::npos);
   CHECK(parse_model_config(R"({"model_type":"mixtral","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,
-      "num_local_experts":4,"num_experts_per_tok":9,"intermediate_size":8})").status().message().find("top-k") != std::string::npos);
-  CHECK(parse_model_config(R"({"architectures":["GrokForCausalLM"]})").status().message().find("GrokForCausalLM") != std::string::npos);
+      "num_local_experts":4,"num_experts_per_tok":9,"intermediate_size":8})")
+            .status()
+            .message()
+            .find("top-k") != std::string::npos);
+  CHECK(parse_model_config(R"({"architectures":["GrokForCausalLM"]})").status().message().find("GrokForCausalLM") !=
+        std::string::npos);
 }
 
 TEST_CASE("tensor_to_f32 rejects views that reach past their bytes") {
@@ -260,4 +272,4 @@ TEST_CASE("the fuzz seed corpus holds valid files") {
   }
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("formats")

@@ -1,6 +1,6 @@
 // Quantized formats: half conversions (exhaustive), round-trip bounds per format/scheme/group,
 // expert packing/conversion, block-format dispatch, bad input.
-#include <doctest/doctest.h>
+#include "moex/quant/quantize.hpp"
 
 #include <bit>
 #include <cmath>
@@ -9,11 +9,13 @@
 #include <limits>
 #include <vector>
 
+#include <doctest/doctest.h>
+
 #include "moex/quant/ggml.hpp"
 #include "moex/quant/half.hpp"
 #include "moex/quant/layout.hpp"
-#include "moex/quant/quantize.hpp"
 #include "moex/thread_pool.hpp"
+
 #include "support/test_support.hpp"
 
 namespace {
@@ -101,7 +103,7 @@ TEST_CASE("f16 and bf16 encoders round to nearest even at every midpoint") {
     const double mid = (ref_f16(lo) + ref_f16(hi)) / 2;  // hi may be +inf for 0x7bff
     CAPTURE(i);
     if (std::isinf(mid)) {
-      CHECK(moex::float_to_f16(65520.f) == 0x7c00u);                        // rounds to inf
+      CHECK(moex::float_to_f16(65520.f) == 0x7c00u);  // rounds to inf
       CHECK(moex::float_to_f16(std::nextafter(65520.f, 0.f)) == 0x7bffu);
       continue;
     }
@@ -156,7 +158,7 @@ TEST_CASE("integer formats round-trip within half a step of their group scale") 
   CAPTURE(seed);
   const std::size_t rows = 6, cols = 384;
   std::vector<float> w = moex::test::random_normal(rows * cols, 0.5f, 2);
-  w[7] = 9.f;     // outliers set the scale of their group
+  w[7] = 9.f;  // outliers set the scale of their group
   w[500] = -7.f;
   for (std::size_t i = 0; i < 32; ++i) w[cols + 128 + i] = 0.25f;  // a constant group
   for (const WeightFormat& f : kIntFormats) {
@@ -200,8 +202,9 @@ TEST_CASE("quantize_matrix rejects bad input with kInvalidArgument") {
   const WeightFormat q4 = moex::quant_format(Precision::kInt4, 32);
   std::vector<std::byte> blob(moex::matrix_layout(4, 64, q4).total_bytes);
   using moex::StatusCode;
-  auto code = [&](const float* src, std::size_t rows, std::size_t cols, WeightFormat f,
-                  std::span<std::byte> dst) { return moex::quantize_matrix(src, rows, cols, f, dst).code(); };
+  auto code = [&](const float* src, std::size_t rows, std::size_t cols, WeightFormat f, std::span<std::byte> dst) {
+    return moex::quantize_matrix(src, rows, cols, f, dst).code();
+  };
   CHECK(code(nullptr, 4, 64, q4, blob) == StatusCode::kInvalidArgument);
   CHECK(code(w.data(), 0, 64, q4, blob) == StatusCode::kInvalidArgument);
   CHECK(code(w.data(), 4, 0, q4, blob) == StatusCode::kInvalidArgument);
@@ -211,11 +214,9 @@ TEST_CASE("quantize_matrix rejects bad input with kInvalidArgument") {
         StatusCode::kInvalidArgument);
   CHECK(code(w.data(), 4, 64, {Precision::kInt4, static_cast<QuantScheme>(7), 32}, blob) ==
         StatusCode::kInvalidArgument);
-  CHECK(code(w.data(), 4, 64, q4, std::span<std::byte>(blob).first(blob.size() - 1)) ==
-        StatusCode::kInvalidArgument);
+  CHECK(code(w.data(), 4, 64, q4, std::span<std::byte>(blob).first(blob.size() - 1)) == StatusCode::kInvalidArgument);
   CHECK(code(w.data(), 4, 64, q4, {}) == StatusCode::kInvalidArgument);
-  CHECK(code(w.data(), std::numeric_limits<std::size_t>::max() / 2, 64, q4, blob) ==
-        StatusCode::kInvalidArgument);
+  CHECK(code(w.data(), std::numeric_limits<std::size_t>::max() / 2, 64, q4, blob) == StatusCode::kInvalidArgument);
   CHECK(code(w.data(), 4, 64, moex::float_format(Precision::kQ4_0), blob) == StatusCode::kUnsupported);
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
                     -std::numeric_limits<float>::infinity()}) {
@@ -298,4 +299,4 @@ TEST_CASE("dequantize_row decodes block formats through decode_block_row") {
     for (std::size_t c = 0; c < cols; ++c) CHECK(static_cast<double>(row[c]) == want[r * cols + c]);
   }
 }
-}
+}  // TEST_SUITE("cpu")

@@ -1,11 +1,12 @@
-#include <doctest/doctest.h>
+#include "moex/route/router.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
 
-#include "moex/route/router.hpp"
+#include <doctest/doctest.h>
+
 #include "support/test_support.hpp"
 
 using moex::RouterConfig;
@@ -37,7 +38,8 @@ TokenRouting reference_route(const RouterConfig& c, const std::vector<float>& lo
   for (std::uint32_t j = 0; j < c.top_k; ++j) {
     r.experts[j] = static_cast<std::uint32_t>(idx[j]);
     double w = score[idx[j]];
-    if (c.kind == RouterKind::kSoftmaxTopKRenorm || (c.kind == RouterKind::kSigmoidBiasScaled && c.norm_topk_prob)) w /= sum;
+    if (c.kind == RouterKind::kSoftmaxTopKRenorm || (c.kind == RouterKind::kSigmoidBiasScaled && c.norm_topk_prob))
+      w /= sum;
     if (c.kind != RouterKind::kSoftmaxTopKRenorm) w *= c.routed_scaling;
     r.weights[j] = static_cast<float>(w);
   }
@@ -122,7 +124,8 @@ TEST_CASE("every router variant matches the reference formula on random logits")
 TEST_CASE("bad router input is an error and not a crash") {
   TokenRouting r;
   const float logits[4] = {0.f, 1.f, NAN, 0.f};
-  CHECK(moex::route_token({RouterKind::kSoftmaxTopKRenorm, 4, 2}, logits, {}, r).code() == moex::StatusCode::kInvalidArgument);
+  CHECK(moex::route_token({RouterKind::kSoftmaxTopKRenorm, 4, 2}, logits, {}, r).code() ==
+        moex::StatusCode::kInvalidArgument);
   const float ok[4] = {0.f, 1.f, 2.f, 0.f};
   CHECK_FALSE(moex::route_token({RouterKind::kSoftmaxTopKRenorm, 4, 0}, ok, {}, r).is_ok());
   CHECK_FALSE(moex::route_token({RouterKind::kSoftmaxTopKRenorm, 4, 5}, ok, {}, r).is_ok());
@@ -130,4 +133,4 @@ TEST_CASE("bad router input is an error and not a crash") {
   CHECK_FALSE(moex::route_token({static_cast<RouterKind>(9), 4, 2}, ok, {}, r).is_ok());
   CHECK_FALSE(moex::route_token({RouterKind::kSoftmaxTopKRenorm, 4, 2, 1.f, 3, 1}, ok, {}, r).is_ok());
 }
-}
+}  // TEST_SUITE("cpu")

@@ -3,6 +3,7 @@
 
 #include "moex/backend/sim_backend.hpp"
 #include "moex/quant/layout.hpp"
+
 #include "support/test_support.hpp"
 
 using namespace moex;
@@ -13,8 +14,8 @@ DeviceProfile simple_profile() {
   p.name = "test";
   p.links[static_cast<std::size_t>(SimLink::kHostToDevice)] = {100, 1'000'000'000};  // 1 B/ns
   p.links[static_cast<std::size_t>(SimLink::kDiskToHost)] = {1000, 500'000'000};     // 0.5 B/ns
-  p.compute[0].read_bytes_per_s = 4'000'000'000;  // 4 B/ns
-  p.compute[0].flops_per_s = 10'000'000'000;      // 10 FLOP/ns
+  p.compute[0].read_bytes_per_s = 4'000'000'000;                                     // 4 B/ns
+  p.compute[0].flops_per_s = 10'000'000'000;                                         // 10 FLOP/ns
   p.compute[0].launch_ns = 7;
   p.compute[0].flops_per_s_by_precision[static_cast<std::size_t>(Precision::kFp8E4M3)] = 20'000'000'000;
   return p;
@@ -54,7 +55,7 @@ TEST_CASE("queues serialize per resource and run concurrently across resources")
   CHECK(sim.device_free_at(SimDevice::kGpu) == 1314);
   CHECK(sim.now() == 0);
   CHECK(sim.advance_to(1207) == 1207);
-  CHECK(sim.advance_to(10) == 1207);  // never backward
+  CHECK(sim.advance_to(10) == 1207);                               // never backward
   CHECK(sim.submit_copy(SimLink::kDiskToHost, 0) == 3050 + 1000);  // default not_before = now
   sim.reset();
   CHECK(sim.now() == 0);
@@ -108,4 +109,4 @@ TEST_CASE("bad profiles are errors") {
   CHECK(load_device_profile("/nonexistent/p.json").status().code() == StatusCode::kIo);
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("sim")

@@ -1,14 +1,13 @@
 // moex-demo with each policy on the CPU backend at tiny sizes: exit 0, and with any policy on the
 // quality line (relative error against the exact shadow executor); bad policy flags exit 2.
-#include <doctest/doctest.h>
-
-#include <sys/wait.h>
-
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <sys/wait.h>
+
+#include <doctest/doctest.h>
 
 #include "support/test_support.hpp"
 
@@ -91,9 +90,11 @@ TEST_CASE("moex-demo runs with each policy on the CPU backend and reports qualit
     CHECK(r.output.find("exact policies") != std::string::npos);
   }
 
-  const char* const kBad[] = {"--prefetch oracle", "--prefetch speculative:0", "--gate adaptive:0", "--gate 1.5",
-                              "--gate adaptive:3",  "--miss skip",             "--miss hobbit:0.9,0.3",
-                              "--low-precision int3", "--eviction mru",         "--miss load --low-precision int4",
+  const char* const kBad[] = {"--prefetch oracle",       "--prefetch speculative:0",
+                              "--gate adaptive:0",       "--gate 1.5",
+                              "--gate adaptive:3",       "--miss skip",
+                              "--miss hobbit:0.9,0.3",   "--low-precision int3",
+                              "--eviction mru",          "--miss load --low-precision int4",
                               "--prefetch speculative:2"};
   for (const char* p : kBad) {
     const std::string flags = p;
@@ -105,4 +106,4 @@ TEST_CASE("moex-demo runs with each policy on the CPU backend and reports qualit
   }
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("simgrid")

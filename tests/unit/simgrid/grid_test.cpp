@@ -2,9 +2,7 @@
 // Belady bound on every shared trace, exact infinite-bandwidth time, well-formed CSV/JSON, and
 // bad inputs as errors.
 
-#include <doctest/doctest.h>
-
-#include <unistd.h>
+#include "moex/sim/grid.hpp"
 
 #include <cmath>
 #include <cstdlib>
@@ -13,13 +11,15 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
+#include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
 #include "moex/backend/sim_backend.hpp"
 #include "moex/formats/trace.hpp"
-#include "moex/sim/grid.hpp"
+
 #include "support/test_support.hpp"
 
 namespace {
@@ -66,11 +66,13 @@ std::vector<std::string> split_csv_line(const std::string& line) {
   std::string cur;
   bool quoted = false;
   for (char ch : line) {
-    if (ch == '"') quoted = !quoted;
+    if (ch == '"')
+      quoted = !quoted;
     else if (ch == ',' && !quoted) {
       out.push_back(cur);
       cur.clear();
-    } else cur += ch;
+    } else
+      cur += ch;
   }
   out.push_back(cur);
   return out;
@@ -253,8 +255,8 @@ TEST_CASE("CSV and JSON outputs are well-formed and carry every run") {
   g.profiles = {test_profile(10'000'000'000ull), test_profile(0)};
   g.shapes = {{"small", {256, 512}}, {"name,with \"quotes\"", {128, 256}}};
   g.split = moex::TraceSplit::kNone;
-  g.policies = {moex::SimPolicy::kLru, moex::SimPolicy::kLfu, moex::SimPolicy::kLrfu, moex::SimPolicy::kHobbit,
-                moex::SimPolicy::kStaticHot, moex::SimPolicy::kBelady};
+  g.policies = {moex::SimPolicy::kLru,    moex::SimPolicy::kLfu,       moex::SimPolicy::kLrfu,
+                moex::SimPolicy::kHobbit, moex::SimPolicy::kStaticHot, moex::SimPolicy::kBelady};
   auto r = moex::run_grid(t, g);
   REQUIRE_MESSAGE(r.is_ok(), r.status().to_string());
   CHECK(r->size() == 6 * 3 * 2 * 2);
@@ -380,8 +382,8 @@ TEST_CASE("moex-sim: bad flags and a missing trace are clear errors; a run write
   CHECK(run("'" + trace_path.string() + "' --shape banana") == 2);
   const auto csv = dir / "r.csv";
   const auto json = dir / "r.json";
-  REQUIRE(run("'" + trace_path.string() + "' --budgets 0.25,0.5 --shape 256x512 --csv '" + csv.string() +
-              "' --json='" + json.string() + "' --no-progress") == 0);
+  REQUIRE(run("'" + trace_path.string() + "' --budgets 0.25,0.5 --shape 256x512 --csv '" + csv.string() + "' --json='" +
+              json.string() + "' --no-progress") == 0);
   std::ifstream jf(json);
   const auto j = nlohmann::json::parse(jf, nullptr, false);
   REQUIRE_FALSE(j.is_discarded());
@@ -393,4 +395,4 @@ TEST_CASE("moex-sim: bad flags and a missing trace are clear errors; a run write
   CHECK(lines == j["runs"].size() + 1);
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("simgrid")

@@ -1,7 +1,7 @@
 // Technique rows (moex/sim/techniques.hpp): the baseline row is the grid's LRU run, exact rows
 // are marked exact, each technique changes what it should, bad settings are errors, and on the
 // shared models' traces every row runs.
-#include <doctest/doctest.h>
+#include "moex/sim/techniques.hpp"
 
 #include <cstdint>
 #include <filesystem>
@@ -9,10 +9,12 @@
 #include <string>
 #include <vector>
 
+#include <doctest/doctest.h>
+
 #include "moex/backend/sim_backend.hpp"
 #include "moex/formats/trace.hpp"
 #include "moex/sim/grid.hpp"
-#include "moex/sim/techniques.hpp"
+
 #include "support/test_support.hpp"
 
 namespace {
@@ -174,4 +176,4 @@ TEST_CASE("technique rows on the shared models' traces, with their measured per-
   }
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("simgrid")

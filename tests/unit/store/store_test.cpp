@@ -1,18 +1,18 @@
 // ExpertStore from real checkpoint files: every architecture, safetensors and GGUF; the
 // low-precision copy cache; bad model files; moex-inspect on each generated checkpoint.
-#include <doctest/doctest.h>
-
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <vector>
 
+#include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
 #include "moex/executor/moe_layer_executor.hpp"
 #include "moex/quant/quantize.hpp"
 #include "moex/store/copy_cache_file.hpp"
 #include "moex/store/open_expert_store.hpp"
+
 #include "support/checkpoint_writer.hpp"
 #include "support/test_support.hpp"
 
@@ -53,11 +53,13 @@ void check_store_matches(const moex::OpenedModel& m, const moex::test::WrittenMo
 
 TEST_SUITE("cpu") {
 TEST_CASE("stores open from safetensors checkpoints of every architecture with exact experts") {
-  for (Architecture a : {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe, Architecture::kDeepseekV2,
-                         Architecture::kDeepseekV3, Architecture::kOlmoe, Architecture::kGptOss}) {
+  for (Architecture a :
+       {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe, Architecture::kDeepseekV2,
+        Architecture::kDeepseekV3, Architecture::kOlmoe, Architecture::kGptOss}) {
     CAPTURE(moex::to_string(a));
     const auto dir = moex::test::temp_dir("st");
-    const auto w = moex::test::write_hf_model(dir, moex::test::tiny_config(a), /*sharded=*/a == Architecture::kQwen3Moe);
+    const auto w =
+        moex::test::write_hf_model(dir, moex::test::tiny_config(a), /*sharded=*/a == Architecture::kQwen3Moe);
     auto m = moex::open_expert_store(dir);
     INFO(m.status().to_string());
     REQUIRE(m.is_ok());
@@ -73,7 +75,8 @@ TEST_CASE("stores open from safetensors checkpoints of every architecture with e
 }
 
 TEST_CASE("stores open from GGUF checkpoints with merged expert tensors sliced per expert") {
-  for (Architecture a : {Architecture::kMixtral, Architecture::kQwen3Moe, Architecture::kDeepseekV3, Architecture::kOlmoe}) {
+  for (Architecture a :
+       {Architecture::kMixtral, Architecture::kQwen3Moe, Architecture::kDeepseekV3, Architecture::kOlmoe}) {
     for (moex::GgmlType t : {moex::GgmlType::kBF16, moex::GgmlType::kF16, moex::GgmlType::kQ8_0}) {
       CAPTURE(moex::to_string(a));
       CAPTURE(static_cast<int>(t));
@@ -147,9 +150,7 @@ TEST_CASE("a missing or corrupt model file is a clear error") {
   auto missing = moex::open_expert_store(dir / "nope");
   CHECK_FALSE(missing.is_ok());
   CHECK_FALSE(missing.status().message().empty());
-  {
-    std::ofstream(dir / "garbage.safetensors") << "this is not a checkpoint";
-  }
+  { std::ofstream(dir / "garbage.safetensors") << "this is not a checkpoint"; }
   auto garbage = moex::open_expert_store(dir / "garbage.safetensors");
   CHECK_FALSE(garbage.is_ok());
   CHECK(garbage.status().message().find("config.json") != std::string::npos);  // needs its config first
@@ -162,7 +163,8 @@ TEST_CASE("a missing or corrupt model file is a clear error") {
   const auto half = moex::test::temp_dir("half");
   (void)moex::test::write_hf_model(half, moex::test::tiny_config(Architecture::kMixtral), false);
   for (const auto& f : std::filesystem::directory_iterator(half))
-    if (f.path().extension() == ".safetensors") std::filesystem::resize_file(f.path(), std::filesystem::file_size(f.path()) / 2);
+    if (f.path().extension() == ".safetensors")
+      std::filesystem::resize_file(f.path(), std::filesystem::file_size(f.path()) / 2);
   auto cut = moex::open_expert_store(half);
   CHECK_FALSE(cut.is_ok());
 }
@@ -174,11 +176,12 @@ TEST_CASE("moex-inspect lists generated checkpoints of every architecture") {
     return;
   }
   auto inspect = [&](const std::filesystem::path& model, const std::filesystem::path& out) {
-    const std::string cmd = "'" + tool.string() + "' --json --quiet '" + model.string() + "' > '" + out.string() + "' 2>&1";
+    const std::string cmd =
+        "'" + tool.string() + "' --json --quiet '" + model.string() + "' > '" + out.string() + "' 2>&1";
     return std::system(cmd.c_str());
   };
-  for (Architecture a : {Architecture::kMixtral, Architecture::kQwen3Moe, Architecture::kDeepseekV3, Architecture::kOlmoe,
-                         Architecture::kGptOss}) {
+  for (Architecture a : {Architecture::kMixtral, Architecture::kQwen3Moe, Architecture::kDeepseekV3,
+                         Architecture::kOlmoe, Architecture::kGptOss}) {
     CAPTURE(moex::to_string(a));
     const auto dir = moex::test::temp_dir("inspect");
     (void)moex::test::write_hf_model(dir / "st", moex::test::tiny_config(a), false);
@@ -197,4 +200,4 @@ TEST_CASE("moex-inspect lists generated checkpoints of every architecture") {
   const auto dir = moex::test::temp_dir("inspect-bad");
   CHECK(inspect(dir / "missing", dir / "x.json") != 0);
 }
-}
+}  // TEST_SUITE("cpu")

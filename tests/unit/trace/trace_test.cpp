@@ -1,19 +1,21 @@
 // Routing traces: routing rule, binary/JSONL round trips, corrupt input, the shared real traces.
-#include <doctest/doctest.h>
+#include "moex/formats/trace.hpp"
 
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <random>
 
+#include <doctest/doctest.h>
+
 #include "moex/cache/mixed_precision_cache.hpp"
-#include "moex/formats/trace.hpp"
 #include "moex/policies/belady_oracle_eviction.hpp"
 #include "moex/policies/hobbit_score_eviction.hpp"
 #include "moex/policies/lfu_eviction.hpp"
 #include "moex/policies/lrfu_eviction.hpp"
 #include "moex/policies/lru_eviction.hpp"
 #include "moex/policies/static_hot_set_eviction.hpp"
+
 #include "support/test_support.hpp"
 #include "unit/cache/replay.hpp"
 
@@ -225,8 +227,10 @@ TEST_CASE("Belady is never worse than any online policy on the shared traces") {
         cfg.n_layers = t->n_layers;
         cfg.n_experts = t->n_experts;
         const std::uint64_t per = std::max<std::uint64_t>(t->top_k, t->n_experts / frac);
-        if (per_layer) cfg.layer_budget_bytes.assign(t->n_layers, per);
-        else cfg.budget_bytes = per * t->n_layers;
+        if (per_layer)
+          cfg.layer_budget_bytes.assign(t->n_layers, per);
+        else
+          cfg.budget_bytes = per * t->n_layers;
         BeladyOracleEviction b;
         REQUIRE(b.set_future(future, t->n_layers, t->n_experts).is_ok());
         auto best_c = MixedPrecisionCache<BeladyOracleEviction>::create(cfg, std::move(b));
@@ -249,4 +253,4 @@ TEST_CASE("Belady is never worse than any online policy on the shared traces") {
   }
 }
 
-}  // TEST_SUITE
+}  // TEST_SUITE("trace")

@@ -6,6 +6,10 @@
 
 #include <Eigen/Dense>
 
+#if MOEX_HAS_CUDA
+#include "moex/backend/cuda_execution_backend.hpp"
+#endif
+
 namespace moex_engine {
 namespace {
 
@@ -15,6 +19,13 @@ struct EnginePolicies : moex::DefaultPolicies {
   using Predictor = moex::PreGateRouter;
   using Miss = moex::HobbitPrecisionMiss;
 };
+
+#if MOEX_HAS_CUDA
+/// The same policies with resident experts on the GPU; misses the host CPU may compute at the source.
+struct CudaEnginePolicies : EnginePolicies {
+  using Backend = moex::CudaExecutionBackend;
+};
+#endif
 
 template <class P>
 class Runner final : public MoeRunner {
@@ -116,11 +127,6 @@ moex::Result<std::unique_ptr<MoeRunner>> Engine::make_runner(const PolicyOptions
   cfg.low_precision = o.low_precision;
   moex::CpuBackendConfig bc;
   bc.threads = o.threads;
-  if (o.all_default()) {
-    auto ex = moex::MoeLayerExecutor<>::create(st, cfg, bc);
-    if (!ex) return ex.status();
-    return std::unique_ptr<MoeRunner>(new Runner<moex::DefaultPolicies>(std::move(*ex)));
-  }
   moex::PreGateRouter pred;
   if (o.prefetch == Prefetch::kSpeculative) {
     auto p = moex::PreGateRouter::speculative(st, o.depth);
@@ -131,6 +137,27 @@ moex::Result<std::unique_ptr<MoeRunner>> Engine::make_runner(const PolicyOptions
     auto p = moex::PreGateRouter::trained(st, *o.pregates, o.prefetch == Prefetch::kPreGateRoute);
     if (!p) return p.status();
     pred = std::move(*p);
+  }
+  if (o.cuda) {
+#if MOEX_HAS_CUDA
+    moex::CudaExecutionBackendConfig cc;
+    cc.device = o.cuda_device;
+    cc.max_shape = st.spec().shape;
+    auto be = moex::CudaExecutionBackend::create(cc);
+    if (!be) return be.status();
+    if (auto r = moex::CudaExecutionBackend::register_store(st); !r.is_ok()) return r;
+    auto ex = moex::MoeLayerExecutor<CudaEnginePolicies>::create(st, cfg, std::move(*be), {}, o.gate, std::move(pred),
+                                                                 moex::HobbitPrecisionMiss{o.t_high, o.t_skip});
+    if (!ex) return ex.status();
+    return std::unique_ptr<MoeRunner>(new Runner<CudaEnginePolicies>(std::move(*ex)));
+#else
+    return moex::unsupported("this moex was built without the CUDA backend");
+#endif
+  }
+  if (o.all_default()) {
+    auto ex = moex::MoeLayerExecutor<>::create(st, cfg, bc);
+    if (!ex) return ex.status();
+    return std::unique_ptr<MoeRunner>(new Runner<moex::DefaultPolicies>(std::move(*ex)));
   }
   auto ex = moex::MoeLayerExecutor<EnginePolicies>::create(st, cfg, bc, {}, o.gate, std::move(pred),
                                                            moex::HobbitPrecisionMiss{o.t_high, o.t_skip});

@@ -41,11 +41,13 @@ struct PolicyOptions {
   std::optional<moex::Precision> cache_precision;  ///< precision of every resident expert
   double cache_fraction = 0.25;                    ///< fast-tier budget as a share of all experts
   std::uint32_t threads = 0;                       ///< expert compute threads (0 = all cores)
+  bool cuda = false;                               ///< run resident experts on the GPU (CudaExecutionBackend)
+  int cuda_device = 0;
 
   /// True when no option changes the executor's policies (moex::DefaultPolicies is used).
   bool all_default() const noexcept {
     return prefetch == Prefetch::kNone && gate.exact() && !low_precision && t_high >= 1.f && t_skip >= 1.f &&
-           !cache_precision;
+           !cache_precision && !cuda;
   }
 };
 

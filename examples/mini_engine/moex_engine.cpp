@@ -27,14 +27,14 @@ constexpr const char* kUsage =
     "          --chunk 1 (tokens per forward call; 0 = a whole window at once)\n"
     "policies: --cache-fraction 0.25 --threads 0 --speculative [--depth 1] --pregate FILE\n"
     "          --pregate-route FILE --adaptive-k TARGET --low int8|int4|int2 --t-high X --t-skip X\n"
-    "          --cache-precision int8|int4|int2\n";
+    "          --cache-precision int8|int4|int2 --backend cpu|cuda [--device N]\n";
 
 const std::vector<std::string> kFlags = {"speculative", "help"};
 const std::vector<std::string> kKnown = {
     "text",    "stdlib",          "window", "first",   "windows",       "calib-windows", "chunk", "cache-fraction",
     "threads", "speculative",     "depth",  "pregate", "pregate-route", "adaptive-k",    "low",   "t-high",
     "t-skip",  "cache-precision", "prompt", "tokens",  "temperature",   "seed",          "out",   "help",
-    "ridge"};
+    "ridge",   "backend",         "device"};
 
 int fail(const std::string& msg) {
   std::fprintf(stderr, "moex-engine: %s\n", msg.c_str());
@@ -73,6 +73,11 @@ std::string load_text(const Args& a, Text& t) {
 std::string policy_from_args(const Args& a, Engine& eng, const Text& text, PolicyOptions& o, std::string& label) {
   o.cache_fraction = a.num("cache-fraction", 0.25);
   o.threads = static_cast<std::uint32_t>(a.count("threads", 0));
+  if (a.has("backend")) {
+    if (a.str("backend") != "cpu" && a.str("backend") != "cuda") return "--backend takes cpu or cuda";
+    o.cuda = a.str("backend") == "cuda";
+    o.cuda_device = static_cast<int>(a.count("device", 0));
+  }
   label = "exact";
   if (a.has("speculative")) {
     o.prefetch = Prefetch::kSpeculative;

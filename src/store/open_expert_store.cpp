@@ -155,8 +155,17 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
       }
       if (r.code() != StatusCode::kNotFound) m.notes.push_back("rebuilding: " + r.message());
       MOEX_RETURN_IF_ERROR(store->build_precision(wf, options.pool, options.progress));
-      if (Status w = write_copy_cache(*store, wf, fp, cp); !w.is_ok())
+      // A folder marked read-only stays untouched, also for root (shared model folders).
+      std::error_code ec;
+      const auto parent = cp.parent_path().parent_path();
+      const bool read_only = options.cache_dir.empty() &&
+                             (std::filesystem::status(parent, ec).permissions() & std::filesystem::perms::owner_write) ==
+                                 std::filesystem::perms::none;
+      if (read_only) {
+        m.notes.push_back("copies not cached: " + parent.string() + " is read-only (set StoreOptions::cache_dir)");
+      } else if (Status w = write_copy_cache(*store, wf, fp, cp); !w.is_ok()) {
         m.notes.push_back("copies not cached: " + w.message());
+      }
     } else {
       MOEX_RETURN_IF_ERROR(store->build_precision(wf, options.pool, options.progress));
     }

@@ -731,20 +731,6 @@ moex_status borrow_array(const T* p, std::uint64_t count, std::uint64_t want, co
   return MOEX_OK;
 }
 
-/// Belady's future of replaying `t` one token per call, layer by layer (empty layers skipped).
-std::vector<moex::FutureAccess> future_of(const moex::RoutingTrace& t) {
-  std::vector<moex::FutureAccess> f;
-  std::uint64_t step = 0;
-  for (std::size_t tok = 0; tok < t.tokens(); ++tok)
-    for (std::uint32_t l = 0; l < t.n_layers; ++l) {
-      const auto ids = t.experts(tok, l);
-      if (ids.empty()) continue;
-      for (std::uint32_t e : ids) f.push_back({step, moex::ExpertKey{l, e}});
-      ++step;
-    }
-  return f;
-}
-
 /// Validates the 0.2 policy fields and fills `s` (config, policy objects, eviction inputs);
 /// sets `bundle` to the row of kFactories that serves the request.
 moex_status prepare(const moex_executor_params& p, const moex::ExpertStore& store, Setup& s, std::size_t& bundle) {
@@ -847,7 +833,7 @@ moex_status prepare(const moex_executor_params& p, const moex::ExpertStore& stor
     if (t.n_layers != spec.n_layers || t.n_experts != spec.n_experts)
       return fail(MOEX_ERR_INVALID_ARGUMENT, "future_trace's shape (" + std::to_string(t.n_layers) + " layers x " +
                                                  std::to_string(t.n_experts) + " experts) is not the model's");
-    s.future = future_of(t);
+    s.future = moex::replay_future(t);
   }
 
   const bool exact_path = (p.gating == MOEX_GATING_DEFAULT || p.gating == MOEX_GATING_FIXED_TOP_K) &&

@@ -587,9 +587,10 @@ Result<RoutingTrace> load_trace(const std::filesystem::path& path, const TraceLo
   });
 }
 
-std::vector<double> expert_access_counts(const RoutingTrace& trace) {
+std::vector<double> expert_access_counts(const RoutingTrace& trace, std::size_t begin, std::size_t end) {
   std::vector<double> c(static_cast<std::size_t>(trace.n_layers) * trace.n_experts, 0.0);
-  for (std::size_t t = 0; t < trace.tokens(); ++t)
+  end = std::min(end, trace.tokens());
+  for (std::size_t t = begin; t < end; ++t)
     for (std::uint32_t l = 0; l < trace.n_layers; ++l)
       for (std::uint32_t e : trace.experts(t, l)) c[static_cast<std::size_t>(l) * trace.n_experts + e] += 1.0;
   return c;

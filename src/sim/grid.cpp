@@ -75,14 +75,7 @@ Status replay(const RoutingTrace& trace, std::size_t begin, std::size_t end, con
   std::uint64_t calls = 0;
   for (std::size_t t = begin; t < end; ++t) {
     for (std::uint32_t l = 0; l < trace.n_layers; ++l) {
-      const auto ids = trace.experts(t, l);
-      if (ids.empty()) continue;
-      const auto w = trace.weights(t, l);
-      routing.k = static_cast<std::uint32_t>(ids.size());
-      for (std::size_t j = 0; j < ids.size(); ++j) {
-        routing.experts[j] = ids[j];
-        routing.weights[j] = w[j];
-      }
+      if (!routing_at(trace, t, l, routing)) continue;
       MOEX_RETURN_IF_ERROR(ex->forward_routed(l, std::span<const TokenRouting>(&routing, 1), nullptr, 1, nullptr));
       ++calls;
     }
@@ -101,30 +94,6 @@ Status replay(const RoutingTrace& trace, std::size_t begin, std::size_t end, con
                        sim.link_free_at(SimLink::kHostToDevice)});
   r.link_busy_ns = sim.link_stats(SimLink::kHostToDevice).busy_ns;
   return Status::ok();
-}
-
-// Belady's future of a replay: step k is the k-th executor call, as replay() makes them.
-std::vector<FutureAccess> future_of(const RoutingTrace& trace, std::size_t begin, std::size_t end) {
-  std::vector<FutureAccess> f;
-  std::uint64_t step = 0;
-  for (std::size_t t = begin; t < end; ++t) {
-    for (std::uint32_t l = 0; l < trace.n_layers; ++l) {
-      const auto ids = trace.experts(t, l);
-      if (ids.empty()) continue;
-      for (std::uint32_t e : ids) f.push_back({step, ExpertKey{l, e}});
-      ++step;
-    }
-  }
-  return f;
-}
-
-// Access counts of tokens [begin, end).
-std::vector<double> counts_of(const RoutingTrace& trace, std::size_t begin, std::size_t end) {
-  std::vector<double> c(std::size_t{trace.n_layers} * trace.n_experts, 0.0);
-  for (std::size_t t = begin; t < end; ++t)
-    for (std::uint32_t l = 0; l < trace.n_layers; ++l)
-      for (std::uint32_t e : trace.experts(t, l)) c[std::size_t{l} * trace.n_experts + e] += 1.0;
-  return c;
 }
 
 // AdapMoE's DP split of `total_slots` over layers from LRU miss curves of tokens [begin, end).
@@ -331,7 +300,7 @@ Result<SimRunResult> run_simulation(const SimRunConfig& c) {
       s = replay(trace, begin, end, *store, cfg, prof, HobbitScoreEviction{}, r);
       break;
     case SimPolicy::kStaticHot: {
-      std::vector<double> scores = c.static_scores.empty() ? counts_of(trace, begin, end) : c.static_scores;
+      std::vector<double> scores = c.static_scores.empty() ? expert_access_counts(trace, begin, end) : c.static_scores;
       if (scores.size() != std::size_t{trace.n_layers} * trace.n_experts)
         return invalid_argument("static-hot: the profile has " + std::to_string(scores.size()) +
                                 " scores, not n_layers * n_experts");
@@ -340,7 +309,7 @@ Result<SimRunResult> run_simulation(const SimRunConfig& c) {
     }
     case SimPolicy::kBelady: {
       BeladyOracleEviction b;
-      MOEX_RETURN_IF_ERROR(b.set_future(future_of(trace, begin, end), trace.n_layers, trace.n_experts));
+      MOEX_RETURN_IF_ERROR(b.set_future(replay_future(trace, begin, end), trace.n_layers, trace.n_experts));
       s = replay(trace, begin, end, *store, cfg, prof, std::move(b), r);
       break;
     }
@@ -398,7 +367,7 @@ Result<std::vector<SimRunResult>> run_grid(const RoutingTrace& trace, const SimG
   if (config.split == TraceSplit::kHalf && mid == 0)
     return invalid_argument("run_grid: the trace has too few tokens to split");
 
-  const std::vector<double> scores = counts_of(trace, 0, prof_end);
+  const std::vector<double> scores = expert_access_counts(trace, 0, prof_end);
   const std::size_t total = policies.size() * budgets.size() * config.profiles.size() * config.shapes.size();
   std::vector<SimRunResult> out;
   out.reserve(total);

@@ -169,14 +169,7 @@ Result<SimTechniqueResult> run_row(const Context& cx, const RowSetup& setup, E e
   for (std::size_t t = cx.begin; t < cx.end; ++t) {
     token = t - cx.begin;
     for (std::uint32_t l = 0; l < trace.n_layers; ++l) {
-      const auto ids = trace.experts(t, l);
-      if (ids.empty()) continue;
-      const auto w = trace.weights(t, l);
-      routing.k = static_cast<std::uint32_t>(std::min<std::size_t>(ids.size(), kMaxTopK));
-      for (std::size_t j = 0; j < routing.k; ++j) {
-        routing.experts[j] = ids[j];
-        routing.weights[j] = w[j];
-      }
+      if (!routing_at(trace, t, l, routing)) continue;
       MOEX_RETURN_IF_ERROR(ex->forward_routed(l, std::span<const TokenRouting>(&routing, 1), nullptr, 1, nullptr));
       ++calls;
     }

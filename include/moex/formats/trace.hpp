@@ -19,6 +19,7 @@
 ///   {"seq":s,"experts":[[...] x L],"weights":[[...] x L],"logits":[[...] x L]}   (logits optional)
 /// where a token whose "seq" differs from the previous line's starts a new sequence.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -26,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "moex/route/router.hpp"
 #include "moex/status.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -124,6 +126,20 @@ Result<RoutingTrace> read_flame_csv(const std::filesystem::path& path);
 Result<RoutingTrace> load_trace(const std::filesystem::path& path, const TraceLoadOptions& options = {});
 
 /// Access counts per expert, [n_layers * n_experts] (a profile for StaticHotSetEviction).
-std::vector<double> expert_access_counts(const RoutingTrace& trace);
+std::vector<double> expert_access_counts(const RoutingTrace& trace, std::size_t begin = 0, std::size_t end = SIZE_MAX);
+
+/// The routing of token `t` at layer `l` as the executor takes it (at most kMaxTopK experts);
+/// false when the trace has no expert there (a missing cell).
+inline bool routing_at(const RoutingTrace& trace, std::size_t t, std::uint32_t l, TokenRouting& out) noexcept {
+  const auto ids = trace.experts(t, l);
+  if (ids.empty()) return false;
+  const auto w = trace.weights(t, l);
+  out.k = static_cast<std::uint32_t>(std::min<std::size_t>(ids.size(), kMaxTopK));
+  for (std::uint32_t j = 0; j < out.k; ++j) {
+    out.experts[j] = ids[j];
+    out.weights[j] = w[j];
+  }
+  return true;
+}
 
 MOEX_NAMESPACE_END

@@ -80,14 +80,7 @@ class SensitivityGate {
     for (std::size_t t = 0; t < trace.tokens(); ++t)
       for (std::uint32_t l = 0; l < trace.n_layers; ++l) {
         TokenRouting r;
-        const auto ids = trace.experts(t, l);
-        const auto ws = trace.weights(t, l);
-        r.k = static_cast<std::uint32_t>(std::min<std::size_t>(ids.size(), kMaxTopK));
-        for (std::uint32_t j = 0; j < r.k; ++j) {
-          r.experts[j] = ids[j];
-          r.weights[j] = ws[j];
-        }
-        if (r.k == 0) continue;
+        if (!routing_at(trace, t, l, r)) continue;
         g.apply(l, r);
         kept += r.k;
         ++n;

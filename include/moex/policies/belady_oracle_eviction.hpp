@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "moex/concepts/eviction.hpp"
+#include "moex/formats/trace.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
@@ -117,5 +118,22 @@ class BeladyOracleEviction {
 };
 
 static_assert(StepAwareEviction<BeladyOracleEviction>);
+
+/// The future a replay of tokens [begin, end) of `trace` presents, one executor call per
+/// (token, layer) that has experts, step k being the k-th call (what MoeLayerExecutor::step counts).
+inline std::vector<FutureAccess> replay_future(const RoutingTrace& trace, std::size_t begin = 0,
+                                               std::size_t end = SIZE_MAX) {
+  std::vector<FutureAccess> f;
+  std::uint64_t step = 0;
+  end = std::min(end, trace.tokens());
+  for (std::size_t t = begin; t < end; ++t)
+    for (std::uint32_t l = 0; l < trace.n_layers; ++l) {
+      const auto ids = trace.experts(t, l);
+      if (ids.empty()) continue;
+      for (std::uint32_t e : ids) f.push_back({step, ExpertKey{l, e}});
+      ++step;
+    }
+  return f;
+}
 
 MOEX_NAMESPACE_END

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "moex/cache/rank_heap_index.hpp"
 #include "moex/concepts/eviction.hpp"
 #include "moex/status.hpp"
 #include "moex/types.hpp"
@@ -94,6 +95,36 @@ struct CacheStats {
   }
 };
 
+namespace detail {
+/// The victim index of a policy without a fast path: the cache calls choose_victim.
+template <class P>
+struct NoVictimIndex {
+  Status reserve(const VictimIndexShape&) { return Status::ok(); }
+  void reserve_add(std::uint32_t, ExpertKey, std::size_t) {}
+  void add(P&, std::uint32_t, const SlotView&) noexcept {}
+  void update(P&, std::uint32_t, const SlotView&) noexcept {}
+  void remove(P&, std::uint32_t, const SlotView&) noexcept {}
+  template <class ViewOf>
+  bool victim(P&, std::uint32_t, const VictimQuery&, ViewOf&&, ExpertKey&) noexcept {
+    return false;
+  }
+};
+
+template <class P>
+struct VictimIndexFor {
+  using type = NoVictimIndex<P>;
+};
+template <class P>
+requires RankedEviction<P> && (!IndexedEviction<P>)struct VictimIndexFor<P> {
+  using type = RankHeapIndex<P>;
+};
+template <class P>
+requires IndexedEviction<P>
+struct VictimIndexFor<P> {
+  using type = typename P::VictimIndex;
+};
+}  // namespace detail
+
 /// MixedPrecisionCache — which experts are resident in fast memory, in which precision and slot.
 ///
 /// Experts are grouped into eviction groups: one per layer when per-layer budgets are given,
@@ -101,8 +132,15 @@ struct CacheStats {
 /// a byte budget that is never exceeded; an insert evicts from the group the new entry belongs
 /// to, asking the policy for victims among that group's unprotected entries until it fits.
 ///
-/// Complexity: lookup, protect, unprotect and erase are O(1) (a dense key table, no hashing);
-/// insert is O(1) plus one policy choose_victim (O(group size)) per eviction.
+/// Victim choice: for a RankedEviction policy the cache keeps each group's candidates in an
+/// indexed heap of ranks (RankHeapIndex), for an IndexedEviction policy in the policy's own
+/// VictimIndex; otherwise it calls choose_victim over the group's candidates. Either way the victim
+/// is the one choose_victim would pick (the fast paths are exact, and fall back to choose_victim
+/// when they cannot guarantee it).
+///
+/// Complexity: lookup, protect, unprotect and erase are O(1) (a dense key table, no hashing) plus
+/// the victim index's update (O(log group size) for a rank heap); insert is O(1) plus, per eviction,
+/// one victim choice: O(1) from a rank heap, O(group size) through choose_victim.
 /// Thread: one thread (the executor's); no locking. Deterministic for a deterministic policy.
 template <EvictionPolicy E>
 class MixedPrecisionCache {
@@ -160,6 +198,23 @@ class MixedPrecisionCache {
   std::uint32_t slot_high_water(Precision precision) const noexcept { return next_slot_[pool_of(precision)]; }
   /// The resident entries of group g as the policy sees them (unprotected first).
   std::span<const SlotView> group_views(std::size_t g) const noexcept { return groups_[g].views; }
+  /// The eviction candidates of group g (its unprotected entries), in no particular order.
+  std::span<const SlotView> group_candidates(std::size_t g) const noexcept {
+    return {groups_[g].views.data(), groups_[g].n_unprotected};
+  }
+  /// The entry an insert into group g would evict next (the victim index's choice, or
+  /// choose_victim's), without evicting it; nullopt when g has no candidates or is out of range.
+  /// Does not change which entries are resident (a policy may advance lazy state, as
+  /// choose_victim may).
+  std::optional<SlotView> peek_victim(std::size_t g) noexcept {
+    if (g >= groups_.size() || groups_[g].n_unprotected == 0) return std::nullopt;
+    const std::size_t i = choose_victim_in(g);
+    if (i >= groups_[g].n_unprotected) return std::nullopt;
+    return groups_[g].views[i];
+  }
+  /// The victim index (for tests and diagnostics).
+  const auto& victim_index() const noexcept { return index_; }
+  auto& victim_index() noexcept { return index_; }
 
   /// Counters; reset_stats zeroes them.
   const CacheStats& stats() const noexcept { return stats_; }
@@ -193,7 +248,25 @@ class MixedPrecisionCache {
     return static_cast<std::size_t>(k.layer) * config_.n_experts + k.expert;
   }
   void tell_step(std::uint64_t step, std::uint32_t layer) noexcept {
+    if (step < now_step_) steps_monotone_ = false;
+    now_step_ = step;
     if constexpr (StepAwareEviction<E>) policy_.on_step(step, layer);
+  }
+  // Position of the victim among group gi's candidates: the victim index's answer, else
+  // choose_victim's (which may be out of range for a faulty policy; the caller checks).
+  std::size_t choose_victim_in(std::size_t gi) noexcept {
+    Group& g = groups_[gi];
+    ExpertKey k;
+    const auto view_of = [this](ExpertKey key) -> const SlotView& {
+      const Loc l = where_[index(key)];
+      return groups_[l.group].views[l.pos];
+    };
+    if (index_.victim(policy_, static_cast<std::uint32_t>(gi), VictimQuery{now_step_, steps_monotone_}, view_of, k) &&
+        in_range(k)) {
+      const Loc l = where_[index(k)];
+      if (l.group == gi && l.pos < g.n_unprotected) return l.pos;
+    }
+    return policy_.choose_victim(std::span<const SlotView>(g.views.data(), g.n_unprotected));
   }
   CacheEntry entry_at(const Group& g, std::uint32_t pos) const noexcept {
     const SlotView& v = g.views[pos];
@@ -214,8 +287,13 @@ class MixedPrecisionCache {
   // Removes the entry at pos of group gi, freeing its slot; returns what left.
   EvictedEntry remove_at(std::size_t gi, std::uint32_t pos) noexcept;
 
+  using Index = typename detail::VictimIndexFor<E>::type;
+
   CacheConfig config_;
   [[no_unique_address]] E policy_;
+  [[no_unique_address]] Index index_;
+  std::uint64_t now_step_ = 0;   // last step passed to tell_step
+  bool steps_monotone_ = true;   // no step so far was smaller than the one before
   std::size_t pools_ = 1;
   std::vector<Loc> where_;  // [n_layers * n_experts]
   std::vector<Group> groups_;
@@ -275,6 +353,13 @@ Result<MixedPrecisionCache<E>> MixedPrecisionCache<E>::create(CacheConfig config
   if constexpr (KeyedEviction<E>) {
     MOEX_RETURN_IF_ERROR(cache.policy_.reserve_keys(c.n_layers, c.n_experts));
   }
+  VictimIndexShape shape;
+  shape.n_groups = static_cast<std::uint32_t>(cache.groups_.size());
+  shape.n_layers = c.n_layers;
+  shape.n_experts = c.n_experts;
+  shape.pools = static_cast<std::uint32_t>(cache.pools_);
+  shape.per_layer_groups = per_layer;
+  MOEX_RETURN_IF_ERROR(cache.index_.reserve(shape));
   return cache;
 }
 
@@ -301,7 +386,10 @@ std::optional<CacheEntry> MixedPrecisionCache<E>::lookup(ExpertKey key, std::uin
   if (loc.pos >= g.n_unprotected) {  // first use of a prefetched expert: lift protection
     g.protected_bytes -= v.bytes;
     swap_entries(g, loc.pos, g.n_unprotected);
+    index_.add(policy_, loc.group, g.views[g.n_unprotected]);
     ++g.n_unprotected;
+  } else {
+    index_.update(policy_, loc.group, v);
   }
   return e;
 }
@@ -311,6 +399,7 @@ EvictedEntry MixedPrecisionCache<E>::remove_at(std::size_t gi, std::uint32_t pos
   Group& g = groups_[gi];
   const SlotView v = g.views[pos];
   const EvictedEntry out{v.key, g.slots[pos], v.precision, v.bytes};
+  if (pos < g.n_unprotected) index_.remove(policy_, static_cast<std::uint32_t>(gi), v);
   const auto last = static_cast<std::uint32_t>(g.views.size() - 1);
   if (pos < g.n_unprotected) {
     const std::uint32_t last_u = g.n_unprotected - 1;
@@ -370,6 +459,7 @@ Result<InsertResult> MixedPrecisionCache<E>::insert(ExpertKey key, Precision pre
     g.slots.reserve(g.slots.size() + 1);
     auto& fl = free_slots_[pool_of(precision)];
     fl.reserve(static_cast<std::size_t>(next_slot_[pool_of(precision)]) + 1);
+    index_.reserve_add(static_cast<std::uint32_t>(gi), key, g.views.size() + 1);
   });
   if (!reserved) return out_of_memory("MixedPrecisionCache insert");
   if (old.pos != kAbsent) {
@@ -381,7 +471,7 @@ Result<InsertResult> MixedPrecisionCache<E>::insert(ExpertKey key, Precision pre
   Group& g = groups_[gi];
   while (g.budget - g.used < bytes) {
     // Guaranteed non-empty by the room check above.
-    const std::size_t victim = policy_.choose_victim(std::span<const SlotView>(g.views.data(), g.n_unprotected));
+    const std::size_t victim = choose_victim_in(gi);
     if (victim >= g.n_unprotected) return internal_error("eviction policy returned a bad index");
     policy_.on_evict(g.views[victim]);
     const EvictedEntry e = remove_at(gi, static_cast<std::uint32_t>(victim));
@@ -420,6 +510,7 @@ Result<InsertResult> MixedPrecisionCache<E>::insert(ExpertKey key, Precision pre
   ++stats_.insertions;
   stats_.bytes_inserted += bytes;
   policy_.on_insert(g.views[pos]);
+  if (!protect) index_.add(policy_, static_cast<std::uint32_t>(gi), g.views[pos]);
   return InsertResult{slot, std::span<const EvictedEntry>(evicted_)};
 }
 
@@ -430,6 +521,7 @@ Status MixedPrecisionCache<E>::protect(ExpertKey key) noexcept {
   if (loc.pos == kAbsent) return not_found("protect: key not resident");
   Group& g = groups_[loc.group];
   if (loc.pos >= g.n_unprotected) return Status::ok();
+  index_.remove(policy_, loc.group, g.views[loc.pos]);
   g.protected_bytes += g.views[loc.pos].bytes;
   swap_entries(g, loc.pos, g.n_unprotected - 1);
   --g.n_unprotected;
@@ -445,6 +537,7 @@ Status MixedPrecisionCache<E>::unprotect(ExpertKey key) noexcept {
   if (loc.pos < g.n_unprotected) return Status::ok();
   g.protected_bytes -= g.views[loc.pos].bytes;
   swap_entries(g, loc.pos, g.n_unprotected);
+  index_.add(policy_, loc.group, g.views[g.n_unprotected]);
   ++g.n_unprotected;
   return Status::ok();
 }

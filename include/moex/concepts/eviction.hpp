@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 
 #include "moex/status.hpp"
 #include "moex/types.hpp"
@@ -68,8 +70,12 @@ struct SlotView {
 /// Performance considerations
 /// `on_access` runs on every cache hit (target: tens of nanoseconds, no allocation).
 /// `choose_victim` runs once per eviction over every evictable entry of one eviction group (a
-/// layer with per-layer budgets, or the whole pool); a linear scan over SlotView is expected, and
-/// at 128–256 candidates stays well under a microsecond.
+/// layer with per-layer budgets, or the whole pool); a linear scan over SlotView stays well under a
+/// microsecond at 128–256 candidates but not at thousands (one shared pool of a 48 x 128 model).
+/// A policy can let the cache decide faster without changing its victims through one of two
+/// optional capabilities: RankedEviction (a per-entry key the cache keeps in an indexed heap) or
+/// IndexedEviction (the policy supplies its own victim index). choose_victim stays the contract
+/// and the reference: both capabilities must pick exactly the entry it picks.
 ///
 /// Example
 /// @code
@@ -110,6 +116,93 @@ concept KeyedEviction = EvictionPolicy<P> && requires(P& p, std::uint32_t n_laye
 template <class P>
 concept StepAwareEviction = EvictionPolicy<P> && requires(P& p, std::uint64_t step, std::uint32_t layer) {
   { p.on_step(step, layer) }
+  noexcept;
+};
+
+/// RankedEviction — an EvictionPolicy whose choice is "the candidate of smallest rank".
+///
+/// `rank(s)` returns a totally ordered value (operator<) such that choose_victim(candidates)
+/// picks exactly the candidate of smallest rank; ranks of distinct entries must differ (end the
+/// key with SlotView::last_use, which is unique). A rank may change only through the entry's own
+/// events: the cache reads it after on_insert, after on_access, and when an entry becomes a
+/// candidate again (unprotect), and keeps the candidates of each eviction group in an indexed
+/// binary heap (victim in O(1), updates in O(log n)). `rank` is non-const so that it may advance
+/// lazy state (Belady's cursors); it must not change any other entry's rank.
+template <class P>
+concept RankedEviction = EvictionPolicy<P> && requires(P& p, const SlotView& s) {
+  { p.rank(s) }
+  noexcept;
+  { p.rank(s) < p.rank(s) } -> std::convertible_to<bool>;
+};
+
+/// A ready-made rank: `primary` first, then SlotView::last_use (less recently used first), the
+/// order of "smallest primary; ties to the least recently used" that most policies use.
+template <class T>
+struct LastUseRank {
+  T primary{};                  ///< the policy's own key (smaller is evicted first)
+  std::uint64_t last_use = 0;   ///< SlotView::last_use, the tie-break
+  friend bool operator<(const LastUseRank& a, const LastUseRank& b) noexcept {
+    return a.primary < b.primary || (a.primary == b.primary && a.last_use < b.last_use);
+  }
+};
+
+/// The rank type of a RankedEviction policy.
+template <class P>
+using eviction_rank_t = std::remove_cvref_t<decltype(std::declval<P&>().rank(std::declval<const SlotView&>()))>;
+
+/// A RankedEviction whose ranks also go stale with time (Belady: an expected use that did not
+/// happen). `rank_expiry(r)` is the last step at which `r` is still exact: when the cache's current
+/// step (the one it last passed to on_step) is larger, the cache recomputes the rank before
+/// choosing. Exactness of the expiring fast path needs non-decreasing steps; otherwise the cache
+/// falls back to choose_victim.
+template <class P>
+concept ExpiringRankEviction = RankedEviction<P> && requires(const P& cp, const eviction_rank_t<P>& r) {
+  { cp.rank_expiry(r) }
+  noexcept->std::same_as<std::uint64_t>;
+};
+
+/// The shape of a cache's eviction groups, handed to a victim index when the cache is created.
+/// Keys are `layer < n_layers`, `expert < n_experts`; dense key index = layer * n_experts + expert.
+/// Group g holds keys of layer `g / pools` only when `per_layer_groups`, else of every layer.
+struct VictimIndexShape {
+  std::uint32_t n_groups = 0;
+  std::uint32_t n_layers = 0;
+  std::uint32_t n_experts = 0;
+  std::uint32_t pools = 1;
+  bool per_layer_groups = false;
+};
+
+/// What the cache knows about "now" when it asks a victim index for a victim.
+struct VictimQuery {
+  std::uint64_t now = 0;        ///< the step the cache last passed to on_step
+  bool steps_monotone = true;   ///< every step the cache was driven with so far was >= the previous one
+};
+
+/// IndexedEviction — an EvictionPolicy that supplies its own victim index type `P::VictimIndex`,
+/// which the cache owns (one per cache) and keeps informed of each group's candidates:
+/// - `Status reserve(const VictimIndexShape&)`: once at creation.
+/// - `reserve_add(group, key, group_size)`: before an insert of `key` into `group`, which will then
+///   hold at most `group_size` entries; may allocate (and throw std::bad_alloc: the cache calls it
+///   inside its own reservation), so that nothing below allocates.
+/// - `add(p, group, s)`: `s` became a candidate (inserted unprotected, unprotected, or its first
+///   hit lifted protection); `update(p, group, s)`: candidate `s` was hit (view updated, after
+///   on_access); `remove(p, group, s)`: `s` stops being a candidate (protected, evicted, erased,
+///   replaced). All noexcept, no allocation. `p` is the cache's policy.
+/// - `victim(p, group, query, view_of, out) -> bool`: writes the key choose_victim would pick among
+///   the group's candidates (`view_of(key)` gives the current SlotView of a candidate) and returns
+///   true, or returns false to let the cache call choose_victim (e.g. when exactness cannot be
+///   guaranteed).
+template <class P>
+concept IndexedEviction = EvictionPolicy<P> && requires { typename P::VictimIndex; } &&
+    std::default_initializable<typename P::VictimIndex> && std::move_constructible<typename P::VictimIndex> &&
+    requires(typename P::VictimIndex& ix, P& p, const SlotView& s, std::uint32_t g, const VictimIndexShape& shape) {
+  { ix.reserve(shape) } -> std::same_as<Status>;
+  ix.reserve_add(g, s.key, std::size_t{1});
+  { ix.add(p, g, s) }
+  noexcept;
+  { ix.update(p, g, s) }
+  noexcept;
+  { ix.remove(p, g, s) }
   noexcept;
 };
 

@@ -90,6 +90,13 @@ class BeladyOracleEviction {
 
   std::string_view name() const noexcept { return "belady"; }
 
+  /// ExpiringRankEviction: (kNever - next use, last_use), so the furthest next use ranks first.
+  /// The next use found at an access stays exact until a step passes it without the access
+  /// (a use the run skipped); rank_expiry tells the cache when to read it again.
+  LastUseRank<std::uint64_t> rank(const SlotView& s) noexcept { return {kNever - next_use(s), s.last_use}; }
+  /// The last step at which `r` is exact: its next use.
+  std::uint64_t rank_expiry(const LastUseRank<std::uint64_t>& r) const noexcept { return kNever - r.primary; }
+
   /// The step of the next use of `s` at or after now (see the class comment), or
   /// kNever when it is not used again.
   std::uint64_t next_use(const SlotView& s) noexcept {
@@ -117,7 +124,7 @@ class BeladyOracleEviction {
   std::vector<std::size_t> cursor_;   // per key, first step >= now (lazily advanced)
 };
 
-static_assert(StepAwareEviction<BeladyOracleEviction>);
+static_assert(StepAwareEviction<BeladyOracleEviction> && ExpiringRankEviction<BeladyOracleEviction>);
 
 /// The future a replay of tokens [begin, end) of `trace` presents, one executor call per
 /// (token, layer) that has experts, step k being the k-th call (what MoeLayerExecutor::step counts).

@@ -4,11 +4,13 @@
 /// Offloading System for Fast MoE Inference", 2024, §4.3).
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string_view>
 
+#include "moex/cache/hobbit_victim_index.hpp"
 #include "moex/concepts/eviction.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -31,8 +33,21 @@ struct HobbitScoreConfig {
 /// the layer that just ran scores 1/L, because in decoding layers run in a cycle and the next
 /// use of a just-used layer is a full cycle away. Ties go to the least recently used.
 /// `now` and `l_cur` come from on_step; without it they stay 0 (then FLD ranks by layer index).
+/// IndexedEviction: inside a MixedPrecisionCache the victim comes from a HobbitVictimIndex (per
+/// layer skylines and score bounds), which provably picks the same entry as choose_victim.
 class HobbitScoreEviction {
  public:
+  /// The victim index MixedPrecisionCache keeps for this policy.
+  using VictimIndex = HobbitVictimIndex;
+
+  /// The normalizers of one decision (see the class comment).
+  struct Norms {
+    std::uint64_t now = 0;  ///< max(step from on_step, newest last_step)
+    double r_span = 1;      ///< now - oldest last_step + 1
+    double f_norm = 0;      ///< 1 / max hits, 0 when max hits is 0
+    double h_norm = 0;      ///< 1 / max hp_uses, 0 when it is 0
+  };
+
   HobbitScoreEviction() = default;
   /// A policy with the given weights.
   explicit HobbitScoreEviction(HobbitScoreConfig config) noexcept : config_(config) {}
@@ -51,7 +66,7 @@ class HobbitScoreEviction {
   void on_insert(const SlotView&) noexcept {}
   void on_evict(const SlotView&) noexcept {}
 
-  /// O(n): two passes (normalizers, then scores).
+  /// O(n): two passes (normalizers, then scores). The reference the victim index must match.
   std::size_t choose_victim(std::span<const SlotView> candidates) const noexcept {
     std::uint64_t oldest = candidates[0].last_step;
     std::uint32_t max_hits = 0;
@@ -61,14 +76,12 @@ class HobbitScoreEviction {
       max_hits = std::max(max_hits, c.hits);
       max_hp = std::max(max_hp, c.hp_uses);
     }
-    const std::uint64_t now = std::max(now_, newest(candidates));
-    const double r_span = static_cast<double>(now - oldest) + 1.0;
-    const double f_norm = max_hits ? 1.0 / max_hits : 0.0;
-    const double h_norm = max_hp ? 1.0 / max_hp : 0.0;
+    const Norms n = norms(oldest, newest(candidates), max_hits, max_hp);
     std::size_t best = 0;
     double best_score = 0;
     for (std::size_t i = 0; i < candidates.size(); ++i) {
-      const double s = score(candidates[i], now, r_span, f_norm, h_norm);
+      const SlotView& c = candidates[i];
+      const double s = score_of(c.last_step, c.hits, c.hp_uses, layer_term(c.key.layer), n);
       if (i == 0 || s < best_score || (s == best_score && candidates[i].last_use < candidates[best].last_use)) {
         best = i;
         best_score = s;
@@ -78,6 +91,33 @@ class HobbitScoreEviction {
   }
 
   std::string_view name() const noexcept { return "hobbit"; }
+
+  /// The normalizers over candidates with these extremes (oldest/newest last_step, largest hits
+  /// and hp_uses).
+  Norms norms(std::uint64_t oldest, std::uint64_t newest, std::uint32_t max_hits, std::uint32_t max_hp) const noexcept {
+    Norms n;
+    n.now = std::max(now_, newest);
+    n.r_span = static_cast<double>(n.now - oldest) + 1.0;
+    n.f_norm = max_hits ? 1.0 / max_hits : 0.0;
+    n.h_norm = max_hp ? 1.0 / max_hp : 0.0;
+    return n;
+  }
+  /// The score of an entry, given its layer's weighted-in FLD value `fld` (layer_term).
+  double score_of(std::uint64_t last_step, std::uint32_t hits, std::uint32_t hp_uses, double fld,
+                  const Norms& n) const noexcept {
+    const double r = 1.0 - static_cast<double>(n.now - last_step) / n.r_span;
+    return config_.w_recency * r + config_.w_frequency * hits * n.f_norm + config_.w_high_precision * hp_uses * n.h_norm +
+           config_.w_layer_distance * fld;
+  }
+  /// FLD of layer `l` at the current layer.
+  double layer_term(std::uint32_t l) const noexcept { return layer_distance_term(l, layer_, config_.n_layers); }
+  /// True when the weights are finite and non-negative, so that HobbitVictimIndex is exact.
+  bool index_exact() const noexcept {
+    const double w[] = {config_.w_recency, config_.w_frequency, config_.w_high_precision, config_.w_layer_distance};
+    for (double x : w)
+      if (!(x >= 0) || !std::isfinite(x)) return false;
+    return true;
+  }
 
   /// FLD of an expert of layer `l` when layer `cur` runs next, for a model of `n` layers.
   static double layer_distance_term(std::uint32_t l, std::uint32_t cur, std::uint32_t n) noexcept {
@@ -92,18 +132,12 @@ class HobbitScoreEviction {
     for (const SlotView& s : c) m = std::max(m, s.last_step);
     return m;
   }
-  double score(const SlotView& c, std::uint64_t now, double r_span, double f_norm, double h_norm) const noexcept {
-    const double r = 1.0 - static_cast<double>(now - c.last_step) / r_span;
-    return config_.w_recency * r + config_.w_frequency * c.hits * f_norm +
-           config_.w_high_precision * c.hp_uses * h_norm +
-           config_.w_layer_distance * layer_distance_term(c.key.layer, layer_, config_.n_layers);
-  }
-
   HobbitScoreConfig config_{};
   std::uint64_t now_ = 0;
   std::uint32_t layer_ = 0;
 };
 
-static_assert(KeyedEviction<HobbitScoreEviction> && StepAwareEviction<HobbitScoreEviction>);
+static_assert(KeyedEviction<HobbitScoreEviction> && StepAwareEviction<HobbitScoreEviction> &&
+              IndexedEviction<HobbitScoreEviction>);
 
 MOEX_NAMESPACE_END

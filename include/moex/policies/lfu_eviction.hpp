@@ -29,9 +29,12 @@ struct LfuEviction {
     return best;
   }
 
+  /// RankedEviction: (hits, last_use).
+  LastUseRank<std::uint32_t> rank(const SlotView& s) const noexcept { return {s.hits, s.last_use}; }
+
   std::string_view name() const noexcept { return "lfu"; }
 };
 
-static_assert(EvictionPolicy<LfuEviction>);
+static_assert(RankedEviction<LfuEviction>);
 
 MOEX_NAMESPACE_END

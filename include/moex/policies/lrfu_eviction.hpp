@@ -71,6 +71,9 @@ class LrfuEviction {
     return best;
   }
 
+  /// RankedEviction: (stored a, last_use); a changes only in on_insert/on_access of its key.
+  LastUseRank<double> rank(const SlotView& s) const noexcept { return {value(s.key), s.last_use}; }
+
   std::string_view name() const noexcept { return "lrfu"; }
 
   /// The current CRF of a key (0 when unknown); for tests and reports.
@@ -105,6 +108,6 @@ class LrfuEviction {
   std::vector<double> a_;
 };
 
-static_assert(KeyedEviction<LrfuEviction> && StepAwareEviction<LrfuEviction>);
+static_assert(KeyedEviction<LrfuEviction> && StepAwareEviction<LrfuEviction> && RankedEviction<LrfuEviction>);
 
 MOEX_NAMESPACE_END

@@ -27,9 +27,12 @@ struct LruEviction {
     return best;
   }
 
+  /// RankedEviction: the cache keeps candidates ordered by last_use.
+  std::uint64_t rank(const SlotView& s) const noexcept { return s.last_use; }
+
   std::string_view name() const noexcept { return "lru"; }
 };
 
-static_assert(EvictionPolicy<LruEviction>);
+static_assert(RankedEviction<LruEviction>);
 
 MOEX_NAMESPACE_END

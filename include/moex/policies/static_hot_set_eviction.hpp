@@ -20,12 +20,16 @@ MOEX_NAMESPACE_BEGIN
 /// activation-frequency placement, llama.cpp-style "hot experts on GPU" splits). The profile is a
 /// dense [n_layers x n_experts] array of scores (for instance access counts from a calibration
 /// trace, see profile_from_trace in formats/trace.hpp users); without one it degenerates to LRU.
+/// NaN scores count as 0 (so that the order is total).
 class StaticHotSetEviction {
  public:
   StaticHotSetEviction() = default;
   /// A policy over `scores[layer * n_experts + expert]`; keys outside score 0.
   StaticHotSetEviction(std::vector<double> scores, std::uint32_t n_experts) noexcept
-      : n_experts_(n_experts), scores_(std::move(scores)) {}
+      : n_experts_(n_experts), scores_(std::move(scores)) {
+    for (double& s : scores_)
+      if (s != s) s = 0.0;
+  }
 
   void on_access(const SlotView&) noexcept {}
   void on_insert(const SlotView&) noexcept {}
@@ -45,6 +49,9 @@ class StaticHotSetEviction {
     return best;
   }
 
+  /// RankedEviction: (score, last_use).
+  LastUseRank<double> rank(const SlotView& s) const noexcept { return {score(s.key), s.last_use}; }
+
   std::string_view name() const noexcept { return "static-hot-set"; }
 
   /// The profiled score of a key (0 outside the profile).
@@ -59,6 +66,6 @@ class StaticHotSetEviction {
   std::vector<double> scores_;
 };
 
-static_assert(EvictionPolicy<StaticHotSetEviction>);
+static_assert(RankedEviction<StaticHotSetEviction>);
 
 MOEX_NAMESPACE_END

@@ -1,4 +1,4 @@
-// weighted_combine and convert_f32_to_bf16: launchers and argument checks.
+// weighted_combine and convert_f32_to_bf16 / _f16: launchers and argument checks.
 #include "combine.cuh"
 #include "kernels.hpp"
 
@@ -23,6 +23,15 @@ Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t cou
   const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
   detail::f32_to_bf16_kernel<<<blocks, 256, 0, stream>>>(src, dst, count);
   return cuda_status(cudaGetLastError(), "f32_to_bf16 launch");
+}
+
+Status convert_f32_to_f16(const float* src, std::uint16_t* dst, std::size_t count, cudaStream_t stream) noexcept {
+  if (count == 0) return Status::ok();
+  if (!src || !dst) return invalid_argument("convert_f32_to_f16: null pointer");
+  const std::size_t want = (count + 255) / 256;
+  const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
+  detail::f32_to_f16_kernel<<<blocks, 256, 0, stream>>>(src, dst, count);
+  return cuda_status(cudaGetLastError(), "f32_to_f16 launch");
 }
 
 }  // namespace cuda

@@ -1,10 +1,11 @@
 #pragma once
 /// @file combine.cuh
-/// Device templates of weighted_combine and the f32 -> bf16 conversion.
+/// Device templates of weighted_combine and the f32 -> bf16 / f16 conversions.
 
 #include <cstdint>
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "moex/types.hpp"
@@ -39,6 +40,12 @@ __global__ void f32_to_bf16_kernel(const float* src, std::uint16_t* dst, std::si
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
     dst[i] = __bfloat16_as_ushort(__float2bfloat16_rn(src[i]));
+}
+
+__global__ void f32_to_f16_kernel(const float* src, std::uint16_t* dst, std::size_t count) {
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    dst[i] = __half_as_ushort(__float2half_rn(src[i]));
 }
 
 }  // namespace detail

@@ -127,8 +127,12 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
     if (t.n == 0 || t.n > kMaxGemvTokens) return invalid_argument("grouped_expert_ffn: task n must be 1..8");
     if (t.n > max_n) max_n = t.n;
   }
-  return dispatch(a.layout.format, max_n,
-                  [&]<Precision P, int G, int T>() { return launch_grouped_expert<P, G, T>(a, stream); });
+  return dispatch(a.layout.format, max_n, [&]<Precision P, int G, int T>() {
+    if constexpr (P == Precision::kInt4 || P == Precision::kInt2) {
+      if (!a.exact) return launch_grouped_expert_q8<P, G, T>(a, stream);
+    }
+    return launch_grouped_expert<P, G, T>(a, stream);
+  });
 }
 
 }  // namespace cuda

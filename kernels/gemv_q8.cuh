@@ -120,10 +120,11 @@ __device__ __forceinline__ int slice_dot(const uint4& v, const uint4 (&a)[Q8Geo<
   }
 }
 
-/// Quantizes T tokens of x (token t >= n reads token 0) into the block's shared memory.
+/// Quantizes T tokens of x (token t >= n reads token 0) into the block's shared memory. Token t
+/// is row `rows[t]` of x when `rows` is given (the grouped kernels' token lists), else row t.
 template <int B, int G, int T>
 __device__ __forceinline__ void q8_quantize(const float* x, std::size_t ldx, std::uint32_t n, std::size_t cols,
-                                            bool asym, unsigned char* smem) {
+                                            bool asym, unsigned char* smem, const std::uint32_t* rows = nullptr) {
   using Geo = Q8Geo<B, G>;
   constexpr int kGL = G / 4;        // lanes per group (4 columns a lane)
   constexpr int kSL = Geo::kS / 4;  // lanes per slice
@@ -141,7 +142,8 @@ __device__ __forceinline__ void q8_quantize(const float* x, std::size_t ldx, std
       v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
       if (i < total) {
         const std::size_t t = i / per_token;
-        const std::size_t src = t < n ? t : 0;
+        const std::size_t tt = t < n ? t : 0;
+        const std::size_t src = rows ? rows[tt] : tt;
         v[k] = __ldg(reinterpret_cast<const float4*>(x + src * ldx) + (i - t * per_token));
       }
     }
@@ -185,6 +187,114 @@ __device__ __forceinline__ void q8_quantize(const float* x, std::size_t ldx, std
   }
 }
 
+/// acc[r][t] = per-lane partial sums of R rows (codes / scales / mins of each row given; mins
+/// null when symmetric) with the T tokens quantized in shared memory (`smem`, token stride
+/// `stride`, metadata at `act`), over `units` 16-byte units. U units per lane are loaded before the
+/// first is used (U = 2: twice the bytes in flight per warp and half the round trips).
+template <int B, int G, int T, bool Asym, int R, int U>
+__device__ __forceinline__ void q8_dot(const uint4* const (&codes)[R], const __half* const (&sc)[R],
+                                       const __half* const (&mn)[R], std::size_t units, const unsigned char* smem,
+                                       std::size_t stride, std::size_t act, int lane, float (&acc)[R][T]) {
+  using Geo = Q8Geo<B, G>;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
+  for (std::size_t u0 = static_cast<std::size_t>(lane); u0 < units; u0 += 32 * U) {
+    uint4 v[U][R];
+    float dw[U][R][Geo::kSpu], mw[U][R][Geo::kSpu];
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const std::size_t u = u0 + 32 * k;
+      const bool in = U == 1 || u < units;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        v[k][r] = in ? __ldcs(codes[r] + u) : make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (Geo::kSpu == 2) {
+          // Two groups per unit (int2, G = 32): groups 2u, 2u+1 are one aligned 4-byte load (gpr
+          // is even since cols % 64 == 0, and the sections are 64-byte aligned).
+          const std::size_t g = in ? 2 * u : 0;
+          const float2 d2 = __half22float2(*reinterpret_cast<const __half2*>(sc[r] + g));
+          dw[k][r][0] = d2.x;
+          dw[k][r][1] = d2.y;
+          if constexpr (Asym) {
+            const float2 m2 = __half22float2(*reinterpret_cast<const __half2*>(mn[r] + g));
+            mw[k][r][0] = m2.x;
+            mw[k][r][1] = m2.y;
+          } else {
+            mw[k][r][0] = mw[k][r][1] = 0.f;
+          }
+        } else {
+          const std::size_t g = in ? u * Geo::kE / G : 0;
+          dw[k][r][0] = __half2float(sc[r][g]);
+          mw[k][r][0] = Asym ? __half2float(mn[r][g]) : 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const std::size_t u = u0 + 32 * k;
+      if (U > 1 && u >= units) break;
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        const unsigned char* tok = smem + static_cast<std::size_t>(t) * stride;
+        const unsigned char* ua = tok + ((u >> 5) * Geo::kParts) * 512 + (u & 31u) * 16;
+        uint4 a[Geo::kParts];
+#pragma unroll
+        for (int j = 0; j < Geo::kParts; ++j) a[j] = *reinterpret_cast<const uint4*>(ua + j * 512);
+        float2 meta[Geo::kSpu];
+#pragma unroll
+        for (int s = 0; s < Geo::kSpu; ++s) meta[s] = reinterpret_cast<const float2*>(tok + act)[u * Geo::kSpu + s];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int s = 0; s < Geo::kSpu; ++s) {
+            int dot = slice_dot<B, G>(v[k][r], a, s);
+            if constexpr (Asym) {
+              acc[r][t] = fmaf(static_cast<float>(dot), dw[k][r][s] * meta[s].x, acc[r][t]);
+              acc[r][t] = fmaf(mw[k][r][s], meta[s].y, acc[r][t]);
+            } else {
+              dot -= Geo::kOff * __float_as_int(meta[s].y);
+              acc[r][t] = fmaf(static_cast<float>(dot), dw[k][r][s] * meta[s].x, acc[r][t]);
+            }
+          }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      float s = acc[r][t];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      acc[r][t] = s;
+    }
+}
+
+/// Row pointers of one quantized matrix (layout.hpp sections) for q8_dot.
+struct Q8Matrix {
+  const std::uint8_t* base;
+  std::size_t scales_off, mins_off;  ///< mins_off 0: symmetric
+  std::size_t row_bytes, gpr;
+
+  __device__ __forceinline__ const uint4* codes(std::size_t row) const {
+    return reinterpret_cast<const uint4*>(base + row * row_bytes);
+  }
+  __device__ __forceinline__ const __half* scales(std::size_t row) const {
+    return reinterpret_cast<const __half*>(base + scales_off) + row * gpr;
+  }
+  __device__ __forceinline__ const __half* mins(std::size_t row) const {
+    return mins_off ? reinterpret_cast<const __half*>(base + mins_off) + row * gpr : nullptr;
+  }
+};
+
+template <int B, int G>
+__device__ __forceinline__ Q8Matrix q8_matrix(const std::byte* w, std::size_t scales_off, std::size_t mins_off,
+                                              std::size_t cols) {
+  return {reinterpret_cast<const std::uint8_t*>(w), scales_off, mins_off, cols * B / 8, cols / G};
+}
+
 /// Launch parameters of q8_gemv (the rows of a persistent grid).
 struct Q8Params {
   const std::byte* w;
@@ -198,8 +308,18 @@ struct Q8Params {
   bool accumulate;
 };
 
-template <Precision P, int G, int T, bool Asym>
-__global__ void __launch_bounds__(kQ8Warps * 32) q8_gemv(const Q8Params p) {
+/// Units per lane in flight (q8_dot's U) by default. Measured (bench/RESULTS-gpu.md, ncu): at
+/// batch 1 the kernel is latency bound (about 80% of warp stalls wait on global loads, DRAM at
+/// 68% for int2 g32), and two units in flight raise int2 g32 0.76 -> 0.89, int2 g64 0.87 -> 0.94,
+/// int2 g64-asym 0.75 -> 0.82, int4 g32 0.94 -> 0.97, int4 g128-asym 0.88 -> 0.91 of the copy
+/// ceiling, but lower int2 g128 0.93 -> 0.90; T > 1 keeps one (registers).
+template <int B, int G, int T, bool Asym>
+inline constexpr int kQ8Units = T == 1 && ((B == 2 && G <= 64) || (B == 4 && G == 32) || (B == 4 && G == 128 && Asym))
+                                    ? 2
+                                    : 1;
+
+template <Precision P, int G, int T, bool Asym, int U, int MinBlocks = 1>
+__global__ void __launch_bounds__(kQ8Warps * 32, MinBlocks) q8_gemv(const Q8Params p) {
   constexpr int B = static_cast<int>(precision_bits(P));
   using Geo = Q8Geo<B, G>;
   constexpr int R = kQ8Rows;
@@ -211,84 +331,24 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_gemv(const Q8Params p) {
   const std::size_t act = q8_act_bytes<B, G>(p.cols);
   const std::size_t stride = q8_token_bytes<B, G>(p.cols);
   const std::size_t units = p.cols / Geo::kE;
-  const std::size_t row_bytes = p.cols * B / 8;
-  const std::size_t gpr = p.cols / G;
+  const Q8Matrix m = q8_matrix<B, G>(p.w, p.scales_off, p.mins_off, p.cols);
   const std::size_t row_groups = (p.rows + R - 1) / R;
-  const auto* base = reinterpret_cast<const std::uint8_t*>(p.w);
-  const auto* scales = reinterpret_cast<const __half*>(base + p.scales_off);
-  const auto* mins = reinterpret_cast<const __half*>(base + p.mins_off);
   for (std::size_t rg = static_cast<std::size_t>(blockIdx.x) * kQ8Warps + threadIdx.x / 32; rg < row_groups;
        rg += static_cast<std::size_t>(gridDim.x) * kQ8Warps) {
     const std::size_t row0 = rg * R;
-    std::size_t row[R];
+    const uint4* codes[R];
+    const __half* sc[R];
+    const __half* mn[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) row[r] = row0 + r < p.rows ? row0 + r : p.rows - 1;
-    float acc[R][T];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
-    for (std::size_t u = static_cast<std::size_t>(lane); u < units; u += 32) {
-      uint4 v[R];
-      float dw[R][Geo::kSpu], mw[R][Geo::kSpu];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        v[r] = __ldcs(reinterpret_cast<const uint4*>(base + row[r] * row_bytes) + u);
-        if constexpr (Geo::kSpu == 2) {
-          // Two groups per unit (int2, G = 32): groups 2u, 2u+1 are one aligned 4-byte load (gpr
-          // is even since cols % 64 == 0, and the sections are 64-byte aligned).
-          const std::size_t g = 2 * u;
-          const float2 d2 = __half22float2(*reinterpret_cast<const __half2*>(scales + row[r] * gpr + g));
-          dw[r][0] = d2.x;
-          dw[r][1] = d2.y;
-          if constexpr (Asym) {
-            const float2 m2 = __half22float2(*reinterpret_cast<const __half2*>(mins + row[r] * gpr + g));
-            mw[r][0] = m2.x;
-            mw[r][1] = m2.y;
-          } else {
-            mw[r][0] = mw[r][1] = 0.f;
-          }
-        } else {
-          const std::size_t g = u * Geo::kE / G;
-          dw[r][0] = __half2float(scales[row[r] * gpr + g]);
-          mw[r][0] = Asym ? __half2float(mins[row[r] * gpr + g]) : 0.f;
-        }
-      }
-#pragma unroll
-      for (int t = 0; t < T; ++t) {
-        const unsigned char* tok = q8_smem + static_cast<std::size_t>(t) * stride;
-        const unsigned char* ua = tok + ((u >> 5) * Geo::kParts) * 512 + (u & 31u) * 16;
-        uint4 a[Geo::kParts];
-#pragma unroll
-        for (int j = 0; j < Geo::kParts; ++j) a[j] = *reinterpret_cast<const uint4*>(ua + j * 512);
-        float2 meta[Geo::kSpu];
-#pragma unroll
-        for (int s = 0; s < Geo::kSpu; ++s) meta[s] = reinterpret_cast<const float2*>(tok + act)[u * Geo::kSpu + s];
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int s = 0; s < Geo::kSpu; ++s) {
-            int dot = slice_dot<B, G>(v[r], a, s);
-            if constexpr (Asym) {
-              acc[r][t] = fmaf(static_cast<float>(dot), dw[r][s] * meta[s].x, acc[r][t]);
-              acc[r][t] = fmaf(mw[r][s], meta[s].y, acc[r][t]);
-            } else {
-              dot -= Geo::kOff * __float_as_int(meta[s].y);
-              acc[r][t] = fmaf(static_cast<float>(dot), dw[r][s] * meta[s].x, acc[r][t]);
-            }
-          }
-      }
+    for (int r = 0; r < R; ++r) {
+      const std::size_t row = row0 + r < p.rows ? row0 + r : p.rows - 1;
+      codes[r] = m.codes(row);
+      sc[r] = m.scales(row);
+      mn[r] = m.mins(row);
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int t = 0; t < T; ++t) {
-        float s = acc[r][t];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        acc[r][t] = s;
-      }
-      // Lane r*T + t writes (row0 + r, token t): the stores spread over the warp.
+    float acc[R][T];
+    q8_dot<B, G, T, Asym, R, U>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
+    // Lane r*T + t writes (row0 + r, token t): the stores spread over the warp.
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -297,6 +357,100 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_gemv(const Q8Params p) {
           float* o = p.y + t * p.ldy + row0 + r;
           *o = p.accumulate ? *o + acc[r][t] : acc[r][t];
         }
+  }
+}
+
+/// Launch parameters of the q8 grouped expert kernels (blockIdx.y = task).
+struct Q8GroupParams {
+  ExpertTask tasks[kMaxGroupExperts];
+  std::size_t hidden, ffn;
+  std::size_t up_scales, up_mins;      ///< w1 / w3 sections (mins 0: symmetric)
+  std::size_t down_scales, down_mins;  ///< w2 sections
+  const float* x;
+  std::size_t ldx;
+  float* h;  ///< workspace [count][kMaxGemvTokens][ffn]
+  float* out;
+  std::size_t ldo;
+};
+
+/// h[e][t][j] = silu(W1[j] . q8(x[token])) * (W3[j] . q8(x[token])): a warp streams rows j, j+1 of
+/// w1 and of w3 together (4 rows in flight, as in q8_gemv).
+template <Precision P, int G, int T, bool Asym>
+__global__ void __launch_bounds__(kQ8Warps * 32) q8_swiglu(const __grid_constant__ Q8GroupParams p) {
+  constexpr int B = static_cast<int>(precision_bits(P));
+  using Geo = Q8Geo<B, G>;
+  const ExpertTask& task = p.tasks[blockIdx.y];
+  extern __shared__ __align__(16) unsigned char q8_smem[];
+  q8_quantize<B, G, T>(p.x, p.ldx, task.n, p.hidden, Asym, q8_smem, task.token);
+  __syncthreads();
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const int n = static_cast<int>(task.n);
+  const std::size_t act = q8_act_bytes<B, G>(p.hidden);
+  const std::size_t stride = q8_token_bytes<B, G>(p.hidden);
+  const std::size_t units = p.hidden / Geo::kE;
+  const Q8Matrix m1 = q8_matrix<B, G>(task.w1, p.up_scales, p.up_mins, p.hidden);
+  const Q8Matrix m3 = q8_matrix<B, G>(task.w3, p.up_scales, p.up_mins, p.hidden);
+  float* h = p.h + static_cast<std::size_t>(blockIdx.y) * kMaxGemvTokens * p.ffn;
+  const std::size_t row_groups = (p.ffn + 1) / 2;
+  for (std::size_t rg = static_cast<std::size_t>(blockIdx.x) * kQ8Warps + threadIdx.x / 32; rg < row_groups;
+       rg += static_cast<std::size_t>(gridDim.x) * kQ8Warps) {
+    const std::size_t j0 = rg * 2;
+    const std::size_t j1 = j0 + 1 < p.ffn ? j0 + 1 : p.ffn - 1;
+    const uint4* codes[4] = {m1.codes(j0), m1.codes(j1), m3.codes(j0), m3.codes(j1)};
+    const __half* sc[4] = {m1.scales(j0), m1.scales(j1), m3.scales(j0), m3.scales(j1)};
+    const __half* mn[4] = {m1.mins(j0), m1.mins(j1), m3.mins(j0), m3.mins(j1)};
+    float acc[4][T];
+    q8_dot<B, G, T, Asym, 4, kQ8Units<B, G, T, Asym>>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int t = 0; t < T; ++t)
+        if (lane == (i * T + t) % 32 && j0 + i < p.ffn && t < n) {
+          const float g = acc[i][t];
+          h[t * p.ffn + j0 + i] = g / (1.f + __expf(-g)) * acc[2 + i][t];
+        }
+  }
+}
+
+/// out[token][r] += weight * (W2[r] . q8(h[e][t])) (atomic: several experts share a token).
+template <Precision P, int G, int T, bool Asym>
+__global__ void __launch_bounds__(kQ8Warps * 32) q8_down_scatter(const __grid_constant__ Q8GroupParams p) {
+  constexpr int B = static_cast<int>(precision_bits(P));
+  using Geo = Q8Geo<B, G>;
+  constexpr int R = kQ8Rows;
+  const ExpertTask& task = p.tasks[blockIdx.y];
+  extern __shared__ __align__(16) unsigned char q8_smem[];
+  const float* h = p.h + static_cast<std::size_t>(blockIdx.y) * kMaxGemvTokens * p.ffn;
+  q8_quantize<B, G, T>(h, p.ffn, task.n, p.ffn, Asym, q8_smem);
+  __syncthreads();
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const int n = static_cast<int>(task.n);
+  const std::size_t act = q8_act_bytes<B, G>(p.ffn);
+  const std::size_t stride = q8_token_bytes<B, G>(p.ffn);
+  const std::size_t units = p.ffn / Geo::kE;
+  const Q8Matrix m2 = q8_matrix<B, G>(task.w2, p.down_scales, p.down_mins, p.ffn);
+  const std::size_t row_groups = (p.hidden + R - 1) / R;
+  for (std::size_t rg = static_cast<std::size_t>(blockIdx.x) * kQ8Warps + threadIdx.x / 32; rg < row_groups;
+       rg += static_cast<std::size_t>(gridDim.x) * kQ8Warps) {
+    const std::size_t row0 = rg * R;
+    const uint4* codes[R];
+    const __half* sc[R];
+    const __half* mn[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const std::size_t row = row0 + r < p.hidden ? row0 + r : p.hidden - 1;
+      codes[r] = m2.codes(row);
+      sc[r] = m2.scales(row);
+      mn[r] = m2.mins(row);
+    }
+    float acc[R][T];
+    q8_dot<B, G, T, Asym, R, kQ8Units<B, G, T, Asym>>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t)
+        if (lane == (r * T + t) % 32 && row0 + r < p.hidden && t < n)
+          atomicAdd(p.out + task.token[t] * p.ldo + row0 + r, task.weight[t] * acc[r][t]);
   }
 }
 
@@ -309,28 +463,45 @@ constexpr std::size_t q8_smem_bytes(std::size_t cols) {
 }  // namespace detail
 
 namespace detail {
-template <Precision P, int G, int T, bool Asym>
-Status launch_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
-  const std::size_t smem = detail::q8_smem_bytes<P, G, T>(a.layout.cols);
-  int dev = 0, sms = 0, optin = 0;
+
+/// Device facts the q8 launchers size their persistent grids by.
+struct Q8Device {
+  int sms = 0, optin = 0;
+};
+inline Status q8_device(Q8Device& d) noexcept {
+  int dev = 0;
   MOEX_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), "cudaGetDevice"));
-  MOEX_RETURN_IF_ERROR(cuda_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count"));
-  MOEX_RETURN_IF_ERROR(
-      cuda_status(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit"));
-  if (smem > static_cast<std::size_t>(optin)) return launch_gemv<P, G, T>(a, stream);  // exact path
-  auto* kernel = detail::q8_gemv<P, G, T, Asym>;
+  MOEX_RETURN_IF_ERROR(cuda_status(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev), "SM count"));
+  return cuda_status(cudaDeviceGetAttribute(&d.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                     "shared memory limit");
+}
+
+/// Blocks of `kernel` (kQ8Warps warps, `smem` bytes) that fit on the device at once (>= 1).
+template <class K>
+Status q8_resident_blocks(K* kernel, std::size_t smem, const Q8Device& d, std::size_t& cap) noexcept {
   if (smem > 48 * 1024)
     MOEX_RETURN_IF_ERROR(
         cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                    "q8_gemv shared memory"));
+                    "q8 kernel shared memory"));
   int per_sm = 0;
-  MOEX_RETURN_IF_ERROR(
-      cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, detail::kQ8Warps * 32, smem),
-                  "q8_gemv occupancy"));
+  MOEX_RETURN_IF_ERROR(cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kQ8Warps * 32, smem),
+                                   "q8 kernel occupancy"));
   if (per_sm < 1) per_sm = 1;
+  cap = static_cast<std::size_t>(d.sms) * static_cast<std::size_t>(per_sm);
+  return Status::ok();
+}
+
+template <Precision P, int G, int T, bool Asym, int U, int MinBlocks = 1>
+Status launch_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
+  const std::size_t smem = detail::q8_smem_bytes<P, G, T>(a.layout.cols);
+  Q8Device d;
+  MOEX_RETURN_IF_ERROR(q8_device(d));
+  if (smem > static_cast<std::size_t>(d.optin)) return launch_gemv<P, G, T>(a, stream);  // exact path
+  auto* kernel = detail::q8_gemv<P, G, T, Asym, U, MinBlocks>;
+  std::size_t cap = 0;
+  MOEX_RETURN_IF_ERROR(q8_resident_blocks(kernel, smem, d, cap));
   const std::size_t row_groups = (a.layout.rows + detail::kQ8Rows - 1) / detail::kQ8Rows;
   const std::size_t needed = (row_groups + detail::kQ8Warps - 1) / detail::kQ8Warps;
-  const std::size_t cap = static_cast<std::size_t>(sms) * static_cast<std::size_t>(per_sm);
   const auto blocks = static_cast<unsigned>(needed < cap ? needed : cap);
   const detail::Q8Params p{a.w,
                            a.layout.scales_offset,
@@ -346,20 +517,91 @@ Status launch_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
   kernel<<<blocks, detail::kQ8Warps * 32, smem, stream>>>(p);
   return cuda_status(cudaGetLastError(), "q8_gemv launch");
 }
+
+template <Precision P, int G, int T, bool Asym>
+Status launch_grouped_q8(const GroupedExpertArgs& a, cudaStream_t stream) noexcept {
+  const std::size_t hidden = a.layout.shape.hidden, ffn = a.layout.shape.ffn;
+  const std::size_t smem_up = q8_smem_bytes<P, G, T>(hidden);
+  const std::size_t smem_down = q8_smem_bytes<P, G, T>(ffn);
+  Q8Device d;
+  MOEX_RETURN_IF_ERROR(q8_device(d));
+  if (smem_up > static_cast<std::size_t>(d.optin) || smem_down > static_cast<std::size_t>(d.optin))
+    return launch_grouped_expert<P, G, T>(a, stream);  // exact path
+  Q8GroupParams p{};
+  for (std::uint32_t i = 0; i < a.count; ++i) p.tasks[i] = a.tasks[i];
+  p.hidden = hidden;
+  p.ffn = ffn;
+  p.up_scales = a.layout.w1.scales_offset;
+  p.up_mins = a.layout.w1.mins_offset;
+  p.down_scales = a.layout.w2.scales_offset;
+  p.down_mins = a.layout.w2.mins_offset;
+  p.x = a.x;
+  p.ldx = a.ldx;
+  p.h = a.workspace;
+  p.out = a.out;
+  p.ldo = a.ldo;
+  // Persistent grids shared by the tasks: each task gets cap / count blocks (at least one), no more
+  // than its rows need; each block quantizes its task's activations once.
+  auto grid_x = [&](std::size_t cap, std::size_t row_groups) {
+    const std::size_t needed = (row_groups + kQ8Warps - 1) / kQ8Warps;
+    std::size_t share = (cap + a.count - 1) / a.count;
+    if (share < 1) share = 1;
+    return static_cast<unsigned>(needed < share ? needed : share);
+  };
+  auto* up = q8_swiglu<P, G, T, Asym>;
+  std::size_t cap = 0;
+  MOEX_RETURN_IF_ERROR(q8_resident_blocks(up, smem_up, d, cap));
+  up<<<dim3(grid_x(cap, (ffn + 1) / 2), a.count), kQ8Warps * 32, smem_up, stream>>>(p);
+  MOEX_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "q8_swiglu launch"));
+  auto* down = q8_down_scatter<P, G, T, Asym>;
+  MOEX_RETURN_IF_ERROR(q8_resident_blocks(down, smem_down, d, cap));
+  down<<<dim3(grid_x(cap, (hidden + kQ8Rows - 1) / kQ8Rows), a.count), kQ8Warps * 32, smem_down, stream>>>(p);
+  return cuda_status(cudaGetLastError(), "q8_down_scatter launch");
+}
+
 }  // namespace detail
 
 template <Precision P, int G, int T>
 Status launch_gemv_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
-  return a.layout.mins_offset ? detail::launch_q8<P, G, T, true>(a, stream)
-                              : detail::launch_q8<P, G, T, false>(a, stream);
+  constexpr int B = static_cast<int>(precision_bits(P));
+  return a.layout.mins_offset ? detail::launch_q8<P, G, T, true, detail::kQ8Units<B, G, T, true>>(a, stream)
+                              : detail::launch_q8<P, G, T, false, detail::kQ8Units<B, G, T, false>>(a, stream);
+}
+
+template <Precision P, int G>
+Status launch_gemv_q8_variant(const GemvArgs& a, int variant, cudaStream_t stream) noexcept {
+  if (a.n != 1) return unsupported("launch_gemv_q8_variant: batch 1 only");
+  if (variant == 0)
+    return a.layout.mins_offset ? detail::launch_q8<P, G, 1, true, 1>(a, stream)
+                                : detail::launch_q8<P, G, 1, false, 1>(a, stream);
+  if (variant == 1)
+    return a.layout.mins_offset ? detail::launch_q8<P, G, 1, true, 2>(a, stream)
+                                : detail::launch_q8<P, G, 1, false, 2>(a, stream);
+  return unsupported("launch_gemv_q8_variant: unknown variant");
+}
+
+template <Precision P, int G, int T>
+Status launch_grouped_expert_q8(const GroupedExpertArgs& a, cudaStream_t stream) noexcept {
+  return a.layout.w1.mins_offset ? detail::launch_grouped_q8<P, G, T, true>(a, stream)
+                                 : detail::launch_grouped_q8<P, G, T, false>(a, stream);
 }
 
 }  // namespace cuda
 MOEX_NAMESPACE_END
 
-/// Explicit instantiations of q8_gemv for one (precision, group), token buckets 1, 2, 4, 8.
-#define MOEX_INSTANTIATE_GEMV_Q8(P, G)                                                                 \
-  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 1>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 2>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 4>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 8>(const GemvArgs&, cudaStream_t) noexcept;
+/// Explicit instantiations of q8_gemv and the q8 grouped experts for one (precision, group), token
+/// buckets 1, 2, 4, 8, and of the batch-1 variants (benchmarks).
+#define MOEX_INSTANTIATE_GEMV_Q8(P, G)                                                                           \
+  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 1>(const GemvArgs&, cudaStream_t) noexcept;           \
+  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 2>(const GemvArgs&, cudaStream_t) noexcept;           \
+  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 4>(const GemvArgs&, cudaStream_t) noexcept;           \
+  template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 8>(const GemvArgs&, cudaStream_t) noexcept;           \
+  template ::moex::Status moex::cuda::launch_gemv_q8_variant<P, G>(const GemvArgs&, int, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_grouped_expert_q8<P, G, 1>(const GroupedExpertArgs&,                \
+                                                                        cudaStream_t) noexcept;                  \
+  template ::moex::Status moex::cuda::launch_grouped_expert_q8<P, G, 2>(const GroupedExpertArgs&,                \
+                                                                        cudaStream_t) noexcept;                  \
+  template ::moex::Status moex::cuda::launch_grouped_expert_q8<P, G, 4>(const GroupedExpertArgs&,                \
+                                                                        cudaStream_t) noexcept;                  \
+  template ::moex::Status moex::cuda::launch_grouped_expert_q8<P, G, 8>(const GroupedExpertArgs&,                \
+                                                                        cudaStream_t) noexcept;

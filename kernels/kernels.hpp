@@ -86,6 +86,9 @@ struct GroupedExpertArgs {
   float* out = nullptr;  ///< [tokens x hidden]
   std::size_t ldo = 0;
   float* workspace = nullptr;  ///< grouped_expert_workspace_bytes(); 16-byte aligned
+  /// int4/int2: true keeps the f32-activation kernels; false (default) quantizes x, and the SwiGLU
+  /// activation h before w2, to int8 per weight group (the q8 path of GemvArgs::exact, twice).
+  bool exact = false;
 };
 
 /// Device scratch that grouped_expert_ffn needs for `count` experts of `shape`.
@@ -93,7 +96,8 @@ constexpr std::size_t grouped_expert_workspace_bytes(ExpertShape shape, std::uin
   return static_cast<std::size_t>(count) * kMaxGemvTokens * shape.ffn * sizeof(float);
 }
 
-/// Fused SwiGLU experts (kernel family swiglu_gemv + down_scatter_gemv).
+/// Fused SwiGLU experts (kernel family swiglu_gemv + down_scatter_gemv; int4/int2 by default
+/// q8_swiglu + q8_down_scatter, see GroupedExpertArgs::exact).
 Status grouped_expert_ffn(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
 
 /// Router variants (all of the CPU router's).
@@ -166,6 +170,33 @@ struct GemmBf16Args {
 Status cublas_create(cublasContext** handle) noexcept;
 void cublas_destroy(cublasContext* handle) noexcept;
 Status gemm_bf16(cublasContext* handle, const GemmBf16Args& args, cudaStream_t stream) noexcept;
+
+/// dst[i] = f16(src[i]) (round to nearest even), for i < count.
+Status convert_f32_to_f16(const float* src, std::uint16_t* dst, std::size_t count, cudaStream_t stream) noexcept;
+/// out[i] = f16(silu(gate[i]) * up[i]) for i < count (the f16 twin of swiglu_to_bf16).
+Status swiglu_to_f16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
+                     cudaStream_t stream) noexcept;
+
+/// cuBLASLt path for larger batches: y[t*ldy + r] = sum_c W[r][c] x[t*ldx + c] with W bf16 or f16
+/// [rows x cols] row-major, x of the same type [n x cols], y f32; f32 accumulation
+/// (cublasLtMatmul, the heuristic's first algorithm, remembered per problem shape in the context).
+struct GemmLtArgs {
+  Precision type = Precision::kBF16;  ///< kBF16 or kF16 (w and x)
+  const void* w = nullptr;
+  std::size_t rows = 0;
+  std::size_t cols = 0;
+  const void* x = nullptr;
+  std::size_t ldx = 0;
+  float* y = nullptr;
+  std::size_t ldy = 0;
+  std::size_t n = 0;
+};
+/// A cuBLASLt handle, its device workspace and the cached plans (one thread at a time).
+struct LtContext;
+/// Creates a context with `workspace_bytes` of device workspace for the algorithms (e.g. 32 MB).
+Status lt_create(LtContext** ctx, std::size_t workspace_bytes) noexcept;
+void lt_destroy(LtContext* ctx) noexcept;
+Status gemm_lt(LtContext* ctx, const GemmLtArgs& args, cudaStream_t stream) noexcept;
 
 /// Status from a CUDA error code ("<what>: <cuda error string>"); ok for cudaSuccess.
 Status cuda_status(cudaError_t err, const char* what) noexcept;

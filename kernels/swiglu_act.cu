@@ -1,4 +1,5 @@
-// swiglu_to_bf16: the SwiGLU activation between the cuBLAS products of the large-batch path.
+// swiglu_to_bf16 / swiglu_to_f16: the SwiGLU activation between the cuBLAS products of the large-batch path.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels.hpp"
@@ -23,7 +24,26 @@ __global__ void swiglu_to_bf16_kernel(const float* __restrict__ gate, const floa
   }
 }
 
+__global__ void swiglu_to_f16_kernel(const float* __restrict__ gate, const float* __restrict__ up,
+                                     std::uint16_t* __restrict__ out, std::size_t count) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    const float g = gate[i];
+    out[i] = __half_as_ushort(__float2half_rn(g / (1.f + __expf(-g)) * up[i]));
+  }
+}
+
 }  // namespace
+
+Status swiglu_to_f16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
+                     cudaStream_t stream) noexcept {
+  if (count == 0) return Status::ok();
+  if (!gate || !up || !out) return invalid_argument("swiglu_to_f16: null pointer");
+  const std::size_t want = (count + 255) / 256;
+  const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
+  swiglu_to_f16_kernel<<<blocks, 256, 0, stream>>>(gate, up, out, count);
+  return cuda_status(cudaGetLastError(), "swiglu_to_f16 launch");
+}
 
 Status swiglu_to_bf16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
                       cudaStream_t stream) noexcept {

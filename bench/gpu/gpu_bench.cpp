@@ -4,6 +4,7 @@
 // Timing: cudaEvents around each iteration, warm-up first, median over iterations; counters GBps
 // and ratio (to the ceiling). Inputs are random (never zeros).
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -16,9 +17,11 @@
 #include <cuda_runtime.h>
 
 #include "moex/backend/cuda_backend.hpp"
+#include "moex/backend/cuda_execution_backend.hpp"
 #include "moex/quant/layout.hpp"
 
 #include "kernels.hpp"
+#include "launchers.hpp"
 
 namespace {
 
@@ -102,6 +105,7 @@ const FormatCase kFormats[] = {
     {"int2_g32", moex::quant_format(Precision::kInt2, 32)},
     {"int2_g64_asym", moex::quant_format(Precision::kInt2, 64, moex::QuantScheme::kAsymmetric)},
     {"int2_g128", moex::quant_format(Precision::kInt2, 128)},
+    {"int2_g64", moex::quant_format(Precision::kInt2, 64)},
 };
 
 /// A ~256 MB matrix of format f on the device, with x and y for 8 tokens.
@@ -189,6 +193,33 @@ void BM_gemv(benchmark::State& state) {
   if (!good) state.SkipWithError("gemv failed");
 }
 
+/// One named variant of the q8 kernel at batch 1 (launch_gemv_q8_variant), int4/int2 formats.
+void BM_gemv_variant(benchmark::State& state) {
+  const FormatCase& fc = kFormats[state.range(0)];
+  const int variant = static_cast<int>(state.range(1));
+  state.SetLabel(std::string(fc.name) + " v" + std::to_string(variant));
+  GemvSetup g(fc.f);
+  const mc::GemvArgs a = g.args(1);
+  auto launch = [&]() -> moex::Status {
+    const bool i4 = fc.f.precision == Precision::kInt4;
+    switch (fc.f.group_size) {
+      case 32:
+        return i4 ? mc::launch_gemv_q8_variant<Precision::kInt4, 32>(a, variant, nullptr)
+                  : mc::launch_gemv_q8_variant<Precision::kInt2, 32>(a, variant, nullptr);
+      case 64:
+        return i4 ? mc::launch_gemv_q8_variant<Precision::kInt4, 64>(a, variant, nullptr)
+                  : mc::launch_gemv_q8_variant<Precision::kInt2, 64>(a, variant, nullptr);
+      default:
+        return i4 ? mc::launch_gemv_q8_variant<Precision::kInt4, 128>(a, variant, nullptr)
+                  : mc::launch_gemv_q8_variant<Precision::kInt2, 128>(a, variant, nullptr);
+    }
+  };
+  bool good = true;
+  timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes), g_d2d_gbps,
+             [&] { good = good && launch().is_ok(); });
+  if (!good) state.SkipWithError("gemv variant failed");
+}
+
 void BM_cublas_bf16(benchmark::State& state) {
   const auto n = static_cast<std::size_t>(state.range(0));
   GemvSetup g(moex::float_format(Precision::kBF16));
@@ -206,10 +237,124 @@ void BM_cublas_bf16(benchmark::State& state) {
   cudaFree(xb);
 }
 
+/// cuBLAS (cublasGemmEx, bf16 only) against cuBLASLt (bf16 / f16) at Mixtral shapes: w1/w3
+/// (14336 x 4096) and w2 (4096 x 14336), n tokens; bytes = the weight matrix (weights dominate).
+/// range(0): 0 cuBLAS bf16, 1 cuBLASLt bf16, 2 cuBLASLt f16; range(1): n; range(2): 0 up, 1 down.
+void BM_gemm_mixtral(benchmark::State& state) {
+  const int lib = static_cast<int>(state.range(0));
+  const auto n = static_cast<std::size_t>(state.range(1));
+  const bool down = state.range(2) != 0;
+  const std::size_t rows = down ? 4096 : 14336, cols = down ? 14336 : 4096;
+  state.SetLabel(std::string(lib == 0   ? "cublas bf16"
+                             : lib == 1 ? "cublasLt bf16"
+                                        : "cublasLt f16") +
+                 (down ? " w2 4096x14336" : " w1 14336x4096"));
+  const std::size_t wbytes = rows * cols * 2;
+  void *w = nullptr, *x = nullptr;
+  float* y = nullptr;
+  ok(cudaMalloc(&w, wbytes));
+  ok(cudaMalloc(&x, 16 * cols * 2));
+  ok(cudaMalloc(&y, 16 * rows * sizeof(float)));
+  ok(cudaMemset(w, 0x3c, wbytes));  // 0x3c3c: ~0.0115 in bf16 and ~1.06 in f16 (finite, not zero)
+  ok(cudaMemset(x, 0x3c, 16 * cols * 2));
+  cublasContext* h = nullptr;
+  mc::LtContext* lt = nullptr;
+  if (!mc::cublas_create(&h).is_ok() || !mc::lt_create(&lt, 32ull << 20).is_ok()) state.SkipWithError("handles");
+  const auto* w16 = static_cast<const std::uint16_t*>(w);
+  const auto* x16 = static_cast<const std::uint16_t*>(x);
+  mc::GemmBf16Args a{w16, rows, cols, x16, cols, y, rows, n};
+  mc::GemmLtArgs b;
+  b.type = lib == 2 ? Precision::kF16 : Precision::kBF16;
+  b.w = w;
+  b.rows = rows;
+  b.cols = cols;
+  b.x = x;
+  b.ldx = cols;
+  b.y = y;
+  b.ldy = rows;
+  b.n = n;
+  bool good = true;
+  timed_loop(state, nullptr, static_cast<double>(wbytes), g_d2d_gbps,
+             [&] { good = good && (lib == 0 ? mc::gemm_bf16(h, a, nullptr) : mc::gemm_lt(lt, b, nullptr)).is_ok(); });
+  if (!good) state.SkipWithError("gemm failed");
+  mc::cublas_destroy(h);
+  mc::lt_destroy(lt);
+  cudaFree(w);
+  cudaFree(x);
+  cudaFree(y);
+}
+
+/// Launch overhead of one MoE layer step on CudaExecutionBackend, all experts resident: 2 experts
+/// (top-2), 1 token each, expert_ffn x 2 + sync(), cycling 4 layers of different slot pairs;
+/// wall time per step with and without CUDA graphs. range(0): 0 Qwen3-30B-A3B expert (2048 x 768),
+/// 1 Mixtral expert (4096 x 14336); range(1): graphs off / on. int4 g64.
+void BM_executor_step(benchmark::State& state) {
+  const bool mixtral = state.range(0) != 0;
+  const bool graphs = state.range(1) != 0;
+  const moex::ExpertShape shape = mixtral ? moex::ExpertShape{4096, 14336} : moex::ExpertShape{2048, 768};
+  state.SetLabel(std::string(mixtral ? "mixtral 4096x14336" : "qwen3-30b 2048x768") + " int4_g64" +
+                 (graphs ? " graphs" : " eager"));
+  const moex::WeightFormat f = moex::quant_format(Precision::kInt4, 64);
+  const moex::ExpertLayout l = moex::expert_layout(shape, f);
+  moex::CudaExecutionBackendConfig bc;
+  bc.max_shape = shape;
+  bc.max_tokens = 8;
+  bc.max_rows_per_step = 64;
+  bc.use_cuda_graphs = graphs;
+  bc.pcie_bytes_per_s = 50'000'000'000ull;
+  auto be = moex::CudaExecutionBackend::create(bc);
+  if (!be.is_ok()) {
+    state.SkipWithError(be.status().to_string().c_str());
+    return;
+  }
+  constexpr std::size_t kSlots = 8;
+  if (!be->allocate_slots(Precision::kInt4, l.total_bytes, kSlots).is_ok()) state.SkipWithError("slots");
+  std::vector<std::byte> blob(l.total_bytes);
+  {
+    const moex::MatrixLayout* ms[3] = {&l.w1, &l.w3, &l.w2};
+    const std::size_t offs[3] = {l.w1_offset, l.w3_offset, l.w2_offset};
+    for (int k = 0; k < 3; ++k) {
+      const auto m = random_matrix(*ms[k], 500 + k);
+      std::memcpy(blob.data() + offs[k], m.data(), m.size());
+    }
+  }
+  for (std::size_t s = 0; s < kSlots; ++s) {
+    moex::LoadTicket t = 0;
+    if (!be->start_load(Precision::kInt4, s, moex::ExpertView::contiguous(blob.data(), l), t).is_ok() ||
+        !be->wait_load(t).is_ok())
+      state.SkipWithError("load");
+  }
+  std::vector<float> x(shape.hidden, 0.25f), y0(shape.hidden), y1(shape.hidden);
+  std::size_t layer = 0;
+  bool good = true;
+  auto step = [&] {
+    const std::size_t a = (2 * layer) % kSlots, b = (2 * layer + 1) % kSlots;
+    layer = (layer + 1) % 4;
+    good = good && be->expert_ffn(be->slot_view(Precision::kInt4, a, l), x.data(), 1, y0.data()).is_ok();
+    good = good && be->expert_ffn(be->slot_view(Precision::kInt4, b, l), x.data(), 1, y1.data()).is_ok();
+    good = good && be->sync().is_ok();
+  };
+  for (int i = 0; i < 8; ++i) step();  // warm-up (captures)
+  std::vector<double> us;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    const double dt = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    us.push_back(dt);
+    state.SetIterationTime(dt * 1e-6);
+  }
+  if (!good) state.SkipWithError("step failed");
+  state.counters["us_per_step"] = median(us);
+  state.counters["graph_launches"] = static_cast<double>(be->counters().graph_launches);
+  state.counters["gemm_GBps"] = 2.0 * static_cast<double>(l.total_bytes) / (median(us) * 1e-6) / 1e9;
+}
+
 /// All of a step's experts in one grouped launch: 8 Mixtral-shaped experts, one token each.
 void BM_grouped_experts(benchmark::State& state) {
   const FormatCase& fc = kFormats[state.range(0)];
-  state.SetLabel(fc.name);
+  const bool exact = state.range(1) != 0;
+  const bool quant = fc.f.precision == Precision::kInt4 || fc.f.precision == Precision::kInt2;
+  state.SetLabel(std::string(fc.name) + (quant ? (exact ? " exact-f32" : " q8-dp4a") : ""));
   const moex::ExpertShape shape{4096, 14336};
   const moex::ExpertLayout l = moex::expert_layout(shape, fc.f);
   const std::uint32_t experts = 8;
@@ -249,6 +394,7 @@ void BM_grouped_experts(benchmark::State& state) {
   a.out = out;
   a.ldo = shape.hidden;
   a.workspace = ws;
+  a.exact = exact;
   bool good = true;
   timed_loop(state, nullptr, static_cast<double>(experts * l.total_bytes), g_d2d_gbps,
              [&] { good = good && mc::grouped_expert_ffn(a, nullptr).is_ok(); });
@@ -422,12 +568,41 @@ int main(int argc, char** argv) {
         ->UseManualTime()
         ->Iterations(50)
         ->Unit(benchmark::kMicrosecond);
-  for (int f : {0, 5, 7})
-    benchmark::RegisterBenchmark("grouped_experts8", BM_grouped_experts)
-        ->Arg(f)
-        ->UseManualTime()
-        ->Iterations(20)
-        ->Unit(benchmark::kMicrosecond);
+  // The batch-1 variants of the q8 kernel (int2 g32 / g64 / g64-asym / g128, int4 g32 / g128-asym).
+  for (int f : {7, 10, 8, 9, 4, 6})
+    for (int v : {0, 1})
+      benchmark::RegisterBenchmark("gemv_variant", BM_gemv_variant)
+          ->Args({f, v})
+          ->UseManualTime()
+          ->Iterations(50)
+          ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("grouped_experts8", BM_grouped_experts)
+      ->Args({0, 0})
+      ->UseManualTime()
+      ->Iterations(20)
+      ->Unit(benchmark::kMicrosecond);
+  for (int f : {4, 5, 6, 7, 9})
+    for (int exact : {1, 0})
+      benchmark::RegisterBenchmark("grouped_experts8", BM_grouped_experts)
+          ->Args({f, exact})
+          ->UseManualTime()
+          ->Iterations(20)
+          ->Unit(benchmark::kMicrosecond);
+  for (int lib : {0, 1, 2})
+    for (int n : {1, 2, 4, 8, 16})
+      for (int down : {0, 1})
+        benchmark::RegisterBenchmark("gemm_mixtral", BM_gemm_mixtral)
+            ->Args({lib, n, down})
+            ->UseManualTime()
+            ->Iterations(30)
+            ->Unit(benchmark::kMicrosecond);
+  for (int shape : {0, 1})
+    for (int graphs : {0, 1})
+      benchmark::RegisterBenchmark("executor_step", BM_executor_step)
+          ->Args({shape, graphs})
+          ->UseManualTime()
+          ->Iterations(200)
+          ->Unit(benchmark::kMicrosecond);
   for (int p : {0, 1})
     benchmark::RegisterBenchmark("slot_upload", BM_slot_upload)
         ->Arg(p)

@@ -13,6 +13,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -96,6 +97,17 @@ struct CudaExecutionBackend::Impl {
     std::size_t row = 0;
     std::size_t floats = 0;
   };
+  /// An expert_ffn call recorded for the step's graph (use_cuda_graphs).
+  struct Deferred {
+    ExpertView e{};
+    std::size_t n = 0, row = 0, pool = 0, slot = 0;
+  };
+  /// An instantiated step graph and the call sequence it replays.
+  struct GraphEntry {
+    std::vector<std::uint64_t> key;
+    cudaGraphExec_t exec = nullptr;
+    std::uint64_t last_used = 0;
+  };
   struct HostJob {
     ExpertView e{};
     const float* x = nullptr;
@@ -108,11 +120,15 @@ struct CudaExecutionBackend::Impl {
   cudaStream_t compute = nullptr, copy = nullptr;
   bool own_compute = false;
   cublasContext* cublas = nullptr;
+  cuda::LtContext* lt = nullptr;
+  std::vector<Deferred> deferred;                        // graph mode: this step's calls, not launched yet
+  std::unordered_map<std::uint64_t, GraphEntry> graphs;  // by hash of the key
+  std::uint64_t graph_clock = 0;
   std::array<Pool, kPrecisionCount> pools{};
   float* d_x = nullptr;
   float* d_y = nullptr;
   float* d_ws = nullptr;          // grouped-kernel workspace (one expert)
-  std::uint16_t* d_xb = nullptr;  // cuBLAS path: bf16 x
+  std::uint16_t* d_xb = nullptr;  // cuBLAS path: bf16 (or f16) x
   float* d_h1 = nullptr;          // cuBLAS path: gate and up products
   float* d_h3 = nullptr;
   std::uint16_t* d_hb = nullptr;  // cuBLAS path: bf16 activation
@@ -161,6 +177,9 @@ struct CudaExecutionBackend::Impl {
     for (cudaEvent_t e : staging_done)
       if (e) cudaEventDestroy(e);
     if (cublas) cuda::cublas_destroy(cublas);
+    if (lt) cuda::lt_destroy(lt);
+    for (auto& [h, g] : graphs)
+      if (g.exec) cudaGraphExecDestroy(g.exec);
     if (copy) cudaStreamDestroy(copy);
     if (own_compute && compute) cudaStreamDestroy(compute);
     for (void* p :
@@ -231,7 +250,38 @@ struct CudaExecutionBackend::Impl {
   Status run_expert(const ExpertView& v, const float* x, std::size_t n, float* y) noexcept {
     const ExpertLayout& l = v.layout;
     const std::size_t h = l.shape.hidden, f = l.shape.ffn;
-    if (l.format.precision == Precision::kBF16 && n > config.gemv_max_tokens) {
+    const Precision prec = l.format.precision;
+    if (config.use_cublaslt && (prec == Precision::kBF16 || prec == Precision::kF16) && n > config.gemv_max_tokens) {
+      ++counters.cublas_calls;
+      const bool bf = prec == Precision::kBF16;
+      MOEX_RETURN_IF_ERROR(bf ? cuda::convert_f32_to_bf16(x, d_xb, n * h, compute)
+                              : cuda::convert_f32_to_f16(x, d_xb, n * h, compute));
+      cuda::GemmLtArgs a;
+      a.type = prec;
+      a.rows = f;
+      a.cols = h;
+      a.x = d_xb;
+      a.ldx = h;
+      a.ldy = f;
+      a.n = n;
+      a.w = v.w1_data;
+      a.y = d_h1;
+      MOEX_RETURN_IF_ERROR(cuda::gemm_lt(lt, a, compute));
+      a.w = v.w3_data;
+      a.y = d_h3;
+      MOEX_RETURN_IF_ERROR(cuda::gemm_lt(lt, a, compute));
+      MOEX_RETURN_IF_ERROR(bf ? cuda::swiglu_to_bf16(d_h1, d_h3, d_hb, n * f, compute)
+                              : cuda::swiglu_to_f16(d_h1, d_h3, d_hb, n * f, compute));
+      a.rows = h;
+      a.cols = f;
+      a.x = d_hb;
+      a.ldx = f;
+      a.ldy = h;
+      a.w = v.w2_data;
+      a.y = y;
+      return cuda::gemm_lt(lt, a, compute);
+    }
+    if (prec == Precision::kBF16 && n > config.gemv_max_tokens) {
       ++counters.cublas_calls;
       cuda::GemmBf16Args a;
       MOEX_RETURN_IF_ERROR(cuda::convert_f32_to_bf16(x, d_xb, n * h, compute));
@@ -280,6 +330,115 @@ struct CudaExecutionBackend::Impl {
       a.workspace = d_ws;
       MOEX_RETURN_IF_ERROR(cuda::grouped_expert_ffn(a, compute));
     }
+    return Status::ok();
+  }
+
+  /// True when a call of n tokens on this layout takes a cuBLAS / cuBLASLt path (never deferred).
+  bool library_path(const ExpertLayout& l, std::size_t n) const noexcept {
+    const Precision p = l.format.precision;
+    if (n <= config.gemv_max_tokens) return false;
+    return p == Precision::kBF16 || (config.use_cublaslt && p == Precision::kF16);
+  }
+
+  /// The device work of one expert_ffn call on the compute stream: x upload, wait for the slot,
+  /// the expert, the slot's release, y download. `capture`: inside a stream capture (the slot
+  /// events are then external wait / record nodes of the graph).
+  Status enqueue(const Deferred& d, bool capture) noexcept {
+    const std::size_t floats = d.n * d.e.layout.shape.hidden;
+    float* dx = d_x + d.row * hmax;
+    float* dy = d_y + d.row * hmax;
+    Pool& pl = pools[d.pool];
+    MOEX_RETURN_IF_ERROR(check(
+        cudaMemcpyAsync(dx, h_x + d.row * hmax, floats * sizeof(float), cudaMemcpyHostToDevice, compute), "x upload"));
+    MOEX_RETURN_IF_ERROR(
+        check(cudaStreamWaitEvent(compute, pl.filled[d.slot], capture ? cudaEventWaitExternal : 0), "wait filled"));
+    MOEX_RETURN_IF_ERROR(run_expert(d.e, dx, d.n, dy));
+    MOEX_RETURN_IF_ERROR(check(capture ? cudaEventRecordWithFlags(pl.released[d.slot], compute, cudaEventRecordExternal)
+                                       : cudaEventRecord(pl.released[d.slot], compute),
+                               "record released"));
+    return check(cudaMemcpyAsync(h_y + d.row * hmax, dy, floats * sizeof(float), cudaMemcpyDeviceToHost, compute),
+                 "y download");
+  }
+
+  /// Launches the recorded calls as one graph: replayed when this exact sequence was captured
+  /// before, else captured, instantiated and cached (least recently used entry replaced).
+  Status flush() noexcept {
+    if (deferred.empty()) return Status::ok();
+    std::vector<std::uint64_t> key;
+    try {
+      key.reserve(deferred.size() * 6);
+      for (const Deferred& d : deferred) {
+        const ExpertLayout& l = d.e.layout;
+        key.push_back(reinterpret_cast<std::uintptr_t>(d.e.w1_data));
+        key.push_back(reinterpret_cast<std::uintptr_t>(d.e.w3_data));
+        key.push_back(reinterpret_cast<std::uintptr_t>(d.e.w2_data));
+        key.push_back((std::uint64_t{l.shape.hidden} << 32) ^ l.shape.ffn);
+        key.push_back((std::uint64_t{static_cast<std::uint8_t>(l.format.precision)} << 48) ^
+                      (std::uint64_t{l.format.group_size} << 32) ^
+                      (std::uint64_t{static_cast<std::uint8_t>(l.format.scheme)} << 24) ^ l.total_bytes);
+        key.push_back((std::uint64_t{d.n} << 40) ^ d.row);
+      }
+    } catch (...) {
+      deferred.clear();
+      return out_of_memory("CudaExecutionBackend: graph key");
+    }
+    std::uint64_t hash = 1469598103934665603ull;
+    for (std::uint64_t k : key) hash = (hash ^ k) * 1099511628211ull;
+    ++graph_clock;
+    auto it = graphs.find(hash);
+    if (it != graphs.end() && it->second.key != key) {  // hash collision: drop the old entry
+      cudaGraphExecDestroy(it->second.exec);
+      graphs.erase(it);
+      it = graphs.end();
+    }
+    if (it == graphs.end()) {
+      if (graphs.size() >= std::max<std::uint32_t>(1, config.graph_cache)) {
+        auto lru = graphs.begin();
+        for (auto g = graphs.begin(); g != graphs.end(); ++g)
+          if (g->second.last_used < lru->second.last_used) lru = g;
+        cudaGraphExecDestroy(lru->second.exec);
+        graphs.erase(lru);
+      }
+      Status s = check(cudaStreamBeginCapture(compute, cudaStreamCaptureModeThreadLocal), "begin capture");
+      for (std::size_t i = 0; s.is_ok() && i < deferred.size(); ++i) s = enqueue(deferred[i], true);
+      cudaGraph_t graph = nullptr;
+      const cudaError_t end = cudaStreamEndCapture(compute, &graph);
+      if (s.is_ok()) s = check(end, "end capture");
+      cudaGraphExec_t exec = nullptr;
+      if (s.is_ok()) s = check(cudaGraphInstantiate(&exec, graph, 0), "graph instantiate");
+      if (graph) cudaGraphDestroy(graph);
+      if (!s.is_ok()) {
+        // Capture refused (e.g. a call the driver cannot capture): run the step eagerly, and say
+        // so through the error only if that fails too.
+        cudaGetLastError();
+        Status eager = Status::ok();
+        for (std::size_t i = 0; eager.is_ok() && i < deferred.size(); ++i) eager = enqueue(deferred[i], false);
+        deferred.clear();
+        ++counters.graph_failures;
+        return eager;
+      }
+      try {
+        GraphEntry& g = graphs[hash];
+        g.key = std::move(key);
+        g.exec = exec;
+        it = graphs.find(hash);
+      } catch (...) {
+        cudaGraphExecDestroy(exec);
+        deferred.clear();
+        return out_of_memory("CudaExecutionBackend: graph cache");
+      }
+      ++counters.graph_captures;
+    }
+    it->second.last_used = graph_clock;
+    deferred.clear();
+    ++counters.graph_launches;
+    return check(cudaGraphLaunch(it->second.exec, compute), "graph launch");
+  }
+
+  /// Graph mode: launches the recorded calls first if one of them reads (pool, slot).
+  Status flush_if_reads(std::size_t pool, std::size_t slot) noexcept {
+    for (const Deferred& d : deferred)
+      if (d.pool == pool && d.slot == slot) return flush();
     return Status::ok();
   }
 };
@@ -353,6 +512,7 @@ Result<CudaExecutionBackend> CudaExecutionBackend::create(const CudaExecutionBac
   for (cudaEvent_t& e : m.staging_done)
     MOEX_RETURN_IF_ERROR(check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event"));
   MOEX_RETURN_IF_ERROR(cuda::cublas_create(&m.cublas));
+  if (c.use_cublaslt) MOEX_RETURN_IF_ERROR(cuda::lt_create(&m.lt, 32ull << 20));
 
   // PCIe rate: a copy of the staging buffer (pinned) to the device, after one warm-up.
   m.pcie_rate = c.pcie_bytes_per_s;
@@ -381,6 +541,7 @@ Result<CudaExecutionBackend> CudaExecutionBackend::create(const CudaExecutionBac
 
   try {
     m.pending.reserve(rows);
+    m.deferred.reserve(rows);
     m.host_x.resize(rows * h);
     m.host_ws.resize(expert_ffn_workspace(c.max_shape, tok));
     m.jobs.resize(rows);
@@ -488,6 +649,9 @@ Status CudaExecutionBackend::start_load(Precision pool, std::size_t slot, const 
   const ExpertLayout& l = src.layout;
   if (l.total_bytes > pl.stride) return invalid_argument("CudaExecutionBackend::start_load: expert larger than a slot");
   std::byte* dst = pl.base + slot * pl.stride;
+  // A recorded (graph-mode) call that reads this slot must be launched before the slot's release
+  // event is waited on.
+  MOEX_RETURN_IF_ERROR(m.flush_if_reads(p, slot));
   MOEX_RETURN_IF_ERROR(check(cudaStreamWaitEvent(m.copy, pl.released[slot], 0), "wait released"));
   MOEX_RETURN_IF_ERROR(m.upload(dst + l.w1_offset, src.w1_data, l.w1.total_bytes));
   MOEX_RETURN_IF_ERROR(m.upload(dst + l.w3_offset, src.w3_data, l.w3.total_bytes));
@@ -562,19 +726,14 @@ Status CudaExecutionBackend::expert_ffn(const ExpertView& e, const float* x, std
     return out_of_memory("CudaExecutionBackend::expert_ffn: more rows than max_rows_per_step before sync()");
   const std::size_t row = m.rows_used;
   const std::size_t floats = n * s.hidden;
-  float* hx = m.h_x + row * m.hmax;
-  float* dx = m.d_x + row * m.hmax;
-  float* dy = m.d_y + row * m.hmax;
-  std::memcpy(hx, x, floats * sizeof(float));
-  MOEX_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(dx, hx, floats * sizeof(float), cudaMemcpyHostToDevice, m.compute), "x upload"));
-  Impl::Pool& pl = m.pools[pool];
-  MOEX_RETURN_IF_ERROR(check(cudaStreamWaitEvent(m.compute, pl.filled[slot], 0), "wait filled"));
-  MOEX_RETURN_IF_ERROR(m.run_expert(e, dx, n, dy));
-  MOEX_RETURN_IF_ERROR(check(cudaEventRecord(pl.released[slot], m.compute), "record released"));
-  MOEX_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(m.h_y + row * m.hmax, dy, floats * sizeof(float), cudaMemcpyDeviceToHost, m.compute),
-            "y download"));
+  std::memcpy(m.h_x + row * m.hmax, x, floats * sizeof(float));
+  const Impl::Deferred d{e, n, row, pool, slot};
+  if (m.config.use_cuda_graphs && !m.library_path(e.layout, n)) {
+    m.deferred.push_back(d);  // capacity max_rows: no allocation
+  } else {
+    MOEX_RETURN_IF_ERROR(m.flush());  // keep the step's order
+    MOEX_RETURN_IF_ERROR(m.enqueue(d, false));
+  }
   m.pending.push_back({y, row, floats});  // capacity max_rows: no allocation
   m.rows_used += n;
   ++m.counters.gpu_calls;
@@ -611,7 +770,9 @@ Status CudaExecutionBackend::sync() noexcept {
   if (!impl_) return internal_error("CudaExecutionBackend: moved-from or default backend");
   Impl& m = *impl_;
   const std::uint64_t t0 = steady_ns();
+  const Status launched = m.flush();
   Status gpu = check(cudaStreamSynchronize(m.compute), "compute stream sync");
+  if (gpu.is_ok()) gpu = launched;
   Status host;
   {
     std::unique_lock lk(m.mu);

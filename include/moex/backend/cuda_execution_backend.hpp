@@ -16,7 +16,9 @@
 ///   after it on the copy stream).
 /// - Compute: expert_ffn() stages x in pinned memory, copies it to the device and runs the SwiGLU
 ///   expert on the compute stream after the slot's "filled" event (fused GEMV kernels up to
-///   `gemv_max_tokens` tokens, cuBLAS above for bf16), then copies y back to pinned staging.
+///   `gemv_max_tokens` tokens, cuBLAS above for bf16, or cuBLASLt for bf16/f16 with
+///   `use_cublaslt`), then copies y back to pinned staging. With `use_cuda_graphs` the GEMV-path
+///   calls of a step are recorded and launched at sync() as one cached CUDA graph.
 ///   expert_ffn_at_source() runs moex::expert_ffn (the CPU kernels) on a host worker thread, at
 ///   once with the GPU. sync() waits for both and copies the staged outputs into the callers' y.
 /// - Cost model: load_eta_ns() = when a copy queued now would finish at the PCIe rate (measured
@@ -49,6 +51,15 @@ struct CudaExecutionBackendConfig {
   std::uint64_t pcie_bytes_per_s = 0;       ///< cost model; 0 = measured at create (64 MB pinned copy)
   std::uint64_t host_bytes_per_s = 0;       ///< cost model: host expert compute, weight bytes/s; 0 = 20e9
   std::uint32_t host_threads = 0;           ///< threads of the host expert pool; 0 = cores - 2 (>= 1)
+  /// bf16/f16 calls with more than gemv_max_tokens tokens run on cuBLASLt (f16 included) instead of
+  /// cuBLAS (bf16 only; f16 then stays on the GEMV kernels).
+  bool use_cublaslt = false;
+  /// CUDA graphs: expert_ffn() calls on the GEMV path are recorded instead of launched, and sync()
+  /// (or a start_load into a slot they read) replays the step as one CUDA graph, captured the first
+  /// time that exact sequence (slots, token counts, rows) is seen and cached (see graph_cache).
+  /// Off by default: the measured effect is in bench/RESULTS-gpu.md.
+  bool use_cuda_graphs = false;
+  std::uint32_t graph_cache = 256;  ///< instantiated graphs kept (least recently used replaced)
 };
 
 /// Counters of a CudaExecutionBackend (cumulative; reset_counters clears them).
@@ -59,8 +70,11 @@ struct CudaExecutionCounters {
   std::uint64_t gpu_calls = 0;
   std::uint64_t cublas_calls = 0;
   std::uint64_t host_calls = 0;
-  std::uint64_t host_busy_ns = 0;  ///< time the host worker spent computing experts
-  std::uint64_t sync_wait_ns = 0;  ///< time sync() waited
+  std::uint64_t host_busy_ns = 0;    ///< time the host worker spent computing experts
+  std::uint64_t sync_wait_ns = 0;    ///< time sync() waited
+  std::uint64_t graph_launches = 0;  ///< steps replayed as a CUDA graph (use_cuda_graphs)
+  std::uint64_t graph_captures = 0;  ///< of which were captured first (cache misses)
+  std::uint64_t graph_failures = 0;  ///< steps whose capture failed and that ran eagerly instead
 };
 
 /// The executor's backend on one GPU (see the file comment).

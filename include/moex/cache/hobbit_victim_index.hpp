@@ -179,8 +179,8 @@ class HobbitVictimIndex {
     std::uint32_t expert;
   };
   struct Cell {
-    std::vector<Rec> members;  // candidates of one layer in one group, ascending last_use
-    std::vector<Rec> sky;      // the members no older member dominates, ascending last_use
+    std::vector<Rec> members;                // candidates of one layer in one group, ascending last_use
+    std::vector<Rec> sky;                    // the members no older member dominates, ascending last_use
     std::uint32_t max_hits = 0, max_hp = 0;  // over members
     std::uint32_t min_hits = 0, min_hp = 0;  // over sky
     bool dirty = false;                      // sky / maxima must be rebuilt from members
@@ -230,7 +230,8 @@ class HobbitVictimIndex {
     c.dirty = false;
   }
   template <class P, class Norms>
-  void scan(const P& p, std::uint32_t g, std::size_t i, std::size_t first, const Norms& norms, Best& best) const noexcept {
+  void scan(const P& p, std::uint32_t g, std::size_t i, std::size_t first, const Norms& norms,
+            Best& best) const noexcept {
     const Cell& c = cells_[first + i];
     const std::uint32_t layer = layer_of(g, i);
     const double fld = p.layer_term(layer);

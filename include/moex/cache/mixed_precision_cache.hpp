@@ -115,7 +115,7 @@ struct VictimIndexFor {
   using type = NoVictimIndex<P>;
 };
 template <class P>
-requires RankedEviction<P> && (!IndexedEviction<P>)struct VictimIndexFor<P> {
+requires RankedEviction<P> &&(!IndexedEviction<P>)struct VictimIndexFor<P> {
   using type = RankHeapIndex<P>;
 };
 template <class P>
@@ -292,8 +292,8 @@ class MixedPrecisionCache {
   CacheConfig config_;
   [[no_unique_address]] E policy_;
   [[no_unique_address]] Index index_;
-  std::uint64_t now_step_ = 0;   // last step passed to tell_step
-  bool steps_monotone_ = true;   // no step so far was smaller than the one before
+  std::uint64_t now_step_ = 0;  // last step passed to tell_step
+  bool steps_monotone_ = true;  // no step so far was smaller than the one before
   std::size_t pools_ = 1;
   std::vector<Loc> where_;  // [n_layers * n_experts]
   std::vector<Group> groups_;

@@ -139,8 +139,8 @@ concept RankedEviction = EvictionPolicy<P> && requires(P& p, const SlotView& s) 
 /// order of "smallest primary; ties to the least recently used" that most policies use.
 template <class T>
 struct LastUseRank {
-  T primary{};                  ///< the policy's own key (smaller is evicted first)
-  std::uint64_t last_use = 0;   ///< SlotView::last_use, the tie-break
+  T primary{};                 ///< the policy's own key (smaller is evicted first)
+  std::uint64_t last_use = 0;  ///< SlotView::last_use, the tie-break
   friend bool operator<(const LastUseRank& a, const LastUseRank& b) noexcept {
     return a.primary < b.primary || (a.primary == b.primary && a.last_use < b.last_use);
   }
@@ -174,8 +174,8 @@ struct VictimIndexShape {
 
 /// What the cache knows about "now" when it asks a victim index for a victim.
 struct VictimQuery {
-  std::uint64_t now = 0;        ///< the step the cache last passed to on_step
-  bool steps_monotone = true;   ///< every step the cache was driven with so far was >= the previous one
+  std::uint64_t now = 0;       ///< the step the cache last passed to on_step
+  bool steps_monotone = true;  ///< every step the cache was driven with so far was >= the previous one
 };
 
 /// IndexedEviction — an EvictionPolicy that supplies its own victim index type `P::VictimIndex`,
@@ -193,8 +193,9 @@ struct VictimQuery {
 ///   true, or returns false to let the cache call choose_victim (e.g. when exactness cannot be
 ///   guaranteed).
 template <class P>
-concept IndexedEviction = EvictionPolicy<P> && requires { typename P::VictimIndex; } &&
-    std::default_initializable<typename P::VictimIndex> && std::move_constructible<typename P::VictimIndex> &&
+concept IndexedEviction = EvictionPolicy<P> && requires {
+  typename P::VictimIndex;
+} && std::default_initializable<typename P::VictimIndex> && std::move_constructible<typename P::VictimIndex> &&
     requires(typename P::VictimIndex& ix, P& p, const SlotView& s, std::uint32_t g, const VictimIndexShape& shape) {
   { ix.reserve(shape) } -> std::same_as<Status>;
   ix.reserve_add(g, s.key, std::size_t{1});

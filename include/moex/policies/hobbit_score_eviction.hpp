@@ -106,8 +106,8 @@ class HobbitScoreEviction {
   double score_of(std::uint64_t last_step, std::uint32_t hits, std::uint32_t hp_uses, double fld,
                   const Norms& n) const noexcept {
     const double r = 1.0 - static_cast<double>(n.now - last_step) / n.r_span;
-    return config_.w_recency * r + config_.w_frequency * hits * n.f_norm + config_.w_high_precision * hp_uses * n.h_norm +
-           config_.w_layer_distance * fld;
+    return config_.w_recency * r + config_.w_frequency * hits * n.f_norm +
+           config_.w_high_precision * hp_uses * n.h_norm + config_.w_layer_distance * fld;
   }
   /// FLD of layer `l` at the current layer.
   double layer_term(std::uint32_t l) const noexcept { return layer_distance_term(l, layer_, config_.n_layers); }

@@ -217,11 +217,13 @@ HobbitScoreEviction hobbit_with(std::mt19937_64& rng) {
 TEST_SUITE("cache") {
 
 TEST_CASE("fast victim choice equals choose_victim: LRU") {
-  check_same_victims<LruEviction>(11, [](std::uint32_t, std::uint32_t) { return LruEviction{}; }, false);
+  check_same_victims<LruEviction>(
+      11, [](std::uint32_t, std::uint32_t) { return LruEviction{}; }, false);
 }
 
 TEST_CASE("fast victim choice equals choose_victim: LFU") {
-  check_same_victims<LfuEviction>(12, [](std::uint32_t, std::uint32_t) { return LfuEviction{}; }, false);
+  check_same_victims<LfuEviction>(
+      12, [](std::uint32_t, std::uint32_t) { return LfuEviction{}; }, false);
 }
 
 TEST_CASE("fast victim choice equals choose_victim: LRFU") {
@@ -255,7 +257,10 @@ TEST_CASE("fast victim choice equals choose_victim: HOBBIT") {
 
 TEST_CASE("fast victim choice equals choose_victim: HOBBIT with a negative weight falls back") {
   check_same_victims<HobbitScoreEviction>(
-      16, [](std::uint32_t, std::uint32_t) { return HobbitScoreEviction(HobbitScoreConfig{-0.5, 0.25, 0.25, 1, 0}); },
+      16,
+      [](std::uint32_t, std::uint32_t) {
+        return HobbitScoreEviction(HobbitScoreConfig{-0.5, 0.25, 0.25, 1, 0});
+      },
       false);
 }
 

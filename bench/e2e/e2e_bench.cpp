@@ -61,6 +61,7 @@ struct Args {
   double gate_keep = 0.875;
   bool low = true;
   bool timeline = true;
+  bool dry_run = false;        // no GPU: simulated rows only, nominal H100 rates (checks the pipeline)
   std::set<std::string> rows;  // empty = all
   std::string out = ".";
 };
@@ -824,6 +825,19 @@ void run_config(const Ctx& c, const Workload& w, const RowSpec& rs, const Setup&
   row.eviction = eviction;
   row.fidelity = rs.fidelity;
   const std::string tag = w.name + " b" + std::to_string(w.batch) + " " + fmt("%.0f%%", budget * 100) + " " + rs.label;
+  if (c.args.dry_run) {  // simulated only, shown in both column groups
+    Timeline st;
+    st.process = tag + " (sim, dry run)";
+    RunOut s = with_eviction<SimTraced>(eviction, [&](auto ev) {
+      return run_exec(c, w, su, SimTraced(c.profile, overhead_ns, &c), c.args.timeline ? &st : nullptr, std::move(ev));
+    });
+    fill_measured(row, c, w, s, false);
+    if (s.ok) fill_measured(row, c, w, s, true);
+    if (c.args.timeline && s.ok) out.timelines.push_back(std::move(st));
+    if (measured_out) *measured_out = std::move(s);
+    if (calibrate) *calibrate = 0;
+    return;
+  }
   Timeline tl;
   tl.process = tag + " (measured)";
   auto be = moex::CudaExecutionBackend::create(backend_config(c));
@@ -1152,7 +1166,7 @@ void write_outputs(const Ctx& c, const Output& out) {
     const std::string name = "e2e-" + c.args.shape;
     std::fprintf(gp,
                  "# gnuplot %s.gp (from the folder holding %s.dat) writes %s.png\n"
-                 "set terminal pngcairo size 1600,%zu font ',9'\nset output '%s.png'\n"
+                 "set terminal pngcairo size 1600,%zu font ',9' noenhanced\nset output '%s.png'\n"
                  "set multiplot layout %zu,1\nset style data histograms\nset style histogram clustered gap 1\n"
                  "set style fill solid 0.8 border -1\nset logscale y\nset ylabel 'ms/token'\nset grid ytics\n"
                  "set xtics rotate by -40 font ',8'\nset key top right\n",
@@ -1167,6 +1181,66 @@ void write_outputs(const Ctx& c, const Output& out) {
     std::fclose(gp);
   }
   if (c.args.timeline) write_timeline(base + "-timeline.json", out.timelines);
+}
+
+// A routed workload source: a trace with its measured layers and usable tokens.
+struct Src {
+  std::string name;
+  moex::RoutingTrace trace;
+  std::vector<std::uint32_t> layer_ids, tokens;
+};
+
+// Every workload of the shape at every batch, then the outputs.
+int run_all(Ctx& c, const std::vector<Src>& srcs) {
+  Args& a = c.args;
+  // ---- workloads -------------------------------------------------------------------------------
+  Output out;
+  std::FILE* routing_out = nullptr;
+  if (a.shape == "mixtral" && !srcs.empty()) routing_out = std::fopen((a.out + "/routing.txt").c_str(), "w");
+  for (std::uint32_t batch : a.batches) {
+    const std::uint32_t measured = batch == 1 ? a.steps : std::max<std::uint32_t>(6, a.steps * 2 / (batch + 2));
+    const std::uint32_t warmup = batch == 1 ? a.warmup : std::max(2u, a.warmup / batch);
+    for (std::size_t si = 0; si < srcs.size(); ++si) {
+      const Src& s = srcs[si];
+      Workload w = make_workload(s.trace, s.tokens, s.layer_ids, batch, warmup, measured);
+      w.name = s.name;
+      if (si == 0 && routing_out)  // for bench/e2e/torch_peer.py (Mixtral top-2)
+        for (std::uint32_t st = 0; st < w.steps; ++st)
+          for (std::uint32_t l = 0; l < c.L; ++l)
+            for (std::uint32_t b = 0; b < batch; ++b) {
+              const auto& r = w.routing[st][l][b];
+              std::fprintf(routing_out, "%u %u %u %u %u %u %u %.6f %.6f\n", batch, st,
+                           st >= w.warmup && st < w.warmup + w.measured ? 1 : 0, l, b, r.experts[0], r.experts[1],
+                           r.weights[0], r.weights[1]);
+            }
+      const moex::RoutingTrace rep = w.replay;
+      const float recall = a.recall;
+      run_workload(c, std::move(w), a.budgets, out, [rep, recall](std::uint32_t depth) {
+        BenchPredictor p;
+        if (auto r = moex::PreGateRouter::replay(rep, depth, recall, 7)) p.inner = std::move(*r);
+        return p;
+      });
+    }
+    if (a.live) {
+      Workload w;
+      w.name = "live (random routers, speculative prefetch)";
+      w.live = true;
+      w.batch = batch;
+      w.warmup = warmup;
+      w.measured = measured;
+      w.steps = warmup + measured + 1;
+      w.routing.assign(w.steps, std::vector<std::vector<moex::TokenRouting>>(c.L));
+      const moex::ExpertStore* st = c.store;
+      run_workload(c, std::move(w), a.live_budgets, out, [st](std::uint32_t depth) {
+        BenchPredictor p;
+        if (auto r = moex::PreGateRouter::speculative(*st, depth)) p.inner = std::move(*r);
+        return p;
+      });
+    }
+  }
+  if (routing_out) std::fclose(routing_out);
+  write_outputs(c, out);
+  return 0;
 }
 
 }  // namespace
@@ -1207,6 +1281,8 @@ int main(int argc, char** argv) {
       for (const std::string& r : parse_list<std::string>(val())) a.rows.insert(r);
     } else if (k == "--no-low")
       a.low = false;
+    else if (k == "--dry-run")
+      a.dry_run = true;
     else if (k == "--no-timeline")
       a.timeline = false;
     else if (k == "--out")
@@ -1235,7 +1311,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   c.L = a.layers;
-  if (!moex::CudaExecutionBackend::device_available()) {
+  if (a.dry_run) {
+    a.live = false;
+    std::printf(
+        "DRY RUN: no GPU used; every row is the simulator's, with nominal rates (PCIe 54 GB/s, GPU 2.3 TB/s, "
+        "host CPU 75 GB/s of weights); live routing needs real data and is left out\n");
+  } else if (!moex::CudaExecutionBackend::device_available()) {
     std::fprintf(stderr,
                  "moex_e2e_bench: no CUDA device visible to this process: nothing to measure (run it on a GPU "
                  "machine, e.g. through scripts/e2e-bench)\n");
@@ -1243,11 +1324,6 @@ int main(int argc, char** argv) {
   }
 
   // ---- workloads' traces ----------------------------------------------------------------------
-  struct Src {
-    std::string name;
-    moex::RoutingTrace trace;
-    std::vector<std::uint32_t> layer_ids, tokens;
-  };
   std::vector<Src> srcs;
   for (const std::string& path : a.traces) {
     moex::TraceLoadOptions lo;
@@ -1294,6 +1370,26 @@ int main(int argc, char** argv) {
 
   // ---- store: random bf16 experts in pinned host memory ------------------------------------
   const moex::MoeModelSpec spec{c.L, c.E, c.shape, {moex::RouterKind::kSoftmaxTopKRenorm, c.E, c.K}};
+  if (a.dry_run) {
+    const moex::WeightFormat extra[] = {moex::quant_format(Precision::kInt4, 64)};
+    auto vs = moex::ExpertStore::create_virtual(
+        spec, moex::float_format(Precision::kBF16),
+        a.low ? std::span<const moex::WeightFormat>(extra) : std::span<const moex::WeightFormat>());
+    if (!vs) {
+      std::fprintf(stderr, "virtual store: %s\n", vs.status().to_string().c_str());
+      return 1;
+    }
+    c.store = &*vs;
+    c.expert_bytes = vs->expert_bytes(Precision::kBF16);
+    c.low_bytes = a.low ? vs->expert_bytes(Precision::kInt4) : 0;
+    c.pcie_rate = 54'000'000'000ull;
+    c.host_rate = 75'000'000'000ull;
+    c.profile.name = "nominal (dry run)";
+    c.profile.links[static_cast<std::size_t>(moex::SimLink::kHostToDevice)] = {0, c.pcie_rate};
+    c.profile.compute[static_cast<std::size_t>(moex::SimDevice::kGpu)].read_bytes_per_s = 2'300'000'000'000ull;
+    c.profile.compute[static_cast<std::size_t>(moex::SimDevice::kHostCpu)].read_bytes_per_s = c.host_rate;
+    return run_all(c, srcs);
+  }
   auto store = moex::ExpertStore::create(spec, moex::float_format(Precision::kBF16));
   if (!store) {
     std::fprintf(stderr, "store: %s\n", store.status().to_string().c_str());
@@ -1483,55 +1579,9 @@ int main(int argc, char** argv) {
     c.events = &pool;
   }
 
-  // ---- workloads -------------------------------------------------------------------------------
-  Output out;
-  std::FILE* routing_out = nullptr;
-  if (a.shape == "mixtral" && !srcs.empty()) routing_out = std::fopen((a.out + "/routing.txt").c_str(), "w");
-  for (std::uint32_t batch : a.batches) {
-    const std::uint32_t measured = batch == 1 ? a.steps : std::max<std::uint32_t>(6, a.steps * 2 / (batch + 2));
-    const std::uint32_t warmup = batch == 1 ? a.warmup : std::max(2u, a.warmup / batch);
-    for (std::size_t si = 0; si < srcs.size(); ++si) {
-      const Src& s = srcs[si];
-      Workload w = make_workload(s.trace, s.tokens, s.layer_ids, batch, warmup, measured);
-      w.name = s.name;
-      if (si == 0 && routing_out)  // for bench/e2e/torch_peer.py (Mixtral top-2)
-        for (std::uint32_t st = 0; st < w.steps; ++st)
-          for (std::uint32_t l = 0; l < c.L; ++l)
-            for (std::uint32_t b = 0; b < batch; ++b) {
-              const auto& r = w.routing[st][l][b];
-              std::fprintf(routing_out, "%u %u %u %u %u %u %u %.6f %.6f\n", batch, st,
-                           st >= w.warmup && st < w.warmup + w.measured ? 1 : 0, l, b, r.experts[0], r.experts[1],
-                           r.weights[0], r.weights[1]);
-            }
-      const moex::RoutingTrace rep = w.replay;
-      const float recall = a.recall;
-      run_workload(c, std::move(w), a.budgets, out, [rep, recall](std::uint32_t depth) {
-        BenchPredictor p;
-        if (auto r = moex::PreGateRouter::replay(rep, depth, recall, 7)) p.inner = std::move(*r);
-        return p;
-      });
-    }
-    if (a.live) {
-      Workload w;
-      w.name = "live (random routers, speculative prefetch)";
-      w.live = true;
-      w.batch = batch;
-      w.warmup = warmup;
-      w.measured = measured;
-      w.steps = warmup + measured + 1;
-      w.routing.assign(w.steps, std::vector<std::vector<moex::TokenRouting>>(c.L));
-      const moex::ExpertStore* st = c.store;
-      run_workload(c, std::move(w), a.live_budgets, out, [st](std::uint32_t depth) {
-        BenchPredictor p;
-        if (auto r = moex::PreGateRouter::speculative(*st, depth)) p.inner = std::move(*r);
-        return p;
-      });
-    }
-  }
-  if (routing_out) std::fclose(routing_out);
-  write_outputs(c, out);
+  const int rc = run_all(c, srcs);
   for (auto& e : pool.ev) cudaEventDestroy(e);
   (void)moex::CudaExecutionBackend::unregister_store(*store);
   // The pinned masters are released at exit (the store's views point into them).
-  return 0;
+  return rc;
 }

@@ -35,6 +35,7 @@ struct TechniqueName {
 constexpr TechniqueName kTechniqueNames[] = {
     {SimTechnique::kBaseline, "baseline", "on-demand LRU"},
     {SimTechnique::kPrefetch, "prefetch", "+ prefetch"},
+    {SimTechnique::kPreGateRouting, "pregate-routing", "+ pre-gated routing"},
     {SimTechnique::kLayerBudgets, "layer-budgets", "+ per-layer budgets"},
     {SimTechnique::kAdaptiveGate, "adaptive-gate", "+ adaptive gating"},
     {SimTechnique::kLowPrecision, "low-precision", "+ low precision on miss"},
@@ -89,11 +90,13 @@ std::string fmt(const char* f, double v) {
 // What one technique row runs.
 struct RowSetup {
   bool prefetch = false, layer_budgets = false, gate = false, low = false, cpu = false;
+  bool routes = false;  // the predictions are the routing (pre-gated routing): recall 1
 };
 
 RowSetup setup_of(SimTechnique t) {
   RowSetup s;
-  s.prefetch = t == SimTechnique::kPrefetch || t == SimTechnique::kCombined;
+  s.prefetch = t == SimTechnique::kPrefetch || t == SimTechnique::kCombined || t == SimTechnique::kPreGateRouting;
+  s.routes = t == SimTechnique::kPreGateRouting;
   s.layer_budgets = t == SimTechnique::kLayerBudgets || t == SimTechnique::kCombined;
   s.gate = t == SimTechnique::kAdaptiveGate || t == SimTechnique::kCombined;
   s.low = t == SimTechnique::kLowPrecision || t == SimTechnique::kCombined;
@@ -145,8 +148,8 @@ Result<SimTechniqueResult> run_row(const Context& cx, const RowSetup& setup, E e
     std::vector<PreGateRouter> routers;
     const auto& rec = cx.params.layer_recall;
     const bool uniform = std::all_of(rec.begin(), rec.end(), [&](float r) { return r == rec.front(); });
-    for (std::size_t i = 0; i < (uniform ? std::size_t{1} : rec.size()); ++i) {
-      auto r = PreGateRouter::replay(cx.measured, st.prefetch_depth, rec[i], st.replay_seed);
+    for (std::size_t i = 0; i < (uniform || setup.routes ? std::size_t{1} : rec.size()); ++i) {
+      auto r = PreGateRouter::replay(cx.measured, st.prefetch_depth, setup.routes ? 1.f : rec[i], st.replay_seed);
       if (!r) return r.status();
       routers.push_back(std::move(*r));
     }
@@ -221,7 +224,7 @@ Result<SimTechniqueResult> run_row(const Context& cx, const RowSetup& setup, E e
   }
   row.recall = setup.prefetch && sel ? static_cast<double>(correct) / static_cast<double>(sel) : 0.0;
   row.avg_k = calls ? static_cast<double>(s.expert_calls) / static_cast<double>(calls) : 0.0;
-  row.exact = ex->exact();
+  row.exact = ex->exact() && !setup.routes;
   return row;
 }
 
@@ -353,7 +356,12 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
   std::vector<SimTechnique> want = c.techniques.empty() ? all_sim_techniques() : c.techniques;
   if (std::find(want.begin(), want.end(), SimTechnique::kBaseline) == want.end())
     want.insert(want.begin(), SimTechnique::kBaseline);
-  std::sort(want.begin(), want.end());
+  const auto order = [](SimTechnique t) {
+    const auto it = std::find_if(std::begin(kTechniqueNames), std::end(kTechniqueNames),
+                                 [&](const TechniqueName& n) { return n.t == t; });
+    return it - std::begin(kTechniqueNames);
+  };
+  std::sort(want.begin(), want.end(), [&](SimTechnique a, SimTechnique b) { return order(a) < order(b); });
   want.erase(std::unique(want.begin(), want.end()), want.end());
   const bool need_layers =
       std::any_of(want.begin(), want.end(), [](SimTechnique t) { return setup_of(t).layer_budgets; });
@@ -439,7 +447,11 @@ Result<std::vector<SimTechniqueResult>> run_techniques(const SimTechniqueConfig&
     row->technique = t;
     std::string d;
     auto add = [&](const std::string& s) { d += (d.empty() ? "" : "; ") + s; };
-    if (setup.prefetch) {
+    if (setup.routes) {
+      add("depth " + std::to_string(st.prefetch_depth) +
+          ": the pre-gate's choice is the routing, so every prefetch is right (measured recall " +
+          fmt("%.2f", row->recall) + ")");
+    } else if (setup.prefetch) {
       const bool uniform = std::all_of(p.layer_recall.begin(), p.layer_recall.end(),
                                        [&](float r) { return r == p.layer_recall.front(); });
       double mean = 0;

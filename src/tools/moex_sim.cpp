@@ -56,8 +56,8 @@ int usage(std::FILE* out) {
                "Technique rows (issue 4; docs/simulator.md):\n"
                "  --techniques LIST     after the grid, one table per shape and profile at one budget: on-demand\n"
                "                        LRU, then each technique added alone, then all combined. LIST: all or\n"
-               "                        comma-separated baseline,prefetch,layer-budgets,adaptive-gate,\n"
-               "                        low-precision,cpu-compute,combined\n"
+               "                        comma-separated baseline,prefetch,pregate-routing,layer-budgets,\n"
+               "                        adaptive-gate,low-precision,cpu-compute,combined\n"
                "  --techniques-only     skip the eviction grid\n"
                "  --technique-budget F  budget of the technique rows (default 0.25)\n"
                "  --recall R            predictor recall in [0,1] for every layer (default: recall_at_k per\n"
@@ -756,6 +756,11 @@ int main(int argc, char** argv) {
           if (r.exact) {
             r.quality = 0.0;
             r.quality_note = "exact";
+            continue;
+          }
+          if (r.technique == moex::SimTechnique::kPreGateRouting) {
+            // Needs fitted pre-gate weights (moex-pregate-fit); the mini engine measures it.
+            r.quality_note = "bits/byte: moex-engine quality";
             continue;
           }
           if (!model) {

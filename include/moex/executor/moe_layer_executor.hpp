@@ -154,9 +154,13 @@ class MoeLayerExecutor {
   void release_prefetch_protection() noexcept;
   /// A prefetch issued while serving `layer` may take free room, or the slot of the expert the
   /// eviction policy would give up, if that expert is not about to be used: one no layer has used
-  /// for a whole pass, one of a layer this pass already served (<= `layer`), or one of a predicted
-  /// layer that the prediction left out. It never displaces the working set of the layers ahead
-  /// (wrong or early prefetches on a full cache would otherwise evict experts about to be used).
+  /// for a whole pass, or one of a predicted layer that the prediction left out. It never
+  /// displaces the working set of the layers ahead (wrong or early prefetches on a full cache
+  /// would otherwise evict experts about to be used). With PrefetchAdmission::kCosted it must also
+  /// pay: precision x overlap >= reuse x transfer + (1 - precision) x overlap, where precision is
+  /// the target layer's measured share of right predictions, overlap = min(transfer, the measured
+  /// window between issuing prefetches and the next demand x depth), and reuse the measured share
+  /// of would-be victims wanted again while they would still have been resident.
   bool admit_prefetch(const PrefetchRequest& rq, std::uint32_t layer);
   void forget_in_flight(ExpertKey key) noexcept { in_flight_.erase(key.packed()); }
 
@@ -186,8 +190,15 @@ class MoeLayerExecutor {
   std::vector<Serve> serve_;
   std::vector<Prediction> predictions_;
   std::vector<PrefetchRequest> issue_;
-  std::vector<SlotView> candidates_;
   std::vector<std::uint8_t> skipped_;
+  // Cost-aware prefetch admission (ExecutorConfig::prefetch_admission): the step until which a
+  // would-be victim is watched for reuse, per key; how many were watched and wanted again; and
+  // the measured time between issuing prefetches and the next layer's first demand (EMA).
+  std::vector<std::uint64_t> victim_watch_;
+  std::uint64_t victims_watched_ = 0, victims_reused_ = 0;
+  double overlap_window_ns_ = 0;
+  std::uint64_t prefetch_issued_at_ = 0;
+  bool window_open_ = false;
 };
 
 // ---- implementation (out of class, so extern template works) ----------------------------------
@@ -291,6 +302,7 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
   ex.stats_.layers.resize(spec.n_layers);
   ex.predicted_.assign(spec.n_layers, std::vector<std::uint8_t>(spec.n_experts, 0));
   ex.users_.resize(spec.n_experts);
+  ex.victim_watch_.assign(std::size_t{spec.n_layers} * spec.n_experts, 0);
   return ex;
 }
 
@@ -363,16 +375,39 @@ template <ExecutorPolicies P>
 bool MoeLayerExecutor<P>::admit_prefetch(const PrefetchRequest& rq, std::uint32_t layer) {
   const std::size_t g = cache_.group_of(rq.key, rq.precision);
   if (cache_.group_used(g) + rq.bytes <= cache_.group_budget(g)) return true;
-  candidates_.clear();
-  for (const SlotView& v : cache_.group_views(g))
-    if (!cache_.peek(v.key)->is_protected) candidates_.push_back(v);
-  if (candidates_.empty()) return false;
-  const std::size_t i = cache_.policy().choose_victim(candidates_);
-  if (i >= candidates_.size()) return false;
-  const SlotView& victim = candidates_[i];
+  const auto victim_view = cache_.peek_victim(g);
+  if (!victim_view) return false;
+  const SlotView victim = *victim_view;
+  const std::uint32_t n_layers = store_->spec().n_layers;
   const std::uint32_t horizon = layer + predictor_.depth();
-  return victim.last_step + store_->spec().n_layers <= step_ ||
-         (victim.key.layer > layer && victim.key.layer <= horizon && !predicted_[victim.key.layer][victim.key.expert]);
+  const bool safe = victim.last_step + n_layers <= step_ || (victim.key.layer > layer && victim.key.layer <= horizon &&
+                                                             !predicted_[victim.key.layer][victim.key.expert]);
+  if (!safe) return false;
+  if (config_.prefetch_admission == ExecutorConfig::PrefetchAdmission::kAlways) return true;
+  // Watch the victim: whether it is wanted while it would otherwise still be resident measures
+  // the damage of evicting it, whether or not this prefetch goes ahead. A victim of a predicted
+  // layer is watched until that layer runs next (wanted then = the prediction missed it); any
+  // other until an entry of the group typically leaves (entries over inserts per step).
+  std::uint64_t& watch = victim_watch_[std::size_t{victim.key.layer} * store_->spec().n_experts + victim.key.expert];
+  if (watch <= step_) ++victims_watched_;
+  if (victim.key.layer > layer && victim.key.layer <= horizon) {
+    watch = step_ + (victim.key.layer - layer) + 1;
+  } else {
+    const double inserts =
+        static_cast<double>(cache_.stats().insertions) / static_cast<double>(std::max<std::uint64_t>(step_, 1));
+    const double stay = inserts > 0 ? static_cast<double>(cache_.group_views(g).size()) / inserts : n_layers;
+    watch = step_ + 1 + static_cast<std::uint64_t>(std::clamp(stay, 1.0, 1e9));
+  }
+  // Expected saving against expected damage (ExecutorConfig::prefetch_admission).
+  const LayerStats& target = stats_.layers[rq.key.layer];
+  const double precision =
+      (static_cast<double>(target.predicted_correct) + 1.0) / (static_cast<double>(target.predicted) + 2.0);
+  const double reuse = (static_cast<double>(victims_reused_) + 1.0) / (static_cast<double>(victims_watched_) + 2.0);
+  const std::uint64_t queued = backend_.load_eta_ns(0), done = backend_.load_eta_ns(rq.bytes);
+  const double transfer = static_cast<double>(done - std::min(queued, done));
+  const double window = overlap_window_ns_ * static_cast<double>(rq.key.layer - layer);
+  const double overlap = std::min(transfer, window);
+  return precision * overlap >= reuse * transfer + (1.0 - precision) * overlap;
 }
 
 template <ExecutorPolicies P>
@@ -519,6 +554,10 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     Serve s;
     s.expert = e;
     s.first_row = rows;
+    if (std::uint64_t& w = victim_watch_[std::size_t{layer} * spec.n_experts + e]; w > step_) {
+      ++victims_reused_;
+      w = 0;
+    }
     if (auto hit = cache_.lookup(key, step_)) {
       ++ls.hits;
       if (pred[e]) ++ls.prefetch_hits;
@@ -588,9 +627,9 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     }
   }
 
-  // 5. Compute: resident experts (hits ready first, then prefetches still arriving), experts at
-  //    their source (the host runs them while copies arrive), then the misses, each loaded and
-  //    run in turn (compute is asynchronous on accelerators, so expert i runs while i+1 loads).
+  // 5. Compute: resident experts that are ready, experts at their source (the host runs them
+  //    while copies arrive), prefetches still arriving, then the misses, each loaded and run in
+  //    turn (compute is asynchronous on accelerators, so expert i runs while i+1 loads).
   if (data) {
     xg_.resize(rows * h);
     ys_.resize(rows * h);
@@ -600,6 +639,11 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
       for (std::size_t i = 0; i < u.size(); ++i)
         std::memcpy(&xg_[(s.first_row + i) * h], hidden + std::size_t{u[i].first} * h, h * sizeof(float));
     }
+  }
+  if (window_open_) {  // the prefetches issued last step had until now to arrive
+    const auto sample = static_cast<double>(backend_.now_ns() - std::min(backend_.now_ns(), prefetch_issued_at_));
+    overlap_window_ns_ = overlap_window_ns_ == 0 ? sample : 0.9 * overlap_window_ns_ + 0.1 * sample;
+    window_open_ = false;
   }
   std::uint64_t compute_ns = 0;
   auto run = [&](const Serve& s) -> Status {
@@ -625,7 +669,8 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
       const ExpertKey key{layer, s.expert};
       auto it = in_flight_.find(key.packed());
       bool arriving = s.kind == Serve::kResident && it != in_flight_.end();
-      const int want = s.kind == Serve::kLoad ? 3 : s.kind == Serve::kAtSource ? 2 : (arriving ? 1 : 0);
+      // Host work is asynchronous: start it before waiting on anything the link still carries.
+      const int want = s.kind == Serve::kLoad ? 3 : s.kind == Serve::kAtSource ? 1 : (arriving ? 2 : 0);
       if (want != pass) continue;
       const std::uint64_t t0 = backend_.now_ns();
       if (s.kind == Serve::kLoad) {
@@ -666,6 +711,8 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
       std::uint32_t slot = 0;
       if (load(rq.key, rq.precision, true, slot).is_ok()) ++stats_.layers[rq.key.layer].prefetches;
     }
+    prefetch_issued_at_ = backend_.now_ns();
+    window_open_ = true;
   }
 
   {

@@ -31,6 +31,10 @@ enum class SimTechnique : std::uint8_t {
   kLowPrecision = 4,  ///< "low-precision": + HOBBIT's rule, low-precision copies in a second pool
   kCpuCompute = 5,    ///< "cpu-compute": + CostModelMiss computing misses on the host CPU
   kCombined = 6,      ///< "combined": all of the above together
+  /// "pregate-routing": Pre-gated MoE proper — block i's pre-gate output IS block i+1's routing,
+  /// so every prefetch is right by construction (replayed at recall 1); changes the model's
+  /// function (not exact). Listed after "prefetch" in table order.
+  kPreGateRouting = 7,
 };
 
 /// The command-line name of a technique ("baseline", "prefetch", ...).
@@ -39,7 +43,7 @@ std::string_view to_string(SimTechnique t) noexcept;
 std::string_view technique_label(SimTechnique t) noexcept;
 /// Parses a technique name; kInvalidArgument lists the known names.
 Result<SimTechnique> parse_sim_technique(std::string_view name);
-/// Every technique, in table order.
+/// Every technique, in table order (baseline, prefetch, pregate-routing, layer-budgets, ...).
 std::vector<SimTechnique> all_sim_techniques();
 
 /// Parameters of the techniques. Values left unset are derived from the profile tokens of the

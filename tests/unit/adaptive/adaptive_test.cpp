@@ -169,6 +169,66 @@ TEST_CASE("a wrong prefetch gives the link back from its next chunk and later co
   CHECK(be.load_done(a));
 }
 
+TEST_CASE("costed prefetch admission declines evictions that cannot pay where always-admit loses") {
+  // A saturated link (a copy takes 50x an expert's compute), a full cache and predictions that
+  // are half wrong: evicting for a prefetch can only hide one compute time but risks a whole
+  // copy. The costed rule must stay about as fast as loading on demand; always-admit is slower.
+  moex::MoeModelSpec spec{4, 8, {512, 1024}, {moex::RouterKind::kSoftmaxTopKRenorm, 8, 1}};
+  auto store = moex::ExpertStore::create_virtual(spec, moex::float_format(moex::Precision::kBF16));
+  REQUIRE(store.is_ok());
+  const std::uint64_t eb = store->expert_bytes(moex::Precision::kBF16);
+  const std::uint64_t link = 1'000'000'000ull, gpu = 50'000'000'000ull;
+  moex::RoutingTrace tr;
+  tr.n_layers = 4;
+  tr.n_experts = 8;
+  tr.top_k = 1;
+  tr.seq_start = {0};
+  const std::uint32_t tokens = 400;
+  for (std::uint32_t t = 0; t < tokens; ++t)
+    for (std::uint32_t l = 0; l < 4; ++l) {
+      tr.expert_ids.push_back((t / 3 + l * 3 + (t * 7 + l) % 5 / 4) % 8);  // runs of 3, some noise
+      tr.gate_weights.push_back(1.f);
+    }
+  REQUIRE(tr.validate().is_ok());
+  auto replay = [&](auto& ex) {
+    moex::TokenRouting r;
+    for (std::uint32_t t = 0; t < tokens; ++t)
+      for (std::uint32_t l = 0; l < 4; ++l) {
+        REQUIRE(moex::routing_at(tr, t, l, r));
+        REQUIRE(ex.forward_routed(l, std::span(&r, 1), nullptr, 1, nullptr).is_ok());
+      }
+    return ex.stats().total();
+  };
+  auto run = [&](bool predict, moex::ExecutorConfig::PrefetchAdmission adm) {
+    moex::ExecutorConfig cfg{.cache_bytes = 8 * eb};
+    cfg.prefetch_admission = adm;
+    if (!predict) {
+      auto ex =
+          moex::MoeLayerExecutor<SimPolicies>::create(*store, cfg, moex::SimExecutionBackend(profile(link, gpu, 0)));
+      REQUIRE(ex.is_ok());
+      return replay(*ex);
+    }
+    auto pred = moex::PreGateRouter::replay(tr, 1, 0.5f, 3);
+    REQUIRE(pred.is_ok());
+    auto ex = moex::MoeLayerExecutor<ReplayPolicies>::create(
+        *store, cfg, moex::SimExecutionBackend(profile(link, gpu, 0)), {}, {}, std::move(*pred));
+    REQUIRE(ex.is_ok());
+    return replay(*ex);
+  };
+  const auto base = run(false, moex::ExecutorConfig::PrefetchAdmission::kCosted);
+  const auto always = run(true, moex::ExecutorConfig::PrefetchAdmission::kAlways);
+  const auto costed = run(true, moex::ExecutorConfig::PrefetchAdmission::kCosted);
+  MESSAGE("stall ns: on demand " << base.stall_ns << ", always " << always.stall_ns << ", costed " << costed.stall_ns
+                                 << "; prefetches always " << always.prefetches << ", costed " << costed.prefetches);
+  CHECK(always.prefetches > 0);
+  CHECK(always.stall_ns > base.stall_ns);
+  // Before its estimates settle the rule admits a few prefetches on its priors (precision and
+  // reuse 1/2): allow 2% over loading on demand for them.
+  constexpr double kPriorSlack = 1.02;
+  CHECK(static_cast<double>(costed.stall_ns) <= kPriorSlack * static_cast<double>(base.stall_ns));
+  CHECK(costed.prefetches < always.prefetches);
+}
+
 TEST_CASE("HOBBIT's precision rule loads low precision or skips by the unimportance score") {
   moex::HobbitPrecisionMiss h{0.6f, 0.9f};
   moex::MissContext c;

@@ -102,6 +102,12 @@ TEST_CASE("technique rows: baseline equals the grid's LRU run, each technique do
         CHECK(r.prefetches > 0);
         CHECK(r.recall > 0.5);  // replayed at recall 0.8
         break;
+      case moex::SimTechnique::kPreGateRouting:
+        CHECK_FALSE(r.exact);  // the pre-gate's choice replaces the router's
+        CHECK(r.prefetches > 0);
+        CHECK(r.recall == doctest::Approx(1.0));  // predictions are the routing
+        CHECK(r.stall_cut > 0.0);                 // every prefetch right: never worse than on demand here
+        break;
       case moex::SimTechnique::kAdaptiveGate:
         CHECK_FALSE(r.exact);
         CHECK(r.avg_k < 2.0);
@@ -148,6 +154,7 @@ TEST_CASE("technique rows: bad settings are errors") {
   CHECK(bad([](auto& d) { d.budget_fraction = 0.05; }));  // 1 slot: fewer than one per layer
   CHECK_FALSE(moex::parse_sim_technique("oracle").is_ok());
   CHECK(moex::parse_sim_technique("cpu-compute").value() == moex::SimTechnique::kCpuCompute);
+  CHECK(moex::parse_sim_technique("pregate-routing").value() == moex::SimTechnique::kPreGateRouting);
 }
 
 TEST_CASE("technique rows on the shared models' traces, with their measured per-layer recall") {

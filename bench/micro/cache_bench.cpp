@@ -8,6 +8,10 @@
 // on a cache half full whose state came from 20000 random hits. Group 0 is the whole pool
 // (args .../0) or layer 0 (args .../1). BM_ChooseVictimScan measures the policy's linear
 // choose_victim over the same candidates (the reference, and what the cache did before issue 8).
+// BM_IndexCrossover replays random skewed accesses through one group of G candidates with the
+// victim index always on (threshold 0) or never (linear scan): where the index starts to pay is
+// CacheConfig::kDefaultVictimIndexMinCandidates. BM_Replay's second arg: the index threshold
+// (-1 = the default, 0 = always indexed, 1000000 = never).
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -126,6 +130,35 @@ constexpr const char* kTraces[] = {
     "models/tiny-mixtral-32e/router_logits_code.npy",
 };
 
+// One group of G candidates (1 layer, 4G experts, budget G), random skewed accesses, insert on
+// every miss; range(0) = G, range(1) = index threshold. Reports ns per access.
+template <class P>
+void BM_IndexCrossover(benchmark::State& state) {
+  const auto group = static_cast<std::uint32_t>(state.range(0));
+  const std::uint32_t experts = 4 * group;
+  std::mt19937_64 rng(3);
+  std::vector<ExpertKey> keys(1 << 16);
+  for (auto& k : keys) {
+    const double u = std::uniform_real_distribution<double>(0, 1)(rng);
+    k = {0, static_cast<std::uint32_t>(static_cast<double>(experts) * u * u) % experts};
+  }
+  CacheConfig cfg;
+  cfg.n_layers = 1;
+  cfg.n_experts = experts;
+  cfg.budget_bytes = group;
+  cfg.victim_index_min_candidates = static_cast<std::uint32_t>(state.range(1));
+  auto c = MixedPrecisionCache<P>::create(cfg);
+  std::uint64_t step = 0;
+  std::size_t i = 0;
+  for (auto _ : state) {
+    const ExpertKey k = keys[i++ & 0xFFFF];
+    if (!c->lookup(k, step)) (void)c->insert(k, Precision::kBF16, 1, step);
+    ++step;
+  }
+  state.counters["hit_rate"] = c->stats().hit_rate();
+  state.SetLabel(std::string(c->policy().name()) + (state.range(1) == 0 ? " indexed" : " linear"));
+}
+
 template <class P>
 void BM_Replay(benchmark::State& state) {
   const char* rel = kTraces[state.range(0)];
@@ -144,6 +177,7 @@ void BM_Replay(benchmark::State& state) {
     cfg.n_layers = t->n_layers;
     cfg.n_experts = t->n_experts;
     cfg.layer_budget_bytes.assign(t->n_layers, std::max(t->top_k, t->n_experts / 2));
+    if (state.range(1) >= 0) cfg.victim_index_min_candidates = static_cast<std::uint32_t>(state.range(1));
     P policy{};
     if constexpr (std::is_same_v<P, BeladyOracleEviction>) {
       std::vector<FutureAccess> f;
@@ -166,11 +200,12 @@ void BM_Replay(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(layer_steps), benchmark::Counter::kIsRate);
 }
 
-#define MOEX_CACHE_BENCH(P)                                                                             \
-  BENCHMARK_TEMPLATE(BM_LookupHit, P)->Args({32, 8})->Args({48, 128});                                  \
-  BENCHMARK_TEMPLATE(BM_EvictionDecision, P)->Args({32, 8, 0})->Args({48, 128, 1})->Args({48, 128, 0}); \
-  BENCHMARK_TEMPLATE(BM_ChooseVictimScan, P)->Args({48, 128, 0});                                       \
-  BENCHMARK_TEMPLATE(BM_Replay, P)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)
+#define MOEX_CACHE_BENCH(P)                                                                                    \
+  BENCHMARK_TEMPLATE(BM_LookupHit, P)->Args({32, 8})->Args({48, 128});                                         \
+  BENCHMARK_TEMPLATE(BM_EvictionDecision, P)->Args({32, 8, 0})->Args({48, 128, 1})->Args({48, 128, 0});        \
+  BENCHMARK_TEMPLATE(BM_ChooseVictimScan, P)->Args({48, 128, 0});                                              \
+  BENCHMARK_TEMPLATE(BM_Replay, P)->ArgsProduct({{0, 1, 2}, {-1, 0, 1000000}})->Unit(benchmark::kMillisecond); \
+  BENCHMARK_TEMPLATE(BM_IndexCrossover, P)->ArgsProduct({{8, 16, 32, 64, 128, 256}, {0, 1000000}})
 
 MOEX_CACHE_BENCH(LruEviction);
 MOEX_CACHE_BENCH(LfuEviction);

@@ -10,6 +10,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -42,7 +43,27 @@ struct CacheConfig {
   std::array<std::uint64_t, kPrecisionCount> precision_budget_bytes{};
   /// A use counts as high precision (SlotView::hp_uses, HOBBIT) when precision_bits >= this.
   std::uint32_t high_precision_bits = 16;
+  /// A group keeps a victim index (rank heap, policy index) only once it has more than this many
+  /// candidates, and drops it again when it falls below half of it; smaller groups are decided by
+  /// choose_victim's linear scan, which costs less than updating an index on every hit. The
+  /// victims are the same either way. 0 = every group always indexed. Unset: the policy's
+  /// `E::kVictimIndexMinCandidates` where it declares one, else kDefaultVictimIndexMinCandidates.
+  std::optional<std::uint32_t> victim_index_min_candidates;
+  /// Default threshold for policies that declare none, measured with bench/micro/cache_bench.cpp
+  /// (BM_IndexCrossover, BM_Replay): below it the linear scan is about as fast as the index.
+  static constexpr std::uint32_t kDefaultVictimIndexMinCandidates = 24;
 };
+
+namespace detail {
+/// The index threshold a policy asks for (see CacheConfig::victim_index_min_candidates).
+template <class P>
+constexpr std::uint32_t victim_index_min_candidates_of() noexcept {
+  if constexpr (requires { std::uint32_t{P::kVictimIndexMinCandidates}; })
+    return P::kVictimIndexMinCandidates;
+  else
+    return CacheConfig::kDefaultVictimIndexMinCandidates;
+}
+}  // namespace detail
 
 /// What the cache knows about one resident expert.
 struct CacheEntry {
@@ -132,15 +153,19 @@ struct VictimIndexFor<P> {
 /// a byte budget that is never exceeded; an insert evicts from the group the new entry belongs
 /// to, asking the policy for victims among that group's unprotected entries until it fits.
 ///
-/// Victim choice: for a RankedEviction policy the cache keeps each group's candidates in an
-/// indexed heap of ranks (RankHeapIndex), for an IndexedEviction policy in the policy's own
-/// VictimIndex; otherwise it calls choose_victim over the group's candidates. Either way the victim
-/// is the one choose_victim would pick (the fast paths are exact, and fall back to choose_victim
-/// when they cannot guarantee it).
+/// Victim choice: for a RankedEviction policy the cache keeps the candidates of each large group
+/// in an indexed heap of ranks (RankHeapIndex), for an IndexedEviction policy in the policy's own
+/// VictimIndex; otherwise, and for groups of at most CacheConfig::victim_index_min_candidates
+/// candidates, it calls choose_victim over the group's candidates. A group's index is built from
+/// its candidates when the group grows past that threshold and dropped when it shrinks below half
+/// of it (hysteresis, so a group at the threshold does not rebuild on every insert). Either way the
+/// victim is the one choose_victim would pick (the fast paths are exact, and fall back to
+/// choose_victim when they cannot guarantee it).
 ///
 /// Complexity: lookup, protect, unprotect and erase are O(1) (a dense key table, no hashing) plus
-/// the victim index's update (O(log group size) for a rank heap); insert is O(1) plus, per eviction,
-/// one victim choice: O(1) from a rank heap, O(group size) through choose_victim.
+/// the victim index's update in an indexed group (O(log group size) for a rank heap); insert is
+/// O(1) plus, per eviction, one victim choice: O(1) from a rank heap, O(group size) through
+/// choose_victim (bounded by the threshold where the policy has an index).
 /// Thread: one thread (the executor's); no locking. Deterministic for a deterministic policy.
 template <EvictionPolicy E>
 class MixedPrecisionCache {
@@ -212,6 +237,9 @@ class MixedPrecisionCache {
     if (i >= groups_[g].n_unprotected) return std::nullopt;
     return groups_[g].views[i];
   }
+  /// True when group g's victims currently come from the victim index (a policy with an index,
+  /// and a group past CacheConfig::victim_index_min_candidates); for tests and diagnostics.
+  bool group_indexed(std::size_t g) const noexcept { return g < groups_.size() && groups_[g].indexed; }
   /// The victim index (for tests and diagnostics).
   const auto& victim_index() const noexcept { return index_; }
   auto& victim_index() noexcept { return index_; }
@@ -236,6 +264,7 @@ class MixedPrecisionCache {
     std::uint64_t used = 0;
     std::uint64_t protected_bytes = 0;
     std::uint32_t n_unprotected = 0;  // views[0, n_unprotected) are eviction candidates
+    bool indexed = false;             // the victim index holds exactly this group's candidates
     std::vector<SlotView> views;
     std::vector<std::uint32_t> slots;  // parallel to views
   };
@@ -261,7 +290,8 @@ class MixedPrecisionCache {
       const Loc l = where_[index(key)];
       return groups_[l.group].views[l.pos];
     };
-    if (index_.victim(policy_, static_cast<std::uint32_t>(gi), VictimQuery{now_step_, steps_monotone_}, view_of, k) &&
+    if (g.indexed &&
+        index_.victim(policy_, static_cast<std::uint32_t>(gi), VictimQuery{now_step_, steps_monotone_}, view_of, k) &&
         in_range(k)) {
       const Loc l = where_[index(k)];
       if (l.group == gi && l.pos < g.n_unprotected) return l.pos;
@@ -288,12 +318,57 @@ class MixedPrecisionCache {
   EvictedEntry remove_at(std::size_t gi, std::uint32_t pos) noexcept;
 
   using Index = typename detail::VictimIndexFor<E>::type;
+  static constexpr bool kHasIndex = !std::is_same_v<Index, detail::NoVictimIndex<E>>;
+
+  // Candidate views[pos] of group gi was added (n_unprotected already counts it): the index
+  // learns it, or is built from all candidates when the group just grew past the threshold.
+  // Storage for every entry of the group was reserved by reserve_add at its insert, so neither
+  // allocates.
+  void candidate_added(std::size_t gi, std::uint32_t pos) noexcept {
+    if constexpr (kHasIndex) {
+      Group& g = groups_[gi];
+      const auto gid = static_cast<std::uint32_t>(gi);
+      if (g.indexed) {
+        index_.add(policy_, gid, g.views[pos]);
+      } else if (g.n_unprotected > index_on_) {
+        for (std::uint32_t i = 0; i < g.n_unprotected; ++i) index_.add(policy_, gid, g.views[i]);
+        g.indexed = true;
+      }
+    }
+  }
+  // Candidate views[pos] of group gi is about to stop being one.
+  void candidate_removing(std::size_t gi, std::uint32_t pos) noexcept {
+    if constexpr (kHasIndex) {
+      Group& g = groups_[gi];
+      if (g.indexed) index_.remove(policy_, static_cast<std::uint32_t>(gi), g.views[pos]);
+    }
+  }
+  // After n_unprotected of group gi dropped: below half the threshold the index lets go of the
+  // group (the linear scan decides again).
+  void candidates_shrunk(std::size_t gi) noexcept {
+    if constexpr (kHasIndex) {
+      Group& g = groups_[gi];
+      if (!g.indexed || g.n_unprotected >= index_off_) return;
+      for (std::uint32_t i = g.n_unprotected; i-- > 0;)
+        index_.remove(policy_, static_cast<std::uint32_t>(gi), g.views[i]);
+      g.indexed = false;
+    }
+  }
+  // Candidate views[pos] of group gi was hit.
+  void candidate_updated(std::size_t gi, std::uint32_t pos) noexcept {
+    if constexpr (kHasIndex) {
+      Group& g = groups_[gi];
+      if (g.indexed) index_.update(policy_, static_cast<std::uint32_t>(gi), g.views[pos]);
+    }
+  }
 
   CacheConfig config_;
   [[no_unique_address]] E policy_;
   [[no_unique_address]] Index index_;
-  std::uint64_t now_step_ = 0;  // last step passed to tell_step
-  bool steps_monotone_ = true;  // no step so far was smaller than the one before
+  std::uint32_t index_on_ = 0;   // a group with more candidates than this is indexed
+  std::uint32_t index_off_ = 0;  // an indexed group with fewer candidates than this is not
+  std::uint64_t now_step_ = 0;   // last step passed to tell_step
+  bool steps_monotone_ = true;   // no step so far was smaller than the one before
   std::size_t pools_ = 1;
   std::vector<Loc> where_;  // [n_layers * n_experts]
   std::vector<Group> groups_;
@@ -348,6 +423,8 @@ Result<MixedPrecisionCache<E>> MixedPrecisionCache<E>::create(CacheConfig config
     cache.next_slot_.assign(cache.pools_, 0);
     cache.stats_.per_layer.assign(c.n_layers, CacheLayerStats{});
     cache.evicted_.reserve(16);
+    cache.index_on_ = c.victim_index_min_candidates.value_or(detail::victim_index_min_candidates_of<E>());
+    cache.index_off_ = cache.index_on_ / 2;
   });
   if (!ok) return out_of_memory("MixedPrecisionCache tables");
   if constexpr (KeyedEviction<E>) {
@@ -386,10 +463,9 @@ std::optional<CacheEntry> MixedPrecisionCache<E>::lookup(ExpertKey key, std::uin
   if (loc.pos >= g.n_unprotected) {  // first use of a prefetched expert: lift protection
     g.protected_bytes -= v.bytes;
     swap_entries(g, loc.pos, g.n_unprotected);
-    index_.add(policy_, loc.group, g.views[g.n_unprotected]);
-    ++g.n_unprotected;
+    candidate_added(loc.group, g.n_unprotected++);
   } else {
-    index_.update(policy_, loc.group, v);
+    candidate_updated(loc.group, loc.pos);
   }
   return e;
 }
@@ -399,13 +475,14 @@ EvictedEntry MixedPrecisionCache<E>::remove_at(std::size_t gi, std::uint32_t pos
   Group& g = groups_[gi];
   const SlotView v = g.views[pos];
   const EvictedEntry out{v.key, g.slots[pos], v.precision, v.bytes};
-  if (pos < g.n_unprotected) index_.remove(policy_, static_cast<std::uint32_t>(gi), v);
+  if (pos < g.n_unprotected) candidate_removing(gi, pos);
   const auto last = static_cast<std::uint32_t>(g.views.size() - 1);
   if (pos < g.n_unprotected) {
     const std::uint32_t last_u = g.n_unprotected - 1;
     if (pos != last_u) move_entry(g, last_u, pos);
     if (last != last_u) move_entry(g, last, last_u);
     --g.n_unprotected;
+    candidates_shrunk(gi);
   } else {
     g.protected_bytes -= v.bytes;
     if (pos != last) move_entry(g, last, pos);
@@ -510,7 +587,7 @@ Result<InsertResult> MixedPrecisionCache<E>::insert(ExpertKey key, Precision pre
   ++stats_.insertions;
   stats_.bytes_inserted += bytes;
   policy_.on_insert(g.views[pos]);
-  if (!protect) index_.add(policy_, static_cast<std::uint32_t>(gi), g.views[pos]);
+  if (!protect) candidate_added(gi, pos);
   return InsertResult{slot, std::span<const EvictedEntry>(evicted_)};
 }
 
@@ -521,10 +598,11 @@ Status MixedPrecisionCache<E>::protect(ExpertKey key) noexcept {
   if (loc.pos == kAbsent) return not_found("protect: key not resident");
   Group& g = groups_[loc.group];
   if (loc.pos >= g.n_unprotected) return Status::ok();
-  index_.remove(policy_, loc.group, g.views[loc.pos]);
+  candidate_removing(loc.group, loc.pos);
   g.protected_bytes += g.views[loc.pos].bytes;
   swap_entries(g, loc.pos, g.n_unprotected - 1);
   --g.n_unprotected;
+  candidates_shrunk(loc.group);
   return Status::ok();
 }
 
@@ -537,8 +615,7 @@ Status MixedPrecisionCache<E>::unprotect(ExpertKey key) noexcept {
   if (loc.pos < g.n_unprotected) return Status::ok();
   g.protected_bytes -= g.views[loc.pos].bytes;
   swap_entries(g, loc.pos, g.n_unprotected);
-  index_.add(policy_, loc.group, g.views[g.n_unprotected]);
-  ++g.n_unprotected;
+  candidate_added(loc.group, g.n_unprotected++);
   return Status::ok();
 }
 

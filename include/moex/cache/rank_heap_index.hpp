@@ -84,7 +84,7 @@ class RankHeapIndex {
       if (h[i].rank < old)
         sift_up(h, i);
       else
-        sift_down(h, last, i);
+        sift_down_bottom_up(h, last, i);  // the last leaf's rank mostly belongs near the bottom
     }
     heaps_[g].pop_back();
     if constexpr (ExpiringRankEviction<P>) {

@@ -75,7 +75,10 @@ struct SlotView {
 /// A policy can let the cache decide faster without changing its victims through one of two
 /// optional capabilities: RankedEviction (a per-entry key the cache keeps in an indexed heap) or
 /// IndexedEviction (the policy supplies its own victim index). choose_victim stays the contract
-/// and the reference: both capabilities must pick exactly the entry it picks.
+/// and the reference: both capabilities must pick exactly the entry it picks. The cache keeps such
+/// an index only for groups of more candidates than a threshold (keeping it costs on every hit;
+/// small groups are scanned): CacheConfig::victim_index_min_candidates, else the policy's optional
+/// `static constexpr std::uint32_t kVictimIndexMinCandidates`, else a cache default.
 ///
 /// Example
 /// @code

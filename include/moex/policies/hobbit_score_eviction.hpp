@@ -39,6 +39,8 @@ class HobbitScoreEviction {
  public:
   /// The victim index MixedPrecisionCache keeps for this policy.
   using VictimIndex = HobbitVictimIndex;
+  /// Groups of more candidates than this keep the index (the score scan is costly: crossover low).
+  static constexpr std::uint32_t kVictimIndexMinCandidates = 8;
 
   /// The normalizers of one decision (see the class comment).
   struct Norms {

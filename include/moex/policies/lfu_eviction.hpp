@@ -3,6 +3,7 @@
 /// Least frequently used eviction (in-cache frequency).
 
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <string_view>
 
@@ -14,6 +15,8 @@ MOEX_NAMESPACE_BEGIN
 /// the least recently used (SlotView::last_use). Counts restart when an expert is re-inserted
 /// ("in-cache LFU"), which keeps it from pinning experts that were hot long ago. Stateless.
 struct LfuEviction {
+  /// Groups of more candidates than this keep a rank heap (measured crossover with the scan).
+  static constexpr std::uint32_t kVictimIndexMinCandidates = 48;
   void on_access(const SlotView&) noexcept {}
   void on_insert(const SlotView&) noexcept {}
   void on_evict(const SlotView&) noexcept {}

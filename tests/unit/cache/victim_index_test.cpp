@@ -1,6 +1,7 @@
 // The cache's fast victim choice (rank heaps, HOBBIT's skyline index) against the linear
 // choose_victim reference: identical victim sequences on random operation traces for every
-// policy, shared pool and per-layer groups, with protection, erasure and mixed precisions.
+// policy, shared pool and per-layer groups, with protection, erasure and mixed precisions, and
+// with index thresholds that make groups switch between the linear scan and the index both ways.
 #include <algorithm>
 #include <cstdint>
 #include <random>
@@ -110,6 +111,7 @@ void check_same_victims(std::uint64_t salt, MakePolicy make_policy, bool with_fu
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
   std::size_t evictions = 0;
+  std::size_t builds = 0, drops = 0;  // groups switching to the index and back
   for (int round = 0; round < 24; ++round) {
     CAPTURE(round);
     const auto layout = static_cast<Layout>(round % 4);
@@ -122,7 +124,13 @@ void check_same_victims(std::uint64_t salt, MakePolicy make_policy, bool with_fu
     const bool backwards = round % 6 == 5 && !std::is_same_v<P, BeladyOracleEviction>;
     CAPTURE(backwards);
     const std::vector<Access> acc = make_accesses(rng, layers, experts, 300, backwards);
-    const CacheConfig cfg = make_config(layout, layers, experts, rng);
+    CacheConfig cfg = make_config(layout, layers, experts, rng);
+    // Index thresholds: always indexed (0), small ones the groups cross up and down, the default.
+    const std::uint32_t thresholds[] = {0, 2, 3, 5, 8, detail::victim_index_min_candidates_of<P>()};
+    const std::uint32_t th = thresholds[static_cast<std::size_t>(round / 4) % 6];
+    CAPTURE(th);
+    if (th != thresholds[5]) cfg.victim_index_min_candidates = th;  // else the policy's own default
+    std::vector<bool> was_indexed;
     P fast_policy = make_policy(layers, experts);
     LinearOnly<P> ref_policy{fast_policy};
     if constexpr (std::is_same_v<P, BeladyOracleEviction>) {
@@ -137,6 +145,7 @@ void check_same_victims(std::uint64_t salt, MakePolicy make_policy, bool with_fu
     auto ref = MixedPrecisionCache<LinearOnly<P>>::create(cfg, std::move(ref_policy));
     REQUIRE(fast.is_ok());
     REQUIRE(ref.is_ok());
+    was_indexed.assign(fast->group_count(), false);
     for (std::size_t i = 0; i < acc.size(); ++i) {
       CAPTURE(i);
       const Access& a = acc[i];
@@ -171,6 +180,31 @@ void check_same_victims(std::uint64_t salt, MakePolicy make_policy, bool with_fu
       } else {
         REQUIRE(fast->erase(a.key).code() == ref->erase(a.key).code());
       }
+      if (i % 25 == 24) {  // shrink one group a lot: protect or erase most of its candidates
+        const std::size_t g = rng() % fast->group_count();
+        std::vector<ExpertKey> keys;
+        for (const SlotView& v : fast->group_candidates(g)) keys.push_back(v.key);
+        for (const ExpertKey k : keys) {
+          const auto r = rng() % 4;
+          if (r == 0) continue;
+          if (r == 1)
+            REQUIRE(fast->protect(k).code() == ref->protect(k).code());
+          else
+            REQUIRE(fast->erase(k).code() == ref->erase(k).code());
+        }
+      }
+      for (std::size_t g = 0; g < fast->group_count(); ++g) {
+        const bool on = fast->group_indexed(g);
+        const std::size_t n = fast->group_candidates(g).size();
+        if (on != was_indexed[g]) (on ? builds : drops) += 1;
+        was_indexed[g] = on;
+        // Indexed past the threshold, not indexed below half of it (in between: either).
+        if (n > th) REQUIRE(on);
+        if (n < th / 2) REQUIRE(!on);
+        if constexpr (requires { fast->victim_index().size(std::uint32_t{0}); }) {
+          REQUIRE(fast->victim_index().size(static_cast<std::uint32_t>(g)) == (on ? n : 0));
+        }
+      }
       if (i % 7 == 0) {
         for (std::size_t g = 0; g < fast->group_count(); ++g) {
           CAPTURE(g);
@@ -190,6 +224,8 @@ void check_same_victims(std::uint64_t salt, MakePolicy make_policy, bool with_fu
     REQUIRE(fast->stats().evictions == ref->stats().evictions);
   }
   CHECK(evictions > 100);  // the traces do exercise eviction
+  CHECK(builds > 5);       // groups did switch to the index
+  CHECK(drops > 5);        // and back to the linear scan
 }
 
 HobbitScoreEviction hobbit_with(std::mt19937_64& rng) {

@@ -77,6 +77,10 @@ constexpr std::uint64_t sim_duration_ns(std::uint64_t amount, std::uint64_t per_
   // Split to stay in 64 bits: amount = q * per_second + r with r < per_second.
   const std::uint64_t q = amount / per_second;
   const std::uint64_t r = amount % per_second;
+  // Fast path, same value: r * 1e9 + per_second - 1 fits in 64 bits (always when per_second <= 1.8e10).
+  constexpr std::uint64_t kMax = ~std::uint64_t{0};
+  if (r <= (kMax - (per_second - 1)) / 1000000000u)
+    return q * 1000000000u + (r * 1000000000u + per_second - 1) / per_second;
   // r * 1e9 may overflow 64 bits when per_second > 1.8e10; use the extension type for it.
   __extension__ using U128 = unsigned __int128;
   const U128 frac = (static_cast<U128>(r) * 1000000000u + per_second - 1) / per_second;

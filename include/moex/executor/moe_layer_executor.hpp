@@ -11,7 +11,6 @@
 #include <limits>
 #include <span>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -127,6 +126,52 @@ class MoeLayerExecutor {
     std::uint64_t bytes = 0;
     bool prefetch = false;
   };
+  // The loads in flight, by dense key (layer * n_experts + expert), plus the list of keys in use
+  // (unordered) to visit them all. Storage for every key is reserved in reset(), so set() and
+  // erase() never allocate; a found entry's address stays valid (its contents go stale once
+  // erased).
+  class InFlightTable {
+   public:
+    void reset(std::size_t n_keys) {
+      entries_.assign(n_keys, InFlight{});
+      pos_.assign(n_keys, kNone);
+      active_.clear();
+      active_.reserve(n_keys);
+    }
+    InFlight* find(std::size_t k) noexcept { return pos_[k] == kNone ? nullptr : &entries_[k]; }
+    void set(std::size_t k, const InFlight& f) noexcept {
+      entries_[k] = f;
+      if (pos_[k] != kNone) return;
+      pos_[k] = static_cast<std::uint32_t>(active_.size());
+      active_.push_back(static_cast<std::uint32_t>(k));  // capacity n_keys: never allocates
+    }
+    void erase(std::size_t k) noexcept {
+      const std::uint32_t i = pos_[k];
+      if (i == kNone) return;
+      const std::uint32_t last = active_.back();
+      active_[i] = last;
+      pos_[last] = i;
+      active_.pop_back();
+      pos_[k] = kNone;
+    }
+    // Erases every entry for which pred(entry) holds (in no particular order).
+    template <class Pred>
+    void erase_if(Pred&& pred) noexcept {
+      for (std::size_t i = 0; i < active_.size();) {
+        const std::uint32_t k = active_[i];
+        if (pred(entries_[k]))
+          erase(k);  // the last key moves into i
+        else
+          ++i;
+      }
+    }
+
+   private:
+    static constexpr std::uint32_t kNone = 0xFFFFFFFFu;
+    std::vector<InFlight> entries_;
+    std::vector<std::uint32_t> pos_;     // index in active_, kNone when not in flight
+    std::vector<std::uint32_t> active_;  // keys in flight
+  };
   struct Serve {
     std::uint32_t expert = 0;
     enum Kind : std::uint8_t { kResident, kLoad, kAtSource, kSkip } kind = kResident;
@@ -162,7 +207,8 @@ class MoeLayerExecutor {
   /// window between issuing prefetches and the next demand x depth), and reuse the measured share
   /// of would-be victims wanted again while they would still have been resident.
   bool admit_prefetch(const PrefetchRequest& rq, std::uint32_t layer);
-  void forget_in_flight(ExpertKey key) noexcept { in_flight_.erase(key.packed()); }
+  void forget_in_flight(ExpertKey key) noexcept { in_flight_.erase(dense(key)); }
+  std::size_t dense(ExpertKey key) const noexcept { return std::size_t{key.layer} * n_experts_ + key.expert; }
 
   const ExpertStore* store_ = nullptr;
   ExecutorConfig config_;
@@ -176,7 +222,9 @@ class MoeLayerExecutor {
   bool has_low_ = false;
   std::uint64_t step_ = 0;
   ExecutorStats stats_;
-  std::unordered_map<std::uint64_t, InFlight> in_flight_;
+  InFlightTable in_flight_;
+  std::uint32_t n_experts_ = 0;
+  ExpertLayout master_layout_{};  // of the store's master copies (computing at the source)
   std::uint64_t prefetch_bytes_in_flight_ = 0;
   std::vector<std::vector<std::uint8_t>> predicted_;  // [layer][expert]: bit d-1 = predicted at depth d
   // Routing trace being recorded.
@@ -187,6 +235,7 @@ class MoeLayerExecutor {
   std::vector<float> logits_, xg_, ys_;
   std::vector<TokenRouting> routing_, gated_;
   std::vector<std::vector<std::pair<std::uint32_t, float>>> users_;
+  std::vector<std::uint32_t> selected_;  // experts with users_ this step, ascending
   std::vector<Serve> serve_;
   std::vector<Prediction> predictions_;
   std::vector<PrefetchRequest> issue_;
@@ -302,6 +351,10 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
   ex.stats_.layers.resize(spec.n_layers);
   ex.predicted_.assign(spec.n_layers, std::vector<std::uint8_t>(spec.n_experts, 0));
   ex.users_.resize(spec.n_experts);
+  ex.selected_.reserve(spec.n_experts);
+  ex.n_experts_ = spec.n_experts;
+  ex.master_layout_ = expert_layout(spec.shape, store.master_format());
+  ex.in_flight_.reset(std::size_t{spec.n_layers} * spec.n_experts);
   ex.victim_watch_.assign(std::size_t{spec.n_layers} * spec.n_experts, 0);
   return ex;
 }
@@ -412,7 +465,12 @@ bool MoeLayerExecutor<P>::admit_prefetch(const PrefetchRequest& rq, std::uint32_
 
 template <ExecutorPolicies P>
 Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out) {
-  auto src = store_->view(key, p);
+  // A virtual store's view is its layout (no bytes): the executor has the layouts of both pools.
+  const bool known = p == full_.format.precision || (has_low_ && p == low_.format.precision);
+  auto src = (!Backend::kHasData && store_->is_virtual() && known && key.layer < store_->spec().n_layers &&
+              key.expert < n_experts_)
+                 ? Result<ExpertView>(ExpertView{nullptr, nullptr, nullptr, layout_of(p)})
+                 : store_->view(key, p);
   if (!src) return src.status();
   const std::uint64_t bytes = layout_of(p).total_bytes;
   // Prefetched experts stay protected until used or proven wrong; demand loads are used at once.
@@ -424,13 +482,13 @@ Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std:
   if (!ins) return ins.status();
   for (const EvictedEntry& ev : ins->evicted) {
     ++stats_.layers[ev.key.layer].evictions;
-    if (auto it = in_flight_.find(ev.key.packed()); it != in_flight_.end()) {  // evicted while arriving
-      backend_.cancel_load(it->second.ticket);
-      if (it->second.prefetch) {
-        prefetch_bytes_in_flight_ -= it->second.bytes;
-        stats_.layers[ev.key.layer].prefetch_wasted_bytes += it->second.bytes;
+    if (InFlight* f = in_flight_.find(dense(ev.key))) {  // evicted while arriving
+      backend_.cancel_load(f->ticket);
+      if (f->prefetch) {
+        prefetch_bytes_in_flight_ -= f->bytes;
+        stats_.layers[ev.key.layer].prefetch_wasted_bytes += f->bytes;
       }
-      in_flight_.erase(it);
+      in_flight_.erase(dense(ev.key));
     }
     if (ev.key.layer < predicted_.size() && predicted_[ev.key.layer][ev.key.expert] && ev.precision == p)
       stats_.layers[ev.key.layer].prefetch_wasted_bytes += ev.bytes;
@@ -444,7 +502,7 @@ Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std:
     (void)cache_.erase(key);  // never leave a half-loaded expert resident
     return s;
   }
-  in_flight_[key.packed()] = InFlight{ticket, bytes, prefetch};
+  in_flight_.set(dense(key), InFlight{ticket, bytes, prefetch});
   if (prefetch) prefetch_bytes_in_flight_ += bytes;
   slot_out = ins->slot;
   return Status::ok();
@@ -479,7 +537,8 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
 
   // 1. Gate, record, and group tokens by expert.
   gated_.assign(routing.begin(), routing.begin() + static_cast<std::ptrdiff_t>(n));
-  for (auto& u : users_) u.clear();
+  for (std::uint32_t e : selected_) users_[e].clear();
+  selected_.clear();
   for (std::size_t t = 0; t < n; ++t) {
     TokenRouting& r = gated_[t];
     ls.skipped += gate_.apply(layer, r);
@@ -496,8 +555,22 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         trace_.gate_weights[off + j] = j < r.k ? r.weights[j] : 0.f;
       }
     }
-    for (std::uint32_t j = 0; j < r.k; ++j)
-      users_[r.experts[j]].emplace_back(static_cast<std::uint32_t>(t), r.weights[j]);
+    for (std::uint32_t j = 0; j < r.k; ++j) {
+      auto& u = users_[r.experts[j]];
+      if (u.empty()) selected_.push_back(r.experts[j]);  // capacity n_experts: each expert once
+      u.emplace_back(static_cast<std::uint32_t>(t), r.weights[j]);
+    }
+  }
+  // Experts are served in ascending order (a few at batch 1: insertion sort).
+  if (selected_.size() > 16) {
+    std::sort(selected_.begin(), selected_.end());
+  } else {
+    for (std::size_t i = 1; i < selected_.size(); ++i) {
+      const std::uint32_t x = selected_[i];
+      std::size_t j = i;
+      for (; j > 0 && selected_[j - 1] > x; --j) selected_[j] = selected_[j - 1];
+      selected_[j] = x;
+    }
   }
 
   // 2. Predictions made for this layer: recall, and stale ones dropped.
@@ -511,26 +584,23 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
   for (std::uint32_t d = 0; d < 8 && (depths >> d); ++d) {
     if (!((depths >> d) & 1u)) continue;
     if (stats_.depths.size() <= d) stats_.depths.resize(d + 1);
-    for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
-      if (users_[e].empty()) continue;
-      ++stats_.depths[d].selected;
-      stats_.depths[d].predicted_correct += (pred[e] >> d) & 1u;
-    }
+    stats_.depths[d].selected += selected_.size();
+    for (std::uint32_t e : selected_) stats_.depths[d].predicted_correct += (pred[e] >> d) & 1u;
   }
-  for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
+  if (predictable) ls.selected += selected_.size();
+  for (std::uint32_t e = 0; e < spec.n_experts && depths != 0; ++e) {
     const bool sel = !users_[e].empty();
-    ls.selected += predictable && sel;
     if (!pred[e]) continue;
     ++ls.predicted;
     ls.predicted_correct += sel;
     if (!sel) {
       const ExpertKey key{layer, e};
-      if (auto it = in_flight_.find(key.packed()); it != in_flight_.end() && !backend_.load_done(it->second.ticket)) {
+      if (InFlight* f = in_flight_.find(dense(key)); f != nullptr && !backend_.load_done(f->ticket)) {
         // Still arriving and proven wrong: cancel it and give its slot back.
-        backend_.cancel_load(it->second.ticket);
-        prefetch_bytes_in_flight_ -= it->second.prefetch ? it->second.bytes : 0;
-        ls.prefetch_wasted_bytes += it->second.bytes;
-        in_flight_.erase(it);
+        backend_.cancel_load(f->ticket);
+        prefetch_bytes_in_flight_ -= f->prefetch ? f->bytes : 0;
+        ls.prefetch_wasted_bytes += f->bytes;
+        in_flight_.erase(dense(key));
         (void)cache_.erase(key);
       } else if (cache_.contains(key)) {
         (void)cache_.unprotect(key);
@@ -544,12 +614,11 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
   std::size_t rows = 0;
   const Precision full_p = full_.format.precision;
   const Precision low_p = has_low_ ? low_.format.precision : full_p;
-  const ExpertLayout master_layout = expert_layout(spec.shape, store_->master_format());
+  const ExpertLayout& master_layout = master_layout_;
   // Work this step has already planned for each path, so that ETAs see the queues it builds.
   std::uint64_t planned_link_bytes = 0, planned_source_ns = 0;
-  for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
+  for (const std::uint32_t e : selected_) {
     const auto& u = users_[e];
-    if (u.empty()) continue;
     const ExpertKey key{layer, e};
     Serve s;
     s.expert = e;
@@ -667,8 +736,8 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     for (Serve& s : serve_) {
       if (s.kind == Serve::kSkip) continue;
       const ExpertKey key{layer, s.expert};
-      auto it = in_flight_.find(key.packed());
-      bool arriving = s.kind == Serve::kResident && it != in_flight_.end();
+      InFlight* f = in_flight_.find(dense(key));
+      bool arriving = s.kind == Serve::kResident && f != nullptr;
       // Host work is asynchronous: start it before waiting on anything the link still carries.
       const int want = s.kind == Serve::kLoad ? 3 : s.kind == Serve::kAtSource ? 1 : (arriving ? 2 : 0);
       if (want != pass) continue;
@@ -677,33 +746,30 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         MOEX_RETURN_IF_ERROR(load(key, s.precision, false, s.slot));
         ++ls.misses_by_precision[static_cast<std::size_t>(s.precision)];
         ls.bytes_loaded += layout_of(s.precision).total_bytes;
-        it = in_flight_.find(key.packed());
-        arriving = true;
+        f = in_flight_.find(dense(key));
+        arriving = f != nullptr;
       }
       if (arriving) {
-        MOEX_RETURN_IF_ERROR(backend_.wait_load(it->second.ticket));
-        if (it->second.prefetch) prefetch_bytes_in_flight_ -= it->second.bytes;
-        in_flight_.erase(it);
+        MOEX_RETURN_IF_ERROR(backend_.wait_load(f->ticket));
+        if (f->prefetch) prefetch_bytes_in_flight_ -= f->bytes;
+        in_flight_.erase(dense(key));
         ls.stall_ns += backend_.now_ns() - t0;
       }
       MOEX_RETURN_IF_ERROR(run(s));
     }
   }
 
-  std::fill(pred.begin(), pred.end(), 0);  // this layer's predictions are settled
+  if (depths != 0) std::fill(pred.begin(), pred.end(), 0);  // this layer's predictions are settled
 
   // 6. Start the predicted transfers, behind this layer's own loads on the link; they overlap
   //    the compute still queued and the next layers' routing.
   if (predictor_.depth() > 0 && layer + 1 < spec.n_layers) {
     // Retire finished prefetches, then issue within the in-flight bound.
-    for (auto it = in_flight_.begin(); it != in_flight_.end();) {
-      if (it->second.prefetch && backend_.load_done(it->second.ticket)) {
-        prefetch_bytes_in_flight_ -= it->second.bytes;
-        it = in_flight_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    in_flight_.erase_if([&](const InFlight& f) {
+      if (!f.prefetch || !backend_.load_done(f.ticket)) return false;
+      prefetch_bytes_in_flight_ -= f.bytes;
+      return true;
+    });
     issue_.clear();
     prefetch_.take_issuable(prefetch_bytes_in_flight_, layer, spec.n_layers, issue_);
     for (const PrefetchRequest& rq : issue_) {

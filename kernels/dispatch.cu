@@ -30,6 +30,24 @@ std::size_t per_load(Precision p) noexcept {
   }
 }
 
+/// Column multiple that the block-format kernels need, or 0 when p has none.
+std::size_t block_cols(Precision p) noexcept {
+  switch (p) {
+    case Precision::kQ8_0:
+    case Precision::kQ4_0:
+    case Precision::kFp8E4M3:
+      return 32;
+    case Precision::kQ4_K:
+      return 256;
+    default:
+      return 0;
+  }
+}
+
+/// Calls fn.template operator()<P, T>() for the block format P and token bucket T of n.
+template <class F>
+Status dispatch_block(Precision p, std::uint32_t n, F&& fn) noexcept;
+
 int token_bucket(std::uint32_t n) noexcept { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8; }
 
 bool aligned16(const void* p) noexcept { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
@@ -78,6 +96,35 @@ Status dispatch(WeightFormat f, std::uint32_t n, F&& fn) noexcept {
   }
 }
 
+template <class F>
+Status dispatch_block(Precision p, std::uint32_t n, F&& fn) noexcept {
+  const int t = token_bucket(n);
+  auto by_t = [&]<Precision P>() -> Status {
+    switch (t) {
+      case 1:
+        return fn.template operator()<P, 1>();
+      case 2:
+        return fn.template operator()<P, 2>();
+      case 4:
+        return fn.template operator()<P, 4>();
+      default:
+        return fn.template operator()<P, 8>();
+    }
+  };
+  switch (p) {
+    case Precision::kQ8_0:
+      return by_t.template operator()<Precision::kQ8_0>();
+    case Precision::kQ4_0:
+      return by_t.template operator()<Precision::kQ4_0>();
+    case Precision::kQ4_K:
+      return by_t.template operator()<Precision::kQ4_K>();
+    case Precision::kFp8E4M3:
+      return by_t.template operator()<Precision::kFp8E4M3>();
+    default:
+      return unsupported(std::string("no CUDA block GEMV for ") + std::string(to_string(p)));
+  }
+}
+
 }  // namespace
 
 Status cuda_status(cudaError_t err, const char* what) noexcept {
@@ -86,6 +133,7 @@ Status cuda_status(cudaError_t err, const char* what) noexcept {
 }
 
 bool gemv_supported(WeightFormat format, std::size_t cols) noexcept {
+  if (const std::size_t b = block_cols(format.precision); b != 0) return cols != 0 && cols % b == 0;
   const std::size_t e = per_load(format.precision);
   if (e == 0 || cols == 0 || cols % e != 0) return false;
   if (is_quantized(format.precision) && !format_is_valid(format, cols)) return false;
@@ -100,6 +148,13 @@ Status gemv(const GemvArgs& a, cudaStream_t stream) noexcept {
     return unsupported("gemv: format/columns combination not instantiated");
   if (!aligned16(a.w) || !aligned16(a.x) || a.ldx % 4 != 0 || a.ldx < a.layout.cols || a.ldy < a.layout.rows)
     return invalid_argument("gemv: misaligned pointer or bad stride");
+  if (block_cols(a.layout.format.precision) != 0) {
+    if (a.layout.format.precision == Precision::kFp8E4M3 &&
+        (!a.block_scales || a.scale_block == 0 || a.scale_block % 32 != 0))
+      return invalid_argument("gemv: fp8 e4m3 needs block_scales and a scale_block that is a multiple of 32");
+    return dispatch_block(a.layout.format.precision, a.n,
+                          [&]<Precision P, int T>() { return launch_gemv_block<P, T>(a, stream); });
+  }
   return dispatch(a.layout.format, a.n, [&]<Precision P, int G, int T>() {
     // int8 stays on the f32 kernel: it already streams at the copy ceiling there, and its q8
     // variant measured slower (bench/RESULTS-gpu.md).
@@ -114,7 +169,12 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
   if (!a.tasks || !a.x || !a.out || !a.workspace) return invalid_argument("grouped_expert_ffn: null pointer");
   if (a.count == 0 || a.count > kMaxGroupExperts) return invalid_argument("grouped_expert_ffn: count must be 1..32");
   const ExpertShape s = a.layout.shape;
-  if (!expert_format_is_valid(s, a.layout.format)) return invalid_argument("grouped_expert_ffn: bad layout");
+  const Precision prec = a.layout.format.precision;
+  const bool block = block_cols(prec) != 0;
+  if (prec == Precision::kFp8E4M3)
+    return unsupported("grouped_expert_ffn: fp8 e4m3 experts need block scales, which ExpertTask does not carry");
+  if (block ? (s.hidden == 0 || s.ffn == 0) : !expert_format_is_valid(s, a.layout.format))
+    return invalid_argument("grouped_expert_ffn: bad layout");
   if (!gemv_supported(a.layout.format, s.hidden) || !gemv_supported(a.layout.format, s.ffn))
     return unsupported("grouped_expert_ffn: format/shape combination not instantiated");
   if (!aligned16(a.x) || a.ldx % 4 != 0 || a.ldx < s.hidden || a.ldo < s.hidden || !aligned16(a.workspace))
@@ -126,6 +186,15 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
       return invalid_argument("grouped_expert_ffn: null or misaligned expert");
     if (t.n == 0 || t.n > kMaxGemvTokens) return invalid_argument("grouped_expert_ffn: task n must be 1..8");
     if (t.n > max_n) max_n = t.n;
+  }
+  if (block) {
+    return dispatch_block(prec, max_n, [&]<Precision P, int T>() -> Status {
+      if constexpr (P == Precision::kFp8E4M3) {
+        return unsupported("grouped_expert_ffn: fp8 e4m3");
+      } else {
+        return launch_grouped_expert_block<P, T>(a, stream);
+      }
+    });
   }
   return dispatch(a.layout.format, max_n, [&]<Precision P, int G, int T>() {
     if constexpr (P == Precision::kInt4 || P == Precision::kInt2) {

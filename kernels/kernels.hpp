@@ -52,11 +52,20 @@ struct GemvArgs {
   /// formats and int8 (whose f32 kernel already streams at the copy ceiling) ignore it. The q8 path also falls back to
   /// the exact kernel when n tokens of quantized x do not fit one block's shared memory (about 150k columns at n = 1).
   bool exact = false;
+  /// fp8 e4m3 only (required there): the f32 block scales that the store keeps apart from the
+  /// weights (DeepSeek-V3 `weight_scale_inv`), device memory, [ceil(rows/B) x ceil(cols/B)]
+  /// row-major with B = scale_block; weight (r, c) is fp8(r, c) * block_scales[(r/B)*ceil(cols/B) + c/B].
+  const float* block_scales = nullptr;
+  std::uint32_t scale_block = 128;  ///< B: a multiple of 32
 };
 
 /// True when gemv() serves `format` for a matrix of `cols` columns on this build (bf16, f16 and
 /// int8/int4/int2 with group 32/64/128, either scheme; cols a multiple of the elements that one
-/// 16-byte load holds: 8 for 16-bit, 16/32/64 for int8/int4/int2).
+/// 16-byte load holds: 8 for 16-bit, 16/32/64 for int8/int4/int2), and the block formats in the
+/// byte layout of moex/quant/ggml.hpp: GGUF Q8_0, Q4_0 (cols % 32 == 0), Q4_K (cols % 256 == 0)
+/// and fp8 e4m3 with separate block scales (cols % 32 == 0; GemvArgs::block_scales). A block-format
+/// matrix is rows * (cols / block) * block_bytes bytes, rows back to back (GemvArgs::layout needs
+/// only rows, cols and the precision).
 bool gemv_supported(WeightFormat format, std::size_t cols) noexcept;
 
 /// Fused dequantize-GEMV (kernel family dequant_gemv).
@@ -97,7 +106,9 @@ constexpr std::size_t grouped_expert_workspace_bytes(ExpertShape shape, std::uin
 }
 
 /// Fused SwiGLU experts (kernel family swiglu_gemv + down_scatter_gemv; int4/int2 by default
-/// q8_swiglu + q8_down_scatter, see GroupedExpertArgs::exact).
+/// q8_swiglu + q8_down_scatter, see GroupedExpertArgs::exact; Q8_0/Q4_0/Q4_K block_swiglu_gemv +
+/// block_down_scatter_gemv, reading each matrix from its task pointer as rows of blocks). fp8
+/// experts answer kUnsupported: ExpertTask carries no block scales (nor does the expert store).
 Status grouped_expert_ffn(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
 
 /// Router variants (all of the CPU router's).

@@ -36,5 +36,13 @@ Status launch_grouped_expert_q8(const GroupedExpertArgs& args, cudaStream_t stre
 template <Precision P, int G, int T>
 Status launch_grouped_expert(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
 
+/// Block-format GEMV (kernels/gemv_block.cuh) for P in Q8_0, Q4_0, Q4_K, fp8 e4m3, token bucket T.
+template <Precision P, int T>
+Status launch_gemv_block(const GemvArgs& args, cudaStream_t stream) noexcept;
+
+/// Grouped SwiGLU experts in block format P (Q8_0, Q4_0, Q4_K), token bucket T.
+template <Precision P, int T>
+Status launch_grouped_expert_block(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
+
 }  // namespace cuda
 MOEX_NAMESPACE_END

@@ -1,4 +1,5 @@
-// GPU microbenchmarks: weight-streaming bandwidth of every GEMV format at batch 1 against a
+// GPU microbenchmarks: weight-streaming bandwidth of every GEMV format (moex's own and the
+// checkpoints' block formats Q8_0/Q4_0/Q4_K/fp8) at batch 1 against a
 // device-to-device copy ceiling measured in the same run, bf16 against cuBLAS, slot uploads against
 // the pinned host-to-device ceiling, and an upload with kernels running at once.
 // Timing: cudaEvents around each iteration, warm-up first, median over iterations; counters GBps
@@ -191,6 +192,101 @@ void BM_gemv(benchmark::State& state) {
   timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes), g_d2d_gbps,
              [&] { good = good && mc::gemv(a, nullptr).is_ok(); });
   if (!good) state.SkipWithError("gemv failed");
+}
+
+/// The block formats of checkpoints (kernels/gemv_block.cuh): GGUF Q8_0 / Q4_0 / Q4_K in their byte
+/// layout, fp8 e4m3 with one f32 scale per 128x128 block (the scales' bytes count as streamed).
+struct BlockCase {
+  const char* name;
+  Precision p;
+  std::size_t block_weights, block_bytes;
+};
+const BlockCase kBlockFormats[] = {
+    {"q8_0", Precision::kQ8_0, 32, 34},
+    {"q4_0", Precision::kQ4_0, 32, 18},
+    {"q4_k", Precision::kQ4_K, 256, 144},
+    {"fp8_e4m3_b128", Precision::kFp8E4M3, 32, 32},
+};
+constexpr std::uint32_t kFp8Block = 128;
+
+/// A ~256 MB block-format matrix on the device (random codes, small positive f16 scales; fp8
+/// without NaN codes), its fp8 scales, and x and y for 8 tokens.
+struct BlockSetup {
+  moex::MatrixLayout l;
+  void* w = nullptr;
+  float* scales = nullptr;
+  std::size_t scale_bytes = 0;
+  float* x = nullptr;
+  float* y = nullptr;
+  explicit BlockSetup(const BlockCase& bc) {
+    const std::size_t row_bytes = kCols / bc.block_weights * bc.block_bytes;
+    l.rows = kStreamBytes / row_bytes;
+    l.cols = kCols;
+    l.format.precision = bc.p;
+    l.codes_bytes = l.total_bytes = l.rows * row_bytes;
+    std::vector<std::byte> host(l.total_bytes);
+    std::mt19937_64 rng(42);
+    auto* words = reinterpret_cast<std::uint64_t*>(host.data());
+    for (std::size_t i = 0; i < host.size() / 8; ++i) words[i] = rng();
+    auto set_f16 = [&](std::size_t at) {  // small positive: (h & 0x03FF) | 0x2000 (high byte at + 1)
+      host[at + 1] = static_cast<std::byte>((std::to_integer<unsigned>(host[at + 1]) & 0x03u) | 0x20u);
+    };
+    if (bc.p == Precision::kFp8E4M3) {
+      for (auto& b : host)
+        if ((std::to_integer<unsigned>(b) & 0x7fu) == 0x7fu) b = std::byte{0x38};  // no NaN codes
+      const std::size_t sr = (l.rows + kFp8Block - 1) / kFp8Block, sc = (kCols + kFp8Block - 1) / kFp8Block;
+      std::vector<float> hs(sr * sc);
+      std::uniform_real_distribution<float> ud(0.5f, 1.f);
+      for (float& v : hs) v = ud(rng);
+      scale_bytes = hs.size() * sizeof(float);
+      ok(cudaMalloc(&scales, scale_bytes));
+      ok(cudaMemcpy(scales, hs.data(), scale_bytes, cudaMemcpyHostToDevice));
+    } else {
+      for (std::size_t at = 0; at < host.size(); at += bc.block_bytes) {
+        set_f16(at);
+        if (bc.p == Precision::kQ4_K) set_f16(at + 2);
+      }
+    }
+    ok(cudaMalloc(&w, l.total_bytes));
+    ok(cudaMemcpy(w, host.data(), l.total_bytes, cudaMemcpyHostToDevice));
+    std::vector<float> hx(8 * kCols);
+    std::mt19937 xr(7);
+    std::normal_distribution<float> nd;
+    for (float& v : hx) v = nd(xr);
+    ok(cudaMalloc(&x, hx.size() * sizeof(float)));
+    ok(cudaMemcpy(x, hx.data(), hx.size() * sizeof(float), cudaMemcpyHostToDevice));
+    ok(cudaMalloc(&y, 8 * l.rows * sizeof(float)));
+  }
+  ~BlockSetup() {
+    cudaFree(w);
+    cudaFree(scales);
+    cudaFree(x);
+    cudaFree(y);
+  }
+  BlockSetup(const BlockSetup&) = delete;
+  BlockSetup& operator=(const BlockSetup&) = delete;
+};
+
+/// Batch-n GEMV of one block format (the bytes counted: weights, plus fp8's block scales).
+void BM_gemv_block(benchmark::State& state) {
+  const BlockCase& bc = kBlockFormats[state.range(0)];
+  const auto n = static_cast<std::uint32_t>(state.range(1));
+  state.SetLabel(bc.name);
+  BlockSetup g(bc);
+  mc::GemvArgs a;
+  a.w = static_cast<const std::byte*>(g.w);
+  a.layout = g.l;
+  a.x = g.x;
+  a.ldx = kCols;
+  a.y = g.y;
+  a.ldy = g.l.rows;
+  a.n = n;
+  a.block_scales = g.scales;
+  a.scale_block = kFp8Block;
+  bool good = true;
+  timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes + g.scale_bytes), g_d2d_gbps,
+             [&] { good = good && mc::gemv(a, nullptr).is_ok(); });
+  if (!good) state.SkipWithError("block gemv failed");
 }
 
 /// One named variant of the q8 kernel at batch 1 (launch_gemv_q8_variant), int4/int2 formats.
@@ -537,6 +633,13 @@ int main(int argc, char** argv) {
         ->UseManualTime()
         ->Iterations(50)
         ->Unit(benchmark::kMicrosecond);
+  // The block formats of checkpoints at batch 1 (their only path).
+  for (int f = 0; f < static_cast<int>(std::size(kBlockFormats)); ++f)
+    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv_block)
+        ->Args({f, 1})
+        ->UseManualTime()
+        ->Iterations(50)
+        ->Unit(benchmark::kMicrosecond);
   for (int f = 2; f < nf; ++f)
     benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)
         ->Args({f, 1, 1})
@@ -556,6 +659,12 @@ int main(int argc, char** argv) {
           ->UseManualTime()
           ->Iterations(30)
           ->Unit(benchmark::kMicrosecond);
+  for (int f = 0; f < static_cast<int>(std::size(kBlockFormats)); ++f)
+    benchmark::RegisterBenchmark("gemv/batch8", BM_gemv_block)
+        ->Args({f, 8})
+        ->UseManualTime()
+        ->Iterations(30)
+        ->Unit(benchmark::kMicrosecond);
   for (int f : {0, 5, 7})
     benchmark::RegisterBenchmark("gemv/batch8", BM_gemv)
         ->Args({f, 8, 1})

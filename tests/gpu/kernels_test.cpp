@@ -89,7 +89,7 @@ TEST_CASE("the GEMV dispatch rejects combinations that are not instantiated") {
   a.y = dummy.data();
   a.ldx = 256;
   a.ldy = 16;
-  a.layout = moex::matrix_layout(16, 256, {Precision::kQ4_K, QuantScheme::kSymmetric, 0});
+  a.layout = moex::matrix_layout(16, 256, {Precision::kQ5_K, QuantScheme::kSymmetric, 0});
   CHECK(mc::gemv(a, nullptr).code() == moex::StatusCode::kUnsupported);
   a.layout = moex::matrix_layout(16, 96, moex::quant_format(Precision::kInt2, 32));
   CHECK(mc::gemv(a, nullptr).code() == moex::StatusCode::kUnsupported);  // 96 % 64 != 0

@@ -1,0 +1,5 @@
+// Instantiations of the block-format GEMV family for q4_0 weights (kernels/gemv_block.cuh).
+#include "gemv_block.cuh"
+
+MOEX_INSTANTIATE_GEMV_BLOCK(moex::Precision::kQ4_0)
+MOEX_INSTANTIATE_GROUPED_BLOCK(moex::Precision::kQ4_0)

@@ -233,6 +233,83 @@ __device__ __forceinline__ void tile_unit(const std::uint8_t* s, int u, const Bl
   unit_dot<T, P != Precision::kFp8E4M3>(f, d, mn, xp, col, acc);
 }
 
+/// Coalesced variant: decodes 4-weight chunk `part` (0..7) of unit u and accumulates it, so that
+/// the 32 lanes of a warp cover 128 consecutive columns and their x loads are one contiguous 512 B.
+template <Precision P, int T>
+__device__ __forceinline__ void tile_chunk(const std::uint8_t* s, int u, int part, const BlockMatrix& m,
+                                           std::size_t row, std::size_t col, const float* const (&xp)[T],
+                                           float (&acc)[T]) {
+  (void)m;
+  (void)row;
+  float f[4];
+  float d = 0.f, mn = 0.f;
+  if constexpr (P == Precision::kQ8_0) {
+    const std::uint8_t* b = s + 34 * u;
+    const float dh = half_bits(lds16(b));
+    const std::uint32_t h0 = lds16(b + 2 + 4 * part) ^ 0x8080u, h1 = lds16(b + 4 + 4 * part) ^ 0x8080u;
+    f[0] = one_plus((h0 & 0xFFu) << 15);
+    f[1] = one_plus((h0 & 0xFF00u) << 7);
+    f[2] = one_plus((h1 & 0xFFu) << 15);
+    f[3] = one_plus((h1 & 0xFF00u) << 7);
+    d = 256.f * dh;
+    mn = -384.f * dh;
+  } else if constexpr (P == Precision::kQ4_0) {
+    const std::uint8_t* b = s + 18 * u;
+    const float dh = half_bits(lds16(b));
+    const int sh = part >= 4 ? 4 : 0;
+    const std::uint32_t h0 = lds16(b + 2 + 4 * (part & 3)) >> sh, h1 = lds16(b + 4 + 4 * (part & 3)) >> sh;
+    f[0] = one_plus((h0 & 0xFu) << 19);
+    f[1] = one_plus(((h0 >> 8) & 0xFu) << 19);
+    f[2] = one_plus((h1 & 0xFu) << 19);
+    f[3] = one_plus(((h1 >> 8) & 0xFu) << 19);
+    d = 16.f * dh;
+    mn = -24.f * dh;
+  } else if constexpr (P == Precision::kQ4_K) {
+    const std::uint8_t* b = s + 144 * (u / 8);
+    const int j = u % 8;
+    const std::uint32_t dd = *reinterpret_cast<const std::uint32_t*>(b);
+    const std::uint8_t* sc = b + 4;
+    std::uint32_t scale, mins;
+    if (j < 4) {
+      scale = sc[j] & 63u;
+      mins = sc[j + 4] & 63u;
+    } else {
+      scale = (sc[j + 4] & 0xFu) | ((sc[j - 4] >> 6) << 4);
+      mins = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+    }
+    const float dsc = half_bits(dd & 0xffffu) * static_cast<float>(scale);
+    const float dm = half_bits(dd >> 16) * static_cast<float>(mins);
+    d = 16.f * dsc;
+    mn = -(16.f * dsc + dm);
+    const std::uint32_t w = *reinterpret_cast<const std::uint32_t*>(b + 16 + 32 * (j / 2) + 4 * part);
+    const std::uint32_t nib = (w >> ((j & 1) * 4)) & 0x0F0F0F0Fu;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f[e] = one_plus(((nib >> (8 * e)) & 0xFu) << 19);
+  } else {
+    static_assert(P == Precision::kFp8E4M3);
+    const std::uint32_t w = *reinterpret_cast<const std::uint32_t*>(s + 32 * u + 4 * part);
+    d = __ldg(m.scales + (row / m.scale_b) * m.scale_ld + col / m.scale_b) * __uint_as_float(0x7B800000u);  // 2^120
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const std::uint32_t byte = (w >> (8 * e)) & 0xFFu;
+      f[e] = __uint_as_float(((byte & 0x80u) << 24) | ((byte & 0x7Fu) << 20));
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const float4 x = __ldg(reinterpret_cast<const float4*>(xp[t] + col));
+    float sum = f[0] * x.x;
+    sum = fmaf(f[1], x.y, sum);
+    sum = fmaf(f[2], x.z, sum);
+    sum = fmaf(f[3], x.w, sum);
+    if constexpr (P != Precision::kFp8E4M3) {
+      acc[t] = fmaf(d, sum, fmaf(mn, (x.x + x.y) + (x.z + x.w), acc[t]));
+    } else {
+      acc[t] = fmaf(d, sum, acc[t]);
+    }
+  }
+}
+
 /// acc[t] = the dot product of row `row` of m with the T token vectors xp[t]; every lane ends with
 /// the totals. `smem`: this warp's kWarpChunks 16-byte chunks.
 template <Precision P, int T>
@@ -266,10 +343,11 @@ __device__ __forceinline__ void block_row_dot(const BlockMatrix& m, std::size_t 
     const std::size_t left = m.cols - col0;
     const int units =
         left >= static_cast<std::size_t>(kTileWeights<P>) ? 32 * Tr::kUnitsPerLane : static_cast<int>(left / 32);
-#pragma unroll 1
-    for (int j = 0; j < Tr::kUnitsPerLane; ++j) {
-      const int u = lane + 32 * j;
-      if (u < units) tile_unit<P, T>(sb + (tb - a0), u, m, row, col0 + 32 * static_cast<std::size_t>(u), xp, acc);
+#pragma unroll 4
+    for (int i = 0; i < 8 * Tr::kUnitsPerLane; ++i) {
+      const int c = lane + 32 * i;  // 4-weight chunk of the tile
+      if (c < 8 * units)
+        tile_chunk<P, T>(sb + (tb - a0), c >> 3, c & 7, m, row, col0 + 4 * static_cast<std::size_t>(c), xp, acc);
     }
     __syncwarp();
   }

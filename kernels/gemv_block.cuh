@@ -11,7 +11,7 @@
 /// to a per-warp shared-memory buffer, and each lane then decodes one or two 32-weight units (a
 /// Q8_0/Q4_0 block, a Q4_K sub-block, 32 fp8 bytes) from shared memory. The next tile's loads are
 /// issued before the current tile is decoded, so one tile per warp is always in flight. Sums are
-/// f32: codes decode by bit moves only (no I2F; see tile_unit) to f_j with weight = d f_j + mn, and
+/// f32: codes decode by bit moves only (no I2F; see tile_chunk) to f_j with weight = d f_j + mn, and
 /// per unit acc += d * sum f_j x_j + mn * sum x_j. The grouped kernels are bounded to 168
 /// registers (3 blocks per SM): below that ptxas spills at batch 4 and 8.
 
@@ -117,124 +117,29 @@ __device__ __forceinline__ void load_tile(const std::uint8_t* w, std::size_t a0,
   }
 }
 
-/// acc[t] += the dot product of one 32-weight unit (first column col) with the T token vectors.
-/// `f` holds the unit's decoded values; the unit's value is d * f_j + mn (mn = 0 except Q4_K).
-template <int T, bool kMin>
-__device__ __forceinline__ void unit_dot(const float (&f)[32], float d, float mn, const float* const (&xp)[T],
-                                         std::size_t col, float (&acc)[T]) {
-#pragma unroll
-  for (int t = 0; t < T; ++t) {
-    const float4* xv = reinterpret_cast<const float4*>(xp[t] + col);
-    float s = 0.f, sx = 0.f;
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-      const float4 x = __ldg(xv + q);
-      s = fmaf(f[4 * q], x.x, s);
-      s = fmaf(f[4 * q + 1], x.y, s);
-      s = fmaf(f[4 * q + 2], x.z, s);
-      s = fmaf(f[4 * q + 3], x.w, s);
-      if constexpr (kMin) sx += (x.x + x.y) + (x.z + x.w);
-    }
-    acc[t] = kMin ? fmaf(d, s, fmaf(mn, sx, acc[t])) : fmaf(d, s, acc[t]);
-  }
-}
-
 /// 1 + n / 2^8 (n < 256 in bits 15..22 of `bits`, the rest zero): the mantissa trick of gemv.cuh, one
 /// LOP3 instead of an I2F (quarter rate on sm_90, too slow for 4-bit weights at HBM speed).
 __device__ __forceinline__ float one_plus(std::uint32_t bits) { return __uint_as_float(0x3F800000u | bits); }
 
-/// Decodes unit u of a tile (shared memory at s: the tile's first byte) and accumulates it. Every
-/// format decodes to f_j with the unit's weights = d * f_j + mn: integer codes n as f = 1 + n/2^b
-/// (so that d and mn absorb the offsets), fp8 as its bits moved into an f32 with the exponent
-/// bias left at 7 (value * 2^-120; d carries the 2^120; NaN codes read as 480 instead of NaN).
-template <Precision P, int T>
-__device__ __forceinline__ void tile_unit(const std::uint8_t* s, int u, const BlockMatrix& m, std::size_t row,
-                                          std::size_t col, const float* const (&xp)[T], float (&acc)[T]) {
-  (void)m;
-  (void)row;
-  float f[32];
-  float d = 0.f, mn = 0.f;
-  if constexpr (P == Precision::kQ8_0) {
-    // q = u - 128 with u = byte ^ 0x80 = 256 (f - 1): q = 256 f - 384.
-    const std::uint8_t* b = s + 34 * u;  // 2-byte aligned: rows and tiles are even numbers of bytes
-    const float dh = half_bits(lds16(b));
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const std::uint32_t h = lds16(b + 2 + 2 * j) ^ 0x8080u;
-      f[2 * j] = one_plus((h & 0xFFu) << 15);
-      f[2 * j + 1] = one_plus((h & 0xFF00u) << 7);
-    }
-    d = 256.f * dh;
-    mn = -384.f * dh;
-  } else if constexpr (P == Precision::kQ4_0) {
-    // Byte k: element k in the low nibble, k + 16 in the high one; q = n - 8 = 16 f - 24.
-    constexpr std::uint32_t kM = 0xFu << 19;
-    const std::uint8_t* b = s + 18 * u;
-    const float dh = half_bits(lds16(b));
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const std::uint32_t h = lds16(b + 2 + 2 * j);
-      f[2 * j] = one_plus((h << 19) & kM);
-      f[2 * j + 1] = one_plus((h << 11) & kM);
-      f[16 + 2 * j] = one_plus((h << 15) & kM);
-      f[17 + 2 * j] = one_plus((h << 7) & kM);
-    }
-    d = 16.f * dh;
-    mn = -24.f * dh;
-  } else if constexpr (P == Precision::kQ4_K) {
-    // Unit u is sub-block j = u % 8 of super-block u / 8 (16-byte aligned: 144-byte blocks in rows
-    // and tiles of multiples of 16 bytes). Weight = (d sc) n - dmin m with n = 16 (f - 1).
-    const std::uint8_t* b = s + 144 * (u / 8);
-    const int j = u % 8;
-    const std::uint32_t dd = *reinterpret_cast<const std::uint32_t*>(b);
-    const std::uint8_t* sc = b + 4;
-    std::uint32_t scale, mins;
-    if (j < 4) {
-      scale = sc[j] & 63u;
-      mins = sc[j + 4] & 63u;
-    } else {
-      scale = (sc[j + 4] & 0xFu) | ((sc[j - 4] >> 6) << 4);
-      mins = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-    }
-    const float dsc = half_bits(dd & 0xffffu) * static_cast<float>(scale);
-    const float dm = half_bits(dd >> 16) * static_cast<float>(mins);
-    d = 16.f * dsc;
-    mn = -(16.f * dsc + dm);
-    const uint4* q = reinterpret_cast<const uint4*>(b + 16 + 32 * (j / 2));
-    const int sh = (j & 1) * 4;
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const uint4 v = q[k];
-      const std::uint32_t wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const std::uint32_t nib = (wv[i] >> sh) & 0x0F0F0F0Fu;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) f[16 * k + 4 * i + e] = one_plus(((nib >> (8 * e)) & 0xFu) << 19);
-      }
-    }
+/// Q4_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes at sc (ggml's layout).
+__device__ __forceinline__ void q4k_scale_min(const std::uint8_t* sc, int j, std::uint32_t& scale,
+                                              std::uint32_t& mins) {
+  if (j < 4) {
+    scale = sc[j] & 63u;
+    mins = sc[j + 4] & 63u;
   } else {
-    static_assert(P == Precision::kFp8E4M3);
-    const uint4* q = reinterpret_cast<const uint4*>(s + 32 * u);  // 16-aligned: cols % 32 == 0
-    d = __ldg(m.scales + (row / m.scale_b) * m.scale_ld + col / m.scale_b) * __uint_as_float(0x7B800000u);  // 2^120
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const uint4 v = q[k];
-      const std::uint32_t wv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const std::uint32_t byte = (wv[i] >> (8 * e)) & 0xFFu;
-          f[16 * k + 4 * i + e] = __uint_as_float(((byte & 0x80u) << 24) | ((byte & 0x7Fu) << 20));
-        }
-    }
+    scale = (sc[j + 4] & 0xFu) | ((sc[j - 4] >> 6) << 4);
+    mins = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
   }
-  unit_dot<T, P != Precision::kFp8E4M3>(f, d, mn, xp, col, acc);
 }
 
-/// Coalesced variant: decodes 4-weight chunk `part` (0..7) of unit u and accumulates it, so that
-/// the 32 lanes of a warp cover 128 consecutive columns and their x loads are one contiguous 512 B.
+/// Decodes 4-weight chunk `part` (0..7) of 32-weight unit u of a tile (shared memory at s: the
+/// tile's first byte) and accumulates it, so that the 32 lanes of a warp cover 128 consecutive
+/// columns and their x loads are one contiguous 512 B. Every format decodes to f_j with the
+/// weights = d * f_j + mn: integer codes n as f = 1 + n/2^b (so that d and mn absorb the offsets;
+/// Q8_0: q = 256 f - 384, Q4_0: q = 16 f - 24, Q4_K: (d sc) 16 (f - 1) - dmin m), fp8 as its bits
+/// moved into an f32 with the exponent bias left at 7 (value * 2^-120; d carries the 2^120; NaN
+/// codes read as 480 instead of NaN).
 template <Precision P, int T>
 __device__ __forceinline__ void tile_chunk(const std::uint8_t* s, int u, int part, const BlockMatrix& m,
                                            std::size_t row, std::size_t col, const float* const (&xp)[T],
@@ -270,13 +175,7 @@ __device__ __forceinline__ void tile_chunk(const std::uint8_t* s, int u, int par
     const std::uint32_t dd = *reinterpret_cast<const std::uint32_t*>(b);
     const std::uint8_t* sc = b + 4;
     std::uint32_t scale, mins;
-    if (j < 4) {
-      scale = sc[j] & 63u;
-      mins = sc[j + 4] & 63u;
-    } else {
-      scale = (sc[j + 4] & 0xFu) | ((sc[j - 4] >> 6) << 4);
-      mins = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-    }
+    q4k_scale_min(sc, j, scale, mins);
     const float dsc = half_bits(dd & 0xffffu) * static_cast<float>(scale);
     const float dm = half_bits(dd >> 16) * static_cast<float>(mins);
     d = 16.f * dsc;

@@ -289,6 +289,20 @@ struct Q8Matrix {
   }
 };
 
+/// The code, scale and min pointers of rows row0 .. row0 + R - 1 of m (rows past `rows` repeat the
+/// last row, so a partial group reads valid memory; its results are not stored).
+template <int R>
+__device__ __forceinline__ void q8_row_group(const Q8Matrix& m, std::size_t row0, std::size_t rows,
+                                             const uint4* (&codes)[R], const __half* (&sc)[R], const __half* (&mn)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const std::size_t row = row0 + r < rows ? row0 + r : rows - 1;
+    codes[r] = m.codes(row);
+    sc[r] = m.scales(row);
+    mn[r] = m.mins(row);
+  }
+}
+
 template <int B, int G>
 __device__ __forceinline__ Q8Matrix q8_matrix(const std::byte* w, std::size_t scales_off, std::size_t mins_off,
                                               std::size_t cols) {
@@ -339,13 +353,7 @@ __global__ void __launch_bounds__(kQ8Warps * 32, MinBlocks) q8_gemv(const Q8Para
     const uint4* codes[R];
     const __half* sc[R];
     const __half* mn[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const std::size_t row = row0 + r < p.rows ? row0 + r : p.rows - 1;
-      codes[r] = m.codes(row);
-      sc[r] = m.scales(row);
-      mn[r] = m.mins(row);
-    }
+    q8_row_group<R>(m, row0, p.rows, codes, sc, mn);
     float acc[R][T];
     q8_dot<B, G, T, Asym, R, U>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
     // Lane r*T + t writes (row0 + r, token t): the stores spread over the warp.
@@ -436,13 +444,7 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_down_scatter(const __grid_co
     const uint4* codes[R];
     const __half* sc[R];
     const __half* mn[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const std::size_t row = row0 + r < p.hidden ? row0 + r : p.hidden - 1;
-      codes[r] = m2.codes(row);
-      sc[r] = m2.scales(row);
-      mn[r] = m2.mins(row);
-    }
+    q8_row_group<R>(m2, row0, p.hidden, codes, sc, mn);
     float acc[R][T];
     q8_dot<B, G, T, Asym, R, kQ8Units<B, G, T, Asym>>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
 #pragma unroll

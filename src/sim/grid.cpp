@@ -80,19 +80,7 @@ Status replay(const RoutingTrace& trace, std::size_t begin, std::size_t end, con
       ++calls;
     }
   }
-  const LayerStats s = ex->stats().total();
-  const SimBackend& sim = ex->backend().sim();
-  r.layer_steps = calls;
-  r.hits = s.hits;
-  r.misses = s.misses;
-  r.bytes_loaded = s.bytes_loaded;
-  r.stall_ns = s.stall_ns;
-  // Time and busy figures from the simulator's own queues, so they hold whether the executor
-  // waits for each computation or queues it: the run ends when every queue has drained.
-  r.compute_ns = sim.device_stats(SimDevice::kGpu).busy_ns + sim.device_stats(SimDevice::kHostCpu).busy_ns;
-  r.sim_ns = std::max({sim.now(), sim.device_free_at(SimDevice::kGpu), sim.device_free_at(SimDevice::kHostCpu),
-                       sim.link_free_at(SimLink::kHostToDevice)});
-  r.link_busy_ns = sim.link_stats(SimLink::kHostToDevice).busy_ns;
+  record_sim_counters(ex->stats().total(), ex->backend().sim(), calls, r);
   return Status::ok();
 }
 
@@ -234,6 +222,31 @@ Result<RoutingTrace> trace_slice(const RoutingTrace& trace, std::size_t begin, s
   return out;
 }
 
+void record_sim_counters(const LayerStats& totals, const SimBackend& sim, std::uint64_t layer_steps,
+                         SimRunResult& r) noexcept {
+  r.layer_steps = layer_steps;
+  r.hits = totals.hits;
+  r.misses = totals.misses;
+  r.bytes_loaded = sim.link_stats(SimLink::kHostToDevice).bytes;  // demand loads and prefetches
+  r.stall_ns = totals.stall_ns;
+  r.compute_ns = sim.device_stats(SimDevice::kGpu).busy_ns + sim.device_stats(SimDevice::kHostCpu).busy_ns;
+  r.sim_ns = std::max({sim.now(), sim.device_free_at(SimDevice::kGpu), sim.device_free_at(SimDevice::kHostCpu),
+                       sim.link_free_at(SimLink::kHostToDevice)});
+  r.link_busy_ns = sim.link_stats(SimLink::kHostToDevice).busy_ns;
+}
+
+void derive_sim_rates(SimRunResult& r) noexcept {
+  const std::uint64_t lookups = r.hits + r.misses;
+  r.hit_rate = lookups ? static_cast<double>(r.hits) / static_cast<double>(lookups) : 0.0;
+  const double tok = static_cast<double>(r.tokens);
+  r.tokens_per_s = r.sim_ns ? tok * 1e9 / static_cast<double>(r.sim_ns) : 0.0;
+  r.ms_per_token = r.tokens ? static_cast<double>(r.sim_ns) / 1e6 / tok : 0.0;
+  r.stall_ms_per_token = r.tokens ? static_cast<double>(r.stall_ns) / 1e6 / tok : 0.0;
+  r.compute_ms_per_token = r.tokens ? static_cast<double>(r.compute_ns) / 1e6 / tok : 0.0;
+  r.bytes_per_token = r.tokens ? static_cast<double>(r.bytes_loaded) / tok : 0.0;
+  r.pcie_busy_fraction = r.sim_ns ? static_cast<double>(r.link_busy_ns) / static_cast<double>(r.sim_ns) : 0.0;
+}
+
 Result<SimRunResult> run_simulation(const SimRunConfig& c) {
   if (c.trace == nullptr) return invalid_argument("run_simulation: no trace");
   const RoutingTrace& trace = *c.trace;
@@ -338,15 +351,7 @@ Result<SimRunResult> run_simulation(const SimRunConfig& c) {
   }
   if (!s.is_ok()) return s;
   r.cache_bytes = r.cache_slots * r.expert_bytes;
-  const std::uint64_t lookups = r.hits + r.misses;
-  r.hit_rate = lookups ? static_cast<double>(r.hits) / static_cast<double>(lookups) : 0.0;
-  const double tok = static_cast<double>(r.tokens);
-  r.tokens_per_s = r.sim_ns ? tok * 1e9 / static_cast<double>(r.sim_ns) : 0.0;
-  r.ms_per_token = static_cast<double>(r.sim_ns) / 1e6 / tok;
-  r.stall_ms_per_token = static_cast<double>(r.stall_ns) / 1e6 / tok;
-  r.compute_ms_per_token = static_cast<double>(r.compute_ns) / 1e6 / tok;
-  r.bytes_per_token = static_cast<double>(r.bytes_loaded) / tok;
-  r.pcie_busy_fraction = r.sim_ns ? static_cast<double>(r.link_busy_ns) / static_cast<double>(r.sim_ns) : 0.0;
+  derive_sim_rates(r);
   return r;
 }
 

@@ -190,24 +190,8 @@ Result<SimTechniqueResult> run_row(const Context& cx, const RowSetup& setup, E e
   r.cache_slots = cx.slots;
   r.cache_bytes = cx.slots * cx.expert_bytes;
   r.tokens = cx.end - cx.begin;
-  r.layer_steps = calls;
-  r.hits = s.hits;
-  r.misses = s.misses;
-  r.bytes_loaded = sim.link_stats(SimLink::kHostToDevice).bytes;  // demand loads and prefetches
-  r.stall_ns = s.stall_ns;
-  r.compute_ns = sim.device_stats(SimDevice::kGpu).busy_ns + sim.device_stats(SimDevice::kHostCpu).busy_ns;
-  r.sim_ns = std::max({sim.now(), sim.device_free_at(SimDevice::kGpu), sim.device_free_at(SimDevice::kHostCpu),
-                       sim.link_free_at(SimLink::kHostToDevice)});
-  r.link_busy_ns = sim.link_stats(SimLink::kHostToDevice).busy_ns;
-  const std::uint64_t lookups = r.hits + r.misses;
-  r.hit_rate = lookups ? static_cast<double>(r.hits) / static_cast<double>(lookups) : 0.0;
-  const double tok = static_cast<double>(r.tokens);
-  r.tokens_per_s = r.sim_ns ? tok * 1e9 / static_cast<double>(r.sim_ns) : 0.0;
-  r.ms_per_token = static_cast<double>(r.sim_ns) / 1e6 / tok;
-  r.stall_ms_per_token = static_cast<double>(r.stall_ns) / 1e6 / tok;
-  r.compute_ms_per_token = static_cast<double>(r.compute_ns) / 1e6 / tok;
-  r.bytes_per_token = static_cast<double>(r.bytes_loaded) / tok;
-  r.pcie_busy_fraction = r.sim_ns ? static_cast<double>(r.link_busy_ns) / static_cast<double>(r.sim_ns) : 0.0;
+  record_sim_counters(s, sim, calls, r);
+  derive_sim_rates(r);
   row.host_busy_ns = sim.device_stats(SimDevice::kHostCpu).busy_ns;
   row.cpu_busy_fraction = r.sim_ns ? static_cast<double>(row.host_busy_ns) / static_cast<double>(r.sim_ns) : 0.0;
   row.skipped = s.skipped;

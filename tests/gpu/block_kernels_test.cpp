@@ -176,13 +176,7 @@ TEST_CASE("block-format GEMV (Q8_0, Q4_0, Q4_K, fp8 e4m3) matches the float64 re
         const std::size_t rows = sh.rows, cols = sh.cols, ldx = cols + 4, ldy = rows + 3;
         const BlockMatrix m = random_block_matrix(p, rows, cols, static_cast<std::uint64_t>(p) * 1000 + rows + n);
         const auto x = moex::test::random_normal(n * ldx, 1.f, static_cast<std::uint64_t>(p) * 1000 + 7 + n);
-        std::vector<double> ref(n * rows);
-        for (std::size_t t = 0; t < n; ++t)
-          for (std::size_t r = 0; r < rows; ++r) {
-            double s = 0;
-            for (std::size_t c = 0; c < cols; ++c) s += double(m.w[r * cols + c]) * x[t * ldx + c];
-            ref[t * rows + r] = s;
-          }
+        const auto ref = moex::test::reference_gemv(m.w, rows, cols, x, n, ldx);
         // Exactly the matrix's bytes: a read past its end would show under compute-sanitizer.
         moex::test::DeviceBuffer<std::byte> dw(m.bytes.size());
         moex::test::DeviceBuffer<float> dx(x.size()), dy(n * ldy), ds(std::max<std::size_t>(1, m.scales.size()));
@@ -207,9 +201,7 @@ TEST_CASE("block-format GEMV (Q8_0, Q4_0, Q4_K, fp8 e4m3) matches the float64 re
         REQUIRE(st.is_ok());
         MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
         const auto y = dy.download(n * ldy);
-        std::vector<float> got(n * rows);
-        for (std::size_t t = 0; t < n; ++t)
-          for (std::size_t r = 0; r < rows; ++r) got[t * rows + r] = y[t * ldy + r];
+        const auto got = moex::test::strided_rows(y, n, rows, ldy);
         CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
         CHECK(moex::test::rel_error(got, ref) < kBlockGemvTol);
         CHECK(std::isnan(y[rows]));  // padding between rows of y stays poisoned

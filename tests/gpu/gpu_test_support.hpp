@@ -11,6 +11,28 @@ namespace moex::test {
 /// True when a CUDA device is visible (cached; evaluated at test registration).
 bool gpu_available();
 
+/// float64 reference of y[t][r] = sum_c w[r][c] x[t][c]: w row-major [rows x cols], x with row
+/// stride ldx; the result is dense [n x rows].
+inline std::vector<double> reference_gemv(const std::vector<float>& w, std::size_t rows, std::size_t cols,
+                                          const std::vector<float>& x, std::size_t n, std::size_t ldx) {
+  std::vector<double> ref(n * rows);
+  for (std::size_t t = 0; t < n; ++t)
+    for (std::size_t r = 0; r < rows; ++r) {
+      double s = 0;
+      for (std::size_t c = 0; c < cols; ++c) s += double(w[r * cols + c]) * x[t * ldx + c];
+      ref[t * rows + r] = s;
+    }
+  return ref;
+}
+
+/// The first `rows` values of each of n rows of y (row stride ldy), densely packed.
+inline std::vector<float> strided_rows(const std::vector<float>& y, std::size_t n, std::size_t rows, std::size_t ldy) {
+  std::vector<float> got(n * rows);
+  for (std::size_t t = 0; t < n; ++t)
+    for (std::size_t r = 0; r < rows; ++r) got[t * rows + r] = y[t * ldy + r];
+  return got;
+}
+
 /// A cudaMalloc'd buffer of T, freed on destruction.
 template <class T>
 class DeviceBuffer {

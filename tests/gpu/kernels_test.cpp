@@ -122,13 +122,7 @@ TEST_CASE("dequant_gemv matches the float64 reference in every format, batch 1..
         const auto blob = encode(wf, rows, cols, f);
         const auto w = decode(blob, rows, cols, f);
         const auto x = moex::test::random_normal(n * ldx, 1.f, salt_of(f, 7 + n));
-        std::vector<double> ref(n * rows);
-        for (std::size_t t = 0; t < n; ++t)
-          for (std::size_t r = 0; r < rows; ++r) {
-            double s = 0;
-            for (std::size_t c = 0; c < cols; ++c) s += double(w[r * cols + c]) * x[t * ldx + c];
-            ref[t * rows + r] = s;
-          }
+        const auto ref = moex::test::reference_gemv(w, rows, cols, x, n, ldx);
         moex::test::DeviceBuffer<std::byte> dw(blob.size());
         moex::test::DeviceBuffer<float> dx(x.size()), dy(n * ldy);
         REQUIRE(dw.upload(blob));
@@ -148,9 +142,7 @@ TEST_CASE("dequant_gemv matches the float64 reference in every format, batch 1..
         REQUIRE(st.is_ok());
         MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
         const auto y = dy.download(n * ldy);
-        std::vector<float> got(n * rows);
-        for (std::size_t t = 0; t < n; ++t)
-          for (std::size_t r = 0; r < rows; ++r) got[t * rows + r] = y[t * ldy + r];
+        const auto got = moex::test::strided_rows(y, n, rows, ldy);
         CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
         CHECK(moex::test::rel_error(got, ref) < kGemvTol);
         // Padding between rows of y stays poisoned: nothing writes outside [rows).
@@ -228,9 +220,7 @@ TEST_CASE("q8 GEMV (int8 activations, dp4a; int4/int2) matches the CPU quantizat
         REQUIRE(st.is_ok());
         MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
         const auto y = dy.download(n * ldy);
-        std::vector<float> got(n * rows);
-        for (std::size_t t = 0; t < n; ++t)
-          for (std::size_t r = 0; r < rows; ++r) got[t * rows + r] = y[t * ldy + r];
+        const auto got = moex::test::strided_rows(y, n, rows, ldy);
         CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
         CHECK(moex::test::rel_error(got, ref) < kGemvQ8Tol);
         std::size_t over = 0;

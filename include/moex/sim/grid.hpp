@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "moex/backend/sim_backend.hpp"
+#include "moex/executor/stats.hpp"
 #include "moex/formats/trace.hpp"
 #include "moex/status.hpp"
 #include "moex/types.hpp"
@@ -126,6 +127,15 @@ struct SimRunResult {
   double bytes_per_token = 0;
   double pcie_busy_fraction = 0;  ///< link_busy_ns / sim_ns
 };
+
+/// Fills the measured counters of `r` after a replay: layer steps, hits and misses and stall from
+/// the executor's totals; bytes, busy times and the run's end from the simulator's own queues
+/// (the run ends when every queue has drained, whether the executor waited for its work or not).
+void record_sim_counters(const LayerStats& totals, const SimBackend& sim, std::uint64_t layer_steps,
+                         SimRunResult& r) noexcept;
+/// Fills the derived fields of `r` (hit rate, per-token figures, PCIe busy fraction) from its
+/// counters and `tokens`.
+void derive_sim_rates(SimRunResult& r) noexcept;
 
 /// Replays the configured tokens through a fresh executor over SimExecutionBackend.
 /// Errors: kInvalidArgument (no trace, empty token range, budget outside (0, 1], a budget

@@ -45,7 +45,7 @@ enum class Precision : std::uint8_t {
   kQ4_K = 8,      ///< GGUF Q4_K: 256-weight super-blocks
   kQ5_K = 9,      ///< GGUF Q5_K: 256-weight super-blocks
   kQ6_K = 10,     ///< GGUF Q6_K: 256-weight super-blocks
-  kFp8E4M3 = 11,  ///< fp8 e4m3 with one f32 scale per 128x128 block (DeepSeek-V3); scales kept apart
+  kFp8E4M3 = 11,  ///< fp8 e4m3, one f32 scale per 128x128 block (DeepSeek-V3; layout.hpp)
   kMxfp4 = 12,    ///< OCP MXFP4: 32 e2m1 weights + one e8m0 shared scale (gpt-oss)
 };
 inline constexpr std::size_t kPrecisionCount = 13;

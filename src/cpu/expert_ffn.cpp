@@ -89,7 +89,19 @@ Status check_matrix_view(const MatrixView& m) noexcept {
     return invalid_argument("matrix view: size overflows");
   const Precision p = l.format.precision;
   if (is_block_format(p)) {
-    if (p == Precision::kFp8E4M3) return unsupported("matrix view: fp8 e4m3 needs its separate block scales");
+    if (p == Precision::kFp8E4M3) {
+      // The decoder reads the block scales at scales_offset: the layout must be matrix_layout()'s.
+      if (!format_is_valid(l.format, l.cols))
+        return invalid_argument("matrix view: fp8 e4m3 needs a multiple of 32 columns");
+      const MatrixLayout want = matrix_layout(l.rows, l.cols, l.format);
+      if (want.codes_bytes != l.codes_bytes || want.scales_offset != l.scales_offset ||
+          want.total_bytes != l.total_bytes)
+        return unsupported(
+            "matrix view: fp8 e4m3 is read only in the moex layout, its 128x128 block scales after "
+            "the codes (quant/layout.hpp)");
+      return Status::ok();
+    }
+    // GGUF blocks carry their own scales: rows, cols and the precision are all a decoder needs.
     const std::size_t bs = block_format_block_size(p);
     if (bs == 0 || l.cols % bs != 0)
       return invalid_argument("matrix view: " + std::string(to_string(p)) + " rows must be whole blocks");

@@ -3,6 +3,7 @@
 #include "moex/quant/quantize.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -204,8 +205,27 @@ void decode_row_range(const MatrixView& m, std::size_t row, std::size_t c0, std:
   if (is_block_format(p)) {
     const std::size_t bs = block_format_block_size(p);
     const std::size_t bb = block_format_block_bytes(p);
-    if (bs == 0 || p == Precision::kFp8E4M3) {  // fp8 keeps its scales apart: not decodable here
+    if (bs == 0) {
       std::fill(dst, dst + len, 0.f);
+      return;
+    }
+    if (p == Precision::kFp8E4M3) {  // codes, then the f32 128x128 block scales (layout.hpp)
+      // fp8_e4m3_to_float through a table of all 256 codes (the same exact values).
+      static const auto lut = [] {
+        std::array<float, 256> t{};
+        for (unsigned v = 0; v < 256; ++v) t[v] = fp8_e4m3_to_float(static_cast<std::uint8_t>(v));
+        return t;
+      }();
+      constexpr std::size_t kB = kFp8ScaleBlockSize;
+      const std::byte* scales = m.data + l.scales_offset + (row / kB) * ((cols + kB - 1) / kB) * sizeof(float);
+      const std::uint8_t* codes = in + row * cols + c0;
+      for (std::size_t c = 0; c < len;) {
+        const std::size_t block = (c0 + c) / kB;
+        const std::size_t end = std::min(len, (block + 1) * kB - c0);
+        float s;
+        std::memcpy(&s, scales + block * sizeof(float), sizeof s);
+        for (; c < end; ++c) dst[c] = lut[codes[c]] * s;
+      }
       return;
     }
     const std::byte* row_ptr = m.data + row * (cols / bs) * bb + (c0 / bs) * bb;

@@ -23,6 +23,7 @@
 #include "moex/store/expert_store.hpp"
 #include "moex/thread_pool.hpp"
 
+#include "fp8_expert.hpp"
 #include "kernels.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -129,9 +130,9 @@ struct CudaExecutionBackend::Impl {
   float* d_y = nullptr;
   float* d_ws = nullptr;          // grouped-kernel workspace (one expert)
   std::uint16_t* d_xb = nullptr;  // cuBLAS path: bf16 (or f16) x
-  float* d_h1 = nullptr;          // cuBLAS path: gate and up products
+  float* d_h1 = nullptr;          // cuBLAS and fp8 paths: gate and up products
   float* d_h3 = nullptr;
-  std::uint16_t* d_hb = nullptr;  // cuBLAS path: bf16 activation
+  std::uint16_t* d_hb = nullptr;  // cuBLAS and fp8 paths: bf16 activation
   float* h_x = nullptr;           // pinned
   float* h_y = nullptr;           // pinned
   std::byte* staging = nullptr;   // pinned
@@ -306,6 +307,14 @@ struct CudaExecutionBackend::Impl {
       a.w = reinterpret_cast<const std::uint16_t*>(v.w2_data);
       a.y = y;
       return cuda::gemm_bf16(cublas, a, compute);
+    }
+    if (prec == Precision::kFp8E4M3) {  // per-expert path: the grouped kernels take no block scales
+      const cuda_detail::Fp8Scratch scratch{d_h1, d_h3, d_hb};
+      for (std::size_t off = 0; off < n; off += cuda::kMaxGemvTokens) {
+        const auto c = static_cast<std::uint32_t>(std::min<std::size_t>(cuda::kMaxGemvTokens, n - off));
+        MOEX_RETURN_IF_ERROR(cuda_detail::fp8_expert(v, x + off * h, h, c, y + off * h, h, scratch, compute));
+      }
+      return Status::ok();
     }
     MOEX_RETURN_IF_ERROR(check(cudaMemsetAsync(y, 0, n * h * sizeof(float), compute), "memset y"));
     for (std::size_t off = 0; off < n; off += cuda::kMaxGemvTokens) {

@@ -68,16 +68,32 @@ Status ExpertStore::check_key(ExpertKey k) const noexcept {
   return Status::ok();
 }
 
+std::byte* ExpertStore::owned_master(ExpertKey key) {
+  if (master_blob_.empty()) master_blob_.resize(master_views_.size() * master_layout_.total_bytes);
+  return master_blob_.data() + index(key) * master_layout_.total_bytes;
+}
+
 Status ExpertStore::set_expert(ExpertKey key, const float* w1, const float* w3, const float* w2) {
   if (virtual_) return unsupported("set_expert: a virtual store has no data");
   MOEX_RETURN_IF_ERROR(check_key(key));
   if (!w1 || !w3 || !w2) return invalid_argument("set_expert: null weights");
   if (is_block_format(master_format_.precision))
-    return unsupported("set_expert: block formats are read in place (set_expert_view), not encoded");
-  if (master_blob_.empty()) master_blob_.resize(master_views_.size() * master_layout_.total_bytes);
-  std::byte* dst = master_blob_.data() + index(key) * master_layout_.total_bytes;
+    return unsupported("set_expert: block formats cannot be encoded (set_expert_blob copies their bytes)");
+  std::byte* dst = owned_master(key);
   MOEX_RETURN_IF_ERROR(
       pack_expert(w1, w3, w2, spec_.shape, master_format_, std::span<std::byte>(dst, master_layout_.total_bytes)));
+  master_views_[index(key)] = ExpertView::contiguous(dst, master_layout_);
+  return Status::ok();
+}
+
+Status ExpertStore::set_expert_blob(ExpertKey key, std::span<const std::byte> blob) {
+  if (virtual_) return unsupported("set_expert_blob: a virtual store has no data");
+  MOEX_RETURN_IF_ERROR(check_key(key));
+  if (blob.data() == nullptr || blob.size() != master_layout_.total_bytes)
+    return invalid_argument("set_expert_blob: blob has " + std::to_string(blob.size()) + " bytes, the master layout " +
+                            std::to_string(master_layout_.total_bytes));
+  std::byte* dst = owned_master(key);
+  std::copy(blob.begin(), blob.end(), dst);
   master_views_[index(key)] = ExpertView::contiguous(dst, master_layout_);
   return Status::ok();
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,42 @@ bool shape_is(const TensorRef& t, std::uint64_t rows, std::uint64_t cols) {
   return t.shape.size() == 2 && t.shape[0] == rows && t.shape[1] == cols;
 }
 
+// The block precision of a tensor that keep_block_formats can hold as it is: GGUF Q8_0/Q4_0/Q4_K
+// rows, or fp8 e4m3 with 128x128 block scales; nullopt otherwise.
+std::optional<Precision> native_block_precision(const TensorRef& t) {
+  const auto p = dtype_precision(t.dtype);
+  if (!p || block_geometry(*p).weights == 0) return std::nullopt;
+  if (*p == Precision::kFp8E4M3) return t.scales.empty() || t.scale_block != kFp8ScaleBlockSize ? std::nullopt : p;
+  return t.scales.empty() ? p : std::nullopt;
+}
+
+// Copies one matrix of a block-format checkpoint into `dst` laid out as `l` (layout.hpp): the
+// rows' blocks, then for fp8 the f32 block scales. Errors name the tensor.
+Status copy_block_matrix(const TensorRef& t, const MatrixLayout& l, std::byte* dst) {
+  const std::string at = t.file + ": tensor " + t.name;
+  if (native_block_precision(t) != l.format.precision)
+    return corrupt(at + " is " + std::string(to_string(t.dtype)) + (t.scales.empty() ? "" : " with scales") +
+                   ", the first expert's is " + std::string(to_string(l.format.precision)) +
+                   ": keep_block_formats needs every expert in one block format");
+  if (!shape_is(t, l.rows, l.cols))
+    return corrupt(at + " has shape other than [" + std::to_string(l.rows) + ", " + std::to_string(l.cols) + "]");
+  if ((t.row_stride != 0 && t.row_stride != l.cols) || (t.col_stride != 0 && t.col_stride != 1))
+    return unsupported(at + " is a strided view: keep_block_formats needs whole rows back to back");
+  if (t.bytes.size() < l.codes_bytes)
+    return corrupt(at + " holds " + std::to_string(t.bytes.size()) + " bytes, its blocks need " +
+                   std::to_string(l.codes_bytes));
+  std::copy_n(t.bytes.data(), l.codes_bytes, dst);
+  if (l.format.precision == Precision::kFp8E4M3) {
+    const std::size_t n = (l.rows + kFp8ScaleBlockSize - 1) / kFp8ScaleBlockSize *
+                          ((l.cols + kFp8ScaleBlockSize - 1) / kFp8ScaleBlockSize);
+    if (t.scales.size() < n * sizeof(float))
+      return corrupt(at + ": weight_scale_inv holds " + std::to_string(t.scales.size() / sizeof(float)) +
+                     " scales, needs " + std::to_string(n));
+    std::copy_n(t.scales.data(), n * sizeof(float), dst + l.scales_offset);
+  }
+  return Status::ok();
+}
+
 Status decode(const TensorRef& t, std::uint64_t rows, std::uint64_t cols, std::vector<float>& out) {
   if (t.numel() != rows * cols)
     return corrupt(t.file + ": tensor " + t.name + " has " + std::to_string(t.numel()) + " elements, expected " +
@@ -39,8 +76,9 @@ Status decode(const TensorRef& t, std::uint64_t rows, std::uint64_t cols, std::v
 }
 
 // Identifies the checkpoint's contents cheaply: each file's name, size, modification time and first
-// 64 KiB, and the MoE shape.
-std::uint64_t fingerprint(const Checkpoint& ck, const MoeModelSpec& spec) {
+// 64 KiB, and the MoE shape; and a block-format master's precision (copies built from it differ in
+// rounding from copies built from a decoded master; other masters keep their old fingerprints).
+std::uint64_t fingerprint(const Checkpoint& ck, const MoeModelSpec& spec, WeightFormat master) {
   std::vector<std::byte> acc;
   auto put = [&](const void* p, std::size_t n) {
     const auto* b = static_cast<const std::byte*>(p);
@@ -49,6 +87,7 @@ std::uint64_t fingerprint(const Checkpoint& ck, const MoeModelSpec& spec) {
   put(&spec.n_layers, 4);
   put(&spec.n_experts, 4);
   put(&spec.shape, sizeof spec.shape);
+  if (is_block_format(master.precision)) put(&master.precision, sizeof master.precision);
   for (const auto& f : ck.files()) {
     std::error_code ec;
     const std::string name = f.filename().string();
@@ -100,12 +139,28 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
   if (!first) return first.status();
   const auto pf = dense_float_precision(first->w1);
   const bool in_place = options.in_place && pf.has_value();
-  const WeightFormat master = in_place ? float_format(*pf) : options.master_format;
+  // Native block format: the first expert's precision, when the layout can hold this shape.
+  std::optional<Precision> native;
+  if (options.keep_block_formats && !pf) {
+    native = native_block_precision(first->w1);
+    if (native && !expert_format_is_valid(spec.shape, float_format(*native))) {
+      m.notes.push_back(std::string(to_string(*native)) + " experts of hidden " + std::to_string(cfg.hidden) +
+                        " and ffn " + std::to_string(cfg.expert_ffn) + " have no moex layout: decoded");
+      native.reset();
+    } else if (!native) {
+      const TensorRef& t = first->w1;
+      m.notes.push_back("keep_block_formats: experts are " + std::string(to_string(t.dtype)) +
+                        (t.scales.empty() ? "" : " with " + std::to_string(t.scale_block) + "-wide block scales") +
+                        ", which has no moex layout: decoded");
+    }
+  }
+  const WeightFormat master = in_place ? float_format(*pf) : native ? float_format(*native) : options.master_format;
   auto store = ExpertStore::create(spec, master);
   if (!store) return store.status();
   const ExpertLayout layout = expert_layout(spec.shape, master);
   const std::uint64_t h = cfg.hidden, f = cfg.expert_ffn;
   std::vector<float> w1, w3, w2, router;
+  std::vector<std::byte> blob(native ? layout.total_bytes : 0);
   const std::uint64_t total = std::uint64_t{spec.n_layers} * spec.n_experts;
   for (std::uint32_t sl = 0; sl < spec.n_layers; ++sl) {
     const std::uint32_t l = m.moe_layers[sl];
@@ -118,6 +173,12 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
       if (dense_ok) {
         ExpertView v{ex->w1.bytes.data(), ex->w3.bytes.data(), ex->w2.bytes.data(), layout};
         MOEX_RETURN_IF_ERROR(store->set_expert_view({sl, e}, v, Tier::kDisk));
+      } else if (native) {
+        std::fill(blob.begin(), blob.end(), std::byte{0});
+        MOEX_RETURN_IF_ERROR(copy_block_matrix(ex->w1, layout.w1, blob.data() + layout.w1_offset));
+        MOEX_RETURN_IF_ERROR(copy_block_matrix(ex->w3, layout.w3, blob.data() + layout.w3_offset));
+        MOEX_RETURN_IF_ERROR(copy_block_matrix(ex->w2, layout.w2, blob.data() + layout.w2_offset));
+        MOEX_RETURN_IF_ERROR(store->set_expert_blob({sl, e}, blob));
       } else {
         if (in_place)
           return corrupt(ex->w1.file + ": expert " + std::to_string(e) + " of layer " + std::to_string(l) +
@@ -143,7 +204,8 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
     MOEX_RETURN_IF_ERROR(store->set_router(sl, router, bias));
   }
   if (in_place) store->keep_alive(ck);
-  const std::uint64_t fp = options.use_copy_cache && !options.extra_formats.empty() ? fingerprint(*ck, spec) : 0;
+  const std::uint64_t fp =
+      options.use_copy_cache && !options.extra_formats.empty() ? fingerprint(*ck, spec, master) : 0;
   for (const WeightFormat& wf : options.extra_formats) {
     if (wf.precision == master.precision) continue;
     if (options.use_copy_cache) {
@@ -158,9 +220,9 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
       // A folder marked read-only stays untouched, also for root (shared model folders).
       std::error_code ec;
       const auto parent = cp.parent_path().parent_path();
-      const bool read_only = options.cache_dir.empty() &&
-                             (std::filesystem::status(parent, ec).permissions() & std::filesystem::perms::owner_write) ==
-                                 std::filesystem::perms::none;
+      const bool read_only =
+          options.cache_dir.empty() && (std::filesystem::status(parent, ec).permissions() &
+                                        std::filesystem::perms::owner_write) == std::filesystem::perms::none;
       if (read_only) {
         m.notes.push_back("copies not cached: " + parent.string() + " is read-only (set StoreOptions::cache_dir)");
       } else if (Status w = write_copy_cache(*store, wf, fp, cp); !w.is_ok()) {

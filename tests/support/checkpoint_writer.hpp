@@ -20,6 +20,7 @@
 #include "moex/quant/ggml.hpp"
 #include "moex/quant/half.hpp"
 
+#include "support/block_expert.hpp"
 #include "support/test_support.hpp"
 
 namespace moex::test {
@@ -393,7 +394,7 @@ inline std::vector<std::byte> encode_q8_0(const float* x, std::size_t n) {
 }
 
 /// Writes a GGUF checkpoint of `c` with merged expert tensors (`ffn_*_exps`) in `type` (F32, F16,
-/// BF16 or Q8_0) and returns the exact bytes of each expert slice.
+/// BF16, Q8_0, or random Q4_0 / Q4_K blocks) and returns the exact bytes of each expert slice.
 inline WrittenModel write_gguf_model(const std::filesystem::path& path, const ModelConfig& c, GgmlType type,
                                      std::uint32_t version = 3) {
   WrittenModel w;
@@ -447,6 +448,8 @@ inline WrittenModel write_gguf_model(const std::filesystem::path& path, const Mo
     } else if (t == GgmlType::kBF16) {
       for (auto& x : vals) x = bf16_to_float(float_to_bf16(x));
       b = to_bf16_bytes(vals);
+    } else if (t == GgmlType::kQ4_0 || t == GgmlType::kQ4_K) {
+      b = random_gguf_blocks(t == GgmlType::kQ4_K ? Precision::kQ4_K : Precision::kQ4_0, 1, n, salt++, vals);
     } else {  // Q8_0
       b = encode_q8_0(vals.data(), n);
     }

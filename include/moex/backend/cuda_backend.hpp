@@ -83,6 +83,10 @@ class CudaBackend {
   /// out[token] += weight * expert(x[token]) for every task, all experts of `layout` (one grouped
   /// launch per 32 tasks) on the compute stream, after their slots' uploads. x and out are
   /// device pointers, [tokens x hidden] with strides ldx / ldo; out is accumulated into.
+  /// Every format of quant/layout.hpp that the kernels serve (cuda::gemv_supported) runs, GGUF
+  /// Q8_0/Q4_0/Q4_K included (block kernels, grouped). fp8 e4m3 experts run one at a time
+  /// (gemv with each matrix's scale section; the SwiGLU activation is rounded to bf16 there: see
+  /// src/cuda/fp8_expert.hpp), their outputs added with weighted_combine.
   Status expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x, std::size_t ldx,
                     float* out, std::size_t ldo) noexcept;
 
@@ -91,6 +95,8 @@ class CudaBackend {
 
  private:
   explicit CudaBackend(std::unique_ptr<Impl> impl) noexcept;
+  Status fp8_expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x, std::size_t ldx,
+                        float* out, std::size_t ldo) noexcept;
   std::unique_ptr<Impl> impl_;
 };
 

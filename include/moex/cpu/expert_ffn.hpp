@@ -29,16 +29,19 @@ MOEX_NAMESPACE_BEGIN
 class ThreadPool;
 
 /// Checks that `m` can be read by matmul_rows / dequantize_row: non-null data, rows and cols > 0,
-/// a layout equal to matrix_layout(rows, cols, format) for moex's own formats, or a block format
-/// whose block size divides cols. Errors: kInvalidArgument; kUnsupported for fp8 e4m3 (its
-/// scales are kept apart from the matrix).
+/// a layout equal to matrix_layout(rows, cols, format) for moex's own formats and fp8 e4m3, or a
+/// GGUF block format whose block size divides cols. Errors: kInvalidArgument; kUnsupported for
+/// an fp8 e4m3 layout other than matrix_layout()'s (e.g. a checkpoint's fp8 bytes, scales apart).
 Status check_matrix_view(const MatrixView& m) noexcept;
 
 /// y[t*ldy + r] = sum_c W[r][c] * x[t*ldx + c] for tokens t in [0, n) and rows r in
 /// [row_begin, row_end). Accumulates in f32. The building block of every CPU expert kernel.
 /// Preconditions: check_matrix_view(w) is ok, row_end <= rows, x holds n rows of ldx >= cols
 /// floats, y holds n rows of ldy >= row_end floats. Null pointers make it return without writing.
-/// Block formats (quant/ggml.hpp) are decoded through decode_block_row, 1024 columns at a time.
+/// Block formats (Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/MXFP4 through decode_block_row, fp8 e4m3 with its
+/// 128x128 block scales from the layout's scale section) are decoded 1024 columns at a time into
+/// f32 scratch, then dotted in f32: a correctness path (portable code, no SIMD kernel; see
+/// bench/micro/block_ffn_bench.cpp for its rate), exact to f32 rounding of the decoded weights.
 void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y, std::size_t ldy,
                  std::size_t row_begin, std::size_t row_end) noexcept;
 
@@ -52,7 +55,8 @@ constexpr std::size_t expert_ffn_workspace(ExpertShape shape, std::size_t n) noe
 /// Rows are split across `pool` (null: the calling thread only); w1 and w3 rows are computed
 /// together with the SwiGLU activation in one pass. y may alias x.
 /// Errors: kInvalidArgument for null pointers, views whose layouts do not match the shape, an
-/// invalid format or a short workspace; kUnsupported for fp8 e4m3 weights.
+/// invalid format or a short workspace; kUnsupported for fp8 e4m3 weights not in the moex layout
+/// (see check_matrix_view). Block-format experts take the decode path of matmul_rows.
 Status expert_ffn(const ExpertView& e, const float* x, std::size_t n, float* y, std::span<float> workspace,
                   ThreadPool* pool = nullptr) noexcept;
 

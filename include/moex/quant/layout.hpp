@@ -29,6 +29,21 @@
 /// round-to-nearest of the inverse, clamped. Both use the binary16-rounded d and m, so decoding is
 /// exactly what the encoder assumed.
 ///
+/// **Block formats** (read from checkpoints and kept as they are; decoding in quant/ggml.hpp):
+///  - GGUF Q8_0 (34-byte blocks of 32 weights), Q4_0 (18 bytes / 32 weights) and Q4_K (144 bytes /
+///    256 weights; `cols` a multiple of the block's weights): one section, **codes**, of
+///    `rows * (cols / block_weights) * block_bytes` bytes: each row is its blocks in column order,
+///    exactly as ggml stores them (bit-exact ggml layout), rows back to back with no padding.
+///    There is no scale section (each block carries its own scales); scales_offset = mins_offset = 0.
+///  - fp8 e4m3 (OCP "fn", DeepSeek-V3; `cols % 32 == 0`, what the CUDA kernels need): **codes** are
+///    `rows*cols` bytes, row-major, one byte per weight; then, at scales_offset =
+///    align_up(codes_bytes, kSectionAlign), **scales**: f32 [ceil(rows/B)] x [ceil(cols/B)]
+///    row-major with B = kFp8ScaleBlockSize (128), one per BxB block (the checkpoint's
+///    `weight_scale_inv`). Weight (r, c) = fp8(code(r, c)) * scales[(r/B)*ceil(cols/B) + c/B].
+/// Other block precisions of types.hpp (Q5_K, Q6_K, MXFP4) have no moex layout (format_is_valid is
+/// false): the store decodes them.
+/// In every format, total_bytes is the end of the last section rounded up to kSectionAlign.
+///
 /// ## An expert
 /// A SwiGLU expert is three matrices in one contiguous blob, each starting at a multiple of
 /// kMatrixAlign: w1 (gate, [ffn x hidden]), w3 (up, [ffn x hidden]), w2 (down, [hidden x ffn]),
@@ -49,13 +64,37 @@ inline constexpr std::size_t kMatrixAlign = 256;
 /// Rounds n up to a multiple of a (a power of two).
 constexpr std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) & ~(a - 1); }
 
+/// Rows and columns of the weight blocks that share one f32 scale in the fp8 e4m3 layout.
+inline constexpr std::size_t kFp8ScaleBlockSize = 128;
+
+/// Weights and bytes of one block of a block format that has a moex layout (Q8_0, Q4_0, Q4_K; fp8
+/// e4m3 counts as blocks of one byte); {0, 0} for every other precision.
+struct BlockGeometry {
+  std::size_t weights = 0;
+  std::size_t bytes = 0;
+};
+constexpr BlockGeometry block_geometry(Precision p) noexcept {
+  switch (p) {
+    case Precision::kQ8_0:
+      return {32, 34};
+    case Precision::kQ4_0:
+      return {32, 18};
+    case Precision::kQ4_K:
+      return {256, 144};
+    case Precision::kFp8E4M3:
+      return {1, 1};
+    default:
+      return {};
+  }
+}
+
 /// Offsets and sizes of one matrix's sections, in bytes from the start of the matrix.
 struct MatrixLayout {
   std::size_t rows = 0;
   std::size_t cols = 0;
   WeightFormat format{};
-  std::size_t codes_bytes = 0;    ///< float data, or quantized codes
-  std::size_t scales_offset = 0;  ///< 0 for floats
+  std::size_t codes_bytes = 0;    ///< float data, quantized codes, or a block format's blocks
+  std::size_t scales_offset = 0;  ///< 0 for floats and GGUF block formats
   std::size_t mins_offset = 0;    ///< 0 unless asymmetric
   std::size_t total_bytes = 0;
 
@@ -64,6 +103,11 @@ struct MatrixLayout {
 
 /// True when `format` is a valid storage format for a matrix with `cols` columns.
 constexpr bool format_is_valid(WeightFormat f, std::size_t cols) noexcept {
+  if (is_block_format(f.precision)) {
+    const std::size_t w = block_geometry(f.precision).weights;
+    if (w == 0) return false;  // Q5_K, Q6_K, MXFP4: no moex layout
+    return cols % (f.precision == Precision::kFp8E4M3 ? 32 : w) == 0;
+  }
   if (!is_quantized(f.precision)) return static_cast<std::uint8_t>(f.precision) <= 2;
   if (f.group_size != 32 && f.group_size != 64 && f.group_size != 128) return false;
   if (f.scheme != QuantScheme::kSymmetric && f.scheme != QuantScheme::kAsymmetric) return false;
@@ -76,6 +120,18 @@ constexpr MatrixLayout matrix_layout(std::size_t rows, std::size_t cols, WeightF
   l.rows = rows;
   l.cols = cols;
   l.format = format;
+  if (const BlockGeometry b = block_geometry(format.precision); b.weights != 0) {
+    l.codes_bytes = rows * (cols / b.weights) * b.bytes;
+    std::size_t end = l.codes_bytes;
+    if (format.precision == Precision::kFp8E4M3) {
+      const std::size_t sr = (rows + kFp8ScaleBlockSize - 1) / kFp8ScaleBlockSize;
+      const std::size_t sc = (cols + kFp8ScaleBlockSize - 1) / kFp8ScaleBlockSize;
+      l.scales_offset = align_up(l.codes_bytes, kSectionAlign);
+      end = l.scales_offset + sr * sc * sizeof(float);
+    }
+    l.total_bytes = align_up(end, kSectionAlign);
+    return l;
+  }
   l.codes_bytes = rows * cols * precision_bits(format.precision) / 8;
   if (!is_quantized(format.precision)) {
     l.total_bytes = l.codes_bytes;

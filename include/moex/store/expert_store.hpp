@@ -63,8 +63,14 @@ class ExpertStore {
   /// Where the master copies live: kHost (owned RAM) or kDisk (a mapped file).
   Tier master_tier() const noexcept { return master_tier_; }
 
-  /// Encodes f32 weights (w1, w3: [ffn x hidden], w2: [hidden x ffn]) into the master format.
+  /// Encodes f32 weights (w1, w3: [ffn x hidden], w2: [hidden x ffn]) into the master format
+  /// (kUnsupported for block formats, which cannot be encoded: see set_expert_blob).
   Status set_expert(ExpertKey key, const float* w1, const float* w3, const float* w2);
+  /// Copies one expert blob already in the master layout (expert_layout(spec().shape,
+  /// master_format()), exactly that many bytes) into the store's own memory: how block-format
+  /// masters (GGUF Q8_0/Q4_0/Q4_K, fp8 e4m3 with its scales) are kept without decoding. The caller
+  /// vouches for the content; errors: kInvalidArgument for a key out of range or a size mismatch.
+  Status set_expert_blob(ExpertKey key, std::span<const std::byte> blob);
   /// Uses memory kept alive elsewhere (e.g. a mapped checkpoint) as the master copy, in place.
   /// The view's layout must match spec().shape and master_format(). Marks the tier kDisk when
   /// `tier` says so.
@@ -77,8 +83,10 @@ class ExpertStore {
   const float* router_weights(std::uint32_t layer) const noexcept;
   std::span<const float> router_bias(std::uint32_t layer) const noexcept;
 
-  /// Builds a copy of every expert in `format` (int8/int4/int2 from the master; replaces an older
-  /// copy of the same precision). Runs on `pool` (null: the global pool); reports progress per expert.
+  /// Builds a copy of every expert in `format` (f32/f16/bf16/int8/int4/int2, decoded from the
+  /// master whatever its format, block formats included; replaces an older copy of the same
+  /// precision). Block formats cannot be built (kUnsupported). Runs on `pool` (null: the global pool); reports progress
+  /// per expert.
   Status build_precision(WeightFormat format, ThreadPool* pool = nullptr, const ProgressFn& progress = {});
 
   /// The built copy of precision `p`: every expert's blob back to back, in key order (layer-major),
@@ -115,6 +123,8 @@ class ExpertStore {
 
   std::size_t index(ExpertKey k) const noexcept { return std::size_t{k.layer} * spec_.n_experts + k.expert; }
   Status check_key(ExpertKey k) const noexcept;
+  /// The owned master blob of `key` (the owned blob is allocated on first use).
+  std::byte* owned_master(ExpertKey key);
 
   MoeModelSpec spec_{};
   WeightFormat master_format_{};

@@ -22,6 +22,15 @@ struct StoreOptions {
   bool in_place = true;
   /// The master format when experts are decoded (block formats, fp8, strided layouts).
   WeightFormat master_format = float_format(Precision::kBF16);
+  /// Keep experts stored in a block format that has a moex layout (GGUF Q8_0, Q4_0, Q4_K; fp8
+  /// e4m3 with DeepSeek-V3's 128x128 `weight_scale_inv`) in that format: the master copies are
+  /// the checkpoint's bytes reassembled into quant/layout.hpp's layout in host RAM (fp8 weight and
+  /// scales in one matrix), not decoded, so the backends run the block kernels on them. Every
+  /// expert must then be in the first expert's format, in whole rows (kCorrupt naming the tensor
+  /// otherwise). Checkpoints in other formats (dense floats, Q5_K, Q6_K, MXFP4...) load as when
+  /// false. Off by default: decoding keeps every consumer on the formats it has always seen, and
+  /// a bf16 master is what the fast CPU kernels read (block formats take the CPU's decode path).
+  bool keep_block_formats = false;
   /// Low-precision copies to build at load time (e.g. int4 g64 for HOBBIT-style loading).
   std::vector<WeightFormat> extra_formats;
   /// Keep built copies in cache files, so the next start reads them instead of re-quantizing

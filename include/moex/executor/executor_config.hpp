@@ -30,10 +30,11 @@ struct ExecutorConfig {
   /// Bound on prefetched bytes in flight; 0 = two experts at the cache precision.
   std::uint64_t max_prefetch_bytes_in_flight = 0;
   /// When a prefetch needs room that a resident expert holds, it may evict it only where that
-  /// pays: costed (the default) weighs the expected saving, precision x min(transfer time, the
-  /// overlap window measured between prefetch issue and use), against the expected damage,
-  /// (1 - precision) x (chance the victim is wanted again within a pass) x transfer time, all
-  /// three measured online by the executor (see docs/simulator.md, "Cost-aware prefetch").
+  /// pays: costed (the default) admits it when precision x overlap >= reuse x transfer +
+  /// (1 - precision) x overlap, where overlap is the link time free for it before use (the window
+  /// measured between prefetch issue and use, less the backlog already queued on the link, at most
+  /// the transfer time) and reuse the chance a victim is wanted again while it would have stayed;
+  /// precision, window and reuse are measured online (docs/simulator.md, "Cost-aware prefetch").
   /// Always: evict whenever the victim is cold or an unpredicted expert of a predicted layer.
   enum class PrefetchAdmission : std::uint8_t {
     kCosted = 0,

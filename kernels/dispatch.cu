@@ -149,6 +149,8 @@ Status gemv(const GemvArgs& a, cudaStream_t stream) noexcept {
   if (!aligned16(a.w) || !aligned16(a.x) || a.ldx % 4 != 0 || a.ldx < a.layout.cols || a.ldy < a.layout.rows)
     return invalid_argument("gemv: misaligned pointer or bad stride");
   if (block_cols(a.layout.format.precision) != 0) {
+    if (a.workspace != nullptr && !aligned16(a.workspace))
+      return invalid_argument("gemv: workspace must be 16-byte aligned");
     if (a.layout.format.precision == Precision::kFp8E4M3 &&
         (!a.block_scales || a.scale_block == 0 || a.scale_block % 32 != 0))
       return invalid_argument("gemv: fp8 e4m3 needs block_scales and a scale_block that is a multiple of 32");

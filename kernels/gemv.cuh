@@ -21,6 +21,7 @@
 
 #include "kernels.hpp"
 #include "launchers.hpp"
+#include "warp_sum.cuh"
 
 MOEX_NAMESPACE_BEGIN
 namespace cuda {
@@ -206,19 +207,6 @@ __device__ __forceinline__ void dot_rows(const RowPtr (&row)[NR], std::size_t co
   }
 }
 
-/// Sums acc over the warp; every lane ends with the totals.
-template <int NR, int T>
-__device__ __forceinline__ void warp_sum(float (&acc)[NR][T]) {
-#pragma unroll
-  for (int r = 0; r < NR; ++r)
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-      float s = acc[r][t];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      acc[r][t] = s;
-    }
-}
 
 /// Offsets of one matrix's sections (layout.hpp).
 struct MatrixOffsets {

@@ -4,27 +4,39 @@
 /// block_down_scatter_gemv): GGUF Q8_0, Q4_0, Q4_K read in their exact byte layout
 /// (moex/quant/ggml.hpp), and fp8 e4m3 with f32 block scales kept apart (DeepSeek-V3).
 ///
-/// Work split: a warp owns one row. Rows are sequences of self-contained blocks whose size (34 and
-/// 18 bytes for Q8_0/Q4_0) is no multiple of 16, so a row need not start 16-byte aligned. The warp
-/// therefore streams its row in tiles of 1024 or 2048 weights (about 1 KB): every lane issues up
-/// to three 16-byte loads of the tile's aligned-down byte range into registers, the registers go
-/// to a per-warp shared-memory buffer, and each lane then decodes one or two 32-weight units (a
-/// Q8_0/Q4_0 block, a Q4_K sub-block, 32 fp8 bytes) from shared memory. The next tile's loads are
-/// issued before the current tile is decoded, so one tile per warp is always in flight. Sums are
-/// f32: codes decode by bit moves only (no I2F; see tile_chunk) to f_j with weight = d f_j + mn, and
-/// per unit acc += d * sum f_j x_j + mn * sum x_j. The grouped kernels are bounded to 168
-/// registers (3 blocks per SM): below that ptxas spills at batch 4 and 8.
+/// Work split: a warp owns a group of R rows (kBlockRows: 2-4), so that each x load and each x sum
+/// serves all of them. Rows are sequences of self-contained blocks whose size (34 and 18 bytes for
+/// Q8_0/Q4_0) is no multiple of 16, so a row need not start 16-byte aligned. The warp therefore
+/// streams each row in tiles of 1024 or 2048 weights (about 1 KB): every lane issues up to three
+/// 16-byte loads per row of the tile's aligned-down byte range into registers, the registers go to
+/// per-warp shared memory, each unit's scale pair (d, mn) is decoded once into shared memory, and
+/// each lane then decodes 8-weight parts of the tile from shared memory (32 lanes: 256 consecutive
+/// columns, one contiguous 1 KB of x per token). The next tile's loads are issued before the current
+/// tile is decoded, so one tile per row is always in flight. Sums are f32: codes decode by bit moves
+/// only (no I2F; see decode8) to f_j with weight = d f_j + mn, and per part
+/// acc += d * sum f_j x_j + mn * sum x_j. The grouped kernels are bounded to 168 registers (3 blocks
+/// per SM).
+///
+/// q8 path (GGUF formats, GemvArgs::workspace given, exact == false): x is first quantized to int8
+/// per 32-column group by quantize_x32 (kernels/quantize_x32.cu, the CPU's Q8 rule), so that every
+/// 8-weight part costs two dp4a per row instead of eight decodes and FMAs; a unit's dot is
+/// d_x * (dw * sum c_j q_j + mn * sum q_j) (BlockX, unit_scale_q8, q8_words). ncu on the H100
+/// (Q4_0, the 256 MB benchmark matrix): the f32 path is issue bound (73% of
+/// issue slots, DRAM 47%); the q8 path is latency bound (issue 64%, 36% of cycles with no eligible
+/// warp, 16 warps per SM: 128 registers, 48 of them the register-staged tiles).
 
 #include <cstddef>
 #include <cstdint>
 
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include "moex/types.hpp"
 
 #include "kernels.hpp"
 #include "launchers.hpp"
+#include "warp_sum.cuh"
 
 MOEX_NAMESPACE_BEGIN
 namespace cuda {
@@ -38,19 +50,19 @@ template <Precision P>
 struct BlockTraits;
 template <>
 struct BlockTraits<Precision::kQ8_0> {
-  static constexpr int kBlockWeights = 32, kBlockBytes = 34, kUnitsPerLane = 1;
+  static constexpr int kBlockWeights = 32, kBlockBytes = 34, kUnitsPerLane = 1, kRows = 2;
 };
 template <>
 struct BlockTraits<Precision::kQ4_0> {
-  static constexpr int kBlockWeights = 32, kBlockBytes = 18, kUnitsPerLane = 2;
+  static constexpr int kBlockWeights = 32, kBlockBytes = 18, kUnitsPerLane = 2, kRows = 4;
 };
 template <>
 struct BlockTraits<Precision::kQ4_K> {
-  static constexpr int kBlockWeights = 256, kBlockBytes = 144, kUnitsPerLane = 2;
+  static constexpr int kBlockWeights = 256, kBlockBytes = 144, kUnitsPerLane = 2, kRows = 4;
 };
 template <>
 struct BlockTraits<Precision::kFp8E4M3> {  // "blocks" of 32 bytes; the scales live apart
-  static constexpr int kBlockWeights = 32, kBlockBytes = 32, kUnitsPerLane = 1;
+  static constexpr int kBlockWeights = 32, kBlockBytes = 32, kUnitsPerLane = 1, kRows = 4;
 };
 
 template <Precision P>
@@ -60,8 +72,10 @@ inline constexpr int kTileBytes = kTileWeights<P> / BlockTraits<P>::kBlockWeight
 /// 16-byte chunks that one tile can touch (one more for a misaligned start), per lane.
 template <Precision P>
 inline constexpr int kChunksPerLane = ((kTileBytes<P> + 15) / 16 + 1 + 31) / 32;
-/// Shared-memory chunks per warp (the largest over the formats).
+/// Shared-memory chunks per warp and row (the largest over the formats).
 inline constexpr int kWarpChunks = 96;
+/// Most rows a warp decodes at once, and most 32-weight units in a tile.
+inline constexpr int kMaxBlockRows = 4, kMaxTileUnits = 64;
 static_assert(32 * kChunksPerLane<Precision::kQ8_0> <= kWarpChunks);
 static_assert(32 * kChunksPerLane<Precision::kQ4_0> <= kWarpChunks);
 static_assert(32 * kChunksPerLane<Precision::kQ4_K> <= kWarpChunks);
@@ -133,130 +147,299 @@ __device__ __forceinline__ void q4k_scale_min(const std::uint8_t* sc, int j, std
   }
 }
 
-/// Decodes 4-weight chunk `part` (0..7) of 32-weight unit u of a tile (shared memory at s: the
-/// tile's first byte) and accumulates it, so that the 32 lanes of a warp cover 128 consecutive
-/// columns and their x loads are one contiguous 512 B. Every format decodes to f_j with the
-/// weights = d * f_j + mn: integer codes n as f = 1 + n/2^b (so that d and mn absorb the offsets;
-/// Q8_0: q = 256 f - 384, Q4_0: q = 16 f - 24, Q4_K: (d sc) 16 (f - 1) - dmin m), fp8 as its bits
-/// moved into an f32 with the exponent bias left at 7 (value * 2^-120; d carries the 2^120; NaN
-/// codes read as 480 instead of NaN).
+/// Row-group height: rows a warp decodes together, so that each x load and x sum serves them
+/// all. Fewer rows at batch >= 4, where the decoded weights of every row stay live across tokens.
 template <Precision P, int T>
-__device__ __forceinline__ void tile_chunk(const std::uint8_t* s, int u, int part, const BlockMatrix& m,
-                                           std::size_t row, std::size_t col, const float* const (&xp)[T],
-                                           float (&acc)[T]) {
-  (void)m;
-  (void)row;
-  float f[4];
-  float d = 0.f, mn = 0.f;
+inline constexpr int kBlockRows = T >= 4 ? 2 : BlockTraits<P>::kRows;
+
+/// Per-warp shared memory: each row's staged tile and the (d, mn) pair of each of its 32-weight
+/// units.
+struct BlockWarpSmem {
+  uint4 chunks[kMaxBlockRows][kWarpChunks];
+  float2 unit[kMaxBlockRows][kMaxTileUnits];
+};
+
+/// (d, mn) of 32-weight unit u of a tile (shared memory at s: the tile's first byte; col: the
+/// unit's first column) such that every weight of the unit is d * f + mn, f as decode8 makes it.
+template <Precision P>
+__device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const BlockMatrix& m, std::size_t row,
+                                             std::size_t col) {
   if constexpr (P == Precision::kQ8_0) {
-    const std::uint8_t* b = s + 34 * u;
-    const float dh = half_bits(lds16(b));
-    const std::uint32_t h0 = lds16(b + 2 + 4 * part) ^ 0x8080u, h1 = lds16(b + 4 + 4 * part) ^ 0x8080u;
-    f[0] = one_plus((h0 & 0xFFu) << 15);
-    f[1] = one_plus((h0 & 0xFF00u) << 7);
-    f[2] = one_plus((h1 & 0xFFu) << 15);
-    f[3] = one_plus((h1 & 0xFF00u) << 7);
-    d = 256.f * dh;
-    mn = -384.f * dh;
+    const float dh = half_bits(lds16(s + 34 * u));
+    return make_float2(256.f * dh, -384.f * dh);  // q = 256 f - 384
   } else if constexpr (P == Precision::kQ4_0) {
-    const std::uint8_t* b = s + 18 * u;
-    const float dh = half_bits(lds16(b));
-    const int sh = part >= 4 ? 4 : 0;
-    const std::uint32_t h0 = lds16(b + 2 + 4 * (part & 3)) >> sh, h1 = lds16(b + 4 + 4 * (part & 3)) >> sh;
-    f[0] = one_plus((h0 & 0xFu) << 19);
-    f[1] = one_plus(((h0 >> 8) & 0xFu) << 19);
-    f[2] = one_plus((h1 & 0xFu) << 19);
-    f[3] = one_plus(((h1 >> 8) & 0xFu) << 19);
-    d = 16.f * dh;
-    mn = -24.f * dh;
+    const float dh = half_bits(lds16(s + 18 * u));
+    return make_float2(16.f * dh, -24.f * dh);  // q = 16 f - 24
   } else if constexpr (P == Precision::kQ4_K) {
     const std::uint8_t* b = s + 144 * (u / 8);
-    const int j = u % 8;
     const std::uint32_t dd = *reinterpret_cast<const std::uint32_t*>(b);
-    const std::uint8_t* sc = b + 4;
     std::uint32_t scale, mins;
-    q4k_scale_min(sc, j, scale, mins);
+    q4k_scale_min(b + 4, u % 8, scale, mins);
     const float dsc = half_bits(dd & 0xffffu) * static_cast<float>(scale);
     const float dm = half_bits(dd >> 16) * static_cast<float>(mins);
-    d = 16.f * dsc;
-    mn = -(16.f * dsc + dm);
-    const std::uint32_t w = *reinterpret_cast<const std::uint32_t*>(b + 16 + 32 * (j / 2) + 4 * part);
-    const std::uint32_t nib = (w >> ((j & 1) * 4)) & 0x0F0F0F0Fu;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) f[e] = one_plus(((nib >> (8 * e)) & 0xFu) << 19);
+    return make_float2(16.f * dsc, -(16.f * dsc + dm));  // (d sc) 16 (f - 1) - dmin m
   } else {
     static_assert(P == Precision::kFp8E4M3);
-    const std::uint32_t w = *reinterpret_cast<const std::uint32_t*>(s + 32 * u + 4 * part);
-    d = __ldg(m.scales + (row / m.scale_b) * m.scale_ld + col / m.scale_b) * __uint_as_float(0x7B800000u);  // 2^120
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const std::uint32_t byte = (w >> (8 * e)) & 0xFFu;
-      f[e] = __uint_as_float(((byte & 0x80u) << 24) | ((byte & 0x7Fu) << 20));
-    }
+    (void)s;
+    (void)u;
+    return make_float2(__ldg(m.scales + (row / m.scale_b) * m.scale_ld + col / m.scale_b), 0.f);
   }
+}
+
+/// Decodes weights 8p..8p+7 of 32-weight unit u of a tile into f (weights = d f + mn, with d and
+/// mn from unit_scale). Integer codes n decode by bit moves only, f = 1 + n/2^b (the mantissa
+/// trick of gemv.cuh: one shift and one LOP3, no I2F, which is quarter rate on sm_90); fp8 e4m3
+/// through the hardware's e4m3x2 -> f16x2 conversion (exact: every e4m3 value is an f16 value).
+template <Precision P>
+__device__ __forceinline__ void decode8(const std::uint8_t* s, int u, int p, float (&f)[8]) {
+  if constexpr (P == Precision::kQ8_0) {
+    const std::uint8_t* q = s + 34 * u + 2 + 8 * p;
 #pragma unroll
-  for (int t = 0; t < T; ++t) {
-    const float4 x = __ldg(reinterpret_cast<const float4*>(xp[t] + col));
-    float sum = f[0] * x.x;
-    sum = fmaf(f[1], x.y, sum);
-    sum = fmaf(f[2], x.z, sum);
-    sum = fmaf(f[3], x.w, sum);
-    if constexpr (P != Precision::kFp8E4M3) {
-      acc[t] = fmaf(d, sum, fmaf(mn, (x.x + x.y) + (x.z + x.w), acc[t]));
-    } else {
-      acc[t] = fmaf(d, sum, acc[t]);
+    for (int i = 0; i < 4; ++i) {
+      const std::uint32_t h = lds16(q + 2 * i) ^ 0x8080u;
+      f[2 * i] = one_plus((h & 0xFFu) << 15);
+      f[2 * i + 1] = one_plus((h & 0xFF00u) << 7);
+    }
+  } else if constexpr (P == Precision::kQ4_0) {
+    const std::uint8_t* q = s + 18 * u + 2 + 8 * (p & 1);
+    const int sh = (p >> 1) * 4;  // weights 16..31 of a block are the high nibbles
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const std::uint32_t h = lds16(q + 2 * i) >> sh;
+      f[2 * i] = one_plus((h & 0xFu) << 19);
+      f[2 * i + 1] = one_plus((h & 0xF00u) << 11);
+    }
+  } else if constexpr (P == Precision::kQ4_K) {
+    const int j = u % 8;
+    const std::uint8_t* q = s + 144 * (u / 8) + 16 + 32 * (j / 2) + 8 * p;
+    const int sh = (j & 1) * 4;  // odd sub-blocks are the high nibbles
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const std::uint32_t w = *reinterpret_cast<const std::uint32_t*>(q + 4 * i) >> sh;
+      f[4 * i] = one_plus((w & 0xFu) << 19);
+      f[4 * i + 1] = one_plus((w & 0xF00u) << 11);
+      f[4 * i + 2] = one_plus((w & 0xF0000u) << 3);
+      f[4 * i + 3] = one_plus((w & 0xF000000u) >> 5);
+    }
+  } else {
+    static_assert(P == Precision::kFp8E4M3);
+    const std::uint8_t* q = s + 32 * u + 8 * p;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const std::uint32_t w = *reinterpret_cast<const std::uint32_t*>(q + 4 * i);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const __half2_raw hr = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> (16 * k)), __NV_E4M3);
+        const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&hr));
+        f[4 * i + 2 * k] = v.x;
+        f[4 * i + 2 * k + 1] = v.y;
+      }
     }
   }
 }
 
-/// acc[t] = the dot product of row `row` of m with the T token vectors xp[t]; every lane ends with
-/// the totals. `smem`: this warp's kWarpChunks 16-byte chunks.
-template <Precision P, int T>
-__device__ __forceinline__ void block_row_dot(const BlockMatrix& m, std::size_t row, const float* const (&xp)[T],
-                                              float (&acc)[T], int lane, uint4* smem) {
+/// The activations of T tokens as block_rows_dot reads them: f32 rows (the exact path), or, on the
+/// q8 path (Q = true), int8 codes q[t][c] with one f32 scale d[t][c / 32] per 32-column group,
+/// made by quantize_x32 with the CPU's Q8 rule (moex/cpu/q8_kernel.hpp).
+template <int T, bool Q>
+struct BlockX {
+  const float* x[T];
+  const std::int8_t* q[T];
+  const float* d[T];
+};
+
+/// Signed 4 x 8-bit dot product (Q8_0 codes) and unsigned-by-signed (4-bit codes), into c.
+__device__ __forceinline__ int dp4a_ss(std::uint32_t a, std::uint32_t b, int c) {
+  return __dp4a(static_cast<int>(a), static_cast<int>(b), c);
+}
+__device__ __forceinline__ int dp4a_us4(std::uint32_t a, std::uint32_t b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+/// float(i) for |i| < 2^22 at full rate (I2F is quarter rate on sm_90): the integer is placed in
+/// the mantissa of 1.5 * 2^23 and the bias subtracted.
+__device__ __forceinline__ float small_int_to_float(int i) { return __int_as_float(i + 0x4B400000) - 12582912.f; }
+
+/// (dw, mn) of 32-weight unit u for the q8 path: the unit's dot with a quantized group is
+/// d_x * (dw * sum c_j q_j + mn * sum q_j) with c_j the codes as q8_words yields them.
+template <Precision P>
+__device__ __forceinline__ float2 unit_scale_q8(const std::uint8_t* s, int u) {
+  if constexpr (P == Precision::kQ8_0) {
+    return make_float2(half_bits(lds16(s + 34 * u)), 0.f);
+  } else if constexpr (P == Precision::kQ4_0) {
+    const float dh = half_bits(lds16(s + 18 * u));
+    return make_float2(dh, -8.f * dh);
+  } else {
+    static_assert(P == Precision::kQ4_K);
+    const std::uint8_t* b = s + 144 * (u / 8);
+    const std::uint32_t dd = *reinterpret_cast<const std::uint32_t*>(b);
+    std::uint32_t scale, mins;
+    q4k_scale_min(b + 4, u % 8, scale, mins);
+    return make_float2(half_bits(dd & 0xffffu) * static_cast<float>(scale),
+                       -half_bits(dd >> 16) * static_cast<float>(mins));
+  }
+}
+
+/// The codes of weights 8p..8p+7 of unit u as 8 bytes in column order (Q8_0: signed; 4-bit:
+/// unsigned nibbles 0..15).
+template <Precision P>
+__device__ __forceinline__ uint2 q8_words(const std::uint8_t* s, int u, int p) {
+  if constexpr (P == Precision::kQ8_0) {
+    const std::uint8_t* q = s + 34 * u + 2 + 8 * p;
+    return make_uint2(lds16(q) | (lds16(q + 2) << 16), lds16(q + 4) | (lds16(q + 6) << 16));
+  } else if constexpr (P == Precision::kQ4_0) {
+    const std::uint8_t* q = s + 18 * u + 2 + 8 * (p & 1);
+    const int sh = (p >> 1) * 4;  // weights 16..31 of a block are the high nibbles
+    const std::uint32_t a = lds16(q) | (lds16(q + 2) << 16), b = lds16(q + 4) | (lds16(q + 6) << 16);
+    return make_uint2((a >> sh) & 0x0F0F0F0Fu, (b >> sh) & 0x0F0F0F0Fu);
+  } else {
+    static_assert(P == Precision::kQ4_K);
+    const int j = u % 8;
+    const std::uint8_t* q = s + 144 * (u / 8) + 16 + 32 * (j / 2) + 8 * p;
+    const int sh = (j & 1) * 4;  // odd sub-blocks are the high nibbles
+    const uint2 w = *reinterpret_cast<const uint2*>(q);
+    return make_uint2((w.x >> sh) & 0x0F0F0F0Fu, (w.y >> sh) & 0x0F0F0F0Fu);
+  }
+}
+
+/// acc[r][t] = the dot product of row min(row0 + r, rows - 1) of m with token t of `in` (f32, or
+/// int8 groups on the q8 path), for R rows at once; every lane ends with the totals. sm: this
+/// warp's shared memory.
+template <Precision P, int T, int R, bool Q>
+__device__ __forceinline__ void block_rows_dot(const BlockMatrix& m, std::size_t row0, const BlockX<T, Q>& in,
+                                               float (&acc)[R][T], int lane, BlockWarpSmem& sm) {
   using Tr = BlockTraits<P>;
   constexpr int kL = kChunksPerLane<P>;
+  constexpr bool kHasMin = P != Precision::kFp8E4M3;
+  static_assert(R <= kMaxBlockRows);
 #pragma unroll
-  for (int t = 0; t < T; ++t) acc[t] = 0.f;
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
   const std::size_t total = m.rows * m.row_bytes;
-  const std::size_t row_begin = row * m.row_bytes, row_end = row_begin + m.row_bytes;
   const std::size_t tiles = (m.cols + kTileWeights<P> - 1) / kTileWeights<P>;
-  uint4 v[kL];
+  std::size_t row[R], row_begin[R];
 #pragma unroll
-  for (int i = 0; i < kL; ++i) v[i] = make_uint4(0, 0, 0, 0);
-  auto tile_begin = [&](std::size_t k) { return row_begin + k * static_cast<std::size_t>(kTileBytes<P>); };
-  auto tile_end = [&](std::size_t k) {
-    const std::size_t e = tile_begin(k) + kTileBytes<P>;
-    return e < row_end ? e : row_end;
+  for (int r = 0; r < R; ++r) {
+    row[r] = row0 + r < m.rows ? row0 + r : m.rows - 1;
+    row_begin[r] = row[r] * m.row_bytes;
+  }
+  auto tile_begin = [&](int r, std::size_t k) { return row_begin[r] + k * static_cast<std::size_t>(kTileBytes<P>); };
+  auto tile_end = [&](int r, std::size_t k) {
+    const std::size_t e = tile_begin(r, k) + kTileBytes<P>, re = row_begin[r] + m.row_bytes;
+    return e < re ? e : re;
   };
-  load_tile<P>(m.w, tile_begin(0) & ~std::size_t{15}, tile_end(0), total, v, lane);
-  const auto* sb = reinterpret_cast<const std::uint8_t*>(smem);
-  for (std::size_t k = 0; k < tiles; ++k) {
-    const std::size_t tb = tile_begin(k), a0 = tb & ~std::size_t{15}, te = tile_end(k);
+  uint4 v[R][kL];
 #pragma unroll
-    for (int i = 0; i < kL; ++i)
-      if (a0 + static_cast<std::size_t>(lane + 32 * i) * 16 < te) smem[lane + 32 * i] = v[i];
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int i = 0; i < kL; ++i) v[r][i] = make_uint4(0, 0, 0, 0);
+    load_tile<P>(m.w, tile_begin(r, 0) & ~std::size_t{15}, tile_end(r, 0), total, v[r], lane);
+  }
+  for (std::size_t k = 0; k < tiles; ++k) {
+    const std::uint8_t* sb[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const std::size_t tb = tile_begin(r, k), a0 = tb & ~std::size_t{15}, te = tile_end(r, k);
+#pragma unroll
+      for (int i = 0; i < kL; ++i)
+        if (a0 + static_cast<std::size_t>(lane + 32 * i) * 16 < te) sm.chunks[r][lane + 32 * i] = v[r][i];
+      sb[r] = reinterpret_cast<const std::uint8_t*>(sm.chunks[r]) + (tb - a0);
+    }
     __syncwarp();
-    if (k + 1 < tiles) load_tile<P>(m.w, tile_begin(k + 1) & ~std::size_t{15}, tile_end(k + 1), total, v, lane);
+    if (k + 1 < tiles) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        load_tile<P>(m.w, tile_begin(r, k + 1) & ~std::size_t{15}, tile_end(r, k + 1), total, v[r], lane);
+    }
     const std::size_t col0 = k * static_cast<std::size_t>(kTileWeights<P>);
     const std::size_t left = m.cols - col0;
     const int units =
         left >= static_cast<std::size_t>(kTileWeights<P>) ? 32 * Tr::kUnitsPerLane : static_cast<int>(left / 32);
-#pragma unroll 4
-    for (int i = 0; i < 8 * Tr::kUnitsPerLane; ++i) {
-      const int c = lane + 32 * i;  // 4-weight chunk of the tile
-      if (c < 8 * units)
-        tile_chunk<P, T>(sb + (tb - a0), c >> 3, c & 7, m, row, col0 + 4 * static_cast<std::size_t>(c), xp, acc);
+    // Each unit's scale once per row (not once per 8-weight part).
+#pragma unroll
+    for (int i = 0; i < Tr::kUnitsPerLane; ++i) {
+      const int u = lane + 32 * i;
+      if (u < units) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if constexpr (Q) {
+            sm.unit[r][u] = unit_scale_q8<P>(sb[r], u);
+          } else {
+            sm.unit[r][u] = unit_scale<P>(sb[r], u, m, row[r], col0 + 32 * static_cast<std::size_t>(u));
+          }
+        }
+      }
+    }
+    __syncwarp();
+    // 8-weight parts: the 32 lanes cover 256 consecutive columns, so the x loads of a warp are one
+    // contiguous 1 KB per token, shared by the R rows.
+#pragma unroll 2
+    for (int i = 0; i < 4 * Tr::kUnitsPerLane; ++i) {
+      const int c = lane + 32 * i;
+      if (c >= 4 * units) break;
+      const int u = c >> 2, part = c & 3;
+      const std::size_t col = col0 + 8 * static_cast<std::size_t>(c);
+      if constexpr (Q) {
+        // q8: per row two dp4a over the part's 8 codes; the sum of the part's x codes is shared.
+        uint2 w[R];
+        float2 ds[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          w[r] = q8_words<P>(sb[r], u, part);
+          ds[r] = sm.unit[r][u];
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+          const uint2 xq = __ldg(reinterpret_cast<const uint2*>(in.q[t] + col));
+          const float dx = __ldg(in.d[t] + col / 32);
+          float qs = 0.f;
+          if constexpr (P != Precision::kQ8_0)
+            qs = dx * small_int_to_float(dp4a_ss(xq.y, 0x01010101u, dp4a_ss(xq.x, 0x01010101u, 0)));
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            int dot;
+            if constexpr (P == Precision::kQ8_0) {
+              dot = dp4a_ss(w[r].y, xq.y, dp4a_ss(w[r].x, xq.x, 0));
+            } else {
+              dot = dp4a_us4(w[r].y, xq.y, dp4a_us4(w[r].x, xq.x, 0));
+            }
+            acc[r][t] = fmaf(ds[r].x * dx, small_int_to_float(dot), acc[r][t]);
+            if constexpr (P != Precision::kQ8_0) acc[r][t] = fmaf(ds[r].y, qs, acc[r][t]);
+          }
+        }
+      } else {
+        float f[R][8];
+        float2 ds[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          decode8<P>(sb[r], u, part, f[r]);
+          ds[r] = sm.unit[r][u];
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+          const float4 xa = __ldg(reinterpret_cast<const float4*>(in.x[t] + col));
+          const float4 xb = __ldg(reinterpret_cast<const float4*>(in.x[t] + col + 4));
+          const float xs = kHasMin ? ((xa.x + xa.y) + (xa.z + xa.w)) + ((xb.x + xb.y) + (xb.z + xb.w)) : 0.f;
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float sum = f[r][0] * xa.x;
+            sum = fmaf(f[r][1], xa.y, sum);
+            sum = fmaf(f[r][2], xa.z, sum);
+            sum = fmaf(f[r][3], xa.w, sum);
+            sum = fmaf(f[r][4], xb.x, sum);
+            sum = fmaf(f[r][5], xb.y, sum);
+            sum = fmaf(f[r][6], xb.z, sum);
+            sum = fmaf(f[r][7], xb.w, sum);
+            acc[r][t] = kHasMin ? fmaf(ds[r].x, sum, fmaf(ds[r].y, xs, acc[r][t])) : fmaf(ds[r].x, sum, acc[r][t]);
+          }
+        }
+      }
     }
     __syncwarp();
   }
-#pragma unroll
-  for (int t = 0; t < T; ++t) {
-    float s = acc[t];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    acc[t] = s;
-  }
+  warp_sum<R, T>(acc);
 }
 
 /// Launch parameters of block_gemv.
@@ -264,31 +447,42 @@ struct BlockGemvParams {
   BlockMatrix m;
   const float* x;
   std::size_t ldx;
+  const std::int8_t* xq;  ///< q8 path: token t's codes at xq + t * ldq
+  const float* xd;        ///< q8 path: token t's group scales at xd + t * ldd
+  std::size_t ldq, ldd;
   float* y;
   std::size_t ldy;
   std::uint32_t n;
   bool accumulate;
 };
 
-template <Precision P, int T>
+template <Precision P, int T, bool Q>
 __global__ void __launch_bounds__(kBlockWarps * 32) block_gemv(const BlockGemvParams p) {
-  __shared__ uint4 smem[kBlockWarps][kWarpChunks];
+  constexpr int R = kBlockRows<P, T>;
+  __shared__ BlockWarpSmem smem[kBlockWarps];
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const int warp = static_cast<int>(threadIdx.x / 32);
-  const std::size_t row = static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp);
-  if (row >= p.m.rows) return;  // whole warp
-  const float* xp[T];
+  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp)) * R;
+  if (row0 >= p.m.rows) return;  // whole warp
+  BlockX<T, Q> in;
 #pragma unroll
-  for (int t = 0; t < T; ++t) xp[t] = p.x + (t < static_cast<int>(p.n) ? t : 0) * p.ldx;
-  float acc[T];
-  block_row_dot<P, T>(p.m, row, xp, acc, lane, smem[warp]);
+  for (int t = 0; t < T; ++t) {
+    const std::size_t tt = t < static_cast<int>(p.n) ? static_cast<std::size_t>(t) : 0;
+    in.x[t] = p.x + tt * p.ldx;
+    in.q[t] = p.xq + tt * p.ldq;
+    in.d[t] = p.xd + tt * p.ldd;
+  }
+  float acc[R][T];
+  block_rows_dot<P, T, R, Q>(p.m, row0, in, acc, lane, smem[warp]);
   if (lane == 0) {
 #pragma unroll
-    for (int t = 0; t < T; ++t)
-      if (t < static_cast<int>(p.n)) {
-        float* o = p.y + t * p.ldy + row;
-        *o = p.accumulate ? *o + acc[t] : acc[t];
-      }
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t)
+        if (t < static_cast<int>(p.n) && row0 + r < p.m.rows) {
+          float* o = p.y + t * p.ldy + row0 + r;
+          *o = p.accumulate ? *o + acc[r][t] : acc[r][t];
+        }
   }
 }
 
@@ -309,21 +503,22 @@ __device__ __forceinline__ float block_silu(float v) { return v / (1.f + __expf(
 
 template <Precision P, int T>
 __global__ void __launch_bounds__(kBlockWarps * 32, 3) block_swiglu_gemv(const __grid_constant__ BlockGroupParams p) {
-  __shared__ uint4 smem[kBlockWarps][kWarpChunks];
+  constexpr int R = kBlockRows<P, T>;
+  __shared__ BlockWarpSmem smem[kBlockWarps];
   const ExpertTask& task = p.tasks[blockIdx.y];
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const int warp = static_cast<int>(threadIdx.x / 32);
-  const std::size_t row = static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp);
-  if (row >= p.ffn) return;
+  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp)) * R;
+  if (row0 >= p.ffn) return;
   const int n = static_cast<int>(task.n);
-  const float* xp[T];
+  BlockX<T, false> in{};
 #pragma unroll
-  for (int t = 0; t < T; ++t) xp[t] = p.x + task.token[t < n ? t : 0] * p.ldx;
-  float a1[T], a3[T];
+  for (int t = 0; t < T; ++t) in.x[t] = p.x + task.token[t < n ? t : 0] * p.ldx;
+  float a1[R][T], a3[R][T];
   // One copy of the row loop for both matrices (two inlined copies made ptxas spill).
 #pragma unroll 1
   for (int k = 0; k < 2; ++k) {
-    float acc[T];
+    float acc[R][T];
     const BlockMatrix w{reinterpret_cast<const std::uint8_t*>(k == 0 ? task.w1 : task.w3),
                         p.ffn,
                         p.hidden,
@@ -331,51 +526,62 @@ __global__ void __launch_bounds__(kBlockWarps * 32, 3) block_swiglu_gemv(const _
                         nullptr,
                         0,
                         0};
-    block_row_dot<P, T>(w, row, xp, acc, lane, smem[warp]);
+    block_rows_dot<P, T, R, false>(w, row0, in, acc, lane, smem[warp]);
 #pragma unroll
-    for (int t = 0; t < T; ++t) {
-      if (k == 0) {
-        a1[t] = acc[t];
-      } else {
-        a3[t] = acc[t];
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        if (k == 0) {
+          a1[r][t] = acc[r][t];
+        } else {
+          a3[r][t] = acc[r][t];
+        }
       }
-    }
   }
   if (lane == 0) {
     float* h = p.h + static_cast<std::size_t>(blockIdx.y) * kMaxGemvTokens * p.ffn;
 #pragma unroll
-    for (int t = 0; t < T; ++t)
-      if (t < n) h[t * p.ffn + row] = block_silu(a1[t]) * a3[t];
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t)
+        if (t < n && row0 + r < p.ffn) h[t * p.ffn + row0 + r] = block_silu(a1[r][t]) * a3[r][t];
   }
 }
 
 template <Precision P, int T>
 __global__ void __launch_bounds__(kBlockWarps * 32, 3)
     block_down_scatter_gemv(const __grid_constant__ BlockGroupParams p) {
-  __shared__ uint4 smem[kBlockWarps][kWarpChunks];
+  constexpr int R = kBlockRows<P, T>;
+  __shared__ BlockWarpSmem smem[kBlockWarps];
   const ExpertTask& task = p.tasks[blockIdx.y];
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const int warp = static_cast<int>(threadIdx.x / 32);
-  const std::size_t row = static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp);
-  if (row >= p.hidden) return;
+  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp)) * R;
+  if (row0 >= p.hidden) return;
   const int n = static_cast<int>(task.n);
   const float* h = p.h + static_cast<std::size_t>(blockIdx.y) * kMaxGemvTokens * p.ffn;
-  const float* xp[T];
+  BlockX<T, false> in{};
 #pragma unroll
-  for (int t = 0; t < T; ++t) xp[t] = h + (t < n ? t : 0) * p.ffn;
+  for (int t = 0; t < T; ++t) in.x[t] = h + (t < n ? t : 0) * p.ffn;
   const BlockMatrix w2{
       reinterpret_cast<const std::uint8_t*>(task.w2), p.hidden, p.ffn, p.down_row_bytes, nullptr, 0, 0};
-  float acc[T];
-  block_row_dot<P, T>(w2, row, xp, acc, lane, smem[warp]);
+  float acc[R][T];
+  block_rows_dot<P, T, R, false>(w2, row0, in, acc, lane, smem[warp]);
   if (lane == 0) {
 #pragma unroll
-    for (int t = 0; t < T; ++t)
-      if (t < n) atomicAdd(p.out + task.token[t] * p.ldo + row, task.weight[t] * acc[t]);
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t)
+        if (t < n && row0 + r < p.hidden)
+          atomicAdd(p.out + task.token[t] * p.ldo + row0 + r, task.weight[t] * acc[r][t]);
   }
 }
 
+/// Blocks for `rows` rows in groups of kBlockRows<P, T> per warp.
+template <Precision P, int T>
 inline unsigned block_blocks_for(std::size_t rows) {
-  return static_cast<unsigned>((rows + kBlockWarps - 1) / kBlockWarps);
+  const std::size_t per_block = static_cast<std::size_t>(kBlockWarps) * kBlockRows<P, T>;
+  return static_cast<unsigned>((rows + per_block - 1) / per_block);
 }
 
 }  // namespace detail
@@ -399,7 +605,20 @@ Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream) noexcept {
   p.ldy = a.ldy;
   p.n = a.n;
   p.accumulate = a.accumulate;
-  detail::block_gemv<P, T><<<detail::block_blocks_for(rows), detail::kBlockWarps * 32, 0, stream>>>(p);
+  const unsigned grid = detail::block_blocks_for<P, T>(rows);
+  if constexpr (P != Precision::kFp8E4M3) {
+    if (!a.exact && a.workspace != nullptr) {  // q8 path: quantize x once, then integer dot products
+      const BlockQ8Workspace ws = block_q8_workspace(a.workspace, cols, a.n);
+      p.xq = ws.q;
+      p.xd = ws.d;
+      p.ldq = ws.ldq;
+      p.ldd = ws.ldd;
+      MOEX_RETURN_IF_ERROR(launch_quantize_x32(a.x, a.ldx, cols, a.n, ws, stream));
+      detail::block_gemv<P, T, true><<<grid, detail::kBlockWarps * 32, 0, stream>>>(p);
+      return cuda_status(cudaGetLastError(), "block_gemv (q8) launch");
+    }
+  }
+  detail::block_gemv<P, T, false><<<grid, detail::kBlockWarps * 32, 0, stream>>>(p);
   return cuda_status(cudaGetLastError(), "block_gemv launch");
 }
 
@@ -418,10 +637,10 @@ Status launch_grouped_expert_block(const GroupedExpertArgs& a, cudaStream_t stre
   p.h = a.workspace;
   p.out = a.out;
   p.ldo = a.ldo;
-  const dim3 up_grid(detail::block_blocks_for(p.ffn), a.count);
+  const dim3 up_grid(detail::block_blocks_for<P, T>(p.ffn), a.count);
   detail::block_swiglu_gemv<P, T><<<up_grid, detail::kBlockWarps * 32, 0, stream>>>(p);
   MOEX_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "block_swiglu_gemv launch"));
-  const dim3 down_grid(detail::block_blocks_for(p.hidden), a.count);
+  const dim3 down_grid(detail::block_blocks_for<P, T>(p.hidden), a.count);
   detail::block_down_scatter_gemv<P, T><<<down_grid, detail::kBlockWarps * 32, 0, stream>>>(p);
   return cuda_status(cudaGetLastError(), "block_down_scatter_gemv launch");
 }

@@ -57,7 +57,34 @@ struct GemvArgs {
   /// row-major with B = scale_block; weight (r, c) is fp8(r, c) * block_scales[(r/B)*ceil(cols/B) + c/B].
   const float* block_scales = nullptr;
   std::uint32_t scale_block = 128;  ///< B: a multiple of 32
+  /// GGUF Q8_0/Q4_0/Q4_K: device scratch of gemv_workspace_bytes(cols, n) bytes (16-byte aligned).
+  /// Given and exact == false, x is quantized to int8 per 32-column group (CPU Q8 rule, in a
+  /// separate launch) and the kernel uses integer dot products (the q8 path; error bound as for
+  /// int4/int2 above); null keeps the f32-activation kernel. Other formats ignore it.
+  void* workspace = nullptr;
 };
+
+/// Bytes of GemvArgs::workspace for n tokens of `cols` columns (cols % 32 == 0).
+constexpr std::size_t gemv_workspace_bytes(std::size_t cols, std::uint32_t n) noexcept {
+  const std::size_t ldq = (cols + 15) / 16 * 16, ldd = (cols / 32 + 3) / 4 * 4;
+  return static_cast<std::size_t>(n) * (ldq + ldd * sizeof(float));
+}
+
+/// The parts of a GemvArgs::workspace: token t's int8 codes at q + t * ldq, its group scales at
+/// d + t * ldd.
+struct BlockQ8Workspace {
+  std::int8_t* q = nullptr;
+  float* d = nullptr;
+  std::size_t ldq = 0, ldd = 0;
+};
+inline BlockQ8Workspace block_q8_workspace(void* ws, std::size_t cols, std::uint32_t n) noexcept {
+  BlockQ8Workspace w;
+  w.ldq = (cols + 15) / 16 * 16;
+  w.ldd = (cols / 32 + 3) / 4 * 4;
+  w.q = static_cast<std::int8_t*>(ws);
+  w.d = reinterpret_cast<float*>(w.q + static_cast<std::size_t>(n) * w.ldq);
+  return w;
+}
 
 /// True when gemv() serves `format` for a matrix of `cols` columns on this build (bf16, f16 and
 /// int8/int4/int2 with group 32/64/128, either scheme; cols a multiple of the elements that one

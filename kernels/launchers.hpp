@@ -40,6 +40,10 @@ Status launch_grouped_expert(const GroupedExpertArgs& args, cudaStream_t stream)
 template <Precision P, int T>
 Status launch_gemv_block(const GemvArgs& args, cudaStream_t stream) noexcept;
 
+/// Quantizes n tokens of x (cols % 32 == 0) into `ws` (the q8 path of the block formats).
+Status launch_quantize_x32(const float* x, std::size_t ldx, std::size_t cols, std::uint32_t n,
+                           const BlockQ8Workspace& ws, cudaStream_t stream) noexcept;
+
 /// Grouped SwiGLU experts in block format P (Q8_0, Q4_0, Q4_K), token bucket T.
 template <Precision P, int T>
 Status launch_grouped_expert_block(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;

@@ -267,12 +267,16 @@ struct BlockSetup {
   BlockSetup& operator=(const BlockSetup&) = delete;
 };
 
-/// Batch-n GEMV of one block format (the bytes counted: weights, plus fp8's block scales).
+/// Batch-n GEMV of one block format (the bytes counted: weights, plus fp8's block scales); arg 2:
+/// 1 = the q8 path (GGUF formats: x quantized in a separate launch, timed with the GEMV), 0 = f32.
 void BM_gemv_block(benchmark::State& state) {
   const BlockCase& bc = kBlockFormats[state.range(0)];
   const auto n = static_cast<std::uint32_t>(state.range(1));
-  state.SetLabel(bc.name);
+  const bool q8 = state.range(2) != 0;
+  state.SetLabel(std::string(bc.name) + (q8 ? " q8-dp4a" : " exact-f32"));
   BlockSetup g(bc);
+  void* ws = nullptr;
+  if (q8) ok(cudaMalloc(&ws, mc::gemv_workspace_bytes(kCols, n)));
   mc::GemvArgs a;
   a.w = static_cast<const std::byte*>(g.w);
   a.layout = g.l;
@@ -283,9 +287,11 @@ void BM_gemv_block(benchmark::State& state) {
   a.n = n;
   a.block_scales = g.scales;
   a.scale_block = kFp8Block;
+  a.workspace = ws;
   bool good = true;
   timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes + g.scale_bytes), g_d2d_gbps,
              [&] { good = good && mc::gemv(a, nullptr).is_ok(); });
+  cudaFree(ws);
   if (!good) state.SkipWithError("block gemv failed");
 }
 
@@ -635,11 +641,14 @@ int main(int argc, char** argv) {
         ->Unit(benchmark::kMicrosecond);
   // The block formats of checkpoints at batch 1 (their only path).
   for (int f = 0; f < static_cast<int>(std::size(kBlockFormats)); ++f)
-    benchmark::RegisterBenchmark("gemv/batch1", BM_gemv_block)
-        ->Args({f, 1})
-        ->UseManualTime()
-        ->Iterations(50)
-        ->Unit(benchmark::kMicrosecond);
+    for (int q8 : {1, 0}) {
+      if (q8 && kBlockFormats[f].p == Precision::kFp8E4M3) continue;
+      benchmark::RegisterBenchmark("gemv/batch1", BM_gemv_block)
+          ->Args({f, 1, q8})
+          ->UseManualTime()
+          ->Iterations(50)
+          ->Unit(benchmark::kMicrosecond);
+    }
   for (int f = 2; f < nf; ++f)
     benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)
         ->Args({f, 1, 1})
@@ -661,7 +670,7 @@ int main(int argc, char** argv) {
           ->Unit(benchmark::kMicrosecond);
   for (int f = 0; f < static_cast<int>(std::size(kBlockFormats)); ++f)
     benchmark::RegisterBenchmark("gemv/batch8", BM_gemv_block)
-        ->Args({f, 8})
+        ->Args({f, 8, kBlockFormats[f].p == Precision::kFp8E4M3 ? 0 : 1})
         ->UseManualTime()
         ->Iterations(30)
         ->Unit(benchmark::kMicrosecond);

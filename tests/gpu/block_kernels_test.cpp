@@ -33,6 +33,12 @@ namespace mc = moex::cuda;
 // <= 2304 products and the per-32-weight factoring d * sum(q x) (Q4_K: - dmin m sum x): 1e-4 in
 // norm leaves ~100x margin over f32 rounding, while any byte-order or indexing error is O(1).
 constexpr double kBlockGemvTol = 1e-4;
+// q8 path (GGUF formats with a workspace): integer dot products are exact, so against the float64
+// product with the CPU-rule quantized x only f32 rounding of scales and sums remains.
+constexpr double kBlockGemvQ8Tol = 1e-4;
+// ... and against the exact product: x's rounding, |err| <= d_x/2 per element, is about 4e-3
+// norm-wise on random data; a generous bound that still catches a wrong group or scale.
+constexpr double kBlockGemvQ8ExactTol = 3e-2;
 // Grouped experts add __expf (a few ulp) and atomics in any order to the same sums: same bound.
 constexpr double kBlockExpertTol = 1e-4;
 // The fp8 block-scale side of DeepSeek-V3 (weight_block_size [128, 128]).
@@ -138,6 +144,12 @@ TEST_CASE("block-format GEMV dispatch: column multiples, fp8 needs its scales, n
   a.block_scales = dummy.data();
   a.scale_block = 100;
   CHECK(mc::gemv(a, nullptr).code() == moex::StatusCode::kInvalidArgument);  // not a multiple of 32
+  a.layout = block_layout(Precision::kQ4_0, 16, 256);
+  a.workspace = reinterpret_cast<std::byte*>(dummy.data()) + 4;
+  CHECK(mc::gemv(a, nullptr).code() == moex::StatusCode::kInvalidArgument);  // misaligned workspace
+  a.workspace = nullptr;
+  CHECK(mc::gemv_workspace_bytes(256, 1) == 256 + 8 * sizeof(float));
+  CHECK(mc::gemv_workspace_bytes(1440, 3) == 3 * (1440 + 48 * sizeof(float)));
   mc::ExpertTask t;
   t.w1 = t.w3 = t.w2 = a.w;
   t.n = 1;
@@ -168,44 +180,68 @@ TEST_CASE("block-format GEMV (Q8_0, Q4_0, Q4_K, fp8 e4m3) matches the float64 re
     const std::vector<Shape> shapes = p == Precision::kQ4_K ? std::vector<Shape>{{37, 1536}, {131, 2304}}
                                                             : std::vector<Shape>{{37, 1440}, {131, 2304}, {5, 32}};
     for (const Shape sh : shapes) {
-      for (const std::uint32_t n : {1u, 2u, 3u, 8u}) {
-        CAPTURE(moex::to_string(p));
-        CAPTURE(sh.rows);
-        CAPTURE(sh.cols);
-        CAPTURE(n);
-        const std::size_t rows = sh.rows, cols = sh.cols, ldx = cols + 4, ldy = rows + 3;
-        const BlockMatrix m = random_block_matrix(p, rows, cols, static_cast<std::uint64_t>(p) * 1000 + rows + n);
-        const auto x = moex::test::random_normal(n * ldx, 1.f, static_cast<std::uint64_t>(p) * 1000 + 7 + n);
-        const auto ref = moex::test::reference_gemv(m.w, rows, cols, x, n, ldx);
-        // Exactly the matrix's bytes: a read past its end would show under compute-sanitizer.
-        moex::test::DeviceBuffer<std::byte> dw(m.bytes.size());
-        moex::test::DeviceBuffer<float> dx(x.size()), dy(n * ldy), ds(std::max<std::size_t>(1, m.scales.size()));
-        REQUIRE(dw.upload(m.bytes));
-        REQUIRE(dx.upload(x));
-        if (!m.scales.empty()) REQUIRE(ds.upload(m.scales));
-        REQUIRE(dy.poison());
-        mc::GemvArgs a;
-        a.w = dw.get();
-        a.layout = block_layout(p, rows, cols);
-        a.x = dx.get();
-        a.ldx = ldx;
-        a.y = dy.get();
-        a.ldy = ldy;
-        a.n = n;
-        if (p == Precision::kFp8E4M3) {
-          a.block_scales = ds.get();
-          a.scale_block = kFp8ScaleBlock;
+      for (const std::uint32_t n : {1u, 2u, 3u, 8u})
+        for (const bool q8 : {false, true}) {
+          if (q8 && p == Precision::kFp8E4M3) continue;  // fp8 has no q8 path
+          CAPTURE(q8);
+          CAPTURE(moex::to_string(p));
+          CAPTURE(sh.rows);
+          CAPTURE(sh.cols);
+          CAPTURE(n);
+          const std::size_t rows = sh.rows, cols = sh.cols, ldx = cols + 4, ldy = rows + 3;
+          const BlockMatrix m = random_block_matrix(p, rows, cols, static_cast<std::uint64_t>(p) * 1000 + rows + n);
+          const auto x = moex::test::random_normal(n * ldx, 1.f, static_cast<std::uint64_t>(p) * 1000 + 7 + n);
+          const auto exact_ref = moex::test::reference_gemv(m.w, rows, cols, x, n, ldx);
+          std::vector<double> ref = exact_ref;
+          if (q8) {  // the CPU's q8 rule per 32 columns, in the same f32 arithmetic, then float64 sums
+            std::vector<double> xq(n * cols);
+            for (std::size_t t = 0; t < n; ++t)
+              for (std::size_t g = 0; g < cols / 32; ++g) {
+                float amax = 0.f;
+                for (std::size_t c = g * 32; c < g * 32 + 32; ++c) amax = std::max(amax, std::fabs(x[t * ldx + c]));
+                const float inv = amax > 0.f ? 127.f / amax : 0.f;
+                for (std::size_t c = g * 32; c < g * 32 + 32; ++c)
+                  xq[t * cols + c] = double(amax / 127.f) * std::nearbyint(x[t * ldx + c] * inv);
+              }
+            for (std::size_t t = 0; t < n; ++t)
+              for (std::size_t r = 0; r < rows; ++r) {
+                double acc = 0;
+                for (std::size_t c = 0; c < cols; ++c) acc += double(m.w[r * cols + c]) * xq[t * cols + c];
+                ref[t * rows + r] = acc;
+              }
+          }
+          // Exactly the matrix's bytes: a read past its end would show under compute-sanitizer.
+          moex::test::DeviceBuffer<std::byte> dw(m.bytes.size());
+          moex::test::DeviceBuffer<float> dx(x.size()), dy(n * ldy), ds(std::max<std::size_t>(1, m.scales.size()));
+          REQUIRE(dw.upload(m.bytes));
+          REQUIRE(dx.upload(x));
+          if (!m.scales.empty()) REQUIRE(ds.upload(m.scales));
+          REQUIRE(dy.poison());
+          mc::GemvArgs a;
+          a.w = dw.get();
+          a.layout = block_layout(p, rows, cols);
+          a.x = dx.get();
+          a.ldx = ldx;
+          a.y = dy.get();
+          a.ldy = ldy;
+          a.n = n;
+          if (p == Precision::kFp8E4M3) {
+            a.block_scales = ds.get();
+            a.scale_block = kFp8ScaleBlock;
+          }
+          moex::test::DeviceBuffer<std::byte> dws(mc::gemv_workspace_bytes(cols, n));
+          if (q8) a.workspace = dws.get();
+          const moex::Status st = mc::gemv(a, nullptr);
+          INFO(st.to_string());
+          REQUIRE(st.is_ok());
+          MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
+          const auto y = dy.download(n * ldy);
+          const auto got = moex::test::strided_rows(y, n, rows, ldy);
+          CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
+          CHECK(moex::test::rel_error(got, ref) < (q8 ? kBlockGemvQ8Tol : kBlockGemvTol));
+          if (q8) CHECK(moex::test::rel_error(got, exact_ref) < kBlockGemvQ8ExactTol);
+          CHECK(std::isnan(y[rows]));  // padding between rows of y stays poisoned
         }
-        const moex::Status st = mc::gemv(a, nullptr);
-        INFO(st.to_string());
-        REQUIRE(st.is_ok());
-        MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
-        const auto y = dy.download(n * ldy);
-        const auto got = moex::test::strided_rows(y, n, rows, ldy);
-        CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
-        CHECK(moex::test::rel_error(got, ref) < kBlockGemvTol);
-        CHECK(std::isnan(y[rows]));  // padding between rows of y stays poisoned
-      }
     }
   }
 }

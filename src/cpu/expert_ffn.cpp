@@ -1,5 +1,5 @@
-// matmul_rows dispatch (per-ISA kernels in kernels_*.cpp, a portable one here), the SwiGLU expert
-// FFN over a thread pool, and view validation.
+// matmul_rows dispatch (per-ISA kernels in kernels_*.cpp, block formats' in kernels_block_*.cpp,
+// a portable one here), the SwiGLU expert FFN over a thread pool, and view validation.
 #include "moex/cpu/expert_ffn.hpp"
 
 #include <algorithm>
@@ -12,6 +12,8 @@
 #include "moex/cpu/cpu_kernels.hpp"
 #include "moex/quant/ggml.hpp"
 #include "moex/thread_pool.hpp"
+
+#include "block_kernels_isa.hpp"
 
 MOEX_NAMESPACE_BEGIN
 
@@ -124,6 +126,10 @@ void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t
   if (!check_matrix_view(w).is_ok()) return;
   const detail::MatmulArgs a{w.data, w.layout, x, n, ldx, y, ldy, row_begin, row_end};
   if (is_block_format(w.layout.format.precision)) {
+    // f32 activations at every level (block_kernel.hpp); the decode path for the rest.
+    const CpuIsa isa = active_cpu_isa();
+    if (isa >= CpuIsa::kAvx512 && detail::matmul_rows_block_avx512(a)) return;
+    if (isa == CpuIsa::kAvx2 && detail::matmul_rows_block_avx2(a)) return;
     matmul_rows_decoded(w, a);
     return;
   }

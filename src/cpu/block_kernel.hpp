@@ -1,0 +1,237 @@
+#pragma once
+// Internal (moex::detail, private to src/cpu): matmul_rows on the checkpoint block formats (GGUF
+// Q8_0, Q4_0, Q4_K; fp8 e4m3 with f32 128x128 block scales; layouts in quant/layout.hpp) with f32
+// activations, written once over a vector traits type V and instantiated by
+// src/cpu/kernels_block_<isa>.cpp under that ISA's target pragmas. Include it like
+// moex/cpu/matmul_kernel.hpp: after the TU's target pragma and every other header, with V in an
+// anonymous namespace.
+//
+// V provides what matmul_kernel.hpp's traits do that is used here (L, F, zero, set1, load, fma,
+// hsum, half_to_float) plus: mul(a, b); add(a, b); s8(p): L signed bytes as floats; nibbles(p, lo, hi): L
+// bytes' low and high nibbles as floats; fp8x256(p, lo, hi): 2L fp8 e4m3 codes (no NaN) as floats
+// times 2^-8 (exact), the first L in lo. T: tokens per tile at most.
+//
+// Each row is cut into units of 32 (Q4_K: 64) columns, decoded to f32 vectors once, scales
+// applied, and dotted with up to V::T tokens. Every row sees the same operations whatever the row
+// range, so results do not depend on how callers split rows across threads.
+//
+// Decoding is exact to f32 rounding: Q8_0, Q4_0 and fp8 weights are bit-identical to
+// quant/ggml.hpp's decoders; Q4_K weights are d*sc*q - dmin*m with one rounding (fma) where the
+// decoder rounds twice. fp8 NaN codes (S.1111.111) decode as +-480 times the scale (checkpoints
+// have none).
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "moex/cpu/cpu_kernels.hpp"
+#include "moex/cpu/matmul_kernel.hpp"  // MOEX_KERNEL_UNROLL
+#include "moex/quant/layout.hpp"
+
+MOEX_NAMESPACE_BEGIN
+
+namespace detail {
+
+// Helpers are templates on V (declared in an anonymous namespace) so each ISA's copy keeps
+// internal linkage, like everything in this header.
+template <class V>
+inline std::uint16_t block_u16(const std::uint8_t* p) noexcept {
+  std::uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+/// GGUF Q8_0 rows: 34-byte blocks {f16 d; int8 q[32]}, weight d * q.
+template <class V>
+struct BlockQ8_0 {
+  static constexpr std::size_t kUnit = 32;
+  const std::uint8_t* row;
+  void unit(std::size_t u, typename V::F* w) const noexcept {
+    const std::uint8_t* b = row + u * 34;
+    const auto d = V::set1(V::half_to_float(block_u16<V>(b)));
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(V::s8(b + 2 + i * V::L), d);
+  }
+};
+
+/// GGUF Q4_0 rows: 18-byte blocks {f16 d; u8 q[16]}, weight j from q[j]'s low nibble, j + 16 from
+/// its high nibble, (nibble - 8) * d (fma(nibble, d, -8d): -8d exact, one rounding of the exact value).
+template <class V>
+struct BlockQ4_0 {
+  static constexpr std::size_t kUnit = 32;
+  const std::uint8_t* row;
+  void unit(std::size_t u, typename V::F* w) const noexcept {
+    const std::uint8_t* b = row + u * 18;
+    const float d = V::half_to_float(block_u16<V>(b));
+    const auto dv = V::set1(d), ov = V::set1(-8.f * d);
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < 16 / V::L; ++i) {
+      typename V::F lo, hi;
+      V::nibbles(b + 2 + i * V::L, lo, hi);
+      w[i] = V::fma(lo, dv, ov);
+      w[16 / V::L + i] = V::fma(hi, dv, ov);
+    }
+  }
+};
+
+/// Q4_K's 6-bit scale (sc) and min (m) of sub-block j < 8 from the 12 packed bytes s (ggml's
+/// get_scale_min_k4).
+template <class V>
+inline void q4k_sub_block(const std::uint8_t* s, std::size_t j, float& sc, float& m) noexcept {
+  const unsigned a = s[j], b = s[j + 4];
+  if (j < 4) {
+    sc = static_cast<float>(a & 63u);
+    m = static_cast<float>(b & 63u);
+    return;
+  }
+  const unsigned c = s[j - 4];
+  sc = static_cast<float>((b & 15u) | ((c >> 6u) << 4u));
+  m = static_cast<float>((b >> 4u) | ((a >> 6u) << 4u));
+}
+
+/// GGUF Q4_K rows: 144-byte blocks {f16 d; f16 dmin; u8 scales[12]; u8 q[128]} of 256 weights.
+/// Unit u is 64 weights (32 bytes of q): sub-block 2k from the low nibbles, 2k + 1 from the high
+/// ones, weight d*sc*nibble - dmin*m.
+template <class V>
+struct BlockQ4_K {
+  static constexpr std::size_t kUnit = 64;
+  const std::uint8_t* row;
+  void unit(std::size_t u, typename V::F* w) const noexcept {
+    const std::uint8_t* b = row + (u / 4) * 144;
+    const std::size_t k = u % 4;
+    const float d = V::half_to_float(block_u16<V>(b)), dmin = V::half_to_float(block_u16<V>(b + 2));
+    float sc0, m0, sc1, m1;
+    q4k_sub_block<V>(b + 4, 2 * k, sc0, m0);
+    q4k_sub_block<V>(b + 4, 2 * k + 1, sc1, m1);
+    const auto d0 = V::set1(d * sc0), o0 = V::set1(-(dmin * m0));
+    const auto d1 = V::set1(d * sc1), o1 = V::set1(-(dmin * m1));
+    const std::uint8_t* q = b + 16 + 32 * k;
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < 32 / V::L; ++i) {
+      typename V::F lo, hi;
+      V::nibbles(q + i * V::L, lo, hi);
+      w[i] = V::fma(lo, d0, o0);
+      w[32 / V::L + i] = V::fma(hi, d1, o1);
+    }
+  }
+};
+
+/// fp8 e4m3 rows with the f32 128x128 block scales of layout.hpp: unit u is 32 codes sharing one
+/// scale s; weight = (code as float * 2^-8) * (s * 2^8), bit-identical to code * s while s * 2^8 is
+/// finite (else both factors are applied in turn).
+template <class V>
+struct BlockFp8 {
+  static constexpr std::size_t kUnit = 32;
+  const std::uint8_t* row;
+  const std::uint8_t* scales;  // this row's row of block scales
+  void unit(std::size_t u, typename V::F* w) const noexcept {
+    float s;
+    std::memcpy(&s, scales + (u * kUnit / kFp8ScaleBlockSize) * sizeof(float), sizeof s);
+    const float s256 = s * 256.f;
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / (2 * V::L); ++i)
+        V::fp8x256(row + u * kUnit + 2 * i * V::L, w[2 * i], w[2 * i + 1]);
+    if (std::abs(s256) <= std::numeric_limits<float>::max()) [[likely]] {
+      const auto sv = V::set1(s256);
+      MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(w[i], sv);
+    } else {
+      const auto k256 = V::set1(256.f), sv = V::set1(s);
+      MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(V::mul(w[i], k256), sv);
+    }
+  }
+};
+
+/// One row, T tokens: units decoded in pairs (single units where a unit is 8 vectors), each decoded vector used by
+/// every token; A accumulator chains per token (4 in all at least, to cover the FMA latency at small T).
+template <class V, int T, class Row>
+inline void block_row(const Row& row, std::size_t cols, const float* x, std::size_t ldx, float* y,
+                      std::size_t ldy) noexcept {
+  using F = typename V::F;
+  constexpr std::size_t K = Row::kUnit / V::L;   // vectors per unit
+  constexpr std::size_t P = 2 * K <= 8 ? 2 : 1;  // units decoded per step: at most 8 vectors live
+  constexpr auto kT = static_cast<std::size_t>(T);
+  constexpr std::size_t A = kT >= 4 ? 1 : 4 / kT;
+  F acc[kT][A];
+  MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
+    MOEX_KERNEL_UNROLL for (std::size_t j = 0; j < A; ++j) acc[t][j] = V::zero();
+  }
+  const std::size_t units = cols / Row::kUnit;
+  std::size_t u = 0;
+  for (; u + P <= units; u += P) {
+    F w[P * K];
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < P; ++i) row.unit(u + i, w + i * K);
+    const std::size_t c = u * Row::kUnit;
+    MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
+      MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < P * K; ++k) acc[t][k % A] =
+          V::fma(w[k], V::load(x + t * ldx + c + k * V::L), acc[t][k % A]);
+    }
+  }
+  if (u < units) {  // P == 2 and an odd unit count
+    F w[K];
+    row.unit(u, w);
+    const std::size_t c = u * Row::kUnit;
+    MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
+      MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < K; ++k) acc[t][k % A] =
+          V::fma(w[k], V::load(x + t * ldx + c + k * V::L), acc[t][k % A]);
+    }
+  }
+  MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
+    F s = acc[t][0];
+    MOEX_KERNEL_UNROLL for (std::size_t j = 1; j < A; ++j) s = V::add(s, acc[t][j]);
+    y[t * ldy] = V::hsum(s);
+  }
+}
+
+/// Tokens [0, n) in tiles of V::T, the remainder (1 .. V::T - 1) in one tile; y points at y[0][r].
+template <class V, int T, class Row>
+inline void block_row_tokens(const Row& row, std::size_t cols, const MatmulArgs& a, std::size_t t0, float* y) noexcept {
+  if constexpr (T > 0) {
+    if (a.n - t0 >= static_cast<std::size_t>(T)) {
+      block_row<V, T>(row, cols, a.x + t0 * a.ldx, a.ldx, y + t0 * a.ldy, a.ldy);
+    } else {
+      block_row_tokens<V, T - 1>(row, cols, a, t0, y);
+    }
+  }
+}
+
+template <class V, class MakeRow>
+inline void block_rows(const MakeRow& make_row, const MatmulArgs& a) noexcept {
+  for (std::size_t r = a.row_begin; r < a.row_end; ++r) {
+    const auto row = make_row(r);
+    for (std::size_t t = 0; t < a.n; t += V::T) block_row_tokens<V, V::T>(row, a.layout.cols, a, t, a.y + r);
+  }
+}
+
+/// matmul_rows for a block-format view (the caller checked it with check_matrix_view); false
+/// (nothing done) for a precision without a kernel here.
+template <class V>
+inline bool matmul_rows_block_generic(const MatmulArgs& a) noexcept {
+  const MatrixLayout& l = a.layout;
+  const auto* base = reinterpret_cast<const std::uint8_t*>(a.w);
+  const std::size_t cols = l.cols;
+  switch (l.format.precision) {
+    case Precision::kQ8_0:
+      block_rows<V>([&](std::size_t r) { return BlockQ8_0<V>{base + r * (cols / 32) * 34}; }, a);
+      return true;
+    case Precision::kQ4_0:
+      block_rows<V>([&](std::size_t r) { return BlockQ4_0<V>{base + r * (cols / 32) * 18}; }, a);
+      return true;
+    case Precision::kQ4_K:
+      block_rows<V>([&](std::size_t r) { return BlockQ4_K<V>{base + r * (cols / 256) * 144}; }, a);
+      return true;
+    case Precision::kFp8E4M3: {
+      constexpr std::size_t kB = kFp8ScaleBlockSize;
+      const std::size_t scale_row = (cols + kB - 1) / kB * sizeof(float);
+      block_rows<V>(
+          [&](std::size_t r) {
+            return BlockFp8<V>{base + r * cols, base + l.scales_offset + (r / kB) * scale_row};
+          },
+          a);
+      return true;
+    }
+    default:
+      return false;
+  }
+}
+
+}  // namespace detail
+
+MOEX_NAMESPACE_END

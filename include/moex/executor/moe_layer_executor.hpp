@@ -178,7 +178,7 @@ class MoeLayerExecutor {
     Precision precision = Precision::kBF16;
     std::uint32_t slot = 0;
     std::size_t first_row = 0;  // its rows in ys_
-    bool issued = false;        // kLoad: its copy is queued (and the entry protected until run)
+    bool issued = false;        // kLoad: its copy is queued
   };
 
   MoeLayerExecutor(const ExpertStore& store, ExecutorConfig config, Backend backend,
@@ -196,11 +196,13 @@ class MoeLayerExecutor {
   const ExpertLayout& layout_of(Precision p) const noexcept { return p == full_.format.precision ? full_ : low_; }
   /// Inserts key in precision p (protected when prefetched) and starts its load. A demand load
   /// frees prefetch protection and retries once when protected entries leave no room.
-  Status load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out, bool hold = false);
-  /// Queues the copy of the first miss after serve_[from] not yet issued, protected until it runs,
-  /// so that the link carries it while the current miss is waited on and computed. Skipped (not an
-  /// error) when the pool has no unprotected room.
-  Status issue_next_miss(std::uint32_t layer, std::size_t from, LayerStats& ls);
+  Status load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out);
+  /// Queues the copy of the first miss after serve_[from] not yet issued, so that the link carries
+  /// it while the current miss (`current`, the only one loaded and not yet run) is waited on and
+  /// computed. Only where the pool has room or one eviction makes room and its victim is not
+  /// `current`; otherwise that miss is loaded in its turn, after `current` ran. Computing does not
+  /// touch the cache, so every insert and victim is the one of loading each miss in turn.
+  Status issue_next_miss(std::uint32_t layer, std::size_t from, ExpertKey current, LayerStats& ls);
   void release_prefetch_protection() noexcept;
   /// A prefetch issued while serving `layer` may take free room, or the slot of the expert the
   /// eviction policy would give up, if that expert is not about to be used: one no layer has used
@@ -479,24 +481,29 @@ bool MoeLayerExecutor<P>::admit_prefetch(const PrefetchRequest& rq, std::uint32_
 }
 
 template <ExecutorPolicies P>
-Status MoeLayerExecutor<P>::issue_next_miss(std::uint32_t layer, std::size_t from, LayerStats& ls) {
+Status MoeLayerExecutor<P>::issue_next_miss(std::uint32_t layer, std::size_t from, ExpertKey current, LayerStats& ls) {
   for (std::size_t j = from + 1; j < serve_.size(); ++j) {
     Serve& t = serve_[j];
     if (t.kind != Serve::kLoad || t.issued) continue;
     const ExpertKey key{layer, t.expert};
-    const Status st = load(key, t.precision, false, t.slot, /*hold=*/true);
-    if (st.code() == StatusCode::kOutOfMemory) return Status::ok();  // loaded in turn instead
-    MOEX_RETURN_IF_ERROR(st);
+    const std::size_t g = cache_.group_of(key, t.precision);
+    const std::uint64_t bytes = layout_of(t.precision).total_bytes;
+    if (cache_.group_used(g) + bytes > cache_.group_budget(g)) {
+      const auto victim = cache_.peek_victim(g);
+      if (!victim || victim->key == current || cache_.group_used(g) - victim->bytes + bytes > cache_.group_budget(g))
+        return Status::ok();  // loaded in its turn instead
+    }
+    MOEX_RETURN_IF_ERROR(load(key, t.precision, false, t.slot));
     t.issued = true;
     ++ls.misses_by_precision[static_cast<std::size_t>(t.precision)];
-    ls.bytes_loaded += layout_of(t.precision).total_bytes;
+    ls.bytes_loaded += bytes;
     return Status::ok();
   }
   return Status::ok();
 }
 
 template <ExecutorPolicies P>
-Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out, bool hold) {
+Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std::uint32_t& slot_out) {
   // A virtual store's view is its layout (no bytes): the executor has the layouts of both pools.
   const bool known = p == full_.format.precision || (has_low_ && p == low_.format.precision);
   auto src = (!Backend::kHasData && store_->is_virtual() && known && key.layer < store_->spec().n_layers &&
@@ -505,10 +512,9 @@ Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std:
                  : store_->view(key, p);
   if (!src) return src.status();
   const std::uint64_t bytes = layout_of(p).total_bytes;
-  // Prefetched experts stay protected until used or proven wrong; demand loads are used at once,
-  // except those queued ahead of their turn (hold), protected until they run.
-  auto ins = cache_.insert(key, p, bytes, step_, /*protect=*/prefetch || hold);
-  if (!ins && ins.status().code() == StatusCode::kOutOfMemory && !prefetch && !hold) {
+  // Prefetched experts stay protected until used or proven wrong; demand loads are used at once.
+  auto ins = cache_.insert(key, p, bytes, step_, /*protect=*/prefetch);
+  if (!ins && ins.status().code() == StatusCode::kOutOfMemory && !prefetch) {
     release_prefetch_protection();
     ins = cache_.insert(key, p, bytes, step_, false);
   }
@@ -778,7 +784,6 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
       if (s.kind == Serve::kLoad) {
         if (!s.issued) {
           MOEX_RETURN_IF_ERROR(load(key, s.precision, false, s.slot));
-          (void)cache_.protect(key);  // not the victim of the next miss's copy
           ++ls.misses_by_precision[static_cast<std::size_t>(s.precision)];
           ls.bytes_loaded += layout_of(s.precision).total_bytes;
           s.issued = true;
@@ -786,7 +791,7 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         // Queue the next miss's copy before waiting on this one: otherwise the link idles while
         // the host waits, launches this expert and (on backends that return results to the host)
         // waits for its compute — measured ~46 us a miss on the H100 with 9.4 MB experts.
-        MOEX_RETURN_IF_ERROR(issue_next_miss(layer, static_cast<std::size_t>(&s - serve_.data()), ls));
+        MOEX_RETURN_IF_ERROR(issue_next_miss(layer, static_cast<std::size_t>(&s - serve_.data()), key, ls));
         f = in_flight_.find(dense(key));
         arriving = f != nullptr;
       }
@@ -797,7 +802,6 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         ls.stall_ns += backend_.now_ns() - t0;
       }
       MOEX_RETURN_IF_ERROR(run(s));
-      if (s.kind == Serve::kLoad) (void)cache_.unprotect(key);
     }
   }
 

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -281,4 +282,57 @@ TEST_CASE("with infinite bandwidth the simulated time equals the compute-only ti
   CHECK(s.stall_ns == 0);
   CHECK(ex->backend().now_ns() == s.compute_ns);
   CHECK(s.compute_ns == 100 * moex::sim_duration_ns(eb, 1'000'000'000'000ull));
+}
+
+namespace {
+// The simulator backend, logging the order of copies queued ('s') and waited on ('w').
+struct RecordingSim : moex::SimExecutionBackend {
+  using moex::SimExecutionBackend::SimExecutionBackend;
+  std::string* log = nullptr;
+  moex::Status start_load(moex::Precision pool, std::size_t slot, const moex::ExpertView& src,
+                          moex::LoadTicket& ticket) noexcept {
+    *log += 's';
+    return moex::SimExecutionBackend::start_load(pool, slot, src, ticket);
+  }
+  moex::Status wait_load(moex::LoadTicket ticket) noexcept {
+    *log += 'w';
+    return moex::SimExecutionBackend::wait_load(ticket);
+  }
+};
+}  // namespace
+
+TEST_CASE("the executor queues the next miss's copy before waiting on the current one unless it would evict it") {
+  moex::MoeModelSpec spec{1, 4, {4096, 14336}, {moex::RouterKind::kSoftmaxTopKRenorm, 4, 2}};
+  auto store = moex::ExpertStore::create_virtual(spec, moex::float_format(moex::Precision::kBF16));
+  REQUIRE(store.is_ok());
+  const std::uint64_t eb = store->expert_bytes(moex::Precision::kBF16);
+  struct Policies : moex::DefaultPolicies {
+    using Backend = RecordingSim;
+  };
+  moex::TokenRouting r;
+  r.k = 2;
+  r.experts[0] = 0;
+  r.experts[1] = 1;
+  r.weights[0] = r.weights[1] = 0.5f;
+  for (const std::uint64_t slots : {2ull, 1ull}) {
+    CAPTURE(slots);
+    std::string log;
+    auto ex = moex::MoeLayerExecutor<Policies>::create(*store, {.cache_bytes = slots * eb},
+                                                       RecordingSim(test_profile(50'000'000'000ull)));
+    REQUIRE(ex.is_ok());
+    ex->backend().log = &log;
+    REQUIRE(ex->forward_routed(0, std::span(&r, 1), nullptr, 1, nullptr).is_ok());
+    // Room for both: the second copy is queued before the first is waited on. Room for one: the
+    // second copy's victim would be the first miss, so it is loaded after that one ran.
+    CHECK(log == (slots == 2 ? "ssww" : "swsw"));
+    CHECK(ex->stats().layers[0].misses == 2);
+    // Later steps hit or miss exactly as loading in turn would (LRU with `slots` slots).
+    r.experts[0] = 1;
+    r.experts[1] = 2;
+    log.clear();
+    REQUIRE(ex->forward_routed(0, std::span(&r, 1), nullptr, 1, nullptr).is_ok());
+    CHECK(ex->stats().layers[0].hits == 1);  // expert 1, kept in both cases
+    r.experts[0] = 0;
+    r.experts[1] = 1;
+  }
 }

@@ -30,6 +30,14 @@
 #include "moex/cpu/matmul_kernel.hpp"  // MOEX_KERNEL_UNROLL
 #include "moex/quant/layout.hpp"
 
+// The decoders must inline into the token loop (decoded vectors stay in registers); GCC's
+// heuristics otherwise keep the larger ones out of line.
+#if defined(__GNUC__)
+#define MOEX_BLOCK_INLINE [[gnu::always_inline]] inline
+#else
+#define MOEX_BLOCK_INLINE inline
+#endif
+
 MOEX_NAMESPACE_BEGIN
 
 namespace detail {
@@ -47,11 +55,19 @@ inline std::uint16_t block_u16(const std::uint8_t* p) noexcept {
 template <class V>
 struct BlockQ8_0 {
   static constexpr std::size_t kUnit = 32;
+  static constexpr bool kRawUnits = true;  // has unit_raw
+  static constexpr float kOutScale = 1.f;
   const std::uint8_t* row;
-  void unit(std::size_t u, typename V::F* w) const noexcept {
+  MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
     const std::uint8_t* b = row + u * 34;
     const auto d = V::set1(V::half_to_float(block_u16<V>(b)));
     MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(V::s8(b + 2 + i * V::L), d);
+  }
+  /// The codes as floats, unscaled; returns d.
+  MOEX_BLOCK_INLINE float unit_raw(std::size_t u, typename V::F* w) const noexcept {
+    const std::uint8_t* b = row + u * 34;
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::s8(b + 2 + i * V::L);
+    return V::half_to_float(block_u16<V>(b));
   }
 };
 
@@ -60,8 +76,10 @@ struct BlockQ8_0 {
 template <class V>
 struct BlockQ4_0 {
   static constexpr std::size_t kUnit = 32;
+  static constexpr bool kRawUnits = false;
+  static constexpr float kOutScale = 1.f;
   const std::uint8_t* row;
-  void unit(std::size_t u, typename V::F* w) const noexcept {
+  MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
     const std::uint8_t* b = row + u * 18;
     const float d = V::half_to_float(block_u16<V>(b));
     const auto dv = V::set1(d), ov = V::set1(-8.f * d);
@@ -77,7 +95,7 @@ struct BlockQ4_0 {
 /// Q4_K's 6-bit scale (sc) and min (m) of sub-block j < 8 from the 12 packed bytes s (ggml's
 /// get_scale_min_k4).
 template <class V>
-inline void q4k_sub_block(const std::uint8_t* s, std::size_t j, float& sc, float& m) noexcept {
+MOEX_BLOCK_INLINE void q4k_sub_block(const std::uint8_t* s, std::size_t j, float& sc, float& m) noexcept {
   const unsigned a = s[j], b = s[j + 4];
   if (j < 4) {
     sc = static_cast<float>(a & 63u);
@@ -91,12 +109,15 @@ inline void q4k_sub_block(const std::uint8_t* s, std::size_t j, float& sc, float
 
 /// GGUF Q4_K rows: 144-byte blocks {f16 d; f16 dmin; u8 scales[12]; u8 q[128]} of 256 weights.
 /// Unit u is 64 weights (32 bytes of q): sub-block 2k from the low nibbles, 2k + 1 from the high
-/// ones, weight d*sc*nibble - dmin*m.
+/// ones, weight d*sc*nibble - dmin*m. (Unpacking a block's scales once instead of per unit
+/// measured no faster: the vector work bounds this kernel.)
 template <class V>
 struct BlockQ4_K {
   static constexpr std::size_t kUnit = 64;
+  static constexpr bool kRawUnits = false;
+  static constexpr float kOutScale = 1.f;
   const std::uint8_t* row;
-  void unit(std::size_t u, typename V::F* w) const noexcept {
+  MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
     const std::uint8_t* b = row + (u / 4) * 144;
     const std::size_t k = u % 4;
     const float d = V::half_to_float(block_u16<V>(b)), dmin = V::half_to_float(block_u16<V>(b + 2));
@@ -116,28 +137,59 @@ struct BlockQ4_K {
 };
 
 /// fp8 e4m3 rows with the f32 128x128 block scales of layout.hpp: unit u is 32 codes sharing one
-/// scale s; weight = (code as float * 2^-8) * (s * 2^8), bit-identical to code * s while s * 2^8 is
-/// finite (else both factors are applied in turn).
+/// scale s. The kernel works on weights (code * 2^-8) * s and scales each dot product by 2^8 at
+/// the end (kOutScale): exact powers of two, so the results equal those of the weights code * s.
 template <class V>
 struct BlockFp8 {
   static constexpr std::size_t kUnit = 32;
+  static constexpr bool kRawUnits = true;  // has unit_raw
+  static constexpr float kOutScale = 256.f;
   const std::uint8_t* row;
-  const std::uint8_t* scales;  // this row's row of block scales
-  void unit(std::size_t u, typename V::F* w) const noexcept {
-    float s;
-    std::memcpy(&s, scales + (u * kUnit / kFp8ScaleBlockSize) * sizeof(float), sizeof s);
-    const float s256 = s * 256.f;
+  const std::uint8_t* scales;  // this row's row of f32 block scales (any alignment)
+  MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
+    const auto sv = V::set1(unit_raw(u, w));
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(w[i], sv);
+  }
+  /// The codes times 2^-8; returns s.
+  MOEX_BLOCK_INLINE float unit_raw(std::size_t u, typename V::F* w) const noexcept {
     MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / (2 * V::L); ++i)
         V::fp8x256(row + u * kUnit + 2 * i * V::L, w[2 * i], w[2 * i + 1]);
-    if (std::abs(s256) <= std::numeric_limits<float>::max()) [[likely]] {
-      const auto sv = V::set1(s256);
-      MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(w[i], sv);
-    } else {
-      const auto k256 = V::set1(256.f), sv = V::set1(s);
-      MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(V::mul(w[i], k256), sv);
-    }
+    float s;
+    std::memcpy(&s, scales + (u * kUnit / kFp8ScaleBlockSize) * sizeof(float), sizeof s);
+    return s;
   }
 };
+
+/// N units from u0 (columns from c = u0 * kUnit) into the accumulators of T tokens. Raw: each
+/// unit's dot with a token is summed unscaled and scaled once (one multiply per unit instead of
+/// one per vector; used at T <= 2, where the decode dominates); else every vector is scaled, then
+/// used by every token.
+template <class V, std::size_t T, std::size_t A, std::size_t N, bool Raw, class Row>
+MOEX_BLOCK_INLINE void block_units(const Row& row, std::size_t u0, const float* x, std::size_t ldx,
+                                   typename V::F (&acc)[T][A]) noexcept {
+  using F = typename V::F;
+  constexpr std::size_t K = Row::kUnit / V::L;  // vectors per unit
+  const std::size_t c = u0 * Row::kUnit;
+  F w[N * K];
+  if constexpr (Raw) {
+    float sc[N];
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < N; ++i) sc[i] = row.unit_raw(u0 + i, w + i * K);
+    MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < T; ++t) {
+      MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < N; ++i) {
+        const float* xt = x + t * ldx + c + i * K * V::L;
+        F p = V::mul(w[i * K], V::load(xt));
+        MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < K; ++k) p = V::fma(w[i * K + k], V::load(xt + k * V::L), p);
+        acc[t][i % A] = V::fma(p, V::set1(sc[i]), acc[t][i % A]);
+      }
+    }
+  } else {
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < N; ++i) row.unit(u0 + i, w + i * K);
+    MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < T; ++t) {
+      MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < N * K; ++k) acc[t][k % A] =
+          V::fma(w[k], V::load(x + t * ldx + c + k * V::L), acc[t][k % A]);
+    }
+  }
+}
 
 /// One row, T tokens: units decoded in pairs (single units where a unit is 8 vectors), each decoded vector used by
 /// every token; A accumulator chains per token (4 in all at least, to cover the FMA latency at small T).
@@ -153,30 +205,19 @@ inline void block_row(const Row& row, std::size_t cols, const float* x, std::siz
   MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
     MOEX_KERNEL_UNROLL for (std::size_t j = 0; j < A; ++j) acc[t][j] = V::zero();
   }
+  constexpr bool kRaw = kT <= 2 && Row::kRawUnits;
   const std::size_t units = cols / Row::kUnit;
   std::size_t u = 0;
-  for (; u + P <= units; u += P) {
-    F w[P * K];
-    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < P; ++i) row.unit(u + i, w + i * K);
-    const std::size_t c = u * Row::kUnit;
-    MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
-      MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < P * K; ++k) acc[t][k % A] =
-          V::fma(w[k], V::load(x + t * ldx + c + k * V::L), acc[t][k % A]);
-    }
-  }
-  if (u < units) {  // P == 2 and an odd unit count
-    F w[K];
-    row.unit(u, w);
-    const std::size_t c = u * Row::kUnit;
-    MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
-      MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < K; ++k) acc[t][k % A] =
-          V::fma(w[k], V::load(x + t * ldx + c + k * V::L), acc[t][k % A]);
-    }
-  }
+  for (; u + P <= units; u += P) block_units<V, kT, A, P, kRaw>(row, u, x, ldx, acc);
+  if (u < units) block_units<V, kT, A, 1, kRaw>(row, u, x, ldx, acc);  // P == 2, odd unit count
   MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
     F s = acc[t][0];
     MOEX_KERNEL_UNROLL for (std::size_t j = 1; j < A; ++j) s = V::add(s, acc[t][j]);
-    y[t * ldy] = V::hsum(s);
+    if constexpr (Row::kOutScale != 1.f) {
+      y[t * ldy] = V::hsum(s) * Row::kOutScale;
+    } else {
+      y[t * ldy] = V::hsum(s);
+    }
   }
 }
 

@@ -58,11 +58,12 @@ struct BlockAvx512 {
   static void fp8x256(const std::uint8_t* p, F& lo, F& hi) noexcept {
     // Sign-extended S.EEEE.MMM shifted left 7 puts MMM and EEEE where f16 keeps its top mantissa
     // bits and low exponent bits and a copy of S at bit 15; bit 14 (the other S copy) is cleared.
-    // The f16 read is the e4m3 value times 2^(7-15), subnormals included.
-    const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    const __m512i h = _mm512_and_si512(_mm512_slli_epi16(w, 7), _mm512_set1_epi16(static_cast<short>(0xBFFF)));
-    lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-    hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+    // The f16 read is the e4m3 value times 2^(7-15), subnormals included. 16 codes per ymm (cheaper
+    // on Zen 4 than 32 per zmm and an extract).
+    const __m256i k = _mm256_set1_epi16(static_cast<short>(0xBFFF));
+    const __m256i a = _mm256_cvtepi8_epi16(load16(p)), b = _mm256_cvtepi8_epi16(load16(p + 16));
+    lo = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(a, 7), k));
+    hi = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(b, 7), k));
   }
 };
 

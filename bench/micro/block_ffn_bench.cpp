@@ -5,7 +5,8 @@
 // the comparison row. Bytes/s are weight bytes streamed; BM_ReadRate sums the same amount of cold
 // memory, and each expert row's `of_read` counter is its bytes/s over that read rate (measured
 // once per thread count, best of 3 passes, in the same process): its fraction of the memory
-// bandwidth. The project target is of_read >= 0.8 at batch 1.
+// bandwidth. The project target is of_read >= 0.8 at batch 1. BM_BlockMatmulRows times
+// matmul_rows alone on one matrix (w1) per copy; BM_BlockExpertFfn the whole SwiGLU expert.
 //
 //   moex_bench_block_ffn --benchmark_min_time=0.3
 #include <algorithm>
@@ -170,6 +171,39 @@ void BM_BlockExpertFfn(benchmark::State& state) {
   state.SetLabel(label);
 }
 
+// matmul_rows alone (the kernel, no SwiGLU): all rows of each cold copy's w1 [ffn x hidden] in
+// turn, one thread. Args: format, batch, portable.
+void BM_BlockMatmulRows(benchmark::State& state) {
+  const int fi = static_cast<int>(state.range(0));
+  const auto n = static_cast<std::size_t>(state.range(1));
+  const bool portable = state.range(2) != 0;
+  ColdExperts& c = experts(fi);
+  if (!c.error.empty()) {
+    state.SkipWithError(c.error.c_str());
+    return;
+  }
+  const double ceiling = read_rate(false);
+  const moex::CpuIsa saved = moex::active_cpu_isa();
+  if (portable) (void)moex::set_cpu_isa(moex::CpuIsa::kScalar);
+  const std::string isa = moex::cpu_kernel_isa();
+  const moex::MatrixLayout& l = c.layout.w1;
+  std::vector<float> x(n * l.cols, 0.01f), y(n * l.rows);
+  std::size_t k = 0;
+  for (auto _ : state) {
+    const moex::MatrixView w{c.blob.data() + k * c.layout.total_bytes + c.layout.w1_offset, l};
+    k = (k + 1) % c.copies;
+    moex::matmul_rows(w, x.data(), n, l.cols, y.data(), l.rows, 0, l.rows);
+    benchmark::DoNotOptimize(y.data());
+  }
+  (void)moex::set_cpu_isa(saved);
+  const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(l.total_bytes);
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
+  state.counters["of_read"] = benchmark::Counter(bytes / ceiling, benchmark::Counter::kIsRate);
+  std::string label = kFormats[fi].name;
+  label.append("/n").append(std::to_string(n)).append("/1_thread/").append(isa);
+  state.SetLabel(label);
+}
+
 // The read ceiling as a row of its own. Args: all_threads.
 void BM_ReadRate(benchmark::State& state) {
   const bool all = state.range(0) != 0;
@@ -193,5 +227,13 @@ void block_args(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_ReadRate)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_BlockMatmulRows)
+    ->ArgsProduct({{0, 1, 2, 3, 4}, {1, 8}, {0}})
+    ->Args({1, 1, 1})
+    ->Args({2, 1, 1})
+    ->Args({3, 1, 1})
+    ->Args({4, 1, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_BlockExpertFfn)->Apply(block_args)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_MAIN();

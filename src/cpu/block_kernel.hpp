@@ -7,9 +7,10 @@
 // anonymous namespace.
 //
 // V provides what matmul_kernel.hpp's traits do that is used here (L, F, zero, set1, load, fma,
-// hsum, half_to_float) plus: mul(a, b); add(a, b); s8(p): L signed bytes as floats; nibbles(p, lo, hi): L
-// bytes' low and high nibbles as floats; fp8x256(p, lo, hi): 2L fp8 e4m3 codes (no NaN) as floats
-// times 2^-8 (exact), the first L in lo. T: tokens per tile at most.
+// hsum, half_to_float) plus: mul(a, b); add(a, b); fms(a, b, c) = a*b - c; scale_bytes(p, a, b,
+// out): out[j] = p[j] * a for j < 8, p[j] * b for 8 <= j < 16; s8(p): L signed bytes as floats; nibbles<Off>(p, lo,
+// hi): L bytes' low and high nibbles plus Off as floats; fp8x256(p, lo, hi): 2L fp8 e4m3 codes (no NaN) as floats times
+// 2^-8 (exact), the first L in lo. T: tokens per tile at most.
 //
 // Each row is cut into units of 32 (Q4_K: 64) columns, decoded to f32 vectors once, scales
 // applied, and dotted with up to V::T tokens. Every row sees the same operations whatever the row
@@ -72,66 +73,68 @@ struct BlockQ8_0 {
 };
 
 /// GGUF Q4_0 rows: 18-byte blocks {f16 d; u8 q[16]}, weight j from q[j]'s low nibble, j + 16 from
-/// its high nibble, (nibble - 8) * d (fma(nibble, d, -8d): -8d exact, one rounding of the exact value).
+/// its high nibble, (nibble - 8) * d.
 template <class V>
 struct BlockQ4_0 {
   static constexpr std::size_t kUnit = 32;
-  static constexpr bool kRawUnits = false;
+  static constexpr bool kRawUnits = true;  // has unit_raw
   static constexpr float kOutScale = 1.f;
   const std::uint8_t* row;
   MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
+    const auto dv = V::set1(unit_raw(u, w));
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(w[i], dv);
+  }
+  /// The nibbles minus 8 as floats; returns d.
+  MOEX_BLOCK_INLINE float unit_raw(std::size_t u, typename V::F* w) const noexcept {
     const std::uint8_t* b = row + u * 18;
-    const float d = V::half_to_float(block_u16<V>(b));
-    const auto dv = V::set1(d), ov = V::set1(-8.f * d);
-    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < 16 / V::L; ++i) {
-      typename V::F lo, hi;
-      V::nibbles(b + 2 + i * V::L, lo, hi);
-      w[i] = V::fma(lo, dv, ov);
-      w[16 / V::L + i] = V::fma(hi, dv, ov);
-    }
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < 16 / V::L; ++i)
+        V::template nibbles<-8>(b + 2 + i * V::L, w[i], w[16 / V::L + i]);
+    return V::half_to_float(block_u16<V>(b));
   }
 };
 
-/// Q4_K's 6-bit scale (sc) and min (m) of sub-block j < 8 from the 12 packed bytes s (ggml's
-/// get_scale_min_k4).
+/// Q4_K's eight 6-bit scales sc[0..7] then eight minima m[0..7] from the 12 packed bytes s (ggml's
+/// get_scale_min_k4, four bytes at a time): bytes 0-3 hold sc[0..3] and the top bits of sc[4..7],
+/// bytes 4-7 m[0..3] and the top bits of m[4..7], bytes 8-11 the low 4 bits of sc[4..7] and m[4..7].
 template <class V>
-MOEX_BLOCK_INLINE void q4k_sub_block(const std::uint8_t* s, std::size_t j, float& sc, float& m) noexcept {
-  const unsigned a = s[j], b = s[j + 4];
-  if (j < 4) {
-    sc = static_cast<float>(a & 63u);
-    m = static_cast<float>(b & 63u);
-    return;
-  }
-  const unsigned c = s[j - 4];
-  sc = static_cast<float>((b & 15u) | ((c >> 6u) << 4u));
-  m = static_cast<float>((b >> 4u) | ((a >> 6u) << 4u));
+MOEX_BLOCK_INLINE void q4k_scales_mins(const std::uint8_t* s, std::uint8_t* out) noexcept {
+  std::uint32_t a, b, c;
+  std::memcpy(&a, s, 4);
+  std::memcpy(&b, s + 4, 4);
+  std::memcpy(&c, s + 8, 4);
+  const std::uint32_t v[4] = {a & 0x3F3F3F3Fu, (c & 0x0F0F0F0Fu) | ((a >> 2) & 0x30303030u), b & 0x3F3F3F3Fu,
+                              ((c >> 4) & 0x0F0F0F0Fu) | ((b >> 2) & 0x30303030u)};
+  std::memcpy(out, v, 16);  // little-endian x86-64: byte i of v[k] is entry 4k + i
 }
 
 /// GGUF Q4_K rows: 144-byte blocks {f16 d; f16 dmin; u8 scales[12]; u8 q[128]} of 256 weights.
 /// Unit u is 64 weights (32 bytes of q): sub-block 2k from the low nibbles, 2k + 1 from the high
-/// ones, weight d*sc*nibble - dmin*m. (Unpacking a block's scales once instead of per unit
-/// measured no faster: the vector work bounds this kernel.)
+/// ones, weight d*sc*nibble - dmin*m. Units are visited in order (block_row), so a block's d*sc and
+/// dmin*m are computed once, at its first unit, 16 lanes at a time (V::scale_bytes).
 template <class V>
 struct BlockQ4_K {
   static constexpr std::size_t kUnit = 64;
   static constexpr bool kRawUnits = false;
   static constexpr float kOutScale = 1.f;
   const std::uint8_t* row;
+  alignas(64) mutable float sm_[16] = {};  // d*sc[0..7], dmin*m[0..7] of the current block
+
   MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
     const std::uint8_t* b = row + (u / 4) * 144;
     const std::size_t k = u % 4;
-    const float d = V::half_to_float(block_u16<V>(b)), dmin = V::half_to_float(block_u16<V>(b + 2));
-    float sc0, m0, sc1, m1;
-    q4k_sub_block<V>(b + 4, 2 * k, sc0, m0);
-    q4k_sub_block<V>(b + 4, 2 * k + 1, sc1, m1);
-    const auto d0 = V::set1(d * sc0), o0 = V::set1(-(dmin * m0));
-    const auto d1 = V::set1(d * sc1), o1 = V::set1(-(dmin * m1));
+    if (k == 0) {
+      alignas(16) std::uint8_t sm[16];
+      q4k_scales_mins<V>(b + 4, sm);
+      V::scale_bytes(sm, V::half_to_float(block_u16<V>(b)), V::half_to_float(block_u16<V>(b + 2)), sm_);
+    }
+    const auto d0 = V::set1(sm_[2 * k]), o0 = V::set1(sm_[8 + 2 * k]);
+    const auto d1 = V::set1(sm_[2 * k + 1]), o1 = V::set1(sm_[8 + 2 * k + 1]);
     const std::uint8_t* q = b + 16 + 32 * k;
     MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < 32 / V::L; ++i) {
       typename V::F lo, hi;
-      V::nibbles(q + i * V::L, lo, hi);
-      w[i] = V::fma(lo, d0, o0);
-      w[32 / V::L + i] = V::fma(hi, d1, o1);
+      V::template nibbles<0>(q + i * V::L, lo, hi);
+      w[i] = V::fms(lo, d0, o0);
+      w[32 / V::L + i] = V::fms(hi, d1, o1);
     }
   }
 };

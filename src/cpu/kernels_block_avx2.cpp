@@ -43,6 +43,11 @@ struct BlockAvx2 {
   static F load(const float* p) noexcept { return _mm256_loadu_ps(p); }
   static F fma(F a, F b, F c) noexcept { return _mm256_fmadd_ps(a, b, c); }
   static F mul(F a, F b) noexcept { return _mm256_mul_ps(a, b); }
+  static F fms(F a, F b, F c) noexcept { return _mm256_fmsub_ps(a, b, c); }
+  static void scale_bytes(const std::uint8_t* p, float a, float b, float* out) noexcept {
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(load8(p))), _mm256_set1_ps(a)));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(load8(p + 8))), _mm256_set1_ps(b)));
+  }
   static F add(F a, F b) noexcept { return _mm256_add_ps(a, b); }
   static float hsum(F v) noexcept {
     alignas(32) float e[8];
@@ -52,10 +57,11 @@ struct BlockAvx2 {
   static float half_to_float(std::uint16_t h) noexcept { return _cvtsh_ss(h); }
   static __m128i load8(const std::uint8_t* p) noexcept { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
   static F s8(const std::uint8_t* p) noexcept { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(p))); }
+  template <int Off>
   static void nibbles(const std::uint8_t* p, F& lo, F& hi) noexcept {
-    const __m256i b = _mm256_cvtepu8_epi32(load8(p));
-    lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+    const __m256i b = _mm256_cvtepu8_epi32(load8(p)), off = _mm256_set1_epi32(Off);
+    lo = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), off));
+    hi = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(b, 4), off));
   }
   static void fp8x256(const std::uint8_t* p, F& lo, F& hi) noexcept {
     // Same bit moves as the AVX-512 traits (kernels_block_avx512.cpp), 16 codes at a time.

@@ -45,15 +45,25 @@ struct BlockAvx512 {
   static F load(const float* p) noexcept { return _mm512_loadu_ps(p); }
   static F fma(F a, F b, F c) noexcept { return _mm512_fmadd_ps(a, b, c); }
   static F mul(F a, F b) noexcept { return _mm512_mul_ps(a, b); }
+  static F fms(F a, F b, F c) noexcept { return _mm512_fmsub_ps(a, b, c); }
+  static void scale_bytes(const std::uint8_t* p, float a, float b, float* out) noexcept {
+    const F ab = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+    _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(load16(p))), ab));
+  }
   static F add(F a, F b) noexcept { return _mm512_add_ps(a, b); }
   static float hsum(F v) noexcept { return _mm512_reduce_add_ps(v); }
   static float half_to_float(std::uint16_t h) noexcept { return _cvtsh_ss(h); }
   static __m128i load16(const std::uint8_t* p) noexcept { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
   static F s8(const std::uint8_t* p) noexcept { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(p))); }
+  template <int Off>
   static void nibbles(const std::uint8_t* p, F& lo, F& hi) noexcept {
+    // A 16-entry table lookup (vpermps reads the low 4 bits of each index) does the mask, the
+    // conversion and the offset in one instruction.
+    const F table = _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                  _mm512_set1_ps(static_cast<float>(Off)));
     const __m512i b = _mm512_cvtepu8_epi32(load16(p));
-    lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    lo = _mm512_permutexvar_ps(b, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
   }
   static void fp8x256(const std::uint8_t* p, F& lo, F& hi) noexcept {
     // Sign-extended S.EEEE.MMM shifted left 7 puts MMM and EEEE where f16 keeps its top mantissa

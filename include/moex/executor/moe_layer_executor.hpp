@@ -736,8 +736,9 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
   }
 
   // 5. Compute: resident experts that are ready, experts at their source (the host runs them
-  //    while copies arrive), prefetches still arriving, then the misses, each loaded and run in
-  //    turn (compute is asynchronous on accelerators, so expert i runs while i+1 loads).
+  //    while copies arrive), prefetches still arriving, then the misses in order; miss i+1's copy
+  //    is queued before miss i is waited on and run (issue_next_miss), so the link never waits for
+  //    the host, and expert i computes while i+1 loads.
   if (data) {
     xg_.resize(rows * h);
     ys_.resize(rows * h);

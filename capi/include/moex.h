@@ -225,7 +225,8 @@ typedef void (*moex_progress_fn)(uint64_t done, uint64_t total, const char* what
 #define MOEX_MODEL_FLAG_COPY_TO_RAM 1u /* decode experts into RAM instead of using the mapped file */
 
 /**
- * How to open a model. Zero = default. Layout: 24 bytes, no padding.
+ * How to open a model. Zero = default. 0.1: 24 bytes (through reserved0); 0.2 appends to 32 bytes.
+ * No padding.
  * @since 0.1
  */
 typedef struct moex_model_params {
@@ -234,10 +235,38 @@ typedef struct moex_model_params {
   int32_t master_precision;  /* precision of decoded master copies; 0 = BF16 */
   uint32_t extra_precisions; /* bit (1u << MOEX_PRECISION_x): also build copies in precision x */
   uint32_t reserved0;        /* must be 0 */
+  /* ---- since 0.2 ---- */
+  /* 1: keep experts stored in a block format in that format instead of decoding them to
+   * master_precision: GGUF Q8_0, Q4_0 and Q4_K, and fp8 e4m3 with DeepSeek-V3-style 128x128 block
+   * scales (weight_scale_inv). The master copies are then the checkpoint's blocks copied into
+   * host RAM (moex_model_info.master_precision reads 0, as these formats have no MOEX_PRECISION_*
+   * name; expert_bytes is their size); executors compute from them (on the CPU each block is
+   * decoded to f32 as it is used: slower than a bf16 master, but without rounding the weights to
+   * bf16), and extra_precisions copies are built from them. Every expert must be in the first
+   * expert's format (else MOEX_ERR_CORRUPT). Dense f32/f16/bf16 checkpoints load as with 0; other
+   * formats (Q5_K, Q6_K, MXFP4, ...) and shapes the block layout cannot hold are decoded, and a
+   * MOEX_LOG_INFO message says so. 0 (default): decode, as 0.1 does. Other values:
+   * MOEX_ERR_INVALID_ARGUMENT.
+   * @since 0.2 */
+  uint32_t keep_block_formats;
+  uint32_t reserved1; /* must be 0 */
 } moex_model_params;
 
-/** Fills `params` (borrowed) with defaults and sets struct_size; NULL is a no-op. @since 0.1 */
+/**
+ * Fills the first `size` bytes of `params` (borrowed): defaults for the fields that fit, zero
+ * beyond, struct_size = size. Pass sizeof of your struct (FFI bindings: the size of their mirror
+ * of it). size < 8 or > 4096: no-op. NULL: no-op.
+ * @since 0.2
+ */
+MOEX_API void moex_model_params_init_size(moex_model_params* params, uint64_t size);
+/**
+ * Fills the 0.1 layout (24 bytes) and sets struct_size = 24: binaries built against 0.1 call it
+ * with 24-byte structs. New code: the macro below (or moex_model_params_init_size).
+ * @since 0.1
+ */
 MOEX_API void moex_model_params_init(moex_model_params* params);
+/* Calls from code compiled with this header initialize the whole struct. */
+#define moex_model_params_init(params) moex_model_params_init_size((params), sizeof(moex_model_params))
 
 /**
  * Opens a model: a .safetensors file (config.json beside it), a folder with config.json and

@@ -589,10 +589,18 @@ extern "C" MOEX_API moex_status moex_model_write_demo(const char* dir, const moe
 
 // ==== models ===============================================================================================
 
-extern "C" MOEX_API void moex_model_params_init(moex_model_params* params) {
-  if (params == nullptr) return;
-  *params = moex_model_params{};
-  params->struct_size = sizeof(moex_model_params);
+/// Size of moex_model_params in 0.1 (through reserved0): what 0.1 binaries allocate.
+constexpr std::uint64_t kModelParamsV01 = offsetof(moex_model_params, reserved0) + sizeof(std::uint32_t);
+
+extern "C" MOEX_API void moex_model_params_init_size(moex_model_params* params, std::uint64_t size) {
+  if (params == nullptr || size < sizeof(std::uint64_t) || size > kMaxStructSize) return;
+  std::memset(params, 0, static_cast<std::size_t>(size));  // every default is zero
+  params->struct_size = size;
+}
+
+// Parenthesized: moex.h defines a function-like macro of this name for new callers.
+extern "C" MOEX_API void(moex_model_params_init)(moex_model_params* params) {
+  moex_model_params_init_size(params, kModelParamsV01);
 }
 
 extern "C" MOEX_API moex_status moex_model_open(const char* path, const moex_model_params* params,
@@ -602,9 +610,12 @@ extern "C" MOEX_API moex_status moex_model_open(const char* path, const moex_mod
     *out = nullptr;
     if (path == nullptr || *path == '\0') return fail(MOEX_ERR_INVALID_ARGUMENT, "path is NULL or empty");
     moex_model_params p;
-    moex_model_params_init(&p);
+    moex_model_params_init_size(&p, sizeof p);
     if (moex_status s = read_sized(params, p, "moex_model_params"); s != MOEX_OK) return s;
-    if (p.reserved0 != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_model_params.reserved0 must be 0");
+    if (p.reserved0 != 0 || p.reserved1 != 0)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_model_params.reserved0 and reserved1 must be 0");
+    if (p.keep_block_formats > 1)
+      return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_model_params.keep_block_formats must be 0 or 1");
     if ((p.flags & ~MOEX_MODEL_FLAG_COPY_TO_RAM) != 0)
       return fail(MOEX_ERR_UNSUPPORTED, "moex_model_params.flags has bits this library does not know");
     if (moex_status s = check_enum(p.master_precision, kPrecisions.size(), "master_precision"); s != MOEX_OK) return s;
@@ -613,6 +624,7 @@ extern "C" MOEX_API moex_status moex_model_open(const char* path, const moex_mod
 
     moex::StoreOptions so;
     so.in_place = (p.flags & MOEX_MODEL_FLAG_COPY_TO_RAM) == 0;
+    so.keep_block_formats = p.keep_block_formats != 0;
     if (p.master_precision != MOEX_PRECISION_DEFAULT) {
       const moex::Precision mp = *kPrecisions[static_cast<std::size_t>(p.master_precision)];
       so.master_format = format_of(mp);
@@ -630,6 +642,7 @@ extern "C" MOEX_API moex_status moex_model_open(const char* path, const moex_mod
     auto data = std::make_shared<ModelData>(ModelData{std::move(*opened)});
     auto model = std::make_unique<moex_model>(moex_model{std::move(data)});
     register_handle(model.get(), Kind::kModel);
+    for (const std::string& note : model->data->opened.notes) log(MOEX_LOG_INFO, note);
     const moex::MoeModelSpec& spec = model->data->opened.store.spec();
     log(MOEX_LOG_INFO, std::string("opened ") + path + ": " + std::to_string(spec.n_layers) + " MoE layers x " +
                            std::to_string(spec.n_experts) + " experts");
@@ -1213,6 +1226,7 @@ extern "C" MOEX_API moex_status moex_trace_expert_counts(const moex_trace* trace
 
 static_assert(sizeof(void*) != 8 || sizeof(moex_executor_params) == 184, "moex_executor_params: 0.2 layout");
 static_assert(sizeof(moex_stats) == 304, "moex_stats: 0.2 layout");
+static_assert(sizeof(moex_model_params) == 32, "moex_model_params: 0.2 layout");
 static_assert(moex_capi::kPrecisions.size() <= MOEX_PRECISION_SLOTS, "misses_by_precision too short");
 
 extern "C" MOEX_API void moex_experimental_cuda_params_init_size(moex_cuda_params* params, std::uint64_t size) {

@@ -43,7 +43,9 @@ class DemoParams(ctypes.Structure):
 
 class ModelParams(ctypes.Structure):
     _fields_ = [("struct_size", _u64), ("flags", _u32), ("master_precision", _i32),
-                ("extra_precisions", _u32), ("reserved0", _u32)]
+                ("extra_precisions", _u32), ("reserved0", _u32),
+                # since 0.2
+                ("keep_block_formats", _u32), ("reserved1", _u32)]
 
 
 class ModelInfo(ctypes.Structure):
@@ -81,7 +83,7 @@ class Stats(ctypes.Structure):
         return d
 
 
-for _s, _size in ((DemoParams, 40), (ModelParams, 24), (ModelInfo, 48), (ExecutorParams, 184), (Stats, 304)):
+for _s, _size in ((DemoParams, 40), (ModelParams, 32), (ModelInfo, 48), (ExecutorParams, 184), (Stats, 304)):
     assert ctypes.sizeof(_s) == _size, f"{_s.__name__} does not match moex.h"
 
 PROGRESS_FN = ctypes.CFUNCTYPE(None, _u64, _u64, ctypes.c_char_p, ctypes.c_void_p)
@@ -110,7 +112,7 @@ def _declare(lib):
         "moex_set_log_callback": (_i32, [LOG_FN, _i32, vp]),
         "moex_demo_params_init": (None, [P(DemoParams)]),
         "moex_model_write_demo": (_i32, [ctypes.c_char_p, P(DemoParams)]),
-        "moex_model_params_init": (None, [P(ModelParams)]),
+        "moex_model_params_init_size": (None, [P(ModelParams), _u64]),
         "moex_model_open": (_i32, [ctypes.c_char_p, P(ModelParams), PROGRESS_FN, vp, P(vp)]),
         "moex_model_destroy": (None, [vp]),
         "moex_model_info_init": (None, [P(ModelInfo)]),
@@ -243,12 +245,15 @@ class Model(_Handle):
     """An opened checkpoint (safetensors file or folder, or .gguf)."""
     _destroy = "moex_model_destroy"
 
-    def __init__(self, path, progress=None, extra_precisions=()):
+    def __init__(self, path, progress=None, extra_precisions=(), keep_block_formats=False):
+        """keep_block_formats: keep GGUF Q8_0/Q4_0/Q4_K and fp8 (128x128 scales) experts in that
+        format instead of decoding them to bf16 (moex_model_params.keep_block_formats)."""
         lib = library()
         params = ModelParams()
-        lib.moex_model_params_init(ctypes.byref(params))
+        lib.moex_model_params_init_size(ctypes.byref(params), ctypes.sizeof(params))
         for name in extra_precisions:
             params.extra_precisions |= 1 << PRECISION[name]
+        params.keep_block_formats = 1 if keep_block_formats else 0
         cb = PROGRESS_FN(lambda d, t, w, _: progress(d, t, w.decode())) if progress else PROGRESS_FN()
         out = ctypes.c_void_p()
         _check(lib.moex_model_open(_path(path), ctypes.byref(params), cb, None, ctypes.byref(out)), "moex_model_open")

@@ -18,12 +18,15 @@ PIN(moex_demo_params, ffn, 24);
 PIN(moex_demo_params, precision, 28);
 PIN(moex_demo_params, seed, 32);
 
-_Static_assert(sizeof(moex_model_params) == 24, "moex_model_params size");
+/* 0.1 layout (24 bytes) kept; 0.2 appended keep_block_formats and reserved1. */
+_Static_assert(sizeof(moex_model_params) == 32, "moex_model_params size");
 PIN(moex_model_params, struct_size, 0);
 PIN(moex_model_params, flags, 8);
 PIN(moex_model_params, master_precision, 12);
 PIN(moex_model_params, extra_precisions, 16);
 PIN(moex_model_params, reserved0, 20);
+PIN(moex_model_params, keep_block_formats, 24);
+PIN(moex_model_params, reserved1, 28);
 
 _Static_assert(sizeof(moex_model_info) == 48, "moex_model_info size");
 PIN(moex_model_info, struct_size, 0);

@@ -24,6 +24,9 @@ pub mod sys {
         pub master_precision: i32,
         pub extra_precisions: u32,
         pub reserved0: u32,
+        // since 0.2
+        pub keep_block_formats: u32,
+        pub reserved1: u32,
     }
 
     #[repr(C)]
@@ -127,7 +130,7 @@ pub mod sys {
         pub fn moex_status_string(status: Status) -> *const c_char;
         pub fn moex_last_error_message() -> *const c_char;
         pub fn moex_model_write_demo(dir: *const c_char, params: *const c_void) -> Status;
-        pub fn moex_model_params_init(p: *mut ModelParams);
+        pub fn moex_model_params_init_size(p: *mut ModelParams, size: u64);
         pub fn moex_model_open(path: *const c_char, params: *const ModelParams, progress: ProgressFn,
                                user_data: *mut c_void, out: *mut *mut moex_model) -> Status;
         pub fn moex_model_destroy(m: *mut moex_model);
@@ -201,6 +204,14 @@ pub fn write_demo(dir: &str) -> Result<()> {
     check(unsafe { sys::moex_model_write_demo(d.as_ptr(), ptr::null()) })
 }
 
+/// Model settings (default: the library's).
+#[derive(Default, Clone, Copy, Debug)]
+pub struct ModelOptions {
+    /// Keep GGUF Q8_0/Q4_0/Q4_K and fp8 (128x128 scales) experts in that format instead of
+    /// decoding them to bf16 (`moex_model_params.keep_block_formats`, since 0.2).
+    pub keep_block_formats: bool,
+}
+
 /// An opened model. Shareable between threads for reading (`Sync`): const C calls may run concurrently.
 pub struct Model {
     raw: *mut sys::moex_model,
@@ -212,12 +223,19 @@ unsafe impl Sync for Model {}
 impl Model {
     /// Opens a safetensors file or folder, or a .gguf file.
     pub fn open(path: &str) -> Result<Model> {
+        Model::open_with(path, ModelOptions::default())
+    }
+
+    /// Opens a model with options.
+    pub fn open_with(path: &str, opts: ModelOptions) -> Result<Model> {
         let p = c_path(path)?;
         let mut params = sys::ModelParams::default();
         let mut raw = ptr::null_mut();
-        // SAFETY: all pointers valid for the call; the library sets raw (NULL on failure).
+        // SAFETY: all pointers valid for the call; params initialized by the library for the
+        // size of this mirror; the library sets raw (NULL on failure).
         check(unsafe {
-            sys::moex_model_params_init(&mut params);
+            sys::moex_model_params_init_size(&mut params, std::mem::size_of::<sys::ModelParams>() as u64);
+            params.keep_block_formats = opts.keep_block_formats as u32;
             sys::moex_model_open(p.as_ptr(), &params, None, ptr::null_mut(), &mut raw)
         })?;
         Ok(Model { raw })
@@ -395,7 +413,7 @@ impl Drop for Trace {
 #[allow(dead_code)]
 fn _assert_layouts() {
     // Sizes pinned in moex.h (tests/capi/capi_layout_test.c pins the C side).
-    const _: () = assert!(std::mem::size_of::<sys::ModelParams>() == 24);
+    const _: () = assert!(std::mem::size_of::<sys::ModelParams>() == 32);
     const _: () = assert!(std::mem::size_of::<sys::ModelInfo>() == 48);
     const _: () = assert!(std::mem::size_of::<sys::ExecutorParams>() == 184);
     const _: () = assert!(std::mem::size_of::<sys::Stats>() == 304);

@@ -134,6 +134,19 @@ double read_rate(bool all) {
   return r;
 }
 
+// Bytes/s of weights (bytes per iteration), of_read against read_rate(all), and the label
+// "<format>/n<batch>/<threads>/<isa>".
+void report(benchmark::State& state, std::size_t bytes_per_iter, bool all, int fi, std::size_t n,
+            const std::string& isa) {
+  const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(bytes_per_iter);
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
+  // A rate counter divides by the elapsed time: (bytes / ceiling) / seconds = (bytes/s) / ceiling.
+  state.counters["of_read"] = benchmark::Counter(bytes / read_rate(all), benchmark::Counter::kIsRate);
+  std::string label = kFormats[fi].name;
+  label.append("/n").append(std::to_string(n)).append(all ? "/all_threads/" : "/1_thread/").append(isa);
+  state.SetLabel(label);
+}
+
 // Args: format, batch, all_threads, portable (1: the scalar decode path).
 void BM_BlockExpertFfn(benchmark::State& state) {
   const int fi = static_cast<int>(state.range(0));
@@ -145,7 +158,7 @@ void BM_BlockExpertFfn(benchmark::State& state) {
     state.SkipWithError(c.error.c_str());
     return;
   }
-  const double ceiling = read_rate(all);
+  (void)read_rate(all);  // measured before the timed loop
   const moex::CpuIsa saved = moex::active_cpu_isa();
   if (portable) (void)moex::set_cpu_isa(moex::CpuIsa::kScalar);
   const std::string isa = moex::cpu_kernel_isa();
@@ -162,13 +175,7 @@ void BM_BlockExpertFfn(benchmark::State& state) {
     benchmark::DoNotOptimize(y.data());
   }
   (void)moex::set_cpu_isa(saved);
-  const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(c.layout.total_bytes);
-  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
-  // A rate counter divides by the elapsed time: (bytes / ceiling) / seconds = (bytes/s) / ceiling.
-  state.counters["of_read"] = benchmark::Counter(bytes / ceiling, benchmark::Counter::kIsRate);
-  std::string label = kFormats[fi].name;
-  label.append("/n").append(std::to_string(n)).append(all ? "/all_threads/" : "/1_thread/").append(isa);
-  state.SetLabel(label);
+  report(state, c.layout.total_bytes, all, fi, n, isa);
 }
 
 // matmul_rows alone (the kernel, no SwiGLU): all rows of each cold copy's w1 [ffn x hidden] in
@@ -182,7 +189,7 @@ void BM_BlockMatmulRows(benchmark::State& state) {
     state.SkipWithError(c.error.c_str());
     return;
   }
-  const double ceiling = read_rate(false);
+  (void)read_rate(false);  // measured before the timed loop
   const moex::CpuIsa saved = moex::active_cpu_isa();
   if (portable) (void)moex::set_cpu_isa(moex::CpuIsa::kScalar);
   const std::string isa = moex::cpu_kernel_isa();
@@ -196,12 +203,7 @@ void BM_BlockMatmulRows(benchmark::State& state) {
     benchmark::DoNotOptimize(y.data());
   }
   (void)moex::set_cpu_isa(saved);
-  const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(l.total_bytes);
-  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
-  state.counters["of_read"] = benchmark::Counter(bytes / ceiling, benchmark::Counter::kIsRate);
-  std::string label = kFormats[fi].name;
-  label.append("/n").append(std::to_string(n)).append("/1_thread/").append(isa);
-  state.SetLabel(label);
+  report(state, l.total_bytes, false, fi, n, isa);
 }
 
 // The read ceiling as a row of its own. Args: all_threads.

@@ -7,19 +7,22 @@
 // anonymous namespace.
 //
 // V provides what matmul_kernel.hpp's traits do that is used here (L, F, zero, set1, load, fma,
-// hsum, half_to_float) plus: mul(a, b); add(a, b); fms(a, b, c) = a*b - c; scale_bytes(p, a, b,
-// out): out[j] = p[j] * a for j < 8, p[j] * b for 8 <= j < 16; s8(p): L signed bytes as floats; nibbles<Off>(p, lo,
-// hi): L bytes' low and high nibbles plus Off as floats; fp8x256(p, lo, hi): 2L fp8 e4m3 codes (no NaN) as floats times
-// 2^-8 (exact), the first L in lo. T: tokens per tile at most.
+// hsum, half_to_float) plus: mul(a, b); add(a, b); fms(a, b, c) = a*b - c; s8(p): L signed bytes
+// as floats; nibbles<Off>(p, lo, hi): L bytes' low and high nibbles plus Off as floats;
+// fp8x256(p, lo, hi): 2L fp8 e4m3 codes (no NaN) as floats times 2^-8 (exact), the first L in lo;
+// scale_bytes(p, a, b, out): out[j] = p[j] * a for j < 8, p[j] * b for 8 <= j < 16. T: tokens per
+// tile at most; R: rows per tile at 4 tokens or more (1 or 2).
 //
-// Each row is cut into units of 32 (Q4_K: 64) columns, decoded to f32 vectors once, scales
-// applied, and dotted with up to V::T tokens. Every row sees the same operations whatever the row
-// range, so results do not depend on how callers split rows across threads.
+// Each row is cut into units of 32 (Q4_K: 64) columns, each decoded to f32 vectors once and dotted
+// with up to V::T tokens. Units with one scale (Q8_0, Q4_0, fp8: kRawUnits) are decoded unscaled:
+// at 1-2 tokens each unit's dot product is scaled once, else each vector is scaled before use.
+// Every row sees the same operations whatever the row range, so results do not depend on how
+// callers split rows across threads.
 //
-// Decoding is exact to f32 rounding: Q8_0, Q4_0 and fp8 weights are bit-identical to
-// quant/ggml.hpp's decoders; Q4_K weights are d*sc*q - dmin*m with one rounding (fma) where the
-// decoder rounds twice. fp8 NaN codes (S.1111.111) decode as +-480 times the scale (checkpoints
-// have none).
+// Decoding is exact to f32 rounding: Q8_0, Q4_0 and fp8 weights are those of quant/ggml.hpp's
+// decoders, the scale applied to the vector or to the unit's dot product; Q4_K weights are
+// d*sc*q - dmin*m with one rounding (fma) where the decoder rounds twice. fp8 NaN codes
+// (S.1111.111) decode as +-480 times the scale (checkpoints have none).
 
 #include <cmath>
 #include <cstddef>
@@ -56,14 +59,9 @@ inline std::uint16_t block_u16(const std::uint8_t* p) noexcept {
 template <class V>
 struct BlockQ8_0 {
   static constexpr std::size_t kUnit = 32;
-  static constexpr bool kRawUnits = true;  // has unit_raw
+  static constexpr bool kRawUnits = true;  // unit_raw, no unit
   static constexpr float kOutScale = 1.f;
   const std::uint8_t* row;
-  MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
-    const std::uint8_t* b = row + u * 34;
-    const auto d = V::set1(V::half_to_float(block_u16<V>(b)));
-    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(V::s8(b + 2 + i * V::L), d);
-  }
   /// The codes as floats, unscaled; returns d.
   MOEX_BLOCK_INLINE float unit_raw(std::size_t u, typename V::F* w) const noexcept {
     const std::uint8_t* b = row + u * 34;
@@ -77,13 +75,9 @@ struct BlockQ8_0 {
 template <class V>
 struct BlockQ4_0 {
   static constexpr std::size_t kUnit = 32;
-  static constexpr bool kRawUnits = true;  // has unit_raw
+  static constexpr bool kRawUnits = true;  // unit_raw, no unit
   static constexpr float kOutScale = 1.f;
   const std::uint8_t* row;
-  MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
-    const auto dv = V::set1(unit_raw(u, w));
-    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(w[i], dv);
-  }
   /// The nibbles minus 8 as floats; returns d.
   MOEX_BLOCK_INLINE float unit_raw(std::size_t u, typename V::F* w) const noexcept {
     const std::uint8_t* b = row + u * 18;
@@ -114,7 +108,7 @@ MOEX_BLOCK_INLINE void q4k_scales_mins(const std::uint8_t* s, std::uint8_t* out)
 template <class V>
 struct BlockQ4_K {
   static constexpr std::size_t kUnit = 64;
-  static constexpr bool kRawUnits = false;
+  static constexpr bool kRawUnits = false;  // unit
   static constexpr float kOutScale = 1.f;
   const std::uint8_t* row;
   alignas(64) mutable float sm_[16] = {};  // d*sc[0..7], dmin*m[0..7] of the current block
@@ -145,14 +139,10 @@ struct BlockQ4_K {
 template <class V>
 struct BlockFp8 {
   static constexpr std::size_t kUnit = 32;
-  static constexpr bool kRawUnits = true;  // has unit_raw
+  static constexpr bool kRawUnits = true;  // unit_raw, no unit
   static constexpr float kOutScale = 256.f;
   const std::uint8_t* row;
   const std::uint8_t* scales;  // this row's row of f32 block scales (any alignment)
-  MOEX_BLOCK_INLINE void unit(std::size_t u, typename V::F* w) const noexcept {
-    const auto sv = V::set1(unit_raw(u, w));
-    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / V::L; ++i) w[i] = V::mul(w[i], sv);
-  }
   /// The codes times 2^-8; returns s.
   MOEX_BLOCK_INLINE float unit_raw(std::size_t u, typename V::F* w) const noexcept {
     MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < kUnit / (2 * V::L); ++i)
@@ -163,84 +153,119 @@ struct BlockFp8 {
   }
 };
 
-/// N units from u0 (columns from c = u0 * kUnit) into the accumulators of T tokens. Raw: each
-/// unit's dot with a token is summed unscaled and scaled once (one multiply per unit instead of
-/// one per vector; used at T <= 2, where the decode dominates); else every vector is scaled, then
-/// used by every token.
-template <class V, std::size_t T, std::size_t A, std::size_t N, bool Raw, class Row>
-MOEX_BLOCK_INLINE void block_units(const Row& row, std::size_t u0, const float* x, std::size_t ldx,
-                                   typename V::F (&acc)[T][A]) noexcept {
+/// N units from u0 (columns from c = u0 * kUnit) of R rows into the accumulators of T tokens.
+/// Raw (R == 1): each unit's dot with a token is summed unscaled and scaled once (one multiply per
+/// unit instead of one per vector; used at T <= 2, where the decode dominates); else every vector
+/// is scaled, then used by every token, each activation vector loaded once for the R rows.
+template <class V, std::size_t R, std::size_t T, std::size_t A, std::size_t N, bool Raw, class Row>
+MOEX_BLOCK_INLINE void block_units(const Row* rows, std::size_t u0, const float* x, std::size_t ldx,
+                                   typename V::F (&acc)[R][T][A]) noexcept {
   using F = typename V::F;
   constexpr std::size_t K = Row::kUnit / V::L;  // vectors per unit
   const std::size_t c = u0 * Row::kUnit;
-  F w[N * K];
+  F w[R][N * K];
   if constexpr (Raw) {
+    static_assert(R == 1, "raw units are for one row at a time");
     float sc[N];
-    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < N; ++i) sc[i] = row.unit_raw(u0 + i, w + i * K);
+    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < N; ++i) sc[i] = rows[0].unit_raw(u0 + i, w[0] + i * K);
     MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < T; ++t) {
       MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < N; ++i) {
         const float* xt = x + t * ldx + c + i * K * V::L;
-        F p = V::mul(w[i * K], V::load(xt));
-        MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < K; ++k) p = V::fma(w[i * K + k], V::load(xt + k * V::L), p);
-        acc[t][i % A] = V::fma(p, V::set1(sc[i]), acc[t][i % A]);
+        F p = V::mul(w[0][i * K], V::load(xt));
+        MOEX_KERNEL_UNROLL for (std::size_t k = 1; k < K; ++k) p = V::fma(w[0][i * K + k], V::load(xt + k * V::L), p);
+        acc[0][t][i % A] = V::fma(p, V::set1(sc[i]), acc[0][t][i % A]);
       }
     }
   } else {
-    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < N; ++i) row.unit(u0 + i, w + i * K);
+    MOEX_KERNEL_UNROLL for (std::size_t r = 0; r < R; ++r) {
+      MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < N; ++i) {
+        if constexpr (Row::kRawUnits) {  // scale every vector
+          const F sv = V::set1(rows[r].unit_raw(u0 + i, w[r] + i * K));
+          MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < K; ++k) w[r][i * K + k] = V::mul(w[r][i * K + k], sv);
+        } else {
+          rows[r].unit(u0 + i, w[r] + i * K);
+        }
+      }
+    }
     MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < T; ++t) {
-      MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < N * K; ++k) acc[t][k % A] =
-          V::fma(w[k], V::load(x + t * ldx + c + k * V::L), acc[t][k % A]);
+      MOEX_KERNEL_UNROLL for (std::size_t k = 0; k < N * K; ++k) {
+        const F xv = V::load(x + t * ldx + c + k * V::L);
+        MOEX_KERNEL_UNROLL for (std::size_t r = 0; r < R; ++r) acc[r][t][k % A] = V::fma(w[r][k], xv, acc[r][t][k % A]);
+      }
     }
   }
 }
 
-/// One row, T tokens: units decoded in pairs (single units where a unit is 8 vectors), each decoded vector used by
-/// every token; A accumulator chains per token (4 in all at least, to cover the FMA latency at small T).
-template <class V, int T, class Row>
-inline void block_row(const Row& row, std::size_t cols, const float* x, std::size_t ldx, float* y,
+/// R rows, T tokens: units decoded two at a time for one row (one where a unit is 8 vectors) or
+/// one at a time for two rows, each decoded vector used by every token; A accumulator chains per
+/// token (4 in all at least, to cover the FMA latency at small T). Two rows take the same steps as
+/// one at T >= 4 (A == 1, vectors in column order), so pairing does not change results.
+template <class V, std::size_t R, int T, class Row>
+inline void block_row(const Row* rows, std::size_t cols, const float* x, std::size_t ldx, float* y,
                       std::size_t ldy) noexcept {
   using F = typename V::F;
-  constexpr std::size_t K = Row::kUnit / V::L;   // vectors per unit
-  constexpr std::size_t P = 2 * K <= 8 ? 2 : 1;  // units decoded per step: at most 8 vectors live
+  constexpr std::size_t K = Row::kUnit / V::L;             // vectors per unit
+  constexpr std::size_t P = R == 1 && 2 * K <= 8 ? 2 : 1;  // units decoded per step: <= 8 vectors
   constexpr auto kT = static_cast<std::size_t>(T);
   constexpr std::size_t A = kT >= 4 ? 1 : 4 / kT;
-  F acc[kT][A];
-  MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
-    MOEX_KERNEL_UNROLL for (std::size_t j = 0; j < A; ++j) acc[t][j] = V::zero();
+  static_assert(R == 1 || A == 1, "two rows only where one accumulator chain per token suffices");
+  F acc[R][kT][A];
+  MOEX_KERNEL_UNROLL for (std::size_t r = 0; r < R; ++r) {
+    MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
+      MOEX_KERNEL_UNROLL for (std::size_t j = 0; j < A; ++j) acc[r][t][j] = V::zero();
+    }
   }
   constexpr bool kRaw = kT <= 2 && Row::kRawUnits;
   const std::size_t units = cols / Row::kUnit;
   std::size_t u = 0;
-  for (; u + P <= units; u += P) block_units<V, kT, A, P, kRaw>(row, u, x, ldx, acc);
-  if (u < units) block_units<V, kT, A, 1, kRaw>(row, u, x, ldx, acc);  // P == 2, odd unit count
-  MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
-    F s = acc[t][0];
-    MOEX_KERNEL_UNROLL for (std::size_t j = 1; j < A; ++j) s = V::add(s, acc[t][j]);
-    if constexpr (Row::kOutScale != 1.f) {
-      y[t * ldy] = V::hsum(s) * Row::kOutScale;
-    } else {
-      y[t * ldy] = V::hsum(s);
+  for (; u + P <= units; u += P) block_units<V, R, kT, A, P, kRaw>(rows, u, x, ldx, acc);
+  if (u < units) block_units<V, R, kT, A, 1, kRaw>(rows, u, x, ldx, acc);  // P == 2, odd unit count
+  MOEX_KERNEL_UNROLL for (std::size_t r = 0; r < R; ++r) {
+    MOEX_KERNEL_UNROLL for (std::size_t t = 0; t < kT; ++t) {
+      F s = acc[r][t][0];
+      MOEX_KERNEL_UNROLL for (std::size_t j = 1; j < A; ++j) s = V::add(s, acc[r][t][j]);
+      if constexpr (Row::kOutScale != 1.f) {
+        y[t * ldy + r] = V::hsum(s) * Row::kOutScale;
+      } else {
+        y[t * ldy + r] = V::hsum(s);
+      }
     }
   }
 }
 
-/// Tokens [0, n) in tiles of V::T, the remainder (1 .. V::T - 1) in one tile; y points at y[0][r].
-template <class V, int T, class Row>
-inline void block_row_tokens(const Row& row, std::size_t cols, const MatmulArgs& a, std::size_t t0, float* y) noexcept {
+/// Tokens [t0, n) of R rows: a tile of V::T tokens, or the remainder (1 .. V::T - 1) in one tile;
+/// y points at y[0][first row]. Two rows share a tile only at 4 tokens or more.
+template <class V, std::size_t R, int T, class Row>
+inline void block_row_tokens(const Row* rows, std::size_t cols, const MatmulArgs& a, std::size_t t0,
+                             float* y) noexcept {
   if constexpr (T > 0) {
     if (a.n - t0 >= static_cast<std::size_t>(T)) {
-      block_row<V, T>(row, cols, a.x + t0 * a.ldx, a.ldx, y + t0 * a.ldy, a.ldy);
+      const float* x = a.x + t0 * a.ldx;
+      if constexpr (R > 1 && T < 4) {
+        MOEX_KERNEL_UNROLL for (std::size_t r = 0; r < R; ++r)
+            block_row<V, 1, T>(rows + r, cols, x, a.ldx, y + t0 * a.ldy + r, a.ldy);
+      } else {
+        block_row<V, R, T>(rows, cols, x, a.ldx, y + t0 * a.ldy, a.ldy);
+      }
     } else {
-      block_row_tokens<V, T - 1>(row, cols, a, t0, y);
+      block_row_tokens<V, R, T - 1>(rows, cols, a, t0, y);
     }
   }
 }
 
+/// Rows in pairs (V::R == 2) and then singly, tokens in tiles of V::T.
 template <class V, class MakeRow>
 inline void block_rows(const MakeRow& make_row, const MatmulArgs& a) noexcept {
-  for (std::size_t r = a.row_begin; r < a.row_end; ++r) {
+  std::size_t r = a.row_begin;
+  if constexpr (V::R == 2) {
+    for (; r + 2 <= a.row_end; r += 2) {
+      const decltype(make_row(r)) rows[2] = {make_row(r), make_row(r + 1)};
+      for (std::size_t t = 0; t < a.n; t += V::T) block_row_tokens<V, 2, V::T>(rows, a.layout.cols, a, t, a.y + r);
+    }
+  }
+  for (; r < a.row_end; ++r) {
     const auto row = make_row(r);
-    for (std::size_t t = 0; t < a.n; t += V::T) block_row_tokens<V, V::T>(row, a.layout.cols, a, t, a.y + r);
+    for (std::size_t t = 0; t < a.n; t += V::T) block_row_tokens<V, 1, V::T>(&row, a.layout.cols, a, t, a.y + r);
   }
 }
 

@@ -38,7 +38,8 @@ namespace {
 struct BlockAvx512 {
   using F = __m512;
   static constexpr std::size_t L = 16;
-  static constexpr int T = 8;  // 8 tokens x 1 accumulator + 8 decoded vectors fit 32 zmm registers
+  static constexpr int T = 8;  // 2 rows x 8 tokens x 1 accumulator + 2 x 4 decoded vectors: 24 of 32 zmm
+  static constexpr std::size_t R = 2;
 
   static F zero() noexcept { return _mm512_setzero_ps(); }
   static F set1(float v) noexcept { return _mm512_set1_ps(v); }

@@ -11,7 +11,9 @@
 // as floats; nibbles<Off>(p, lo, hi): L bytes' low and high nibbles plus Off as floats;
 // fp8x256(p, lo, hi): 2L fp8 e4m3 codes (no NaN) as floats times 2^-8 (exact), the first L in lo;
 // scale_bytes(p, a, b, out): out[j] = p[j] * a for j < 8, p[j] * b for 8 <= j < 16. T: tokens per
-// tile at most; R: rows per tile at 4 tokens or more (1 or 2).
+// tile at most; R: rows per tile at 4 tokens or more (1 or 2). kNibbleTables: V::L == 16 and
+// V has iota() (0..15) and nibbles_lookup(p, tlo, thi, lo, hi): lo[j] = tlo[p[j] & 15], hi[j] =
+// thi[p[j] >> 4].
 //
 // Each row is cut into units of 32 (Q4_K: 64) columns, each decoded to f32 vectors once and dotted
 // with up to V::T tokens. Units with one scale (Q8_0, Q4_0, fp8: kRawUnits) are decoded unscaled:
@@ -124,11 +126,17 @@ struct BlockQ4_K {
     const auto d0 = V::set1(sm_[2 * k]), o0 = V::set1(sm_[8 + 2 * k]);
     const auto d1 = V::set1(sm_[2 * k + 1]), o1 = V::set1(sm_[8 + 2 * k + 1]);
     const std::uint8_t* q = b + 16 + 32 * k;
-    MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < 32 / V::L; ++i) {
-      typename V::F lo, hi;
-      V::template nibbles<0>(q + i * V::L, lo, hi);
-      w[i] = V::fms(lo, d0, o0);
-      w[32 / V::L + i] = V::fms(hi, d1, o1);
+    if constexpr (V::kNibbleTables) {  // the 16 weights each sub-block's nibbles map to
+      const auto t0 = V::fms(V::iota(), d0, o0), t1 = V::fms(V::iota(), d1, o1);
+      MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < 32 / V::L; ++i)
+          V::nibbles_lookup(q + i * V::L, t0, t1, w[i], w[32 / V::L + i]);
+    } else {
+      MOEX_KERNEL_UNROLL for (std::size_t i = 0; i < 32 / V::L; ++i) {
+        typename V::F lo, hi;
+        V::template nibbles<0>(q + i * V::L, lo, hi);
+        w[i] = V::fms(lo, d0, o0);
+        w[32 / V::L + i] = V::fms(hi, d1, o1);
+      }
     }
   }
 };

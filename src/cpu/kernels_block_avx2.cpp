@@ -38,6 +38,7 @@ struct BlockAvx2 {
   static constexpr std::size_t L = 8;
   static constexpr int T = 4;  // 16 ymm registers: 4 accumulators, a unit pair of up to 8 vectors
   static constexpr std::size_t R = 1;
+  static constexpr bool kNibbleTables = false;  // no 16-entry permute in 8 lanes
 
   static F zero() noexcept { return _mm256_setzero_ps(); }
   static F set1(float v) noexcept { return _mm256_set1_ps(v); }

@@ -56,15 +56,18 @@ struct BlockAvx512 {
   static float half_to_float(std::uint16_t h) noexcept { return _cvtsh_ss(h); }
   static __m128i load16(const std::uint8_t* p) noexcept { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
   static F s8(const std::uint8_t* p) noexcept { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(p))); }
+  static constexpr bool kNibbleTables = true;
+  static F iota() noexcept { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static void nibbles_lookup(const std::uint8_t* p, F tlo, F thi, F& lo, F& hi) noexcept {
+    // vpermps reads the low 4 bits of each index: mask, conversion and mapping in one instruction.
+    const __m512i b = _mm512_cvtepu8_epi32(load16(p));
+    lo = _mm512_permutexvar_ps(b, tlo);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), thi);
+  }
   template <int Off>
   static void nibbles(const std::uint8_t* p, F& lo, F& hi) noexcept {
-    // A 16-entry table lookup (vpermps reads the low 4 bits of each index) does the mask, the
-    // conversion and the offset in one instruction.
-    const F table = _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                  _mm512_set1_ps(static_cast<float>(Off)));
-    const __m512i b = _mm512_cvtepu8_epi32(load16(p));
-    lo = _mm512_permutexvar_ps(b, table);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+    const F t = _mm512_add_ps(iota(), _mm512_set1_ps(static_cast<float>(Off)));
+    nibbles_lookup(p, t, t, lo, hi);
   }
   static void fp8x256(const std::uint8_t* p, F& lo, F& hi) noexcept {
     // Sign-extended S.EEEE.MMM shifted left 7 puts MMM and EEEE where f16 keeps its top mantissa

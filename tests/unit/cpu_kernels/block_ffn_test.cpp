@@ -14,8 +14,9 @@ namespace {
 
 using moex::Precision;
 
-// The decode path decodes each weight to f32 exactly and accumulates in f32 (sequentially per
-// 1024-column chunk): norm-wise error a few f32 ulps times sqrt(length <= 512); 1e-5 is ~10x that.
+// Every CPU level (SIMD kernels and the portable decode path) decodes each weight exactly (Q4_K: one
+// f32 rounding) and accumulates in f32: norm-wise error a few f32 ulps times sqrt(length <= 512);
+// 1e-5 is ~10x that.
 constexpr double kBlockFfnTol = 1e-5;
 
 struct Case {

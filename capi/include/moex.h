@@ -124,6 +124,14 @@ MOEX_API moex_status moex_set_log_callback(moex_log_fn fn, int32_t max_level, vo
 #define MOEX_PRECISION_INT8 4 /* group-quantized, group 64, symmetric */
 #define MOEX_PRECISION_INT4 5 /* group-quantized, group 64, symmetric */
 #define MOEX_PRECISION_INT2 6 /* group-quantized, group 64, asymmetric */
+/* Checkpoint block formats (@since 0.2): what moex_model_info.master_precision and moex_stats report
+ * for a model opened with keep_block_formats, and valid as cache_precision when the master is in
+ * that format. Never a conversion target: as precision, master_precision, extra_precisions or
+ * low_precision they give MOEX_ERR_UNSUPPORTED. */
+#define MOEX_PRECISION_Q8_0 7     /* GGUF Q8_0 */
+#define MOEX_PRECISION_Q4_0 8     /* GGUF Q4_0 */
+#define MOEX_PRECISION_Q4_K 9     /* GGUF Q4_K */
+#define MOEX_PRECISION_FP8_E4M3 10 /* fp8 e4m3 with 128x128 f32 block scales (DeepSeek-V3) */
 
 /* Compute backends. */
 #define MOEX_BACKEND_DEFAULT 0 /* CPU */
@@ -239,8 +247,8 @@ typedef struct moex_model_params {
   /* 1: keep experts stored in a block format in that format instead of decoding them to
    * master_precision: GGUF Q8_0, Q4_0 and Q4_K, and fp8 e4m3 with DeepSeek-V3-style 128x128 block
    * scales (weight_scale_inv). The master copies are then the checkpoint's blocks copied into
-   * host RAM (moex_model_info.master_precision reads 0, as these formats have no MOEX_PRECISION_*
-   * name; expert_bytes is their size); executors compute from them (on the CPU each block is
+   * host RAM (moex_model_info.master_precision reads MOEX_PRECISION_Q8_0, _Q4_0, _Q4_K or _FP8_E4M3;
+   * expert_bytes is their size); executors compute from them (on the CPU each block is
    * decoded to f32 as it is used: slower than a bf16 master, but without rounding the weights to
    * bf16), and extra_precisions copies are built from them. Every expert must be in the first
    * expert's format (else MOEX_ERR_CORRUPT). Dense f32/f16/bf16 checkpoints load as with 0; other

@@ -258,15 +258,18 @@ moex_status copy_string(const std::string& s, char* buf, std::size_t size, std::
 // ---- enums -----------------------------------------------------------------------------------------
 
 /// MOEX_PRECISION_* -> moex::Precision (index = C value; DEFAULT has none).
-constexpr std::array<std::optional<moex::Precision>, 7> kPrecisions = {
-    std::nullopt,           moex::Precision::kF32,  moex::Precision::kF16,  moex::Precision::kBF16,
-    moex::Precision::kInt8, moex::Precision::kInt4, moex::Precision::kInt2,
+constexpr std::array<std::optional<moex::Precision>, 11> kPrecisions = {
+    std::nullopt,           moex::Precision::kF32,  moex::Precision::kF16,     moex::Precision::kBF16,
+    moex::Precision::kInt8, moex::Precision::kInt4, moex::Precision::kInt2,    moex::Precision::kQ8_0,
+    moex::Precision::kQ4_0, moex::Precision::kQ4_K, moex::Precision::kFp8E4M3,
 };
+/// The C precisions below this one can be converted to; the rest are checkpoint block formats.
+constexpr std::size_t kConvertiblePrecisions = 7;
 
 std::int32_t to_c_precision(moex::Precision p) noexcept {
   for (std::size_t i = 1; i < kPrecisions.size(); ++i)
     if (kPrecisions[i] == p) return static_cast<std::int32_t>(i);
-  return MOEX_PRECISION_DEFAULT;  // a block format (GGUF) with no C name yet
+  return MOEX_PRECISION_DEFAULT;  // a block format with no C name (Q5_K, Q6_K, MXFP4)
 }
 
 /// The weight format of a C precision (quantized ones: group 64, as moex-demo builds them).
@@ -289,6 +292,16 @@ moex_status check_enum(std::int32_t v, std::size_t known, const char* what) noex
   if (v < 0) return fail(MOEX_ERR_INVALID_ARGUMENT, std::string(what) + " is negative (" + std::to_string(v) + ")");
   if (static_cast<std::size_t>(v) >= known)
     return fail(MOEX_ERR_UNSUPPORTED, std::string(what) + " " + std::to_string(v) + " is not built into this library");
+  return MOEX_OK;
+}
+
+/// check_enum for a precision that weights would be converted to: a block format is UNSUPPORTED.
+moex_status check_convertible(std::int32_t v, const char* what) noexcept {
+  if (moex_status s = check_enum(v, kPrecisions.size(), what); s != MOEX_OK) return s;
+  if (static_cast<std::size_t>(v) >= kConvertiblePrecisions)
+    return fail(MOEX_ERR_UNSUPPORTED, std::string(what) +
+                                          " names a checkpoint block format (Q8_0, Q4_0, Q4_K, fp8 e4m3): those are "
+                                          "kept from checkpoints (keep_block_formats), never converted to");
   return MOEX_OK;
 }
 
@@ -566,7 +579,7 @@ extern "C" MOEX_API moex_status moex_model_write_demo(const char* dir, const moe
     const std::uint64_t weights = std::uint64_t{p.n_layers} * p.n_experts * 3 * p.hidden * p.ffn;
     if (weights > (std::uint64_t{1} << 28))
       return fail(MOEX_ERR_INVALID_ARGUMENT, "demo model too large (at most 2^28 expert weights)");
-    if (moex_status s = check_enum(p.precision, kPrecisions.size(), "precision"); s != MOEX_OK) return s;
+    if (moex_status s = check_convertible(p.precision, "precision"); s != MOEX_OK) return s;
     moex::DType dtype;
     switch (p.precision) {
       case MOEX_PRECISION_F32:
@@ -618,9 +631,11 @@ extern "C" MOEX_API moex_status moex_model_open(const char* path, const moex_mod
       return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_model_params.keep_block_formats must be 0 or 1");
     if ((p.flags & ~MOEX_MODEL_FLAG_COPY_TO_RAM) != 0)
       return fail(MOEX_ERR_UNSUPPORTED, "moex_model_params.flags has bits this library does not know");
-    if (moex_status s = check_enum(p.master_precision, kPrecisions.size(), "master_precision"); s != MOEX_OK) return s;
-    if ((p.extra_precisions >> kPrecisions.size()) != 0 || (p.extra_precisions & 1u) != 0)
-      return fail(MOEX_ERR_UNSUPPORTED, "extra_precisions names precisions this library does not know");
+    if (moex_status s = check_convertible(p.master_precision, "master_precision"); s != MOEX_OK) return s;
+    if ((p.extra_precisions >> kConvertiblePrecisions) != 0 || (p.extra_precisions & 1u) != 0)
+      return fail(MOEX_ERR_UNSUPPORTED,
+                  "extra_precisions names precisions this library does not know or cannot "
+                  "convert to (checkpoint block formats)");
 
     moex::StoreOptions so;
     so.in_place = (p.flags & MOEX_MODEL_FLAG_COPY_TO_RAM) == 0;
@@ -629,7 +644,7 @@ extern "C" MOEX_API moex_status moex_model_open(const char* path, const moex_mod
       const moex::Precision mp = *kPrecisions[static_cast<std::size_t>(p.master_precision)];
       so.master_format = format_of(mp);
     }
-    for (std::size_t i = 1; i < kPrecisions.size(); ++i)
+    for (std::size_t i = 1; i < kConvertiblePrecisions; ++i)
       if ((p.extra_precisions >> i) & 1u) so.extra_formats.push_back(format_of(*kPrecisions[i]));
     if (progress != nullptr) {
       so.progress = [progress, user_data](std::uint64_t done, std::uint64_t total, std::string_view what) {
@@ -753,7 +768,7 @@ moex_status prepare(const moex_executor_params& p, const moex::ExpertStore& stor
   if (moex_status st = check_enum(p.gating, kGatingCount, "gating"); st != MOEX_OK) return st;
   if (moex_status st = check_enum(p.prediction, kPredictionCount, "prediction"); st != MOEX_OK) return st;
   if (moex_status st = check_enum(p.miss, kMissCount, "miss"); st != MOEX_OK) return st;
-  if (moex_status st = check_enum(p.low_precision, kPrecisions.size(), "low_precision"); st != MOEX_OK) return st;
+  if (moex_status st = check_convertible(p.low_precision, "low_precision"); st != MOEX_OK) return st;
   if (p.reserved1 != 0) return fail(MOEX_ERR_INVALID_ARGUMENT, "moex_executor_params.reserved1 must be 0");
 
   // Gate.

@@ -25,7 +25,9 @@ ERR_CORRUPT = -6
 ERR_NOT_FOUND = -7
 ERR_INTERNAL = -99
 
-PRECISION = {"default": 0, "f32": 1, "f16": 2, "bf16": 3, "int8": 4, "int4": 5, "int2": 6}
+PRECISION = {"default": 0, "f32": 1, "f16": 2, "bf16": 3, "int8": 4, "int4": 5, "int2": 6,
+             # checkpoint block formats: reported for models opened with keep_block_formats
+             "q8_0": 7, "q4_0": 8, "q4_k": 9, "fp8_e4m3": 10}
 EVICTION = {"default": 0, "lru": 1, "lfu": 2, "lrfu": 3, "hobbit": 4, "static_hot_set": 5, "belady": 6}
 GATING = {"default": 0, "fixed": 1, "adaptive": 2}
 PREDICTION = {"default": 0, "none": 1, "speculative": 2, "pregate_file": 3, "pregate_routing": 4}

@@ -88,7 +88,8 @@ static float g_step_blk[kTokens * kMaxHidden], g_step_f32[kTokens * kMaxHidden],
     g_step_other[kTokens * kMaxHidden];
 
 /* One block-format checkpoint: kept vs decoded to f32 and to bf16. */
-static void check_block_file(const char* dir, const char* name, uint32_t hidden, uint32_t n_layers, int with_int8) {
+static void check_block_file(const char* dir, const char* name, uint32_t hidden, uint32_t n_layers, int with_int8,
+                             int32_t precision) {
   char path[4200];
   snprintf(path, sizeof path, "%s/%s", dir, name);
   printf("%s\n", path);
@@ -101,8 +102,8 @@ static void check_block_file(const char* dir, const char* name, uint32_t hidden,
     const moex_model_info ib = info_of(blk), i32 = info_of(f32), i16 = info_of(bf16);
     CHECK(ib.n_layers == n_layers && ib.n_experts == 4 && ib.top_k == 2 && ib.hidden == hidden);
     CHECK(i32.n_layers == ib.n_layers && i32.hidden == ib.hidden && i32.ffn == ib.ffn);
-    /* Kept: a block format, which has no MOEX_PRECISION_* name; decoded: the master asked for. */
-    CHECK(ib.master_precision == MOEX_PRECISION_DEFAULT);
+    /* Kept: the block format's MOEX_PRECISION_* name; decoded: the master asked for. */
+    CHECK(ib.master_precision == precision);
     CHECK(i32.master_precision == MOEX_PRECISION_F32 && i16.master_precision == MOEX_PRECISION_BF16);
     /* Blocks of 4.5 (Q4_0, Q4_K), 8.5 (Q8_0) or about 8 (fp8) bits per weight against bf16's 16. */
     CHECK(ib.expert_bytes > 0 && ib.expert_bytes * 3 < i16.expert_bytes * 2);
@@ -176,10 +177,21 @@ int main(int argc, char** argv) {
   }
 
   /* ---- kept blocks against decoded masters ---- */
-  check_block_file(dir, "q4_0.gguf", 128, 3, 0);
-  check_block_file(dir, "q8_0.gguf", 128, 3, 1);
-  check_block_file(dir, "q4_k.gguf", 256, 3, 0);
-  check_block_file(dir, "fp8", 256, 2, 0); /* DeepSeek-V3 safetensors, layer 0 dense */
+  check_block_file(dir, "q4_0.gguf", 128, 3, 0, MOEX_PRECISION_Q4_0);
+  check_block_file(dir, "q8_0.gguf", 128, 3, 1, MOEX_PRECISION_Q8_0);
+  check_block_file(dir, "q4_k.gguf", 256, 3, 0, MOEX_PRECISION_Q4_K);
+  check_block_file(dir, "fp8", 256, 2, 0, MOEX_PRECISION_FP8_E4M3); /* DeepSeek-V3 safetensors, layer 0 dense */
+
+  /* ---- block formats are never conversion targets ---- */
+  {
+    char q4[4200];
+    snprintf(q4, sizeof q4, "%s/q4_0.gguf", dir);
+    moex_model* m = NULL;
+    CHECK_STATUS(open_with(q4, 0, MOEX_PRECISION_Q4_0, 0, &m), MOEX_ERR_UNSUPPORTED);
+    CHECK(m == NULL);
+    CHECK_STATUS(open_with(q4, 1, 0, 1u << MOEX_PRECISION_Q8_0, &m), MOEX_ERR_UNSUPPORTED);
+    CHECK(m == NULL);
+  }
 
   /* ---- old callers: a 0.1 (24-byte) struct opens decoded, as 0.1 did ---- */
   {
@@ -202,7 +214,7 @@ int main(int argc, char** argv) {
       const moex_model_info id = info_of(def), io = info_of(old), i8 = info_of(oldest), ip = info_of(partial);
       CHECK(id.master_precision == MOEX_PRECISION_BF16 && io.master_precision == MOEX_PRECISION_BF16 &&
             i8.master_precision == MOEX_PRECISION_BF16);
-      CHECK(ip.master_precision == MOEX_PRECISION_DEFAULT && ip.expert_bytes < id.expert_bytes);
+      CHECK(ip.master_precision == MOEX_PRECISION_Q4_0 && ip.expert_bytes < id.expert_bytes);
       const size_t n = (size_t)id.n_layers * kTokens * id.hidden, ns = (size_t)kTokens * id.hidden;
       if (id.hidden <= kMaxHidden && id.n_layers <= kMaxLayers) {
         test_hidden(g_x, kTokens, id.hidden);

@@ -28,6 +28,9 @@ MOEX_NAMESPACE_BEGIN
 /// | kAvx512     | exact             | exact                    | exact (f32 FMA; the exact SIMD path)|
 /// | kAvx512Bf16 | exact             | bf16 activations         | int8 activations (VNNI vpdpbusd)    |
 ///
+/// Checkpoint block formats (Q8_0/Q4_0/Q4_K/fp8 e4m3) are exact at every level: a portable decode
+/// at kScalar, the AVX2 kernel at kAvx2, the AVX-512 kernel at kAvx512 and kAvx512Bf16.
+///
 /// kAvx512Bf16 uses int8 activations only where the CPU has AVX512-VNNI (every CPU with
 /// AVX512-BF16 does); otherwise its integer formats take the exact kAvx512 path. To keep exact
 /// activations on a fast CPU, set `MOEX_CPU_ISA=avx512` or call set_cpu_isa(CpuIsa::kAvx512).

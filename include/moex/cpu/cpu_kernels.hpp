@@ -12,7 +12,8 @@ MOEX_NAMESPACE_BEGIN
 namespace detail {
 
 /// One matmul_rows call: y[t*ldy + r] = sum_c W[r][c] x[t*ldx + c], t < n, r in [row_begin,
-/// row_end). `layout.format` is one of moex's own formats (f32/f16/bf16/int8/int4/int2).
+/// row_end). `layout.format` is one of moex's own formats (f32/f16/bf16/int8/int4/int2), or for the
+/// block kernels (src/cpu/block_kernel.hpp) Q8_0/Q4_0/Q4_K/fp8 e4m3.
 struct MatmulArgs {
   const std::byte* w = nullptr;
   MatrixLayout layout{};

@@ -38,10 +38,13 @@ Status check_matrix_view(const MatrixView& m) noexcept;
 /// [row_begin, row_end). Accumulates in f32. The building block of every CPU expert kernel.
 /// Preconditions: check_matrix_view(w) is ok, row_end <= rows, x holds n rows of ldx >= cols
 /// floats, y holds n rows of ldy >= row_end floats. Null pointers make it return without writing.
-/// Block formats (Q8_0/Q4_0/Q4_K/Q5_K/Q6_K/MXFP4 through decode_block_row, fp8 e4m3 with its
-/// 128x128 block scales from the layout's scale section) are decoded 1024 columns at a time into
-/// f32 scratch, then dotted in f32: a correctness path (portable code, no SIMD kernel; see
-/// bench/micro/block_ffn_bench.cpp for its rate), exact to f32 rounding of the decoded weights.
+/// Block formats, f32 activations at every level: Q8_0, Q4_0, Q4_K and fp8 e4m3 (its 128x128
+/// block scales from the layout's scale section) run SIMD kernels from kAvx2 up
+/// (src/cpu/kernels_block_avx2.cpp, kernels_block_avx512.cpp: each block decoded once in
+/// registers, shared by up to 8 tokens); Q5_K/Q6_K/MXFP4, and every block format at kScalar, are
+/// decoded 1024 columns at a time into f32 scratch (decode_block_row), then dotted in f32 (the
+/// portable path). Both are exact to f32 rounding of the decoded weights; rates in
+/// bench/micro/block_ffn_bench.cpp.
 void matmul_rows(const MatrixView& w, const float* x, std::size_t n, std::size_t ldx, float* y, std::size_t ldy,
                  std::size_t row_begin, std::size_t row_end) noexcept;
 

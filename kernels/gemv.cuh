@@ -19,9 +19,9 @@
 
 #include "moex/types.hpp"
 
+#include "device_math.cuh"
 #include "kernels.hpp"
 #include "launchers.hpp"
-#include "warp_sum.cuh"
 
 MOEX_NAMESPACE_BEGIN
 namespace cuda {
@@ -207,7 +207,6 @@ __device__ __forceinline__ void dot_rows(const RowPtr (&row)[NR], std::size_t co
   }
 }
 
-
 /// Offsets of one matrix's sections (layout.hpp).
 struct MatrixOffsets {
   std::size_t scales = 0;
@@ -283,8 +282,6 @@ struct GroupParams {
   float* out;
   std::size_t ldo;
 };
-
-__device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
 /// h[e][t][r] = silu(W1[r] . x[token]) * (W3[r] . x[token]); w1 and w3 rows stream together.
 template <Precision P, int G, int T>

@@ -34,9 +34,9 @@
 
 #include "moex/types.hpp"
 
+#include "device_math.cuh"
 #include "kernels.hpp"
 #include "launchers.hpp"
-#include "warp_sum.cuh"
 
 MOEX_NAMESPACE_BEGIN
 namespace cuda {
@@ -499,8 +499,6 @@ struct BlockGroupParams {
   std::size_t ldo;
 };
 
-__device__ __forceinline__ float block_silu(float v) { return v / (1.f + __expf(-v)); }
-
 template <Precision P, int T>
 __global__ void __launch_bounds__(kBlockWarps * 32, 3) block_swiglu_gemv(const __grid_constant__ BlockGroupParams p) {
   constexpr int R = kBlockRows<P, T>;
@@ -544,7 +542,7 @@ __global__ void __launch_bounds__(kBlockWarps * 32, 3) block_swiglu_gemv(const _
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int t = 0; t < T; ++t)
-        if (t < n && row0 + r < p.ffn) h[t * p.ffn + row0 + r] = block_silu(a1[r][t]) * a3[r][t];
+        if (t < n && row0 + r < p.ffn) h[t * p.ffn + row0 + r] = silu(a1[r][t]) * a3[r][t];
   }
 }
 

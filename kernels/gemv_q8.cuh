@@ -34,9 +34,9 @@
 
 #include "moex/types.hpp"
 
+#include "device_math.cuh"
 #include "kernels.hpp"
 #include "launchers.hpp"
-#include "warp_sum.cuh"
 
 MOEX_NAMESPACE_BEGIN
 namespace cuda {
@@ -156,12 +156,12 @@ __device__ __forceinline__ void q8_quantize(const float* x, std::size_t ldx, std
       float amax = fmaxf(fmaxf(fabsf(v[k].x), fabsf(v[k].y)), fmaxf(fabsf(v[k].z), fabsf(v[k].w)));
 #pragma unroll
       for (int o = kGL / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      const float inv = q8_inv_scale(amax);
       const float d = amax / 127.f;
       const float xs[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
       int q[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) q[j] = max(-128, min(127, __float2int_rn(xs[j] * inv)));
+      for (int j = 0; j < 4; ++j) q[j] = q8_code(xs[j], inv);
       int sq = q[0] + q[1] + q[2] + q[3];
 #pragma unroll
       for (int o = kSL / 2; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
@@ -408,7 +408,7 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_swiglu(const __grid_constant
       for (int t = 0; t < T; ++t)
         if (lane == (i * T + t) % 32 && j0 + i < p.ffn && t < n) {
           const float g = acc[i][t];
-          h[t * p.ffn + j0 + i] = g / (1.f + __expf(-g)) * acc[2 + i][t];
+          h[t * p.ffn + j0 + i] = silu(g) * acc[2 + i][t];
         }
   }
 }

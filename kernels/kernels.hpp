@@ -191,6 +191,8 @@ Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t cou
 /// rounded to bf16 as the next product's input).
 Status swiglu_to_bf16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
                       cudaStream_t stream) noexcept;
+/// out[i] = silu(gate[i]) * up[i] in f32 for i < count (the fp8 per-expert path); out may be gate.
+Status swiglu_f32(const float* gate, const float* up, float* out, std::size_t count, cudaStream_t stream) noexcept;
 
 /// cuBLAS path for larger batches: y[t*ldy + r] = sum_c W[r][c] x[t*ldx + c] with W bf16
 /// [rows x cols] row-major, x bf16 [n x cols], y f32; f32 accumulation (cublasGemmEx).

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include "device_math.cuh"
 #include "kernels.hpp"
 #include "launchers.hpp"
 
@@ -25,9 +26,7 @@ __global__ void __launch_bounds__(256) quantize_x32(const float* x, std::size_t 
   float amax = fabsf(v);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  q[t * ldq + g * 32 + static_cast<std::size_t>(lane)] =
-      static_cast<std::int8_t>(max(-128, min(127, __float2int_rn(v * inv))));
+  q[t * ldq + g * 32 + static_cast<std::size_t>(lane)] = static_cast<std::int8_t>(q8_code(v, q8_inv_scale(amax)));
   if (lane == 0) d[t * ldd + g] = amax / 127.f;
 }
 

@@ -1,7 +1,11 @@
-// swiglu_to_bf16 / swiglu_to_f16: the SwiGLU activation between the cuBLAS products of the large-batch path.
+// swiglu_to_bf16 / swiglu_to_f16 / swiglu_f32: the SwiGLU activation between two products (the cuBLAS
+// path of large batches; the fp8 per-expert path).
+#include <string>
+
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "device_math.cuh"
 #include "kernels.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -15,44 +19,54 @@ __device__ __forceinline__ std::uint16_t to_bf16_rne(float f) {
   return static_cast<std::uint16_t>(u >> 16);
 }
 
-__global__ void swiglu_to_bf16_kernel(const float* __restrict__ gate, const float* __restrict__ up,
-                                      std::uint16_t* __restrict__ out, std::size_t count) {
+/// How each activation is stored.
+struct ToBf16 {
+  using Out = std::uint16_t;
+  __device__ static Out store(float v) { return to_bf16_rne(v); }
+};
+struct ToF16 {
+  using Out = std::uint16_t;
+  __device__ static Out store(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+struct ToF32 {
+  using Out = float;
+  __device__ static Out store(float v) { return v; }
+};
+
+// out may alias gate: each element is read before it is written, by the same thread.
+template <class C>
+__global__ void swiglu_kernel(const float* gate, const float* __restrict__ up, typename C::Out* out,
+                              std::size_t count) {
   for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < count;
-       i += std::size_t{gridDim.x} * blockDim.x) {
-    const float g = gate[i];
-    out[i] = to_bf16_rne(g / (1.f + __expf(-g)) * up[i]);
-  }
+       i += std::size_t{gridDim.x} * blockDim.x)
+    out[i] = C::store(detail::silu(gate[i]) * up[i]);
 }
 
-__global__ void swiglu_to_f16_kernel(const float* __restrict__ gate, const float* __restrict__ up,
-                                     std::uint16_t* __restrict__ out, std::size_t count) {
-  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < count;
-       i += std::size_t{gridDim.x} * blockDim.x) {
-    const float g = gate[i];
-    out[i] = __half_as_ushort(__float2half_rn(g / (1.f + __expf(-g)) * up[i]));
-  }
+template <class C>
+Status launch_swiglu(const float* gate, const float* up, typename C::Out* out, std::size_t count, cudaStream_t stream,
+                     const char* what) noexcept {
+  if (count == 0) return Status::ok();
+  if (!gate || !up || !out) return invalid_argument(std::string(what) + ": null pointer");
+  const std::size_t want = (count + 255) / 256;
+  const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
+  swiglu_kernel<C><<<blocks, 256, 0, stream>>>(gate, up, out, count);
+  return cuda_status(cudaGetLastError(), (std::string(what) + " launch").c_str());
 }
 
 }  // namespace
 
 Status swiglu_to_f16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
                      cudaStream_t stream) noexcept {
-  if (count == 0) return Status::ok();
-  if (!gate || !up || !out) return invalid_argument("swiglu_to_f16: null pointer");
-  const std::size_t want = (count + 255) / 256;
-  const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
-  swiglu_to_f16_kernel<<<blocks, 256, 0, stream>>>(gate, up, out, count);
-  return cuda_status(cudaGetLastError(), "swiglu_to_f16 launch");
+  return launch_swiglu<ToF16>(gate, up, out, count, stream, "swiglu_to_f16");
 }
 
 Status swiglu_to_bf16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
                       cudaStream_t stream) noexcept {
-  if (count == 0) return Status::ok();
-  if (!gate || !up || !out) return invalid_argument("swiglu_to_bf16: null pointer");
-  const std::size_t want = (count + 255) / 256;
-  const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
-  swiglu_to_bf16_kernel<<<blocks, 256, 0, stream>>>(gate, up, out, count);
-  return cuda_status(cudaGetLastError(), "swiglu_to_bf16 launch");
+  return launch_swiglu<ToBf16>(gate, up, out, count, stream, "swiglu_to_bf16");
+}
+
+Status swiglu_f32(const float* gate, const float* up, float* out, std::size_t count, cudaStream_t stream) noexcept {
+  return launch_swiglu<ToF32>(gate, up, out, count, stream, "swiglu_f32");
 }
 
 }  // namespace cuda

@@ -309,7 +309,7 @@ struct CudaExecutionBackend::Impl {
       return cuda::gemm_bf16(cublas, a, compute);
     }
     if (prec == Precision::kFp8E4M3) {  // per-expert path: the grouped kernels take no block scales
-      const cuda_detail::Fp8Scratch scratch{d_h1, d_h3, d_hb};
+      const cuda_detail::Fp8Scratch scratch{d_h1, d_h3};
       for (std::size_t off = 0; off < n; off += cuda::kMaxGemvTokens) {
         const auto c = static_cast<std::uint32_t>(std::min<std::size_t>(cuda::kMaxGemvTokens, n - off));
         MOEX_RETURN_IF_ERROR(cuda_detail::fp8_expert(v, x + off * h, h, c, y + off * h, h, scratch, compute));

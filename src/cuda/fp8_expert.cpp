@@ -1,4 +1,4 @@
-// fp8 e4m3 experts as three block-scaled GEMVs around a bf16 SwiGLU activation (see fp8_expert.hpp).
+// fp8 e4m3 experts as three block-scaled GEMVs around an f32 SwiGLU activation (see fp8_expert.hpp).
 #include "fp8_expert.hpp"
 
 #include <cuda_runtime.h>
@@ -31,15 +31,12 @@ Status matrix_gemv(const std::byte* w, const MatrixLayout& l, const float* x, st
 
 }  // namespace
 
-std::size_t fp8_scratch_bytes(std::size_t max_ffn) noexcept {
-  return 2 * part_bytes(max_ffn, sizeof(float)) + part_bytes(max_ffn, sizeof(std::uint16_t));
-}
+std::size_t fp8_scratch_bytes(std::size_t max_ffn) noexcept { return 2 * part_bytes(max_ffn, sizeof(float)); }
 
 Fp8Scratch fp8_scratch_at(std::byte* base, std::size_t max_ffn) noexcept {
   Fp8Scratch s;
   s.gate = reinterpret_cast<float*>(base);
   s.up = reinterpret_cast<float*>(base + part_bytes(max_ffn, sizeof(float)));
-  s.act = reinterpret_cast<std::uint16_t*>(base + 2 * part_bytes(max_ffn, sizeof(float)));
   return s;
 }
 
@@ -48,16 +45,10 @@ Status fp8_expert(const ExpertView& v, const float* x, std::size_t ldx, std::uin
   const ExpertLayout& l = v.layout;
   if (l.format.precision != Precision::kFp8E4M3) return invalid_argument("fp8_expert: not an fp8 e4m3 expert");
   if (n == 0 || n > cuda::kMaxGemvTokens) return invalid_argument("fp8_expert: n must be 1..8");
-  const std::size_t f = l.shape.ffn, count = n * f;
+  const std::size_t f = l.shape.ffn;
   MOEX_RETURN_IF_ERROR(matrix_gemv(v.w1_data, l.w1, x, ldx, n, s.gate, f, stream));
   MOEX_RETURN_IF_ERROR(matrix_gemv(v.w3_data, l.w3, x, ldx, n, s.up, f, stream));
-  MOEX_RETURN_IF_ERROR(cuda::swiglu_to_bf16(s.gate, s.up, s.act, count, stream));
-  // bf16 -> f32: zero the low halves, copy each bf16 into the high half of its f32 (little endian).
-  MOEX_RETURN_IF_ERROR(cuda::cuda_status(cudaMemsetAsync(s.gate, 0, count * sizeof(float), stream), "fp8 widen"));
-  MOEX_RETURN_IF_ERROR(cuda::cuda_status(
-      cudaMemcpy2DAsync(reinterpret_cast<std::byte*>(s.gate) + 2, sizeof(float), s.act, sizeof(std::uint16_t),
-                        sizeof(std::uint16_t), count, cudaMemcpyDeviceToDevice, stream),
-      "fp8 widen"));
+  MOEX_RETURN_IF_ERROR(cuda::swiglu_f32(s.gate, s.up, s.gate, n * f, stream));  // h in place of gate
   return matrix_gemv(v.w2_data, l.w2, s.gate, f, n, y, ldy, stream);
 }
 

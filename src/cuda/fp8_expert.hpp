@@ -15,12 +15,11 @@
 MOEX_NAMESPACE_BEGIN
 namespace cuda_detail {
 
-/// Device scratch of fp8_expert: gate and up hold kMaxGemvTokens * ffn floats each, act as many
-/// 16-bit values; all 16-byte aligned.
+/// Device scratch of fp8_expert: gate and up hold kMaxGemvTokens * ffn floats each (16-byte
+/// aligned); the activation overwrites gate.
 struct Fp8Scratch {
   float* gate = nullptr;
   float* up = nullptr;
-  std::uint16_t* act = nullptr;
 };
 
 /// Bytes of Fp8Scratch for experts up to `max_ffn` (each part rounded up to 256 bytes).
@@ -29,10 +28,8 @@ std::size_t fp8_scratch_bytes(std::size_t max_ffn) noexcept;
 Fp8Scratch fp8_scratch_at(std::byte* base, std::size_t max_ffn) noexcept;
 
 /// y[t*ldy + r] = expert(x[t*ldx ...])[r] for t < n (1..kMaxGemvTokens), all device memory, on
-/// `stream`: gate = W1 x and up = W3 x (gemv with their block scales), h = silu(gate) * up rounded
-/// to bf16 (swiglu_to_bf16, then widened back to f32 by a strided copy: bf16 is the upper half of
-/// an f32), y = W2 h. The bf16 rounding of h (relative 2^-9 per element) is the one difference
-/// from the CPU expert, as on the cuBLAS path; an f32 activation kernel would remove it.
+/// `stream`: gate = W1 x and up = W3 x (gemv with their block scales), h = silu(gate) * up in f32
+/// (swiglu_f32, in place of gate), y = W2 h: the CPU expert's arithmetic, to f32 rounding.
 /// `v` is a device view of an fp8 expert laid out by expert_layout().
 Status fp8_expert(const ExpertView& v, const float* x, std::size_t ldx, std::uint32_t n, float* y, std::size_t ldy,
                   const Fp8Scratch& s, cudaStream_t stream) noexcept;

@@ -194,21 +194,15 @@ TEST_CASE("block-format GEMV (Q8_0, Q4_0, Q4_K, fp8 e4m3) matches the float64 re
           const auto exact_ref = moex::test::reference_gemv(m.w, rows, cols, x, n, ldx);
           std::vector<double> ref = exact_ref;
           if (q8) {  // the CPU's q8 rule per 32 columns, in the same f32 arithmetic, then float64 sums
-            std::vector<double> xq(n * cols);
-            for (std::size_t t = 0; t < n; ++t)
-              for (std::size_t g = 0; g < cols / 32; ++g) {
-                float amax = 0.f;
-                for (std::size_t c = g * 32; c < g * 32 + 32; ++c) amax = std::max(amax, std::fabs(x[t * ldx + c]));
-                const float inv = amax > 0.f ? 127.f / amax : 0.f;
-                for (std::size_t c = g * 32; c < g * 32 + 32; ++c)
-                  xq[t * cols + c] = double(amax / 127.f) * std::nearbyint(x[t * ldx + c] * inv);
-              }
-            for (std::size_t t = 0; t < n; ++t)
+            for (std::size_t t = 0; t < n; ++t) {
+              const std::vector<double> xt(x.begin() + t * ldx, x.begin() + t * ldx + cols);
+              const std::vector<double> xq = moex::test::q8_round(xt.data(), cols, 32);
               for (std::size_t r = 0; r < rows; ++r) {
                 double acc = 0;
-                for (std::size_t c = 0; c < cols; ++c) acc += double(m.w[r * cols + c]) * xq[t * cols + c];
+                for (std::size_t c = 0; c < cols; ++c) acc += double(m.w[r * cols + c]) * xq[c];
                 ref[t * rows + r] = acc;
               }
+            }
           }
           // Exactly the matrix's bytes: a read past its end would show under compute-sanitizer.
           moex::test::DeviceBuffer<std::byte> dw(m.bytes.size());

@@ -1,6 +1,8 @@
 #pragma once
 // Helpers of the GPU suite: device detection, RAII device buffers, checked CUDA calls.
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <vector>
 
@@ -31,6 +33,20 @@ inline std::vector<float> strided_rows(const std::vector<float>& y, std::size_t 
   for (std::size_t t = 0; t < n; ++t)
     for (std::size_t r = 0; r < rows; ++r) got[t * rows + r] = y[t * ldy + r];
   return got;
+}
+
+/// The CPU's q8 rule (q8_kernel.hpp) on n values in groups of G: the dequantized values d_x * q.
+inline std::vector<double> q8_round(const double* v, std::size_t n, std::size_t G) {
+  std::vector<double> out(n);
+  for (std::size_t g = 0; g < n / G; ++g) {
+    float amax = 0.f;
+    for (std::size_t c = g * G; c < (g + 1) * G; ++c) amax = std::max(amax, std::fabs(static_cast<float>(v[c])));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const float d = amax / 127.f;
+    for (std::size_t c = g * G; c < (g + 1) * G; ++c)
+      out[c] = double(d) * std::nearbyint(static_cast<float>(v[c]) * inv);
+  }
+  return out;
 }
 
 /// A cudaMalloc'd buffer of T, freed on destruction.

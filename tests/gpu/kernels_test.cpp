@@ -249,20 +249,6 @@ TEST_CASE("q8 GEMV (int8 activations, dp4a; int4/int2) matches the CPU quantizat
   MESSAGE("q8 GEMV: worst norm-wise error against the exact product over all cases: " << worst_exact);
 }
 
-/// The CPU's q8 rule (q8_kernel.hpp) on n values in groups of G: the dequantized values d_x * q.
-std::vector<double> q8_round(const double* v, std::size_t n, std::size_t G) {
-  std::vector<double> out(n);
-  for (std::size_t g = 0; g < n / G; ++g) {
-    float amax = 0.f;
-    for (std::size_t c = g * G; c < (g + 1) * G; ++c) amax = std::max(amax, std::fabs(static_cast<float>(v[c])));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    const float d = amax / 127.f;
-    for (std::size_t c = g * G; c < (g + 1) * G; ++c)
-      out[c] = double(d) * std::nearbyint(static_cast<float>(v[c]) * inv);
-  }
-  return out;
-}
-
 TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the float64 reference") {
   const std::uint64_t seed = moex::test::seed();
   CAPTURE(seed);
@@ -304,7 +290,7 @@ TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the fl
       moex::test::DeviceBuffer<std::byte> dw(experts * l.total_bytes);
       // y = W2 (silu(W1 x) * (W3 x)), with x and h passed through `round` first.
       auto expert_ref = [&](std::size_t e, const std::vector<double>& xt, bool q8) {
-        const std::vector<double> xin = q8 ? q8_round(xt.data(), shape.hidden, G) : xt;
+        const std::vector<double> xin = q8 ? moex::test::q8_round(xt.data(), shape.hidden, G) : xt;
         std::vector<double> h(shape.ffn);
         for (std::size_t r = 0; r < shape.ffn; ++r) {
           double g = 0, u = 0;
@@ -314,7 +300,7 @@ TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the fl
           }
           h[r] = g / (1 + std::exp(-g)) * u;
         }
-        if (q8) h = q8_round(h.data(), shape.ffn, G);
+        if (q8) h = moex::test::q8_round(h.data(), shape.ffn, G);
         std::vector<double> y(shape.hidden);
         for (std::size_t r = 0; r < shape.hidden; ++r) {
           double s = 0;

@@ -85,7 +85,7 @@ class CudaBackend {
   /// device pointers, [tokens x hidden] with strides ldx / ldo; out is accumulated into.
   /// Every format of quant/layout.hpp that the kernels serve (cuda::gemv_supported) runs, GGUF
   /// Q8_0/Q4_0/Q4_K included (block kernels, grouped). fp8 e4m3 experts run one at a time
-  /// (gemv with each matrix's scale section; the SwiGLU activation is rounded to bf16 there: see
+  /// (gemv with each matrix's scale section and an f32 SwiGLU activation: see
   /// src/cuda/fp8_expert.hpp), their outputs added with weighted_combine.
   Status expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x, std::size_t ldx,
                     float* out, std::size_t ldo) noexcept;

@@ -19,8 +19,8 @@
 ///   `gemv_max_tokens` tokens, cuBLAS above for bf16, or cuBLASLt for bf16/f16 with
 ///   `use_cublaslt`), then copies y back to pinned staging. Block-format slots (the store's
 ///   keep_block_formats masters, quant/layout.hpp) run the block kernels: GGUF Q8_0/Q4_0/Q4_K
-///   through the grouped launch, fp8 e4m3 as three GEMVs with each matrix's scale section and a
-///   bf16-rounded SwiGLU activation (src/cuda/fp8_expert.hpp). With `use_cuda_graphs` the GEMV-path
+///   through the grouped launch, fp8 e4m3 as three GEMVs with each matrix's scale section and an
+///   f32 SwiGLU activation (src/cuda/fp8_expert.hpp). With `use_cuda_graphs` the GEMV-path
 ///   calls of a step are recorded and launched at sync() as one cached CUDA graph.
 ///   expert_ffn_at_source() runs moex::expert_ffn (the CPU kernels) on a host worker thread, at
 ///   once with the GPU. sync() waits for both and copies the staged outputs into the callers' y.

@@ -203,6 +203,8 @@ class MoeLayerExecutor {
   /// `current`; otherwise that miss is loaded in its turn, after `current` ran. Computing does not
   /// touch the cache, so every insert and victim is the one of loading each miss in turn.
   Status issue_next_miss(std::uint32_t layer, std::size_t from, ExpertKey current, LayerStats& ls);
+  /// Loads miss `s` of `layer` (demand) and counts it in `ls`.
+  Status load_miss(std::uint32_t layer, Serve& s, LayerStats& ls);
   void release_prefetch_protection() noexcept;
   /// A prefetch issued while serving `layer` may take free room, or the slot of the expert the
   /// eviction policy would give up, if that expert is not about to be used: one no layer has used
@@ -493,12 +495,17 @@ Status MoeLayerExecutor<P>::issue_next_miss(std::uint32_t layer, std::size_t fro
       if (!victim || victim->key == current || cache_.group_used(g) - victim->bytes + bytes > cache_.group_budget(g))
         return Status::ok();  // loaded in its turn instead
     }
-    MOEX_RETURN_IF_ERROR(load(key, t.precision, false, t.slot));
-    t.issued = true;
-    ++ls.misses_by_precision[static_cast<std::size_t>(t.precision)];
-    ls.bytes_loaded += bytes;
-    return Status::ok();
+    return load_miss(layer, t, ls);
   }
+  return Status::ok();
+}
+
+template <ExecutorPolicies P>
+Status MoeLayerExecutor<P>::load_miss(std::uint32_t layer, Serve& s, LayerStats& ls) {
+  MOEX_RETURN_IF_ERROR(load({layer, s.expert}, s.precision, false, s.slot));
+  s.issued = true;
+  ++ls.misses_by_precision[static_cast<std::size_t>(s.precision)];
+  ls.bytes_loaded += layout_of(s.precision).total_bytes;
   return Status::ok();
 }
 
@@ -783,12 +790,7 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
       if (want != pass) continue;
       const std::uint64_t t0 = backend_.now_ns();
       if (s.kind == Serve::kLoad) {
-        if (!s.issued) {
-          MOEX_RETURN_IF_ERROR(load(key, s.precision, false, s.slot));
-          ++ls.misses_by_precision[static_cast<std::size_t>(s.precision)];
-          ls.bytes_loaded += layout_of(s.precision).total_bytes;
-          s.issued = true;
-        }
+        if (!s.issued) MOEX_RETURN_IF_ERROR(load_miss(layer, s, ls));
         // Queue the next miss's copy before waiting on this one: otherwise the link idles while
         // the host waits, launches this expert and (on backends that return results to the host)
         // waits for its compute — measured ~46 us a miss on the H100 with 9.4 MB experts.

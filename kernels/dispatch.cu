@@ -173,8 +173,9 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
   const ExpertShape s = a.layout.shape;
   const Precision prec = a.layout.format.precision;
   const bool block = block_cols(prec) != 0;
-  if (prec == Precision::kFp8E4M3)
-    return unsupported("grouped_expert_ffn: fp8 e4m3 experts need block scales, which ExpertTask does not carry");
+  if (prec == Precision::kFp8E4M3 && (a.layout.w1.scales_offset == 0 || a.layout.w3.scales_offset == 0 ||
+                                      a.layout.w2.scales_offset == 0))
+    return invalid_argument("grouped_expert_ffn: fp8 e4m3 experts need the layout's block-scale sections");
   if (block ? (s.hidden == 0 || s.ffn == 0) : !expert_format_is_valid(s, a.layout.format))
     return invalid_argument("grouped_expert_ffn: bad layout");
   if (!gemv_supported(a.layout.format, s.hidden) || !gemv_supported(a.layout.format, s.ffn))
@@ -190,13 +191,8 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
     if (t.n > max_n) max_n = t.n;
   }
   if (block) {
-    return dispatch_block(prec, max_n, [&]<Precision P, int T>() -> Status {
-      if constexpr (P == Precision::kFp8E4M3) {
-        return unsupported("grouped_expert_ffn: fp8 e4m3");
-      } else {
-        return launch_grouped_expert_block<P, T>(a, stream);
-      }
-    });
+    return dispatch_block(prec, max_n,
+                          [&]<Precision P, int T>() { return launch_grouped_expert_block<P, T>(a, stream); });
   }
   return dispatch(a.layout.format, max_n, [&]<Precision P, int G, int T>() {
     if constexpr (P == Precision::kInt4 || P == Precision::kInt2) {

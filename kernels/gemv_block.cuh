@@ -4,26 +4,38 @@
 /// block_down_scatter_gemv): GGUF Q8_0, Q4_0, Q4_K read in their exact byte layout
 /// (moex/quant/ggml.hpp), and fp8 e4m3 with f32 block scales kept apart (DeepSeek-V3).
 ///
-/// Work split: a warp owns a group of R rows (kBlockRows: 2-4), so that each x load and each x sum
-/// serves all of them. Rows are sequences of self-contained blocks whose size (34 and 18 bytes for
-/// Q8_0/Q4_0) is no multiple of 16, so a row need not start 16-byte aligned. The warp therefore
-/// streams each row in tiles of 1024 or 2048 weights (about 1 KB): every lane issues up to three
-/// 16-byte loads per row of the tile's aligned-down byte range into registers, the registers go to
-/// per-warp shared memory, each unit's scale pair (d, mn) is decoded once into shared memory, and
-/// each lane then decodes 8-weight parts of the tile from shared memory (32 lanes: 256 consecutive
-/// columns, one contiguous 1 KB of x per token). The next tile's loads are issued before the current
-/// tile is decoded, so one tile per row is always in flight. Sums are f32: codes decode by bit moves
-/// only (no I2F; see decode8) to f_j with weight = d f_j + mn, and per part
-/// acc += d * sum f_j x_j + mn * sum x_j. The grouped kernels are bounded to 168 registers (3 blocks
-/// per SM).
+/// ## Streaming: bulk copies into a per-warp ring (sm_90)
+/// A warp owns R = 4 rows at a time (a row group) and walks them in tiles of 1024 columns: one
+/// stage of its ring holds the tile's bytes of all R rows (Q8_0 1088, Q4_0/Q4_K 576, fp8 1024
+/// bytes a row). Lane 0 brings a stage in with one `cp.async.bulk` per row (the copy engine, no
+/// registers), completing on the stage's mbarrier with the byte count; the lanes wait on it, decode
+/// from shared memory, and lane 0 refills the stage with the tile kStages steps ahead. The grid is
+/// persistent and a warp's stream of (row group, tile) steps runs on across its row groups, so the
+/// ring stays full from the first tile to the last. The previous design staged each tile through
+/// registers (48 of 128 registers a thread) and was latency bound on the H100 (ncu: 16 warps per SM,
+/// 36% of cycles without an eligible warp, DRAM 64%).
 ///
-/// q8 path (GGUF formats, GemvArgs::workspace given, exact == false): x is first quantized to int8
-/// per 32-column group by quantize_x32 (kernels/quantize_x32.cu, the CPU's Q8 rule), so that every
-/// 8-weight part costs two dp4a per row instead of eight decodes and FMAs; a unit's dot is
-/// d_x * (dw * sum c_j q_j + mn * sum q_j) (BlockX, unit_scale_q8, q8_words). ncu on the H100
-/// (Q4_0, the 256 MB benchmark matrix): the f32 path is issue bound (73% of
-/// issue slots, DRAM 47%); the q8 path is latency bound (issue 64%, 36% of cycles with no eligible
-/// warp, 16 warps per SM: 128 registers, 48 of them the register-staged tiles).
+/// Rows of 34- or 18-byte blocks need not start 16-byte aligned (what a bulk copy needs): a row's
+/// tile is copied from its start rounded down to 16 bytes, up to its end rounded up, never past
+/// the allocation (the matrix's last < 16 bytes, when its size is no multiple of 16, are copied by
+/// lane 0 with plain loads); the decoders start at the tile's offset inside the copied range.
+///
+/// ## q8 path (GGUF formats; GemvArgs::workspace given, exact == false): one unit a lane
+/// x is first quantized to int8 per 32-column group with the CPU's Q8 rule (quantize_rows,
+/// kernels/quantize_x32.cu) together with each group's sum of codes. Lane u of a tile takes the
+/// tile's 32-weight unit u of each row (Q4_K: sub-block u % 8 of super-block u / 8): it reads the
+/// unit's bytes from shared memory with aligned 4- or 16-byte loads, forms its 32 codes as 8 words in
+/// column order (funnel shifts and masks), and per token takes 8 dp4a against the group's codes,
+/// which it reads as two 16-byte loads: the workspace keeps each tile's codes interleaved (bytes
+/// 0-15 of every unit, then bytes 16-31), so a warp's load is 512 contiguous bytes. A unit's
+/// dot is d_x (dw * sum c q + mn * sum q): Q8_0 dw = d, mn = 0; Q4_0 dw = d, mn = -8 d; Q4_K
+/// dw = d sc, mn = -dmin m. About one instruction per weight and row.
+///
+/// ## f32 path (fp8, and the GGUF formats with exact or without a workspace): parts of 8
+/// Four lanes share a unit, each decoding 8 weights (decode8: bit moves for integer codes, the
+/// hardware e4m3x2 -> f16x2 conversion for fp8) and taking f32 x with 16-byte loads that are
+/// contiguous across the warp; weight = d f + mn per unit (unit_scale), so a part adds
+/// d * sum f x + mn * sum x. Exact to f32 rounding.
 
 #include <cstddef>
 #include <cstdint>
@@ -36,59 +48,110 @@
 
 #include "device_math.cuh"
 #include "kernels.hpp"
+#include "launch_util.hpp"
 #include "launchers.hpp"
 
 MOEX_NAMESPACE_BEGIN
 namespace cuda {
 namespace detail {
 
-inline constexpr int kBlockWarps = 4;  ///< warps per block of the block-format kernels
+inline constexpr int kBlockWarps = 4;      ///< warps per block of the block-format kernels
+inline constexpr int kBlockRows = 4;       ///< rows a warp streams at once (a row group)
+inline constexpr int kTileWeights = 1024;  ///< columns of one row in one stage: 32 units of 32
+inline constexpr int kTileUnits = kTileWeights / 32;
 
-/// Compile-time facts of a block format: weights and bytes per block, 32-weight units per lane
-/// and tile.
+/// Compile-time facts of a block format: weights and bytes per block, and the depth of the ring
+/// (about 10-13 KB a warp, so that 4-5 blocks of 4 warps fit an SM with 100+ KB in flight).
 template <Precision P>
 struct BlockTraits;
 template <>
 struct BlockTraits<Precision::kQ8_0> {
-  static constexpr int kBlockWeights = 32, kBlockBytes = 34, kUnitsPerLane = 1, kRows = 2;
+  static constexpr int kBlockWeights = 32, kBlockBytes = 34, kStages = 3;
 };
 template <>
 struct BlockTraits<Precision::kQ4_0> {
-  static constexpr int kBlockWeights = 32, kBlockBytes = 18, kUnitsPerLane = 2, kRows = 4;
+  static constexpr int kBlockWeights = 32, kBlockBytes = 18, kStages = 4;
 };
 template <>
 struct BlockTraits<Precision::kQ4_K> {
-  static constexpr int kBlockWeights = 256, kBlockBytes = 144, kUnitsPerLane = 2, kRows = 4;
+  static constexpr int kBlockWeights = 256, kBlockBytes = 144, kStages = 4;
 };
 template <>
 struct BlockTraits<Precision::kFp8E4M3> {  // "blocks" of 32 bytes; the scales live apart
-  static constexpr int kBlockWeights = 32, kBlockBytes = 32, kUnitsPerLane = 1, kRows = 4;
+  static constexpr int kBlockWeights = 32, kBlockBytes = 32, kStages = 3;
 };
 
+/// Bytes of one row's tile, of its buffer in a stage (room for the rounding to 16 bytes at both
+/// ends), of a stage (kBlockRows buffers), and of a warp's ring with its mbarriers.
 template <Precision P>
-inline constexpr int kTileWeights = 32 * 32 * BlockTraits<P>::kUnitsPerLane;
+inline constexpr int kTileBytes = kTileWeights / BlockTraits<P>::kBlockWeights * BlockTraits<P>::kBlockBytes;
 template <Precision P>
-inline constexpr int kTileBytes = kTileWeights<P> / BlockTraits<P>::kBlockWeights* BlockTraits<P>::kBlockBytes;
-/// 16-byte chunks that one tile can touch (one more for a misaligned start), per lane.
+inline constexpr int kRowBuf = kTileBytes<P> + 32;
 template <Precision P>
-inline constexpr int kChunksPerLane = ((kTileBytes<P> + 15) / 16 + 1 + 31) / 32;
-/// Shared-memory chunks per warp and row (the largest over the formats).
-inline constexpr int kWarpChunks = 96;
-/// Most rows a warp decodes at once, and most 32-weight units in a tile.
-inline constexpr int kMaxBlockRows = 4, kMaxTileUnits = 64;
-static_assert(32 * kChunksPerLane<Precision::kQ8_0> <= kWarpChunks);
-static_assert(32 * kChunksPerLane<Precision::kQ4_0> <= kWarpChunks);
-static_assert(32 * kChunksPerLane<Precision::kQ4_K> <= kWarpChunks);
-static_assert(32 * kChunksPerLane<Precision::kFp8E4M3> <= kWarpChunks);
+inline constexpr int kStageBytes = kBlockRows * kRowBuf<P>;
+template <Precision P>
+inline constexpr int kRingBytes = BlockTraits<P>::kStages * kStageBytes<P>;
+template <Precision P>
+inline constexpr int kWarpBytes = (kRingBytes<P> + BlockTraits<P>::kStages * 8 + 15) / 16 * 16;
+static_assert(kTileBytes<Precision::kQ8_0> % 16 == 0 && kTileBytes<Precision::kQ4_0> % 16 == 0 &&
+              kTileBytes<Precision::kQ4_K> % 16 == 0 && kTileBytes<Precision::kFp8E4M3> % 16 == 0);
 
-/// One matrix in a block format: `rows` rows of `row_bytes` bytes each, back to back from `w`.
-struct BlockMatrix {
-  const std::uint8_t* w;
-  std::size_t rows, cols, row_bytes;
-  const float* scales;    ///< fp8 only: [ceil(rows/B) x scale_ld] f32 block scales
-  std::size_t scale_ld;   ///< fp8 only: ceil(cols/B)
-  std::uint32_t scale_b;  ///< fp8 only: B, a multiple of 32
-};
+/// Dynamic shared memory of one block of the block-format kernels.
+template <Precision P>
+constexpr std::size_t block_smem_bytes() {
+  return static_cast<std::size_t>(kBlockWarps) * kWarpBytes<P>;
+}
+
+// ---- the copy engine and mbarriers (PTX, sm_90) ----
+
+__device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+/// An mbarrier that completes a phase on one arrival plus the bytes announced with it.
+__device__ __forceinline__ void mbar_init(std::uint64_t* bar) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
+/// Makes initialized mbarriers visible to the copy engine (after mbar_init, before any copy).
+__device__ __forceinline__ void mbar_init_fence() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+/// Arrives on bar and announces `bytes` more bytes for its current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(std::uint64_t* bar, std::uint32_t bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+#endif
+}
+/// True once the phase of bar with the given parity has completed.
+__device__ __forceinline__ bool mbar_try_wait(std::uint64_t* bar, std::uint32_t parity) {
+  std::uint32_t done = 1;
+#if __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.b32 %0, 1, 0, p;\n\t}"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+#endif
+  return done != 0;
+}
+/// Copies `bytes` (a multiple of 16; src and dst 16-byte aligned) from global to shared memory with
+/// the copy engine; completion counts the bytes on bar.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, std::uint32_t bytes, std::uint64_t* bar) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
+// ---- decoding ----
 
 __device__ __forceinline__ float half_bits(std::uint32_t h) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
@@ -96,39 +159,6 @@ __device__ __forceinline__ float half_bits(std::uint32_t h) {
 
 __device__ __forceinline__ std::uint32_t lds16(const std::uint8_t* p) {
   return *reinterpret_cast<const std::uint16_t*>(p);
-}
-
-/// Loads this lane's chunks of the tile starting at byte `a0` (16-aligned) into v; chunks at or
-/// past `end` (bytes from the matrix start, exclusive) are not loaded, a chunk crossing the matrix
-/// end `total` is read byte by byte.
-template <Precision P>
-__device__ __forceinline__ void load_tile(const std::uint8_t* w, std::size_t a0, std::size_t end, std::size_t total,
-                                          uint4 (&v)[kChunksPerLane<P>], int lane) {
-#pragma unroll
-  for (int i = 0; i < kChunksPerLane<P>; ++i) {
-    const std::size_t at = a0 + static_cast<std::size_t>(lane + 32 * i) * 16;
-    if (at >= end) continue;
-    if (at + 16 <= total) {
-      v[i] = __ldcs(reinterpret_cast<const uint4*>(w + at));
-    } else {
-      uint4 r = make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int b = 0; b < 16; ++b) {
-        if (at + static_cast<std::size_t>(b) >= total) break;
-        const std::uint32_t byte = static_cast<std::uint32_t>(w[at + static_cast<std::size_t>(b)]) << (8 * (b % 4));
-        if (b < 4) {
-          r.x |= byte;
-        } else if (b < 8) {
-          r.y |= byte;
-        } else if (b < 12) {
-          r.z |= byte;
-        } else {
-          r.w |= byte;
-        }
-      }
-      v[i] = r;
-    }
-  }
 }
 
 /// 1 + n / 2^8 (n < 256 in bits 15..22 of `bits`, the rest zero): the mantissa trick of gemv.cuh, one
@@ -147,23 +177,12 @@ __device__ __forceinline__ void q4k_scale_min(const std::uint8_t* sc, int j, std
   }
 }
 
-/// Row-group height: rows a warp decodes together, so that each x load and x sum serves them
-/// all. Fewer rows at batch >= 4, where the decoded weights of every row stay live across tokens.
-template <Precision P, int T>
-inline constexpr int kBlockRows = T >= 4 ? 2 : BlockTraits<P>::kRows;
-
-/// Per-warp shared memory: each row's staged tile and the (d, mn) pair of each of its 32-weight
-/// units.
-struct BlockWarpSmem {
-  uint4 chunks[kMaxBlockRows][kWarpChunks];
-  float2 unit[kMaxBlockRows][kMaxTileUnits];
-};
-
-/// (d, mn) of 32-weight unit u of a tile (shared memory at s: the tile's first byte; col: the
-/// unit's first column) such that every weight of the unit is d * f + mn, f as decode8 makes it.
+/// f32 path: (d, mn) of 32-weight unit u of a tile (shared memory at s: the tile's first byte) such
+/// that every weight of the unit is d * f + mn, f as decode8 makes it. fp8: the block scale at
+/// scale_row[col / scale_b] (col: the unit's first column).
 template <Precision P>
-__device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const BlockMatrix& m, std::size_t row,
-                                             std::size_t col) {
+__device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const float* scale_row, std::uint32_t col,
+                                             std::uint32_t scale_b) {
   if constexpr (P == Precision::kQ8_0) {
     const float dh = half_bits(lds16(s + 34 * u));
     return make_float2(256.f * dh, -384.f * dh);  // q = 256 f - 384
@@ -182,14 +201,14 @@ __device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const
     static_assert(P == Precision::kFp8E4M3);
     (void)s;
     (void)u;
-    return make_float2(__ldg(m.scales + (row / m.scale_b) * m.scale_ld + col / m.scale_b), 0.f);
+    return make_float2(__ldg(scale_row + col / scale_b), 0.f);
   }
 }
 
-/// Decodes weights 8p..8p+7 of 32-weight unit u of a tile into f (weights = d f + mn, with d and
-/// mn from unit_scale). Integer codes n decode by bit moves only, f = 1 + n/2^b (the mantissa
-/// trick of gemv.cuh: one shift and one LOP3, no I2F, which is quarter rate on sm_90); fp8 e4m3
-/// through the hardware's e4m3x2 -> f16x2 conversion (exact: every e4m3 value is an f16 value).
+/// f32 path: decodes weights 8p..8p+7 of 32-weight unit u of a tile into f (weights = d f + mn,
+/// with d and mn from unit_scale). Integer codes n decode by bit moves only, f = 1 + n/2^b (the
+/// mantissa trick of gemv.cuh: one shift and one LOP3, no I2F, which is quarter rate on sm_90); fp8
+/// e4m3 through the hardware's e4m3x2 -> f16x2 conversion (exact: every e4m3 value is an f16 value).
 template <Precision P>
 __device__ __forceinline__ void decode8(const std::uint8_t* s, int u, int p, float (&f)[8]) {
   if constexpr (P == Precision::kQ8_0) {
@@ -223,13 +242,14 @@ __device__ __forceinline__ void decode8(const std::uint8_t* s, int u, int p, flo
     }
   } else {
     static_assert(P == Precision::kFp8E4M3);
-    const std::uint8_t* q = s + 32 * u + 8 * p;
+    const uint2 w = *reinterpret_cast<const uint2*>(s + 32 * u + 8 * p);
+    const std::uint32_t ws[2] = {w.x, w.y};
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const std::uint32_t w = *reinterpret_cast<const std::uint32_t*>(q + 4 * i);
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        const __half2_raw hr = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> (16 * k)), __NV_E4M3);
+        const __half2_raw hr =
+            __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(ws[i] >> (16 * k)), __NV_E4M3);
         const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&hr));
         f[4 * i + 2 * k] = v.x;
         f[4 * i + 2 * k + 1] = v.y;
@@ -237,16 +257,6 @@ __device__ __forceinline__ void decode8(const std::uint8_t* s, int u, int p, flo
     }
   }
 }
-
-/// The activations of T tokens as block_rows_dot reads them: f32 rows (the exact path), or, on the
-/// q8 path (Q = true), int8 codes q[t][c] with one f32 scale d[t][c / 32] per 32-column group,
-/// made by quantize_x32 with the CPU's Q8 rule (moex/cpu/q8_kernel.hpp).
-template <int T, bool Q>
-struct BlockX {
-  const float* x[T];
-  const std::int8_t* q[T];
-  const float* d[T];
-};
 
 /// Signed 4 x 8-bit dot product (Q8_0 codes) and unsigned-by-signed (4-bit codes), into c.
 __device__ __forceinline__ int dp4a_ss(std::uint32_t a, std::uint32_t b, int c) {
@@ -261,405 +271,644 @@ __device__ __forceinline__ int dp4a_us4(std::uint32_t a, std::uint32_t b, int c)
 /// the mantissa of 1.5 * 2^23 and the bias subtracted.
 __device__ __forceinline__ float small_int_to_float(int i) { return __int_as_float(i + 0x4B400000) - 12582912.f; }
 
-/// (dw, mn) of 32-weight unit u for the q8 path: the unit's dot with a quantized group is
-/// d_x * (dw * sum c_j q_j + mn * sum q_j) with c_j the codes as q8_words yields them.
+/// The 4-byte-aligned word at or below p.
+__device__ __forceinline__ const std::uint32_t* word_at_or_below(const std::uint8_t* p) {
+  return reinterpret_cast<const std::uint32_t*>(reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t{3});
+}
+
+/// q8 path: the 32 codes of unit u of a tile (shared memory at s, 2-byte aligned) as 8 words in
+/// column order (word i: columns 4i..4i+3; Q8_0 signed bytes, 4-bit formats unsigned 0..15), and
+/// (dw, mn) with the unit's dot against a quantized group = d_x (dw sum c q + mn sum q).
 template <Precision P>
-__device__ __forceinline__ float2 unit_scale_q8(const std::uint8_t* s, int u) {
-  if constexpr (P == Precision::kQ8_0) {
-    return make_float2(half_bits(lds16(s + 34 * u)), 0.f);
-  } else if constexpr (P == Precision::kQ4_0) {
-    const float dh = half_bits(lds16(s + 18 * u));
-    return make_float2(dh, -8.f * dh);
+__device__ __forceinline__ void unit_codes(const std::uint8_t* s, int u, std::uint32_t (&c)[8], float& dw,
+                                           float& mn) {
+  if constexpr (P == Precision::kQ8_0 || P == Precision::kQ4_0) {
+    // A block starts 0 or 2 bytes past a word; its codes start 2 bytes into it. Aligned words
+    // and funnel shifts (a shift of 32 takes the high word whole) give the code words.
+    constexpr int kBytes = P == Precision::kQ8_0 ? 34 : 18;
+    constexpr int kWords = P == Precision::kQ8_0 ? 9 : 5;
+    const std::uint8_t* b = s + kBytes * u;
+    const std::uint32_t* w = word_at_or_below(b);
+    const std::uint32_t sh = static_cast<std::uint32_t>(reinterpret_cast<std::uintptr_t>(b) & 3u) * 8u;
+    std::uint32_t v[kWords];
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) v[i] = w[i];
+    const float d = half_bits((v[0] >> sh) & 0xffffu);
+    if constexpr (P == Precision::kQ8_0) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) c[i] = __funnelshift_rc(v[i], v[i + 1], sh + 16u);
+      dw = d;
+      mn = 0.f;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const std::uint32_t q = __funnelshift_rc(v[i], v[i + 1], sh + 16u);
+        c[i] = q & 0x0F0F0F0Fu;             // weights 4i..4i+3: low nibbles
+        c[4 + i] = (q >> 4) & 0x0F0F0F0Fu;  // weights 16+4i..: high nibbles
+      }
+      dw = d;
+      mn = -8.f * d;
+    }
   } else {
     static_assert(P == Precision::kQ4_K);
-    const std::uint8_t* b = s + 144 * (u / 8);
+    const std::uint8_t* b = s + 144 * (u / 8);  // 16-byte aligned: Q4_K rows are whole 144-byte super-blocks
+    const int j = u % 8;
     const std::uint32_t dd = *reinterpret_cast<const std::uint32_t*>(b);
     std::uint32_t scale, mins;
-    q4k_scale_min(b + 4, u % 8, scale, mins);
-    return make_float2(half_bits(dd & 0xffffu) * static_cast<float>(scale),
-                       -half_bits(dd >> 16) * static_cast<float>(mins));
-  }
-}
-
-/// The codes of weights 8p..8p+7 of unit u as 8 bytes in column order (Q8_0: signed; 4-bit:
-/// unsigned nibbles 0..15).
-template <Precision P>
-__device__ __forceinline__ uint2 q8_words(const std::uint8_t* s, int u, int p) {
-  if constexpr (P == Precision::kQ8_0) {
-    const std::uint8_t* q = s + 34 * u + 2 + 8 * p;
-    return make_uint2(lds16(q) | (lds16(q + 2) << 16), lds16(q + 4) | (lds16(q + 6) << 16));
-  } else if constexpr (P == Precision::kQ4_0) {
-    const std::uint8_t* q = s + 18 * u + 2 + 8 * (p & 1);
-    const int sh = (p >> 1) * 4;  // weights 16..31 of a block are the high nibbles
-    const std::uint32_t a = lds16(q) | (lds16(q + 2) << 16), b = lds16(q + 4) | (lds16(q + 6) << 16);
-    return make_uint2((a >> sh) & 0x0F0F0F0Fu, (b >> sh) & 0x0F0F0F0Fu);
-  } else {
-    static_assert(P == Precision::kQ4_K);
-    const int j = u % 8;
-    const std::uint8_t* q = s + 144 * (u / 8) + 16 + 32 * (j / 2) + 8 * p;
+    q4k_scale_min(b + 4, j, scale, mins);
+    const uint4* q = reinterpret_cast<const uint4*>(b + 16 + 32 * (j / 2));
+    const uint4 qa = q[0], qb = q[1];
+    const std::uint32_t words[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
     const int sh = (j & 1) * 4;  // odd sub-blocks are the high nibbles
-    const uint2 w = *reinterpret_cast<const uint2*>(q);
-    return make_uint2((w.x >> sh) & 0x0F0F0F0Fu, (w.y >> sh) & 0x0F0F0F0Fu);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = (words[i] >> sh) & 0x0F0F0F0Fu;
+    dw = half_bits(dd & 0xffffu) * static_cast<float>(scale);
+    mn = -half_bits(dd >> 16) * static_cast<float>(mins);
   }
 }
 
-/// acc[r][t] = the dot product of row min(row0 + r, rows - 1) of m with token t of `in` (f32, or
-/// int8 groups on the q8 path), for R rows at once; every lane ends with the totals. sm: this
-/// warp's shared memory.
-template <Precision P, int T, int R, bool Q>
-__device__ __forceinline__ void block_rows_dot(const BlockMatrix& m, std::size_t row0, const BlockX<T, Q>& in,
-                                               float (&acc)[R][T], int lane, BlockWarpSmem& sm) {
-  using Tr = BlockTraits<P>;
-  constexpr int kL = kChunksPerLane<P>;
+/// Where the activations of T tokens come from: f32 rows (f32 path), or on the q8 path each
+/// token's int8 codes (tile-interleaved, kernels.hpp) and its (d_x, sum q) per 32-column group.
+template <int T>
+struct BlockIn {
+  const float* x[T];
+  const std::uint8_t* q[T];
+  const float2* m[T];
+};
+
+/// One row group: row r's bytes start at row[r]; its allocation ends at end[r] (exclusive), which
+/// no copy reads past; fp8: the f32 block scales of its band of rows start at scale[r].
+struct RowSet {
+  const std::uint8_t* row[kBlockRows];
+  const std::uint8_t* end[kBlockRows];
+  const float* scale[kBlockRows];
+};
+
+/// q8 path over one stage: lane u takes unit u of the tile of every row.
+template <Precision P, int T>
+__device__ __forceinline__ void tile_dot_q8(const std::uint8_t* const (&sb)[kBlockRows], std::uint32_t col0,
+                                            int units, const BlockIn<T>& in, int lane,
+                                            float (&acc)[kBlockRows][T]) {
+  constexpr int R = kBlockRows;
+  constexpr bool kHasMin = P != Precision::kQ8_0;
+  if (lane >= units) return;
+  std::uint32_t c[R][8];
+  float dw[R], mn[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) unit_codes<P>(sb[r], lane, c[r], dw[r], mn[r]);
+  const std::uint32_t xo = col0 + 16u * static_cast<std::uint32_t>(lane);  // tile-interleaved codes
+  const std::uint32_t g = col0 / 32 + static_cast<std::uint32_t>(lane);
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const uint4 xa = __ldg(reinterpret_cast<const uint4*>(in.q[t] + xo));
+    const uint4 xb = __ldg(reinterpret_cast<const uint4*>(in.q[t] + xo + 512));
+    const float2 m = __ldg(in.m[t] + g);
+    const std::uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    const float ms = m.x * m.y;  // d_x sum q
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      int dot = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot = P == Precision::kQ8_0 ? dp4a_ss(c[r][i], xw[i], dot) : dp4a_us4(c[r][i], xw[i], dot);
+      acc[r][t] = fmaf(dw[r] * m.x, small_int_to_float(dot), acc[r][t]);
+      if constexpr (kHasMin) acc[r][t] = fmaf(mn[r], ms, acc[r][t]);
+    }
+  }
+}
+
+/// f32 path over one stage: lane l takes 8-weight parts l, l + 32, l + 64, l + 96 of the tile.
+template <Precision P, int T>
+__device__ __forceinline__ void tile_dot_f32(const std::uint8_t* const (&sb)[kBlockRows], const RowSet& rs,
+                                             std::uint32_t col0, int units, std::uint32_t scale_b,
+                                             const BlockIn<T>& in, int lane, float (&acc)[kBlockRows][T]) {
+  constexpr int R = kBlockRows;
   constexpr bool kHasMin = P != Precision::kFp8E4M3;
-  static_assert(R <= kMaxBlockRows);
+#pragma unroll 2
+  for (int i = 0; i < 4; ++i) {
+    const int c = lane + 32 * i;
+    const int u = c >> 2;
+    if (u >= units) break;
+    const std::uint32_t col = col0 + 8u * static_cast<std::uint32_t>(c);
+    float f[R][8];
+    float2 ds[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      decode8<P>(sb[r], u, c & 3, f[r]);
+      ds[r] = unit_scale<P>(sb[r], u, rs.scale[r], col, scale_b);
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const float4 xa = __ldg(reinterpret_cast<const float4*>(in.x[t] + col));
+      const float4 xb = __ldg(reinterpret_cast<const float4*>(in.x[t] + col + 4));
+      const float xs = kHasMin ? ((xa.x + xa.y) + (xa.z + xa.w)) + ((xb.x + xb.y) + (xb.z + xb.w)) : 0.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float sum = f[r][0] * xa.x;
+        sum = fmaf(f[r][1], xa.y, sum);
+        sum = fmaf(f[r][2], xa.z, sum);
+        sum = fmaf(f[r][3], xa.w, sum);
+        sum = fmaf(f[r][4], xb.x, sum);
+        sum = fmaf(f[r][5], xb.y, sum);
+        sum = fmaf(f[r][6], xb.z, sum);
+        sum = fmaf(f[r][7], xb.w, sum);
+        acc[r][t] = kHasMin ? fmaf(ds[r].x, sum, fmaf(ds[r].y, xs, acc[r][t])) : fmaf(ds[r].x, sum, acc[r][t]);
+      }
+    }
+  }
+}
+
+/// The byte range a bulk copy brings in for one row's tile: [a0, a1) (16-byte aligned ends), the
+/// tile's own bytes [tb, te), and the bytes [a1, te) past the last whole 16 bytes of the allocation.
+struct TileSpan {
+  std::uintptr_t a0, a1, tb, te;
+};
+template <Precision P>
+__device__ __forceinline__ TileSpan tile_span(const std::uint8_t* row, const std::uint8_t* end, std::size_t row_bytes,
+                                              std::uint32_t k) {
+  TileSpan s;
+  const auto r0 = reinterpret_cast<std::uintptr_t>(row);
+  s.tb = r0 + static_cast<std::uintptr_t>(k) * kTileBytes<P>;
+  const std::uintptr_t re = r0 + row_bytes;
+  s.te = s.tb + kTileBytes<P> < re ? s.tb + kTileBytes<P> : re;
+  s.a0 = s.tb & ~std::uintptr_t{15};
+  const std::uintptr_t up = (s.te + 15) & ~std::uintptr_t{15};
+  const std::uintptr_t lim = reinterpret_cast<std::uintptr_t>(end) & ~std::uintptr_t{15};
+  s.a1 = up < lim ? up : lim;
+  if (s.a1 < s.a0) s.a1 = s.a0;
+  return s;
+}
+
+/// A warp's share of the (row group, tile) steps of a matrix set: `steps` steps from tile k0 of row
+/// group rg0, going on to row group rg + stride after a group's last tile.
+struct StepRange {
+  std::uint32_t rg0 = 0, k0 = 0, stride = 1;
+  std::uint64_t steps = 0;
+};
+/// Whole row groups first, first + stride, ... (< count): every group's full sums reach the sink
+/// (the GEMV, whose output is stored, and SwiGLU, which is not linear in its partial sums).
+__device__ __forceinline__ StepRange strided_groups(std::uint32_t first, std::uint32_t stride, std::uint32_t count,
+                                                    std::uint32_t tiles) {
+  StepRange r;
+  r.rg0 = first;
+  r.stride = stride;
+  r.steps = first < count ? static_cast<std::uint64_t>((count - first + stride - 1) / stride) * tiles : 0;
+  return r;
+}
+/// Warp w of W takes the w-th of W equal contiguous parts of all count x tiles steps: balanced to
+/// one step, with partial sums of the groups cut at either end (sinks that add atomically).
+__device__ __forceinline__ StepRange even_steps(std::uint32_t w, std::uint32_t W, std::uint32_t count,
+                                                std::uint32_t tiles) {
+  const std::uint64_t total = static_cast<std::uint64_t>(count) * tiles;
+  const std::uint64_t s0 = total * w / W, s1 = total * (w + 1) / W;
+  StepRange r;
+  r.rg0 = static_cast<std::uint32_t>(s0 / tiles);
+  r.k0 = static_cast<std::uint32_t>(s0 % tiles);
+  r.steps = s1 - s0;
+  return r;
+}
+
+/// Tiles of a row of `cols` columns.
+__device__ __forceinline__ std::uint32_t row_tiles(std::uint32_t cols) { return (cols + kTileWeights - 1) / kTileWeights; }
+
+/// Streams this warp's steps `sr` through its ring and hands each row group's sums over the steps
+/// taken to sink(rg, acc) (every lane holds them; whole warp). rows_of(rg) names a group's rows (it
+/// must accept any rg up to one past the last: rows past a matrix repeat its last row); cols and
+/// row_bytes are shared by them. Q: the q8 path.
+template <Precision P, int T, bool Q, class RowsOf, class Sink>
+__device__ __forceinline__ void block_stream(const RowsOf& rows_of, const StepRange& sr, std::uint32_t cols,
+                                             std::size_t row_bytes, std::uint32_t scale_b, const BlockIn<T>& in,
+                                             unsigned char* ring, int lane, Sink&& sink) {
+  constexpr int R = kBlockRows, S = BlockTraits<P>::kStages;
+  if (sr.steps == 0) return;  // whole warp
+  auto* bars = reinterpret_cast<std::uint64_t*>(ring + kRingBytes<P>);
+  const std::uint32_t tiles = row_tiles(cols);
+  const std::uint64_t steps = sr.steps;
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) mbar_init(bars + s);
+    mbar_init_fence();
+  }
+  __syncwarp();
+
+  // Producer (lane 0): the next step to bring in, its row group's rows and tile.
+  std::uint32_t p_rg = sr.rg0, p_k = sr.k0;
+  RowSet p_rows = rows_of(p_rg);
+  auto issue = [&](int stage) {
+    unsigned char* buf = ring + stage * kStageBytes<P>;
+    TileSpan sp[R];
+    std::uint32_t tx = 0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      sp[r] = tile_span<P>(p_rows.row[r], p_rows.end[r], row_bytes, p_k);
+      tx += static_cast<std::uint32_t>(sp[r].a1 - sp[r].a0);
+    }
+    mbar_arrive_expect_tx(bars + stage, tx);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (sp[r].a1 > sp[r].a0)
+        bulk_load(buf + r * kRowBuf<P>, reinterpret_cast<const void*>(sp[r].a0),
+                  static_cast<std::uint32_t>(sp[r].a1 - sp[r].a0), bars + stage);
+      for (std::uintptr_t a = sp[r].a1; a < sp[r].te; ++a)  // the allocation's last < 16 bytes
+        buf[r * kRowBuf<P> + (a - sp[r].a0)] = *reinterpret_cast<const std::uint8_t*>(a);
+    }
+    if (++p_k == tiles) {
+      p_k = 0;
+      p_rg += sr.stride;
+      p_rows = rows_of(p_rg);
+    }
+  };
+  if (lane == 0) {
+    const int pro = steps < static_cast<std::uint64_t>(S) ? static_cast<int>(steps) : S;
+    for (int s = 0; s < pro; ++s) issue(s);
+  }
+  __syncwarp();  // the prologue's plain-store tail bytes are visible to every lane
+
+  float acc[R][T];
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
-  const std::size_t total = m.rows * m.row_bytes;
-  const std::size_t tiles = (m.cols + kTileWeights<P> - 1) / kTileWeights<P>;
-  std::size_t row[R], row_begin[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    row[r] = row0 + r < m.rows ? row0 + r : m.rows - 1;
-    row_begin[r] = row[r] * m.row_bytes;
-  }
-  auto tile_begin = [&](int r, std::size_t k) { return row_begin[r] + k * static_cast<std::size_t>(kTileBytes<P>); };
-  auto tile_end = [&](int r, std::size_t k) {
-    const std::size_t e = tile_begin(r, k) + kTileBytes<P>, re = row_begin[r] + m.row_bytes;
-    return e < re ? e : re;
-  };
-  uint4 v[R][kL];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int i = 0; i < kL; ++i) v[r][i] = make_uint4(0, 0, 0, 0);
-    load_tile<P>(m.w, tile_begin(r, 0) & ~std::size_t{15}, tile_end(r, 0), total, v[r], lane);
-  }
-  for (std::size_t k = 0; k < tiles; ++k) {
+  std::uint32_t rg = sr.rg0, k = sr.k0, phase = 0;
+  int stage = 0;
+  RowSet rows = rows_of(rg);
+  for (std::uint64_t j = 0; j < steps; ++j) {
+    while (!mbar_try_wait(bars + stage, phase)) {
+    }
+    const unsigned char* buf = ring + stage * kStageBytes<P>;
     const std::uint8_t* sb[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const std::size_t tb = tile_begin(r, k), a0 = tb & ~std::size_t{15}, te = tile_end(r, k);
-#pragma unroll
-      for (int i = 0; i < kL; ++i)
-        if (a0 + static_cast<std::size_t>(lane + 32 * i) * 16 < te) sm.chunks[r][lane + 32 * i] = v[r][i];
-      sb[r] = reinterpret_cast<const std::uint8_t*>(sm.chunks[r]) + (tb - a0);
+      const std::uintptr_t tb =
+          reinterpret_cast<std::uintptr_t>(rows.row[r]) + static_cast<std::uintptr_t>(k) * kTileBytes<P>;
+      sb[r] = buf + r * kRowBuf<P> + (tb & 15u);
     }
-    __syncwarp();
-    if (k + 1 < tiles) {
+    const std::uint32_t col0 = k * kTileWeights;
+    const std::uint32_t left = cols - col0;
+    const int units = left >= static_cast<std::uint32_t>(kTileWeights) ? kTileUnits : static_cast<int>(left / 32);
+    if constexpr (Q) {
+      tile_dot_q8<P, T>(sb, col0, units, in, lane, acc);
+    } else {
+      tile_dot_f32<P, T>(sb, rows, col0, units, scale_b, in, lane, acc);
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+    if (lane == 0 && j + S < steps) issue(stage);
+    const bool group_end = ++k == tiles;
+    if (group_end || j + 1 == steps) {
+      warp_sum<R, T>(acc);
+      sink(rg, acc);
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        load_tile<P>(m.w, tile_begin(r, k + 1) & ~std::size_t{15}, tile_end(r, k + 1), total, v[r], lane);
+#pragma unroll
+        for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
     }
-    const std::size_t col0 = k * static_cast<std::size_t>(kTileWeights<P>);
-    const std::size_t left = m.cols - col0;
-    const int units =
-        left >= static_cast<std::size_t>(kTileWeights<P>) ? 32 * Tr::kUnitsPerLane : static_cast<int>(left / 32);
-    // Each unit's scale once per row (not once per 8-weight part).
-#pragma unroll
-    for (int i = 0; i < Tr::kUnitsPerLane; ++i) {
-      const int u = lane + 32 * i;
-      if (u < units) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          if constexpr (Q) {
-            sm.unit[r][u] = unit_scale_q8<P>(sb[r], u);
-          } else {
-            sm.unit[r][u] = unit_scale<P>(sb[r], u, m, row[r], col0 + 32 * static_cast<std::size_t>(u));
-          }
-        }
-      }
+    if (group_end) {
+      k = 0;
+      rg += sr.stride;
+      rows = rows_of(rg);
     }
-    __syncwarp();
-    // 8-weight parts: the 32 lanes cover 256 consecutive columns, so the x loads of a warp are one
-    // contiguous 1 KB per token, shared by the R rows.
-#pragma unroll 2
-    for (int i = 0; i < 4 * Tr::kUnitsPerLane; ++i) {
-      const int c = lane + 32 * i;
-      if (c >= 4 * units) break;
-      const int u = c >> 2, part = c & 3;
-      const std::size_t col = col0 + 8 * static_cast<std::size_t>(c);
-      if constexpr (Q) {
-        // q8: per row two dp4a over the part's 8 codes; the sum of the part's x codes is shared.
-        uint2 w[R];
-        float2 ds[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          w[r] = q8_words<P>(sb[r], u, part);
-          ds[r] = sm.unit[r][u];
-        }
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-          const uint2 xq = __ldg(reinterpret_cast<const uint2*>(in.q[t] + col));
-          const float dx = __ldg(in.d[t] + col / 32);
-          float qs = 0.f;
-          if constexpr (P != Precision::kQ8_0)
-            qs = dx * small_int_to_float(dp4a_ss(xq.y, 0x01010101u, dp4a_ss(xq.x, 0x01010101u, 0)));
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            int dot;
-            if constexpr (P == Precision::kQ8_0) {
-              dot = dp4a_ss(w[r].y, xq.y, dp4a_ss(w[r].x, xq.x, 0));
-            } else {
-              dot = dp4a_us4(w[r].y, xq.y, dp4a_us4(w[r].x, xq.x, 0));
-            }
-            acc[r][t] = fmaf(ds[r].x * dx, small_int_to_float(dot), acc[r][t]);
-            if constexpr (P != Precision::kQ8_0) acc[r][t] = fmaf(ds[r].y, qs, acc[r][t]);
-          }
-        }
-      } else {
-        float f[R][8];
-        float2 ds[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          decode8<P>(sb[r], u, part, f[r]);
-          ds[r] = sm.unit[r][u];
-        }
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-          const float4 xa = __ldg(reinterpret_cast<const float4*>(in.x[t] + col));
-          const float4 xb = __ldg(reinterpret_cast<const float4*>(in.x[t] + col + 4));
-          const float xs = kHasMin ? ((xa.x + xa.y) + (xa.z + xa.w)) + ((xb.x + xb.y) + (xb.z + xb.w)) : 0.f;
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            float sum = f[r][0] * xa.x;
-            sum = fmaf(f[r][1], xa.y, sum);
-            sum = fmaf(f[r][2], xa.z, sum);
-            sum = fmaf(f[r][3], xa.w, sum);
-            sum = fmaf(f[r][4], xb.x, sum);
-            sum = fmaf(f[r][5], xb.y, sum);
-            sum = fmaf(f[r][6], xb.z, sum);
-            sum = fmaf(f[r][7], xb.w, sum);
-            acc[r][t] = kHasMin ? fmaf(ds[r].x, sum, fmaf(ds[r].y, xs, acc[r][t])) : fmaf(ds[r].x, sum, acc[r][t]);
-          }
-        }
-      }
+    if (++stage == S) {
+      stage = 0;
+      phase ^= 1u;
     }
-    __syncwarp();
   }
-  warp_sum<R, T>(acc);
 }
 
 /// Launch parameters of block_gemv.
 struct BlockGemvParams {
-  BlockMatrix m;
-  const float* x;
+  const std::uint8_t* w;
+  std::uint32_t rows, cols;
+  std::size_t row_bytes;
+  const float* scales;     ///< fp8: [ceil(rows/B) x scale_ld] f32 block scales
+  std::size_t scale_ld;    ///< fp8: ceil(cols/B)
+  std::uint32_t scale_b;   ///< fp8: B
+  const float* x;          ///< f32 path
   std::size_t ldx;
-  const std::int8_t* xq;  ///< q8 path: token t's codes at xq + t * ldq
-  const float* xd;        ///< q8 path: token t's group scales at xd + t * ldd
-  std::size_t ldq, ldd;
+  const std::uint8_t* xq;  ///< q8 path: token t's codes at xq + t * ldq
+  const float2* xm;        ///< q8 path: token t's (d_x, sum q) at xm + t * ldm
+  std::size_t ldq, ldm;
   float* y;
   std::size_t ldy;
   std::uint32_t n;
   bool accumulate;
 };
 
+/// The row group's rows of one matrix of `rows` rows (rows past the end repeat the last row, so a
+/// partial group reads valid memory; its results are not stored).
+__device__ __forceinline__ RowSet matrix_rows(const std::uint8_t* w, std::uint32_t rows, std::size_t row_bytes,
+                                              const float* scales, std::size_t scale_ld, std::uint32_t scale_b,
+                                              std::uint32_t row0) {
+  RowSet rs;
+  const std::uint8_t* end = w + static_cast<std::size_t>(rows) * row_bytes;
+#pragma unroll
+  for (int r = 0; r < kBlockRows; ++r) {
+    const std::uint32_t row = row0 + r < rows ? row0 + r : rows - 1;
+    rs.row[r] = w + static_cast<std::size_t>(row) * row_bytes;
+    rs.end[r] = end;
+    rs.scale[r] = scales ? scales + static_cast<std::size_t>(row / scale_b) * scale_ld : nullptr;
+  }
+  return rs;
+}
+
 template <Precision P, int T, bool Q>
 __global__ void __launch_bounds__(kBlockWarps * 32) block_gemv(const BlockGemvParams p) {
-  constexpr int R = kBlockRows<P, T>;
-  __shared__ BlockWarpSmem smem[kBlockWarps];
+  constexpr int R = kBlockRows;
+  extern __shared__ __align__(16) unsigned char block_smem[];
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const int warp = static_cast<int>(threadIdx.x / 32);
-  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp)) * R;
-  if (row0 >= p.m.rows) return;  // whole warp
-  BlockX<T, Q> in;
+  BlockIn<T> in;
 #pragma unroll
   for (int t = 0; t < T; ++t) {
     const std::size_t tt = t < static_cast<int>(p.n) ? static_cast<std::size_t>(t) : 0;
     in.x[t] = p.x + tt * p.ldx;
     in.q[t] = p.xq + tt * p.ldq;
-    in.d[t] = p.xd + tt * p.ldd;
+    in.m[t] = p.xm + tt * p.ldm;
   }
-  float acc[R][T];
-  block_rows_dot<P, T, R, Q>(p.m, row0, in, acc, lane, smem[warp]);
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int t = 0; t < T; ++t)
-        if (t < static_cast<int>(p.n) && row0 + r < p.m.rows) {
-          float* o = p.y + t * p.ldy + row0 + r;
-          *o = p.accumulate ? *o + acc[r][t] : acc[r][t];
-        }
-  }
-}
-
-/// Launch parameters of the grouped block-format expert kernels (no fp8: tasks carry no scales).
-struct BlockGroupParams {
-  ExpertTask tasks[kMaxGroupExperts];
-  std::uint32_t count;
-  std::size_t hidden, ffn;
-  std::size_t up_row_bytes, down_row_bytes;
-  const float* x;
-  std::size_t ldx;
-  float* h;  ///< workspace [count][kMaxGemvTokens][ffn]
-  float* out;
-  std::size_t ldo;
-};
-
-template <Precision P, int T>
-__global__ void __launch_bounds__(kBlockWarps * 32, 3) block_swiglu_gemv(const __grid_constant__ BlockGroupParams p) {
-  constexpr int R = kBlockRows<P, T>;
-  __shared__ BlockWarpSmem smem[kBlockWarps];
-  const ExpertTask& task = p.tasks[blockIdx.y];
-  const int lane = static_cast<int>(threadIdx.x & 31u);
-  const int warp = static_cast<int>(threadIdx.x / 32);
-  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp)) * R;
-  if (row0 >= p.ffn) return;
-  const int n = static_cast<int>(task.n);
-  BlockX<T, false> in{};
-#pragma unroll
-  for (int t = 0; t < T; ++t) in.x[t] = p.x + task.token[t < n ? t : 0] * p.ldx;
-  float a1[R][T], a3[R][T];
-  // One copy of the row loop for both matrices (two inlined copies made ptxas spill).
-#pragma unroll 1
-  for (int k = 0; k < 2; ++k) {
-    float acc[R][T];
-    const BlockMatrix w{reinterpret_cast<const std::uint8_t*>(k == 0 ? task.w1 : task.w3),
-                        p.ffn,
-                        p.hidden,
-                        p.up_row_bytes,
-                        nullptr,
-                        0,
-                        0};
-    block_rows_dot<P, T, R, false>(w, row0, in, acc, lane, smem[warp]);
+  auto rows_of = [&](std::uint32_t rg) {
+    return matrix_rows(p.w, p.rows, p.row_bytes, p.scales, p.scale_ld, p.scale_b, rg * R);
+  };
+  auto sink = [&](std::uint32_t rg, const float (&acc)[R][T]) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int t = 0; t < T; ++t) {
-        if (k == 0) {
-          a1[r][t] = acc[r][t];
-        } else {
-          a3[r][t] = acc[r][t];
+        const std::uint32_t row = rg * R + r;
+        if (lane == (r * T + t) % 32 && row < p.rows && t < static_cast<int>(p.n)) {
+          float* o = p.y + t * p.ldy + row;
+          *o = p.accumulate ? *o + acc[r][t] : acc[r][t];
         }
       }
-  }
-  if (lane == 0) {
-    float* h = p.h + static_cast<std::size_t>(blockIdx.y) * kMaxGemvTokens * p.ffn;
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int t = 0; t < T; ++t)
-        if (t < n && row0 + r < p.ffn) h[t * p.ffn + row0 + r] = silu(a1[r][t]) * a3[r][t];
-  }
+  };
+  const StepRange sr =
+      strided_groups(blockIdx.x * kBlockWarps + warp, gridDim.x * kBlockWarps, (p.rows + R - 1) / R, row_tiles(p.cols));
+  block_stream<P, T, Q>(rows_of, sr, p.cols, p.row_bytes, p.scale_b, in, block_smem + warp * kWarpBytes<P>, lane, sink);
 }
 
-template <Precision P, int T>
-__global__ void __launch_bounds__(kBlockWarps * 32, 3)
-    block_down_scatter_gemv(const __grid_constant__ BlockGroupParams p) {
-  constexpr int R = kBlockRows<P, T>;
-  __shared__ BlockWarpSmem smem[kBlockWarps];
-  const ExpertTask& task = p.tasks[blockIdx.y];
+/// Launch parameters of the grouped block-format expert kernels (blockIdx.y = task).
+struct BlockGroupParams {
+  ExpertTask tasks[kMaxGroupExperts];
+  std::uint32_t hidden, ffn;
+  std::size_t up_row_bytes, down_row_bytes;
+  std::size_t up_scales, down_scales;      ///< fp8: offset of a matrix's block scales from its codes
+  std::size_t up_scale_ld, down_scale_ld;  ///< fp8: ceil(cols / B)
+  std::uint32_t scale_b;                   ///< fp8: B
+  const float* x;                          ///< f32 path: token rows
+  std::size_t ldx;
+  float* h;  ///< [count][kMaxGemvTokens][ffn]: the SwiGLU activations (f32)
+  /// q8 path: codes and (d_x, sum q) of x for (task e, token t) at row e * kMaxGemvTokens + t of
+  /// xq / xm, and of h likewise in hq / hm.
+  const std::uint8_t* xq;
+  const float2* xm;
+  std::size_t xq_ld, xm_ld;
+  const std::uint8_t* hq;
+  const float2* hm;
+  std::size_t hq_ld, hm_ld;
+  float* out;
+  std::size_t ldo;
+};
+
+/// h[e][t][j] = silu(W1[j] . x[token]) * (W3[j] . x[token]): a row group is rows j, j+1 of w1 and of w3.
+template <Precision P, int T, bool Q>
+__global__ void __launch_bounds__(kBlockWarps * 32) block_swiglu_gemv(const __grid_constant__ BlockGroupParams p) {
+  constexpr int R = kBlockRows;
+  extern __shared__ __align__(16) unsigned char block_smem[];
+  const std::uint32_t e = blockIdx.y;
+  const ExpertTask& task = p.tasks[e];
   const int lane = static_cast<int>(threadIdx.x & 31u);
   const int warp = static_cast<int>(threadIdx.x / 32);
-  const std::size_t row0 = (static_cast<std::size_t>(blockIdx.x) * kBlockWarps + static_cast<std::size_t>(warp)) * R;
-  if (row0 >= p.hidden) return;
   const int n = static_cast<int>(task.n);
-  const float* h = p.h + static_cast<std::size_t>(blockIdx.y) * kMaxGemvTokens * p.ffn;
-  BlockX<T, false> in{};
+  BlockIn<T> in;
 #pragma unroll
-  for (int t = 0; t < T; ++t) in.x[t] = h + (t < n ? t : 0) * p.ffn;
-  const BlockMatrix w2{
-      reinterpret_cast<const std::uint8_t*>(task.w2), p.hidden, p.ffn, p.down_row_bytes, nullptr, 0, 0};
-  float acc[R][T];
-  block_rows_dot<P, T, R, false>(w2, row0, in, acc, lane, smem[warp]);
-  if (lane == 0) {
+  for (int t = 0; t < T; ++t) {
+    const int tt = t < n ? t : 0;
+    in.x[t] = p.x + task.token[tt] * p.ldx;
+    const std::size_t qrow = static_cast<std::size_t>(e) * kMaxGemvTokens + static_cast<std::size_t>(tt);
+    in.q[t] = p.xq + qrow * p.xq_ld;
+    in.m[t] = p.xm + qrow * p.xm_ld;
+  }
+  const auto* w1 = reinterpret_cast<const std::uint8_t*>(task.w1);
+  const auto* w3 = reinterpret_cast<const std::uint8_t*>(task.w3);
+  const float* s1 = P == Precision::kFp8E4M3 ? reinterpret_cast<const float*>(w1 + p.up_scales) : nullptr;
+  const float* s3 = P == Precision::kFp8E4M3 ? reinterpret_cast<const float*>(w3 + p.up_scales) : nullptr;
+  auto rows_of = [&](std::uint32_t rg) {
+    const RowSet a = matrix_rows(w1, p.ffn, p.up_row_bytes, s1, p.up_scale_ld, p.scale_b, 2 * rg);
+    const RowSet b = matrix_rows(w3, p.ffn, p.up_row_bytes, s3, p.up_scale_ld, p.scale_b, 2 * rg);
+    RowSet rs;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      rs.row[i] = a.row[i];
+      rs.end[i] = a.end[i];
+      rs.scale[i] = a.scale[i];
+      rs.row[2 + i] = b.row[i];
+      rs.end[2 + i] = b.end[i];
+      rs.scale[2 + i] = b.scale[i];
+    }
+    return rs;
+  };
+  float* h = p.h + static_cast<std::size_t>(e) * kMaxGemvTokens * p.ffn;
+  auto sink = [&](std::uint32_t rg, const float (&acc)[R][T]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int t = 0; t < T; ++t) {
+        const std::uint32_t j = 2 * rg + i;
+        if (lane == (i * T + t) % 32 && j < p.ffn && t < n) h[t * p.ffn + j] = silu(acc[i][t]) * acc[2 + i][t];
+      }
+  };
+  const StepRange sr =
+      strided_groups(blockIdx.x * kBlockWarps + warp, gridDim.x * kBlockWarps, (p.ffn + 1) / 2, row_tiles(p.hidden));
+  block_stream<P, T, Q>(rows_of, sr, p.hidden, p.up_row_bytes, p.scale_b, in, block_smem + warp * kWarpBytes<P>, lane,
+                        sink);
+}
+
+/// out[token][r] += weight * (W2[r] . h[e][t]) (atomic: several experts share a token).
+template <Precision P, int T, bool Q>
+__global__ void __launch_bounds__(kBlockWarps * 32)
+    block_down_scatter_gemv(const __grid_constant__ BlockGroupParams p) {
+  constexpr int R = kBlockRows;
+  extern __shared__ __align__(16) unsigned char block_smem[];
+  const std::uint32_t e = blockIdx.y;
+  const ExpertTask& task = p.tasks[e];
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+  const int n = static_cast<int>(task.n);
+  BlockIn<T> in;
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const std::size_t row = static_cast<std::size_t>(e) * kMaxGemvTokens + static_cast<std::size_t>(t < n ? t : 0);
+    in.x[t] = p.h + row * p.ffn;
+    in.q[t] = p.hq + row * p.hq_ld;
+    in.m[t] = p.hm + row * p.hm_ld;
+  }
+  const auto* w2 = reinterpret_cast<const std::uint8_t*>(task.w2);
+  const float* s2 = P == Precision::kFp8E4M3 ? reinterpret_cast<const float*>(w2 + p.down_scales) : nullptr;
+  auto rows_of = [&](std::uint32_t rg) {
+    return matrix_rows(w2, p.hidden, p.down_row_bytes, s2, p.down_scale_ld, p.scale_b, rg * R);
+  };
+  auto sink = [&](std::uint32_t rg, const float (&acc)[R][T]) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int t = 0; t < T; ++t)
-        if (t < n && row0 + r < p.hidden)
-          atomicAdd(p.out + task.token[t] * p.ldo + row0 + r, task.weight[t] * acc[r][t]);
-  }
+      for (int t = 0; t < T; ++t) {
+        const std::uint32_t row = rg * R + r;
+        if (lane == (r * T + t) % 32 && row < p.hidden && t < n)
+          atomicAdd(p.out + task.token[t] * p.ldo + row, task.weight[t] * acc[r][t]);
+      }
+  };
+  // Partial sums add atomically, so the warps split all (row group, tile) steps evenly: whole
+  // groups per warp left the last round of a task's groups a fraction full (8 Mixtral experts: 1024
+  // groups each over about 300 warps, 3.4 rounds in 4).
+  const StepRange sr =
+      even_steps(blockIdx.x * kBlockWarps + warp, gridDim.x * kBlockWarps, (p.hidden + R - 1) / R, row_tiles(p.ffn));
+  block_stream<P, T, Q>(rows_of, sr, p.ffn, p.down_row_bytes, p.scale_b, in, block_smem + warp * kWarpBytes<P>, lane,
+                        sink);
 }
 
-/// Blocks for `rows` rows in groups of kBlockRows<P, T> per warp.
-template <Precision P, int T>
-inline unsigned block_blocks_for(std::size_t rows) {
-  const std::size_t per_block = static_cast<std::size_t>(kBlockWarps) * kBlockRows<P, T>;
-  return static_cast<unsigned>((rows + per_block - 1) / per_block);
+/// Bytes of one row of `cols` columns in block format P.
+template <Precision P>
+constexpr std::size_t block_row_bytes(std::size_t cols) {
+  return cols / BlockTraits<P>::kBlockWeights * BlockTraits<P>::kBlockBytes;
+}
+
+/// The persistent grid of a block-format kernel: `groups` row groups, spread over at most `cap`
+/// resident blocks.
+inline unsigned block_grid(std::size_t groups, std::size_t cap) {
+  const std::size_t needed = (groups + kBlockWarps - 1) / kBlockWarps;
+  return static_cast<unsigned>(needed < cap ? needed : cap);
+}
+
+/// Device facts and a check that the device has the copy engine these kernels use (sm_90+).
+inline Status block_device(DeviceFacts& d) noexcept {
+  MOEX_RETURN_IF_ERROR(device_facts(d));
+  if (d.cc_major < 9) return unsupported("block-format kernels need compute capability 9.0 (cp.async.bulk)");
+  return Status::ok();
 }
 
 }  // namespace detail
 
 template <Precision P, int T>
 Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream) noexcept {
-  using Tr = detail::BlockTraits<P>;
   const std::size_t rows = a.layout.rows, cols = a.layout.cols;
+  if (rows > 0xFFFFFFF0u || cols > 0xFFFFFFF0u) return unsupported("block gemv: more than 2^32 rows or columns");
+  detail::DeviceFacts d;
+  MOEX_RETURN_IF_ERROR(detail::block_device(d));
   detail::BlockGemvParams p{};
-  p.m = {reinterpret_cast<const std::uint8_t*>(a.w),
-         rows,
-         cols,
-         cols / Tr::kBlockWeights * Tr::kBlockBytes,
-         a.block_scales,
-         0,
-         a.scale_block};
-  if constexpr (P == Precision::kFp8E4M3) p.m.scale_ld = (cols + a.scale_block - 1) / a.scale_block;
+  p.w = reinterpret_cast<const std::uint8_t*>(a.w);
+  p.rows = static_cast<std::uint32_t>(rows);
+  p.cols = static_cast<std::uint32_t>(cols);
+  p.row_bytes = detail::block_row_bytes<P>(cols);
+  if constexpr (P == Precision::kFp8E4M3) {
+    p.scales = a.block_scales;
+    p.scale_b = a.scale_block;
+    p.scale_ld = (cols + a.scale_block - 1) / a.scale_block;
+  } else {
+    p.scale_b = 1;
+  }
   p.x = a.x;
   p.ldx = a.ldx;
   p.y = a.y;
   p.ldy = a.ldy;
   p.n = a.n;
   p.accumulate = a.accumulate;
-  const unsigned grid = detail::block_blocks_for<P, T>(rows);
+  constexpr std::size_t smem = detail::block_smem_bytes<P>();
+  const std::size_t groups = (rows + detail::kBlockRows - 1) / detail::kBlockRows;
+  auto run = [&](auto* kernel, const char* what) -> Status {
+    std::size_t cap = 0;
+    MOEX_RETURN_IF_ERROR(detail::resident_blocks(kernel, detail::kBlockWarps * 32, smem, d, cap));
+    kernel<<<detail::block_grid(groups, cap), detail::kBlockWarps * 32, smem, stream>>>(p);
+    return cuda_status(cudaGetLastError(), what);
+  };
   if constexpr (P != Precision::kFp8E4M3) {
     if (!a.exact && a.workspace != nullptr) {  // q8 path: quantize x once, then integer dot products
-      const BlockQ8Workspace ws = block_q8_workspace(a.workspace, cols, a.n);
+      const BlockQ8Rows ws = block_q8_workspace(a.workspace, cols, a.n);
       p.xq = ws.q;
-      p.xd = ws.d;
+      p.xm = ws.m;
       p.ldq = ws.ldq;
-      p.ldd = ws.ldd;
+      p.ldm = ws.ldm;
       MOEX_RETURN_IF_ERROR(launch_quantize_x32(a.x, a.ldx, cols, a.n, ws, stream));
-      detail::block_gemv<P, T, true><<<grid, detail::kBlockWarps * 32, 0, stream>>>(p);
-      return cuda_status(cudaGetLastError(), "block_gemv (q8) launch");
+      return run(detail::block_gemv<P, T, true>, "block_gemv (q8) launch");
     }
   }
-  detail::block_gemv<P, T, false><<<grid, detail::kBlockWarps * 32, 0, stream>>>(p);
-  return cuda_status(cudaGetLastError(), "block_gemv launch");
+  return run(detail::block_gemv<P, T, false>, "block_gemv launch");
 }
 
 template <Precision P, int T>
 Status launch_grouped_expert_block(const GroupedExpertArgs& a, cudaStream_t stream) noexcept {
-  using Tr = detail::BlockTraits<P>;
+  const std::size_t hidden = a.layout.shape.hidden, ffn = a.layout.shape.ffn;
+  if (hidden > 0xFFFFFFF0u || ffn > 0xFFFFFFF0u) return unsupported("grouped block experts: shape too large");
+  detail::DeviceFacts d;
+  MOEX_RETURN_IF_ERROR(detail::block_device(d));
   detail::BlockGroupParams p{};
   for (std::uint32_t i = 0; i < a.count; ++i) p.tasks[i] = a.tasks[i];
-  p.count = a.count;
-  p.hidden = a.layout.shape.hidden;
-  p.ffn = a.layout.shape.ffn;
-  p.up_row_bytes = p.hidden / Tr::kBlockWeights * Tr::kBlockBytes;
-  p.down_row_bytes = p.ffn / Tr::kBlockWeights * Tr::kBlockBytes;
+  p.hidden = static_cast<std::uint32_t>(hidden);
+  p.ffn = static_cast<std::uint32_t>(ffn);
+  p.up_row_bytes = detail::block_row_bytes<P>(hidden);
+  p.down_row_bytes = detail::block_row_bytes<P>(ffn);
+  p.scale_b = 1;
+  if constexpr (P == Precision::kFp8E4M3) {
+    p.scale_b = static_cast<std::uint32_t>(kFp8ScaleBlockSize);
+    p.up_scales = a.layout.w1.scales_offset;
+    p.down_scales = a.layout.w2.scales_offset;
+    p.up_scale_ld = (hidden + kFp8ScaleBlockSize - 1) / kFp8ScaleBlockSize;
+    p.down_scale_ld = (ffn + kFp8ScaleBlockSize - 1) / kFp8ScaleBlockSize;
+  }
   p.x = a.x;
   p.ldx = a.ldx;
-  p.h = a.workspace;
   p.out = a.out;
   p.ldo = a.ldo;
-  const dim3 up_grid(detail::block_blocks_for<P, T>(p.ffn), a.count);
-  detail::block_swiglu_gemv<P, T><<<up_grid, detail::kBlockWarps * 32, 0, stream>>>(p);
-  MOEX_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "block_swiglu_gemv launch"));
-  const dim3 down_grid(detail::block_blocks_for<P, T>(p.hidden), a.count);
-  detail::block_down_scatter_gemv<P, T><<<down_grid, detail::kBlockWarps * 32, 0, stream>>>(p);
-  return cuda_status(cudaGetLastError(), "block_down_scatter_gemv launch");
+  const GroupedWorkspace ws = grouped_workspace(a.workspace, a.layout.shape, a.count);
+  p.h = ws.h;
+  constexpr std::size_t smem = detail::block_smem_bytes<P>();
+  // Blocks per task: as many as the resident share allows, up to one warp per `warp_work` items.
+  auto run = [&](auto* kernel, std::size_t warp_work, const char* what) -> Status {
+    std::size_t cap = 0;
+    MOEX_RETURN_IF_ERROR(detail::resident_blocks(kernel, detail::kBlockWarps * 32, smem, d, cap));
+    const std::size_t needed = (warp_work + detail::kBlockWarps - 1) / detail::kBlockWarps;
+    kernel<<<dim3(detail::blocks_per_task(cap, a.count, needed), a.count), detail::kBlockWarps * 32, smem, stream>>>(p);
+    return cuda_status(cudaGetLastError(), what);
+  };
+  // SwiGLU: whole row groups a warp. Down: even shares of its (group, tile) steps, at least
+  // kMinDownSteps a warp (each warp's ring takes a few tiles' latency to fill).
+  constexpr std::size_t kMinDownSteps = 4;
+  const std::size_t up_groups = (ffn + 1) / 2;
+  const std::size_t down_warps = ((hidden + detail::kBlockRows - 1) / detail::kBlockRows *
+                                      ((ffn + detail::kTileWeights - 1) / detail::kTileWeights) +
+                                  kMinDownSteps - 1) /
+                                 kMinDownSteps;
+  if constexpr (P != Precision::kFp8E4M3) {
+    if (!a.exact) {  // q8 path: x, then h, quantized per 32 columns in launches of their own
+      p.xq = ws.x.q;
+      p.xm = ws.x.m;
+      p.xq_ld = ws.x.ldq;
+      p.xm_ld = ws.x.ldm;
+      p.hq = ws.h8.q;
+      p.hm = ws.h8.m;
+      p.hq_ld = ws.h8.ldq;
+      p.hm_ld = ws.h8.ldm;
+      MOEX_RETURN_IF_ERROR(launch_quantize_task_rows(a.x, a.ldx, hidden, a.tasks, a.count, false, ws.x, stream));
+      MOEX_RETURN_IF_ERROR(run(detail::block_swiglu_gemv<P, T, true>, up_groups, "block_swiglu_gemv (q8) launch"));
+      MOEX_RETURN_IF_ERROR(launch_quantize_task_rows(ws.h, ffn, ffn, a.tasks, a.count, true, ws.h8, stream));
+      return run(detail::block_down_scatter_gemv<P, T, true>, down_warps, "block_down_scatter_gemv (q8) launch");
+    }
+  }
+  MOEX_RETURN_IF_ERROR(run(detail::block_swiglu_gemv<P, T, false>, up_groups, "block_swiglu_gemv launch"));
+  return run(detail::block_down_scatter_gemv<P, T, false>, down_warps, "block_down_scatter_gemv launch");
 }
 
 }  // namespace cuda
 MOEX_NAMESPACE_END
 
-/// Explicit instantiations of one block format for every token bucket (1, 2, 4, 8).
+/// Explicit instantiations of one block format for every token bucket (1, 2, 4, 8): the GEMV and
+/// the grouped experts.
 #define MOEX_INSTANTIATE_GEMV_BLOCK(P)                                                                 \
   template ::moex::Status moex::cuda::launch_gemv_block<P, 1>(const GemvArgs&, cudaStream_t) noexcept; \
   template ::moex::Status moex::cuda::launch_gemv_block<P, 2>(const GemvArgs&, cudaStream_t) noexcept; \
   template ::moex::Status moex::cuda::launch_gemv_block<P, 4>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv_block<P, 8>(const GemvArgs&, cudaStream_t) noexcept;
-
-/// ... and of its grouped experts (not fp8, whose scales ExpertTask does not carry).
-#define MOEX_INSTANTIATE_GROUPED_BLOCK(P)                                                         \
-  template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 1>(const GroupedExpertArgs&, \
-                                                                        cudaStream_t) noexcept;   \
-  template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 2>(const GroupedExpertArgs&, \
-                                                                        cudaStream_t) noexcept;   \
-  template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 4>(const GroupedExpertArgs&, \
-                                                                        cudaStream_t) noexcept;   \
-  template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 8>(const GroupedExpertArgs&, \
+  template ::moex::Status moex::cuda::launch_gemv_block<P, 8>(const GemvArgs&, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 1>(const GroupedExpertArgs&,      \
+                                                                        cudaStream_t) noexcept;        \
+  template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 2>(const GroupedExpertArgs&,      \
+                                                                        cudaStream_t) noexcept;        \
+  template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 4>(const GroupedExpertArgs&,      \
+                                                                        cudaStream_t) noexcept;        \
+  template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 8>(const GroupedExpertArgs&,      \
                                                                         cudaStream_t) noexcept;

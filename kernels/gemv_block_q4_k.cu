@@ -2,4 +2,3 @@
 #include "gemv_block.cuh"
 
 MOEX_INSTANTIATE_GEMV_BLOCK(moex::Precision::kQ4_K)
-MOEX_INSTANTIATE_GROUPED_BLOCK(moex::Precision::kQ4_K)

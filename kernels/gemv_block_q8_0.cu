@@ -2,4 +2,3 @@
 #include "gemv_block.cuh"
 
 MOEX_INSTANTIATE_GEMV_BLOCK(moex::Precision::kQ8_0)
-MOEX_INSTANTIATE_GROUPED_BLOCK(moex::Precision::kQ8_0)

@@ -36,6 +36,7 @@
 
 #include "device_math.cuh"
 #include "kernels.hpp"
+#include "launch_util.hpp"
 #include "launchers.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -455,46 +456,15 @@ constexpr std::size_t q8_smem_bytes(std::size_t cols) {
   return T * q8_token_bytes<static_cast<int>(precision_bits(P)), G>(cols);
 }
 
-}  // namespace detail
-
-namespace detail {
-
-/// Device facts the q8 launchers size their persistent grids by.
-struct Q8Device {
-  int sms = 0, optin = 0;
-};
-inline Status q8_device(Q8Device& d) noexcept {
-  int dev = 0;
-  MOEX_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&dev), "cudaGetDevice"));
-  MOEX_RETURN_IF_ERROR(cuda_status(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev), "SM count"));
-  return cuda_status(cudaDeviceGetAttribute(&d.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                     "shared memory limit");
-}
-
-/// Blocks of `kernel` (kQ8Warps warps, `smem` bytes) that fit on the device at once (>= 1).
-template <class K>
-Status q8_resident_blocks(K* kernel, std::size_t smem, const Q8Device& d, std::size_t& cap) noexcept {
-  if (smem > 48 * 1024)
-    MOEX_RETURN_IF_ERROR(
-        cuda_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                    "q8 kernel shared memory"));
-  int per_sm = 0;
-  MOEX_RETURN_IF_ERROR(cuda_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kQ8Warps * 32, smem),
-                                   "q8 kernel occupancy"));
-  if (per_sm < 1) per_sm = 1;
-  cap = static_cast<std::size_t>(d.sms) * static_cast<std::size_t>(per_sm);
-  return Status::ok();
-}
-
 template <Precision P, int G, int T, bool Asym, int U, int MinBlocks = 1>
 Status launch_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
   const std::size_t smem = detail::q8_smem_bytes<P, G, T>(a.layout.cols);
-  Q8Device d;
-  MOEX_RETURN_IF_ERROR(q8_device(d));
+  DeviceFacts d;
+  MOEX_RETURN_IF_ERROR(device_facts(d));
   if (smem > static_cast<std::size_t>(d.optin)) return launch_gemv<P, G, T>(a, stream);  // exact path
   auto* kernel = detail::q8_gemv<P, G, T, Asym, U, MinBlocks>;
   std::size_t cap = 0;
-  MOEX_RETURN_IF_ERROR(q8_resident_blocks(kernel, smem, d, cap));
+  MOEX_RETURN_IF_ERROR(resident_blocks(kernel, kQ8Warps * 32, smem, d, cap));
   const std::size_t row_groups = (a.layout.rows + detail::kQ8Rows - 1) / detail::kQ8Rows;
   const std::size_t needed = (row_groups + detail::kQ8Warps - 1) / detail::kQ8Warps;
   const auto blocks = static_cast<unsigned>(needed < cap ? needed : cap);
@@ -518,8 +488,8 @@ Status launch_grouped_q8(const GroupedExpertArgs& a, cudaStream_t stream) noexce
   const std::size_t hidden = a.layout.shape.hidden, ffn = a.layout.shape.ffn;
   const std::size_t smem_up = q8_smem_bytes<P, G, T>(hidden);
   const std::size_t smem_down = q8_smem_bytes<P, G, T>(ffn);
-  Q8Device d;
-  MOEX_RETURN_IF_ERROR(q8_device(d));
+  DeviceFacts d;
+  MOEX_RETURN_IF_ERROR(device_facts(d));
   if (smem_up > static_cast<std::size_t>(d.optin) || smem_down > static_cast<std::size_t>(d.optin))
     return launch_grouped_expert<P, G, T>(a, stream);  // exact path
   Q8GroupParams p{};
@@ -535,23 +505,18 @@ Status launch_grouped_q8(const GroupedExpertArgs& a, cudaStream_t stream) noexce
   p.h = a.workspace;
   p.out = a.out;
   p.ldo = a.ldo;
-  // Persistent grids shared by the tasks: each task gets floor(cap / count) blocks (at least one),
-  // no more than its rows need, so that the whole grid is one wave (rounding up put 400 blocks on
-  // 396 resident slots for 8 tasks on the H100: a second wave of 4 blocks, ncu: DRAM 52%); each
-  // block quantizes its task's activations once.
+  // Persistent grids shared by the tasks, one wave (blocks_per_task); each block quantizes its
+  // task's activations once.
   auto grid_x = [&](std::size_t cap, std::size_t row_groups) {
-    const std::size_t needed = (row_groups + kQ8Warps - 1) / kQ8Warps;
-    std::size_t share = cap / a.count;
-    if (share < 1) share = 1;
-    return static_cast<unsigned>(needed < share ? needed : share);
+    return blocks_per_task(cap, a.count, (row_groups + kQ8Warps - 1) / kQ8Warps);
   };
   auto* up = q8_swiglu<P, G, T, Asym>;
   std::size_t cap = 0;
-  MOEX_RETURN_IF_ERROR(q8_resident_blocks(up, smem_up, d, cap));
+  MOEX_RETURN_IF_ERROR(resident_blocks(up, kQ8Warps * 32, smem_up, d, cap));
   up<<<dim3(grid_x(cap, (ffn + 1) / 2), a.count), kQ8Warps * 32, smem_up, stream>>>(p);
   MOEX_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "q8_swiglu launch"));
   auto* down = q8_down_scatter<P, G, T, Asym>;
-  MOEX_RETURN_IF_ERROR(q8_resident_blocks(down, smem_down, d, cap));
+  MOEX_RETURN_IF_ERROR(resident_blocks(down, kQ8Warps * 32, smem_down, d, cap));
   down<<<dim3(grid_x(cap, (hidden + kQ8Rows - 1) / kQ8Rows), a.count), kQ8Warps * 32, smem_down, stream>>>(p);
   return cuda_status(cudaGetLastError(), "q8_down_scatter launch");
 }

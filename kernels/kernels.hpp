@@ -64,26 +64,19 @@ struct GemvArgs {
   void* workspace = nullptr;
 };
 
-/// Bytes of GemvArgs::workspace for n tokens of `cols` columns (cols % 32 == 0).
-constexpr std::size_t gemv_workspace_bytes(std::size_t cols, std::uint32_t n) noexcept {
-  const std::size_t ldq = (cols + 15) / 16 * 16, ldd = (cols / 32 + 3) / 4 * 4;
-  return static_cast<std::size_t>(n) * (ldq + ldd * sizeof(float));
+/// Bytes of int8 codes that one quantized activation row of `cols` columns takes in a workspace
+/// (whole 1024-column tiles: the block kernels read each tile's codes interleaved).
+constexpr std::size_t q8_codes_ld(std::size_t cols) noexcept { return (cols + 1023) / 1024 * 1024; }
+/// (d_x, sum of codes) pairs of f32 per quantized row: one per 32-column group, rounded up to even.
+constexpr std::size_t q8_meta_ld(std::size_t cols) noexcept { return (cols / 32 + 1) / 2 * 2; }
+/// Bytes of `rows` quantized activation rows of `cols` columns (codes, then the pairs).
+constexpr std::size_t q8_rows_bytes(std::size_t cols, std::size_t rows) noexcept {
+  return rows * (q8_codes_ld(cols) + q8_meta_ld(cols) * 2 * sizeof(float));
 }
 
-/// The parts of a GemvArgs::workspace: token t's int8 codes at q + t * ldq, its group scales at
-/// d + t * ldd.
-struct BlockQ8Workspace {
-  std::int8_t* q = nullptr;
-  float* d = nullptr;
-  std::size_t ldq = 0, ldd = 0;
-};
-inline BlockQ8Workspace block_q8_workspace(void* ws, std::size_t cols, std::uint32_t n) noexcept {
-  BlockQ8Workspace w;
-  w.ldq = (cols + 15) / 16 * 16;
-  w.ldd = (cols / 32 + 3) / 4 * 4;
-  w.q = static_cast<std::int8_t*>(ws);
-  w.d = reinterpret_cast<float*>(w.q + static_cast<std::size_t>(n) * w.ldq);
-  return w;
+/// Bytes of GemvArgs::workspace for n tokens of `cols` columns (cols % 32 == 0).
+constexpr std::size_t gemv_workspace_bytes(std::size_t cols, std::uint32_t n) noexcept {
+  return q8_rows_bytes(cols, n);
 }
 
 /// True when gemv() serves `format` for a matrix of `cols` columns on this build (bf16, f16 and
@@ -122,20 +115,27 @@ struct GroupedExpertArgs {
   float* out = nullptr;  ///< [tokens x hidden]
   std::size_t ldo = 0;
   float* workspace = nullptr;  ///< grouped_expert_workspace_bytes(); 16-byte aligned
-  /// int4/int2: true keeps the f32-activation kernels; false (default) quantizes x, and the SwiGLU
-  /// activation h before w2, to int8 per weight group (the q8 path of GemvArgs::exact, twice).
+  /// int4/int2 and GGUF Q8_0/Q4_0/Q4_K: true keeps the f32-activation kernels; false (default)
+  /// quantizes x, and the SwiGLU activation h before w2, to int8 per weight group (32 columns for
+  /// the GGUF formats) with the CPU's rule (the q8 path of GemvArgs, twice). Float formats and fp8
+  /// always run f32 activations.
   bool exact = false;
 };
 
-/// Device scratch that grouped_expert_ffn needs for `count` experts of `shape`.
+/// Device scratch that grouped_expert_ffn needs for `count` experts of `shape`: the f32 SwiGLU
+/// activations, then (q8 path of the GGUF formats) the quantized x and h of every (expert, token).
 constexpr std::size_t grouped_expert_workspace_bytes(ExpertShape shape, std::uint32_t count) noexcept {
-  return static_cast<std::size_t>(count) * kMaxGemvTokens * shape.ffn * sizeof(float);
+  const std::size_t rows = static_cast<std::size_t>(count) * kMaxGemvTokens;
+  return (rows * shape.ffn * sizeof(float) + 255) / 256 * 256 + q8_rows_bytes(shape.hidden, rows) +
+         q8_rows_bytes(shape.ffn, rows);
 }
 
 /// Fused SwiGLU experts (kernel family swiglu_gemv + down_scatter_gemv; int4/int2 by default
-/// q8_swiglu + q8_down_scatter, see GroupedExpertArgs::exact; Q8_0/Q4_0/Q4_K block_swiglu_gemv +
-/// block_down_scatter_gemv, reading each matrix from its task pointer as rows of blocks). fp8
-/// experts answer kUnsupported: ExpertTask carries no block scales (nor does the expert store).
+/// q8_swiglu + q8_down_scatter, see GroupedExpertArgs::exact; the block formats Q8_0/Q4_0/Q4_K/fp8
+/// block_swiglu_gemv + block_down_scatter_gemv, reading each matrix from its task pointer as rows of
+/// blocks, with quantize launches before each on the GGUF q8 path). fp8 e4m3 experts take each
+/// matrix's block scales from the layout: at w + layout.w1.scales_offset (w1, w3) and
+/// w + layout.w2.scales_offset (w2), as expert_layout() places them (kInvalidArgument without them).
 Status grouped_expert_ffn(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
 
 /// Router variants (all of the CPU router's).
@@ -191,8 +191,6 @@ Status convert_f32_to_bf16(const float* src, std::uint16_t* dst, std::size_t cou
 /// rounded to bf16 as the next product's input).
 Status swiglu_to_bf16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
                       cudaStream_t stream) noexcept;
-/// out[i] = silu(gate[i]) * up[i] in f32 for i < count (the fp8 per-expert path); out may be gate.
-Status swiglu_f32(const float* gate, const float* up, float* out, std::size_t count, cudaStream_t stream) noexcept;
 
 /// cuBLAS path for larger batches: y[t*ldy + r] = sum_c W[r][c] x[t*ldx + c] with W bf16
 /// [rows x cols] row-major, x bf16 [n x cols], y f32; f32 accumulation (cublasGemmEx).

@@ -4,6 +4,9 @@
 /// Definitions live in gemv.cuh and gemv_q8.cuh; kernels/gemv_<precision>.cu instantiate the offered set
 /// (G = 0 for float precisions; 32, 64, 128 for integers; T = 1, 2, 4, 8 tokens).
 
+#include <cstddef>
+#include <cstdint>
+
 #include <cuda_runtime_api.h>
 
 #include "kernels.hpp"
@@ -36,15 +39,61 @@ Status launch_grouped_expert_q8(const GroupedExpertArgs& args, cudaStream_t stre
 template <Precision P, int G, int T>
 Status launch_grouped_expert(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
 
-/// Block-format GEMV (kernels/gemv_block.cuh) for P in Q8_0, Q4_0, Q4_K, fp8 e4m3, token bucket T.
+/// Block-format GEMV (kernels/gemv_block.cuh) for P in Q8_0, Q4_0, Q4_K, fp8 e4m3, token bucket T
+/// (needs compute capability 9.0: kUnsupported below).
 template <Precision P, int T>
 Status launch_gemv_block(const GemvArgs& args, cudaStream_t stream) noexcept;
 
-/// Quantizes n tokens of x (cols % 32 == 0) into `ws` (the q8 path of the block formats).
-Status launch_quantize_x32(const float* x, std::size_t ldx, std::size_t cols, std::uint32_t n,
-                           const BlockQ8Workspace& ws, cudaStream_t stream) noexcept;
+/// Quantized activation rows in a workspace (the q8 path of the block formats): row i's int8
+/// codes at q + i * ldq, each 1024-column tile's 32 units interleaved (bytes 0-15 of units 0..31,
+/// then bytes 16-31: column c at (c / 1024) * 1024 + ((c / 16) % 2) * 512 + ((c / 32) % 32) * 16 +
+/// c % 16), and one (d_x, sum of the group's codes) per 32-column group at m + i * ldm.
+struct BlockQ8Rows {
+  std::uint8_t* q = nullptr;
+  float2* m = nullptr;
+  std::size_t ldq = 0, ldm = 0;
+};
+/// `rows` rows of `cols` columns at base (16-byte aligned; q8_rows_bytes(cols, rows) bytes).
+inline BlockQ8Rows q8_rows_at(void* base, std::size_t cols, std::size_t rows) noexcept {
+  BlockQ8Rows r;
+  r.ldq = q8_codes_ld(cols);
+  r.ldm = q8_meta_ld(cols);
+  r.q = static_cast<std::uint8_t*>(base);
+  r.m = reinterpret_cast<float2*>(r.q + rows * r.ldq);
+  return r;
+}
+/// The parts of GemvArgs::workspace: token t's row t.
+inline BlockQ8Rows block_q8_workspace(void* ws, std::size_t cols, std::uint32_t n) noexcept {
+  return q8_rows_at(ws, cols, n);
+}
+/// The parts of GroupedExpertArgs::workspace (grouped_expert_workspace_bytes): h, the f32 SwiGLU
+/// activations [count][kMaxGemvTokens][ffn]; then the quantized x and h of (expert e, token t) at
+/// row e * kMaxGemvTokens + t of x8 and h8.
+struct GroupedWorkspace {
+  float* h = nullptr;
+  BlockQ8Rows x, h8;
+};
+inline GroupedWorkspace grouped_workspace(float* ws, ExpertShape shape, std::uint32_t count) noexcept {
+  const std::size_t rows = static_cast<std::size_t>(count) * kMaxGemvTokens;
+  GroupedWorkspace g;
+  g.h = ws;
+  auto* base = reinterpret_cast<std::byte*>(ws) + (rows * shape.ffn * sizeof(float) + 255) / 256 * 256;
+  g.x = q8_rows_at(base, shape.hidden, rows);
+  g.h8 = q8_rows_at(base + q8_rows_bytes(shape.hidden, rows), shape.ffn, rows);
+  return g;
+}
 
-/// Grouped SwiGLU experts in block format P (Q8_0, Q4_0, Q4_K), token bucket T.
+/// Quantizes n tokens of x (rows 0..n-1, cols % 32 == 0) into rows 0..n-1 of `out` (the q8 path
+/// of the block-format GEMV).
+Status launch_quantize_x32(const float* x, std::size_t ldx, std::size_t cols, std::uint32_t n, const BlockQ8Rows& out,
+                           cudaStream_t stream) noexcept;
+/// Quantizes the activations of `count` grouped tasks into row e * kMaxGemvTokens + t of `out`
+/// for t < tasks[e].n: from row tasks[e].token[t] of x, or (h_rows) from row e * kMaxGemvTokens + t.
+Status launch_quantize_task_rows(const float* x, std::size_t ldx, std::size_t cols, const ExpertTask* tasks,
+                                 std::uint32_t count, bool h_rows, const BlockQ8Rows& out,
+                                 cudaStream_t stream) noexcept;
+
+/// Grouped SwiGLU experts in block format P (Q8_0, Q4_0, Q4_K, fp8 e4m3), token bucket T.
 template <Precision P, int T>
 Status launch_grouped_expert_block(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
 

@@ -1,5 +1,5 @@
-// swiglu_to_bf16 / swiglu_to_f16 / swiglu_f32: the SwiGLU activation between two products (the cuBLAS
-// path of large batches; the fp8 per-expert path).
+// swiglu_to_bf16 / swiglu_to_f16: the SwiGLU activation between two products (the cuBLAS path of
+// large batches).
 #include <string>
 
 #include <cuda_fp16.h>
@@ -28,12 +28,6 @@ struct ToF16 {
   using Out = std::uint16_t;
   __device__ static Out store(float v) { return __half_as_ushort(__float2half_rn(v)); }
 };
-struct ToF32 {
-  using Out = float;
-  __device__ static Out store(float v) { return v; }
-};
-
-// out may alias gate: each element is read before it is written, by the same thread.
 template <class C>
 __global__ void swiglu_kernel(const float* gate, const float* __restrict__ up, typename C::Out* out,
                               std::size_t count) {
@@ -63,10 +57,6 @@ Status swiglu_to_f16(const float* gate, const float* up, std::uint16_t* out, std
 Status swiglu_to_bf16(const float* gate, const float* up, std::uint16_t* out, std::size_t count,
                       cudaStream_t stream) noexcept {
   return launch_swiglu<ToBf16>(gate, up, out, count, stream, "swiglu_to_bf16");
-}
-
-Status swiglu_f32(const float* gate, const float* up, float* out, std::size_t count, cudaStream_t stream) noexcept {
-  return launch_swiglu<ToF32>(gate, up, out, count, stream, "swiglu_f32");
 }
 
 }  // namespace cuda

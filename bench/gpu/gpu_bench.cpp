@@ -209,8 +209,38 @@ const BlockCase kBlockFormats[] = {
 };
 constexpr std::uint32_t kFp8Block = 128;
 
-/// A ~256 MB block-format matrix on the device (random codes, small positive f16 scales; fp8
-/// without NaN codes), its fp8 scales, and x and y for 8 tokens.
+/// Random bytes of a block-format matrix of `rows` x `cols` (small positive f16 scales; fp8
+/// without NaN codes), and fp8's f32 block scales (empty for the GGUF formats).
+struct BlockBytes {
+  std::vector<std::byte> codes;
+  std::vector<float> scales;
+};
+BlockBytes random_block_bytes(const BlockCase& bc, std::size_t rows, std::size_t cols, std::uint64_t seed) {
+  BlockBytes b;
+  b.codes.resize(rows * (cols / bc.block_weights * bc.block_bytes));
+  std::mt19937_64 rng(seed);
+  auto* words = reinterpret_cast<std::uint64_t*>(b.codes.data());
+  for (std::size_t i = 0; i < b.codes.size() / 8; ++i) words[i] = rng();
+  auto set_f16 = [&](std::size_t at) {  // small positive: (h & 0x03FF) | 0x2000 (high byte at + 1)
+    b.codes[at + 1] = static_cast<std::byte>((std::to_integer<unsigned>(b.codes[at + 1]) & 0x03u) | 0x20u);
+  };
+  if (bc.p == Precision::kFp8E4M3) {
+    for (auto& c : b.codes)
+      if ((std::to_integer<unsigned>(c) & 0x7fu) == 0x7fu) c = std::byte{0x38};  // no NaN codes
+    const std::size_t sr = (rows + kFp8Block - 1) / kFp8Block, sc = (cols + kFp8Block - 1) / kFp8Block;
+    b.scales.resize(sr * sc);
+    std::uniform_real_distribution<float> ud(0.5f, 1.f);
+    for (float& v : b.scales) v = ud(rng);
+  } else {
+    for (std::size_t at = 0; at < b.codes.size(); at += bc.block_bytes) {
+      set_f16(at);
+      if (bc.p == Precision::kQ4_K) set_f16(at + 2);
+    }
+  }
+  return b;
+}
+
+/// A ~256 MB block-format matrix on the device, its fp8 scales, and x and y for 8 tokens.
 struct BlockSetup {
   moex::MatrixLayout l;
   void* w = nullptr;
@@ -224,31 +254,14 @@ struct BlockSetup {
     l.cols = kCols;
     l.format.precision = bc.p;
     l.codes_bytes = l.total_bytes = l.rows * row_bytes;
-    std::vector<std::byte> host(l.total_bytes);
-    std::mt19937_64 rng(42);
-    auto* words = reinterpret_cast<std::uint64_t*>(host.data());
-    for (std::size_t i = 0; i < host.size() / 8; ++i) words[i] = rng();
-    auto set_f16 = [&](std::size_t at) {  // small positive: (h & 0x03FF) | 0x2000 (high byte at + 1)
-      host[at + 1] = static_cast<std::byte>((std::to_integer<unsigned>(host[at + 1]) & 0x03u) | 0x20u);
-    };
-    if (bc.p == Precision::kFp8E4M3) {
-      for (auto& b : host)
-        if ((std::to_integer<unsigned>(b) & 0x7fu) == 0x7fu) b = std::byte{0x38};  // no NaN codes
-      const std::size_t sr = (l.rows + kFp8Block - 1) / kFp8Block, sc = (kCols + kFp8Block - 1) / kFp8Block;
-      std::vector<float> hs(sr * sc);
-      std::uniform_real_distribution<float> ud(0.5f, 1.f);
-      for (float& v : hs) v = ud(rng);
-      scale_bytes = hs.size() * sizeof(float);
+    const BlockBytes b = random_block_bytes(bc, l.rows, kCols, 42);
+    if (!b.scales.empty()) {
+      scale_bytes = b.scales.size() * sizeof(float);
       ok(cudaMalloc(&scales, scale_bytes));
-      ok(cudaMemcpy(scales, hs.data(), scale_bytes, cudaMemcpyHostToDevice));
-    } else {
-      for (std::size_t at = 0; at < host.size(); at += bc.block_bytes) {
-        set_f16(at);
-        if (bc.p == Precision::kQ4_K) set_f16(at + 2);
-      }
+      ok(cudaMemcpy(scales, b.scales.data(), scale_bytes, cudaMemcpyHostToDevice));
     }
     ok(cudaMalloc(&w, l.total_bytes));
-    ok(cudaMemcpy(w, host.data(), l.total_bytes, cudaMemcpyHostToDevice));
+    ok(cudaMemcpy(w, b.codes.data(), l.total_bytes, cudaMemcpyHostToDevice));
     std::vector<float> hx(8 * kCols);
     std::mt19937 xr(7);
     std::normal_distribution<float> nd;
@@ -451,28 +464,11 @@ void BM_executor_step(benchmark::State& state) {
   state.counters["gemm_GBps"] = 2.0 * static_cast<double>(l.total_bytes) / (median(us) * 1e-6) / 1e9;
 }
 
-/// All of a step's experts in one grouped launch: 8 Mixtral-shaped experts, one token each.
-void BM_grouped_experts(benchmark::State& state) {
-  const FormatCase& fc = kFormats[state.range(0)];
-  const bool exact = state.range(1) != 0;
-  const bool quant = fc.f.precision == Precision::kInt4 || fc.f.precision == Precision::kInt2;
-  state.SetLabel(std::string(fc.name) + (quant ? (exact ? " exact-f32" : " q8-dp4a") : ""));
-  const moex::ExpertShape shape{4096, 14336};
-  const moex::ExpertLayout l = moex::expert_layout(shape, fc.f);
-  const std::uint32_t experts = 8;
-  void* w = nullptr;
+/// Times grouped_expert_ffn over `experts` experts of layout l, back to back from w on the device,
+/// one token each (the bytes counted: every expert's blob).
+void time_grouped(benchmark::State& state, const moex::ExpertLayout& l, void* w, std::uint32_t experts, bool exact) {
+  const moex::ExpertShape shape = l.shape;
   float *x = nullptr, *out = nullptr, *ws = nullptr;
-  ok(cudaMalloc(&w, experts * l.total_bytes));
-  for (std::uint32_t e = 0; e < experts; ++e) {
-    // Each matrix's scales must be valid: build per-matrix random data.
-    const moex::MatrixLayout* ms[3] = {&l.w1, &l.w3, &l.w2};
-    const std::size_t offs[3] = {l.w1_offset, l.w3_offset, l.w2_offset};
-    for (int k = 0; k < 3; ++k) {
-      const auto m = random_matrix(*ms[k], 100 + e * 3 + k);
-      ok(cudaMemcpy(static_cast<std::byte*>(w) + e * l.total_bytes + offs[k], m.data(), m.size(),
-                    cudaMemcpyHostToDevice));
-    }
-  }
   ok(cudaMalloc(&x, 8 * shape.hidden * sizeof(float)));
   ok(cudaMemset(x, 0x3c, 8 * shape.hidden * sizeof(float)));  // 0x3c3c3c3c = 0.0115f, not zero
   ok(cudaMalloc(&out, 8 * shape.hidden * sizeof(float)));
@@ -501,10 +497,63 @@ void BM_grouped_experts(benchmark::State& state) {
   timed_loop(state, nullptr, static_cast<double>(experts * l.total_bytes), g_d2d_gbps,
              [&] { good = good && mc::grouped_expert_ffn(a, nullptr).is_ok(); });
   if (!good) state.SkipWithError("grouped expert failed");
-  cudaFree(w);
   cudaFree(x);
   cudaFree(out);
   cudaFree(ws);
+}
+
+constexpr moex::ExpertShape kMixtral{4096, 14336};
+constexpr std::uint32_t kGroupExperts = 8;
+
+/// Calls fn(matrix layout, byte offset from the start of the experts, seed) for w1, w3 and w2 of
+/// each of kGroupExperts experts of layout l laid out back to back (seeds 0, 1, 2, ...).
+template <class F>
+void for_each_matrix(const moex::ExpertLayout& l, F&& fn) {
+  for (std::uint32_t e = 0; e < kGroupExperts; ++e) {
+    const moex::MatrixLayout* ms[3] = {&l.w1, &l.w3, &l.w2};
+    const std::size_t offs[3] = {l.w1_offset, l.w3_offset, l.w2_offset};
+    for (int k = 0; k < 3; ++k) fn(*ms[k], e * l.total_bytes + offs[k], std::uint64_t{e} * 3 + k);
+  }
+}
+
+/// All of a step's experts in one grouped launch: 8 Mixtral-shaped experts, one token each.
+void BM_grouped_experts(benchmark::State& state) {
+  const FormatCase& fc = kFormats[state.range(0)];
+  const bool exact = state.range(1) != 0;
+  const bool quant = fc.f.precision == Precision::kInt4 || fc.f.precision == Precision::kInt2;
+  state.SetLabel(std::string(fc.name) + (quant ? (exact ? " exact-f32" : " q8-dp4a") : ""));
+  const moex::ExpertLayout l = moex::expert_layout(kMixtral, fc.f);
+  void* w = nullptr;
+  ok(cudaMalloc(&w, kGroupExperts * l.total_bytes));
+  // Each matrix's scales must be valid: build per-matrix random data.
+  for_each_matrix(l, [&](const moex::MatrixLayout& m, std::size_t at, std::uint64_t seed) {
+    const auto bytes = random_matrix(m, 100 + seed);
+    ok(cudaMemcpy(static_cast<std::byte*>(w) + at, bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+  });
+  time_grouped(state, l, w, kGroupExperts, exact);
+  cudaFree(w);
+}
+
+/// The same for the block formats of checkpoints (fp8 with each matrix's scale section); arg 1:
+/// 1 = exact f32 activations, 0 = the q8 path (GGUF formats).
+void BM_grouped_block_experts(benchmark::State& state) {
+  const BlockCase& bc = kBlockFormats[state.range(0)];
+  const bool exact = state.range(1) != 0;
+  state.SetLabel(std::string(bc.name) + (bc.p == Precision::kFp8E4M3 ? "" : exact ? " exact-f32" : " q8-dp4a"));
+  moex::WeightFormat f = moex::float_format(Precision::kBF16);
+  f.precision = bc.p;
+  const moex::ExpertLayout l = moex::expert_layout(kMixtral, f);
+  void* w = nullptr;
+  ok(cudaMalloc(&w, kGroupExperts * l.total_bytes));
+  for_each_matrix(l, [&](const moex::MatrixLayout& m, std::size_t at, std::uint64_t seed) {
+    const BlockBytes b = random_block_bytes(bc, m.rows, m.cols, 200 + seed);
+    std::byte* dst = static_cast<std::byte*>(w) + at;
+    ok(cudaMemcpy(dst, b.codes.data(), b.codes.size(), cudaMemcpyHostToDevice));
+    if (!b.scales.empty())
+      ok(cudaMemcpy(dst + m.scales_offset, b.scales.data(), b.scales.size() * sizeof(float), cudaMemcpyHostToDevice));
+  });
+  time_grouped(state, l, w, kGroupExperts, exact);
+  cudaFree(w);
 }
 
 /// A slot upload from registered (pinned) host memory, or pageable memory through the staging
@@ -706,6 +755,15 @@ int main(int argc, char** argv) {
           ->UseManualTime()
           ->Iterations(20)
           ->Unit(benchmark::kMicrosecond);
+  for (int f = 0; f < static_cast<int>(std::size(kBlockFormats)); ++f)
+    for (int exact : {0, 1}) {
+      if (!exact && kBlockFormats[f].p == Precision::kFp8E4M3) continue;
+      benchmark::RegisterBenchmark("grouped_block8", BM_grouped_block_experts)
+          ->Args({f, exact})
+          ->UseManualTime()
+          ->Iterations(20)
+          ->Unit(benchmark::kMicrosecond);
+    }
   for (int lib : {0, 1, 2})
     for (int n : {1, 2, 4, 8, 16})
       for (int down : {0, 1})

@@ -10,7 +10,6 @@
 
 #include <cuda_runtime.h>
 
-#include "fp8_expert.hpp"
 #include "kernels.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -28,16 +27,8 @@ struct CudaBackend::Impl {
   CudaBackendConfig config{};
   std::byte* arena = nullptr;   // slots, then workspace
   std::size_t slot_stride = 0;  // slot_bytes rounded to kMatrixAlign
-  float* workspace = nullptr;
+  float* workspace = nullptr;  // grouped_expert_ffn's scratch
   std::size_t workspace_bytes = 0;
-  // fp8 experts (per-expert path): gathered x rows, expert outputs, gate weights, then the scratch
-  // of cuda_detail::fp8_expert; all inside the workspace.
-  float* fp8_x = nullptr;       // [kMaxGemvTokens x max hidden]
-  float* fp8_out = nullptr;     // [kMaxGemvTokens x max hidden]
-  float* fp8_weight = nullptr;  // [kMaxGemvTokens]
-  cuda_detail::Fp8Scratch fp8_scratch{};
-  float* weights_host = nullptr;         // pinned [kMaxGemvTokens]: one task's gate weights
-  cudaEvent_t weights_copied = nullptr;  // the last upload of weights_host has run
   std::byte* staging = nullptr;          // pinned, staging_bytes
   cudaStream_t compute = nullptr;
   cudaStream_t copy = nullptr;
@@ -55,8 +46,6 @@ struct CudaBackend::Impl {
       if (e) cudaEventDestroy(e);
     if (copy) cudaStreamDestroy(copy);
     if (own_compute && compute) cudaStreamDestroy(compute);
-    if (weights_copied) cudaEventDestroy(weights_copied);
-    if (weights_host) cudaFreeHost(weights_host);
     if (staging) cudaFreeHost(staging);
     if (arena) cudaFree(arena);
   }
@@ -86,10 +75,7 @@ Result<std::unique_ptr<CudaBackend>> CudaBackend::create(const CudaBackendConfig
   if (impl->slot_stride / kMatrixAlign > (std::size_t{1} << 40) / c.slot_count)
     return invalid_argument("CudaBackend: slot_bytes * slot_count overflows");
   const std::size_t slots_bytes = impl->slot_stride * c.slot_count;
-  const std::size_t rows_bytes = align_up(std::size_t{cuda::kMaxGemvTokens} * c.max_shape.hidden * sizeof(float), 256);
-  const std::size_t fp8_bytes = 2 * rows_bytes + 256 + cuda_detail::fp8_scratch_bytes(c.max_shape.ffn);
-  impl->workspace_bytes =
-      std::max(cuda::grouped_expert_workspace_bytes(c.max_shape, cuda::kMaxGroupExperts), fp8_bytes);
+  impl->workspace_bytes = cuda::grouped_expert_workspace_bytes(c.max_shape, cuda::kMaxGroupExperts);
   void* arena = nullptr;
   if (cudaMalloc(&arena, slots_bytes + impl->workspace_bytes) != cudaSuccess) {
     cudaGetLastError();
@@ -97,18 +83,6 @@ Result<std::unique_ptr<CudaBackend>> CudaBackend::create(const CudaBackendConfig
   }
   impl->arena = static_cast<std::byte*>(arena);
   impl->workspace = reinterpret_cast<float*>(impl->arena + slots_bytes);
-  std::byte* fp8 = impl->arena + slots_bytes;  // the fp8 path never runs with a grouped launch in flight
-  impl->fp8_x = reinterpret_cast<float*>(fp8);
-  impl->fp8_out = reinterpret_cast<float*>(fp8 + rows_bytes);
-  impl->fp8_weight = reinterpret_cast<float*>(fp8 + 2 * rows_bytes);
-  impl->fp8_scratch = cuda_detail::fp8_scratch_at(fp8 + 2 * rows_bytes + 256, c.max_shape.ffn);
-  void* wh = nullptr;
-  if (cudaHostAlloc(&wh, cuda::kMaxGemvTokens * sizeof(float), cudaHostAllocDefault) != cudaSuccess) {
-    cudaGetLastError();
-    return out_of_memory("CudaBackend: pinned gate weights");
-  }
-  impl->weights_host = static_cast<float*>(wh);
-  MOEX_RETURN_IF_ERROR(check(cudaEventCreateWithFlags(&impl->weights_copied, cudaEventDisableTiming), "event"));
   void* staging = nullptr;
   if (cudaHostAlloc(&staging, c.staging_bytes, cudaHostAllocDefault) != cudaSuccess) {
     cudaGetLastError();
@@ -201,7 +175,6 @@ Status CudaBackend::expert_ffn(const ExpertLayout& layout, std::span<const SlotT
   if (layout.total_bytes > m.config.slot_bytes) return invalid_argument("expert_ffn: expert larger than a slot");
   if (layout.shape.hidden > m.config.max_shape.hidden || layout.shape.ffn > m.config.max_shape.ffn)
     return invalid_argument("expert_ffn: shape beyond max_shape");
-  if (layout.format.precision == Precision::kFp8E4M3) return fp8_expert_ffn(layout, tasks, x, ldx, out, ldo);
   cuda::ExpertTask group[cuda::kMaxGroupExperts];
   std::size_t done = 0;
   while (done < tasks.size()) {
@@ -229,50 +202,11 @@ Status CudaBackend::expert_ffn(const ExpertLayout& layout, std::span<const SlotT
     a.out = out;
     a.ldo = ldo;
     a.workspace = m.workspace;
+    a.exact = m.config.exact_activations;
     MOEX_RETURN_IF_ERROR(cuda::grouped_expert_ffn(a, m.compute));
     for (std::size_t i = 0; i < count; ++i)
       MOEX_RETURN_IF_ERROR(check(cudaEventRecord(m.released[tasks[done + i].slot], m.compute), "record released"));
     done += count;
-  }
-  return Status::ok();
-}
-
-Status CudaBackend::fp8_expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x,
-                                   std::size_t ldx, float* out, std::size_t ldo) noexcept {
-  Impl& m = *impl_;
-  const std::size_t h = layout.shape.hidden;
-  if (ldx < h || ldo < h) return invalid_argument("expert_ffn: bad stride");
-  for (const SlotTask& t : tasks) {
-    if (t.slot >= m.config.slot_count) return invalid_argument("expert_ffn: slot out of range");
-    if (t.n == 0 || t.n > cuda::kMaxGemvTokens) return invalid_argument("expert_ffn: n must be 1..8");
-    MOEX_RETURN_IF_ERROR(check(cudaStreamWaitEvent(m.compute, m.filled[t.slot], 0), "wait filled"));
-    // Gather the task's rows of x, run the expert on them, scatter-add the weighted outputs.
-    for (std::uint32_t j = 0; j < t.n; ++j)
-      MOEX_RETURN_IF_ERROR(check(cudaMemcpyAsync(m.fp8_x + j * h, x + std::size_t{t.token[j]} * ldx, h * sizeof(float),
-                                                 cudaMemcpyDeviceToDevice, m.compute),
-                                 "fp8 gather"));
-    MOEX_RETURN_IF_ERROR(check(cudaEventSynchronize(m.weights_copied), "fp8 weights wait"));
-    std::copy(t.weight, t.weight + t.n, m.weights_host);
-    MOEX_RETURN_IF_ERROR(
-        check(cudaMemcpyAsync(m.fp8_weight, m.weights_host, t.n * sizeof(float), cudaMemcpyHostToDevice, m.compute),
-              "fp8 weights"));
-    MOEX_RETURN_IF_ERROR(check(cudaEventRecord(m.weights_copied, m.compute), "fp8 weights record"));
-    const ExpertView v = ExpertView::contiguous(slot_data(t.slot), layout);
-    MOEX_RETURN_IF_ERROR(cuda_detail::fp8_expert(v, m.fp8_x, h, t.n, m.fp8_out, h, m.fp8_scratch, m.compute));
-    MOEX_RETURN_IF_ERROR(check(cudaEventRecord(m.released[t.slot], m.compute), "record released"));
-    for (std::uint32_t j = 0; j < t.n; ++j) {
-      cuda::CombineArgs c;
-      c.eo = m.fp8_out + j * h;
-      c.ld_eo = h;
-      c.weight = m.fp8_weight + j;
-      c.tokens = 1;
-      c.k = 1;
-      c.hidden = static_cast<std::uint32_t>(h);
-      c.out = out + std::size_t{t.token[j]} * ldo;
-      c.ldo = ldo;
-      c.accumulate = true;
-      MOEX_RETURN_IF_ERROR(cuda::weighted_combine(c, m.compute));
-    }
   }
   return Status::ok();
 }

@@ -23,7 +23,6 @@
 #include "moex/store/expert_store.hpp"
 #include "moex/thread_pool.hpp"
 
-#include "fp8_expert.hpp"
 #include "kernels.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -130,9 +129,9 @@ struct CudaExecutionBackend::Impl {
   float* d_y = nullptr;
   float* d_ws = nullptr;          // grouped-kernel workspace (one expert)
   std::uint16_t* d_xb = nullptr;  // cuBLAS path: bf16 (or f16) x
-  float* d_h1 = nullptr;          // cuBLAS and fp8 paths: gate and up products
+  float* d_h1 = nullptr;          // cuBLAS path: gate and up products
   float* d_h3 = nullptr;
-  std::uint16_t* d_hb = nullptr;  // cuBLAS and fp8 paths: bf16 activation
+  std::uint16_t* d_hb = nullptr;  // cuBLAS path: bf16 (or f16) activation
   float* h_x = nullptr;           // pinned
   float* h_y = nullptr;           // pinned
   std::byte* staging = nullptr;   // pinned
@@ -308,14 +307,6 @@ struct CudaExecutionBackend::Impl {
       a.y = y;
       return cuda::gemm_bf16(cublas, a, compute);
     }
-    if (prec == Precision::kFp8E4M3) {  // per-expert path: the grouped kernels take no block scales
-      const cuda_detail::Fp8Scratch scratch{d_h1, d_h3};
-      for (std::size_t off = 0; off < n; off += cuda::kMaxGemvTokens) {
-        const auto c = static_cast<std::uint32_t>(std::min<std::size_t>(cuda::kMaxGemvTokens, n - off));
-        MOEX_RETURN_IF_ERROR(cuda_detail::fp8_expert(v, x + off * h, h, c, y + off * h, h, scratch, compute));
-      }
-      return Status::ok();
-    }
     MOEX_RETURN_IF_ERROR(check(cudaMemsetAsync(y, 0, n * h * sizeof(float), compute), "memset y"));
     for (std::size_t off = 0; off < n; off += cuda::kMaxGemvTokens) {
       const auto c = static_cast<std::uint32_t>(std::min<std::size_t>(cuda::kMaxGemvTokens, n - off));
@@ -337,6 +328,7 @@ struct CudaExecutionBackend::Impl {
       a.out = y + off * h;
       a.ldo = h;
       a.workspace = d_ws;
+      a.exact = config.exact_activations;
       MOEX_RETURN_IF_ERROR(cuda::grouped_expert_ffn(a, compute));
     }
     return Status::ok();

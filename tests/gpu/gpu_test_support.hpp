@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>
 
+#include "kernels.hpp"
+
 namespace moex::test {
 
 /// True when a CUDA device is visible (cached; evaluated at test registration).
@@ -79,6 +81,14 @@ class DeviceBuffer {
   T* p_ = nullptr;
   std::size_t n_ = 0;
 };
+
+/// Runs cuda::grouped_expert_ffn for `tasks` (experts of `layout` already on the device) on device
+/// copies of x and out0 (row stride ld), with a poisoned workspace, and returns out - out0: the
+/// experts' contributions. REQUIREs success and CHECKs that every output is finite (call inside a
+/// doctest case).
+std::vector<float> run_grouped_delta(const moex::ExpertLayout& layout, const std::vector<cuda::ExpertTask>& tasks,
+                                     const std::vector<float>& x, std::size_t ld, const std::vector<float>& out0,
+                                     bool exact);
 
 }  // namespace moex::test
 

@@ -331,32 +331,10 @@ TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the fl
           }
         }
       }
-      moex::test::DeviceBuffer<float> dx(x.size()), dout(out0.size());
-      moex::test::DeviceBuffer<std::byte> ws(mc::grouped_expert_workspace_bytes(shape, experts));
-      REQUIRE(dx.upload(x));
-      REQUIRE(dout.upload(out0));
-      MOEX_CUDA_REQUIRE(cudaMemset(ws.get(), 0xFF, ws.size()));  // poisoned scratch
-      mc::GroupedExpertArgs a;
-      a.layout = l;
-      a.tasks = tasks.data();
-      a.count = experts;
-      a.x = dx.get();
-      a.ldx = ld;
-      a.out = dout.get();
-      a.ldo = ld;
-      a.workspace = reinterpret_cast<float*>(ws.get());
-      a.exact = exact;
-      const moex::Status st = mc::grouped_expert_ffn(a, nullptr);
-      INFO(st.to_string());
-      REQUIRE(st.is_ok());
-      MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());
-      const auto got = dout.download(out0.size());
-      CHECK(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
       // Compare the delta (out - out0) so the check is not diluted by the initial contents.
-      std::vector<float> delta(got.size());
-      std::vector<double> ref_delta(got.size()), ref_q8_delta(got.size());
-      for (std::size_t i = 0; i < got.size(); ++i) {
-        delta[i] = got[i] - out0[i];
+      const auto delta = moex::test::run_grouped_delta(l, tasks, x, ld, out0, exact);
+      std::vector<double> ref_delta(delta.size()), ref_q8_delta(delta.size());
+      for (std::size_t i = 0; i < delta.size(); ++i) {
         ref_delta[i] = ref[i] - out0[i];
         ref_q8_delta[i] = ref_q8[i] - out0[i];
       }

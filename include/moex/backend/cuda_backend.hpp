@@ -35,6 +35,10 @@ struct CudaBackendConfig {
   std::size_t staging_bytes = 64ull << 20;  ///< pinned bounce buffer for pageable uploads
   ExpertShape max_shape{};                  ///< largest expert shape, sizes the workspace
   void* compute_stream = nullptr;           ///< caller's cudaStream_t; null: the backend makes one
+  /// int4/int2 and GGUF Q8_0/Q4_0/Q4_K experts: false (default) quantizes activations to int8 per
+  /// weight group for integer dot products (cuda::GroupedExpertArgs::exact; about 4e-3 relative per
+  /// product), true keeps them f32 (the CPU expert's arithmetic, slower).
+  bool exact_activations = false;
 };
 
 /// One expert of one step: the slot that holds it and the tokens routed to it.
@@ -84,9 +88,8 @@ class CudaBackend {
   /// launch per 32 tasks) on the compute stream, after their slots' uploads. x and out are
   /// device pointers, [tokens x hidden] with strides ldx / ldo; out is accumulated into.
   /// Every format of quant/layout.hpp that the kernels serve (cuda::gemv_supported) runs, GGUF
-  /// Q8_0/Q4_0/Q4_K included (block kernels, grouped). fp8 e4m3 experts run one at a time
-  /// (gemv with each matrix's scale section and an f32 SwiGLU activation: see
-  /// src/cuda/fp8_expert.hpp), their outputs added with weighted_combine.
+  /// Q8_0/Q4_0/Q4_K and fp8 e4m3 (with each matrix's block-scale section) included: block
+  /// kernels, grouped.
   Status expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x, std::size_t ldx,
                     float* out, std::size_t ldo) noexcept;
 
@@ -95,8 +98,6 @@ class CudaBackend {
 
  private:
   explicit CudaBackend(std::unique_ptr<Impl> impl) noexcept;
-  Status fp8_expert_ffn(const ExpertLayout& layout, std::span<const SlotTask> tasks, const float* x, std::size_t ldx,
-                        float* out, std::size_t ldo) noexcept;
   std::unique_ptr<Impl> impl_;
 };
 

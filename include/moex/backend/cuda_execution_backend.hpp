@@ -18,9 +18,8 @@
 ///   expert on the compute stream after the slot's "filled" event (fused GEMV kernels up to
 ///   `gemv_max_tokens` tokens, cuBLAS above for bf16, or cuBLASLt for bf16/f16 with
 ///   `use_cublaslt`), then copies y back to pinned staging. Block-format slots (the store's
-///   keep_block_formats masters, quant/layout.hpp) run the block kernels: GGUF Q8_0/Q4_0/Q4_K
-///   through the grouped launch, fp8 e4m3 as three GEMVs with each matrix's scale section and an
-///   f32 SwiGLU activation (src/cuda/fp8_expert.hpp). With `use_cuda_graphs` the GEMV-path
+///   keep_block_formats masters, quant/layout.hpp) run the block kernels through the grouped
+///   launch: GGUF Q8_0/Q4_0/Q4_K, and fp8 e4m3 with each matrix's scale section. With `use_cuda_graphs` the GEMV-path
 ///   calls of a step are recorded and launched at sync() as one cached CUDA graph.
 ///   expert_ffn_at_source() runs moex::expert_ffn (the CPU kernels) on a host worker thread, at
 ///   once with the GPU. sync() waits for both and copies the staged outputs into the callers' y.
@@ -63,6 +62,10 @@ struct CudaExecutionBackendConfig {
   /// Off by default: the measured effect is in bench/RESULTS-gpu.md.
   bool use_cuda_graphs = false;
   std::uint32_t graph_cache = 256;  ///< instantiated graphs kept (least recently used replaced)
+  /// int4/int2 and GGUF Q8_0/Q4_0/Q4_K experts on the fused kernels: false (default) quantizes
+  /// activations to int8 per weight group for integer dot products (cuda::GroupedExpertArgs::exact;
+  /// about 4e-3 relative per product), true keeps them f32 (the CPU expert's arithmetic, slower).
+  bool exact_activations = false;
 };
 
 /// Counters of a CudaExecutionBackend (cumulative; reset_counters clears them).

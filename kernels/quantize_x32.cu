@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include "block_decode.cuh"
 #include "device_math.cuh"
 #include "kernels.hpp"
 #include "launchers.hpp"
@@ -44,8 +45,7 @@ __global__ void __launch_bounds__(256) quantize_rows(const __grid_constant__ Qua
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   const std::size_t row = static_cast<std::size_t>(e) * kMaxGemvTokens + t;
-  const std::uint32_t at = (col & ~1023u) + (lane >> 4) * 512u + ((col >> 5) & 31u) * 16u + (lane & 15u);
-  p.out.q[row * p.out.ldq + at] = static_cast<std::uint8_t>(static_cast<std::int8_t>(q));
+  p.out.q[row * p.out.ldq + q8_code_offset(col)] = static_cast<std::uint8_t>(static_cast<std::int8_t>(q));
   if (lane == 0) p.out.m[row * p.out.ldm + g] = make_float2(amax / 127.f, static_cast<float>(sum));
 }
 

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <set>
 #include <vector>
 
 #include <doctest/doctest.h>
@@ -20,6 +21,7 @@
 #include "moex/quant/ggml.hpp"
 #include "moex/quant/half.hpp"
 
+#include "block_decode.cuh"
 #include "gpu_test_support.hpp"
 #include "kernels.hpp"
 #include "support/test_support.hpp"
@@ -174,6 +176,115 @@ TEST_CASE("block-format dispatch: column multiples, fp8 needs its scales in GEMV
   g.ldo = 256;
   g.workspace = dummy.data();
   CHECK(mc::grouped_expert_ffn(g, nullptr).code() == moex::StatusCode::kInvalidArgument);  // no scale sections
+}
+
+TEST_CASE("block kernels' host-checkable parts: q8 unit decoders, tile spans, step shares, code offsets") {
+  namespace d = moex::cuda::detail;
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  // unit_codes (the q8 path's decoder) against the CPU's decode_block_row, with the row starting 0
+  // or 2 bytes past a 4-byte boundary (shared-memory tiles of 34/18-byte blocks start at either).
+  auto check_units = [&]<Precision P>() {
+    const std::size_t cols = 2304;  // 72 units: 9 Q4_K super-blocks
+    const BlockMatrix m = random_block_matrix(P, 1, cols, 77);
+    for (const std::size_t off : {std::size_t{0}, std::size_t{2}}) {
+      if (P == Precision::kQ4_K && off != 0) continue;  // Q4_K rows are whole 144-byte super-blocks
+      CAPTURE(moex::to_string(P));
+      CAPTURE(off);
+      std::vector<uint4> storage(m.bytes.size() / 16 + 8);  // 16-byte aligned, padded past the row
+      auto* base = reinterpret_cast<std::uint8_t*>(storage.data()) + off;
+      std::memcpy(base, m.bytes.data(), m.bytes.size());
+      double worst = 0;
+      for (int u = 0; u < static_cast<int>(cols / 32); ++u) {
+        std::uint32_t c[8];
+        float dw = 0, mn = 0;
+        d::unit_codes<P>(base, u, c, dw, mn);
+        for (int j = 0; j < 32; ++j) {
+          const std::uint32_t byte = (c[j / 4] >> (8 * (j % 4))) & 0xFFu;
+          const double code = P == Precision::kQ8_0 ? double(static_cast<std::int8_t>(byte)) : double(byte);
+          if (P != Precision::kQ8_0) REQUIRE(byte < 16u);
+          const double want = m.w[static_cast<std::size_t>(u) * 32 + static_cast<std::size_t>(j)];
+          worst = std::max(worst, std::fabs(double(dw) * code + double(mn) - want) / std::max(1e-3, std::fabs(want)));
+        }
+      }
+      CHECK(worst < 1e-6);  // the same f32 products and sums as the CPU decoder
+    }
+  };
+  check_units.operator()<Precision::kQ8_0>();
+  check_units.operator()<Precision::kQ4_0>();
+  check_units.operator()<Precision::kQ4_K>();
+
+  // tile_span: 16-byte aligned copies that cover each tile, never past the allocation's last whole 16
+  // bytes (the rest, only at its very end, is the tail), and fit a row buffer.
+  auto check_spans = [&]<Precision P>(std::size_t rows, std::size_t cols) {
+    CAPTURE(moex::to_string(P));
+    CAPTURE(cols);
+    const std::size_t rb = row_bytes(P, cols);
+    const std::uintptr_t base = 0x10000;
+    const auto* end = reinterpret_cast<const std::uint8_t*>(base + rows * rb);
+    const std::uintptr_t lim = (base + rows * rb) & ~std::uintptr_t{15};
+    const std::uint32_t tiles = static_cast<std::uint32_t>((cols + d::kTileWeights - 1) / d::kTileWeights);
+    std::size_t covered = 0, tails = 0;
+    for (std::size_t r = 0; r < rows; ++r)
+      for (std::uint32_t k = 0; k < tiles; ++k) {
+        const auto sp = d::tile_span<P>(reinterpret_cast<const std::uint8_t*>(base + r * rb), end, rb, k);
+        CHECK(sp.a0 % 16 == 0);
+        CHECK(sp.a1 % 16 == 0);
+        CHECK(sp.a0 <= sp.tb);
+        CHECK(sp.a1 <= lim);
+        CHECK(sp.te - sp.a0 <= static_cast<std::uintptr_t>(d::kRowBuf<P>));
+        CHECK(sp.a1 - sp.a0 <= static_cast<std::uintptr_t>(d::kRowBuf<P>));
+        if (sp.a1 < sp.te) {
+          CHECK(sp.a1 == lim);
+          ++tails;
+        }
+        CHECK(sp.tb == base + r * rb + std::size_t{k} * d::kTileBytes<P>);
+        covered += sp.te - sp.tb;
+      }
+    CHECK(covered == rows * rb);  // tiles partition every row
+    CHECK(tails == ((rows * rb) % 16 != 0 ? 1u : 0u));
+  };
+  check_spans.operator()<Precision::kQ4_0>(37, 1440);
+  check_spans.operator()<Precision::kQ8_0>(37, 1440);
+  check_spans.operator()<Precision::kQ8_0>(5, 32);
+  check_spans.operator()<Precision::kQ4_K>(131, 2304);
+  check_spans.operator()<Precision::kFp8E4M3>(20, 800);
+
+  // Step shares: even_steps partitions all steps in order, balanced to one; strided_groups covers
+  // whole groups.
+  for (const std::uint32_t count : {1u, 7u, 1024u, 5003u})
+    for (const std::uint32_t tiles : {1u, 3u, 14u})
+      for (const std::uint32_t W : {1u, 5u, 328u, 4096u}) {
+        std::uint64_t next = 0, lo = ~std::uint64_t{0}, hi = 0;
+        for (std::uint32_t w = 0; w < W; ++w) {
+          const d::StepRange sr = d::even_steps(w, W, count, tiles);
+          if (sr.steps != 0) CHECK(std::uint64_t{sr.rg0} * tiles + sr.k0 == next);
+          CHECK(sr.stride == 1u);
+          next += sr.steps;
+          lo = std::min(lo, sr.steps);
+          hi = std::max(hi, sr.steps);
+        }
+        CHECK(next == std::uint64_t{count} * tiles);
+        CHECK(hi - lo <= 1);
+        std::uint64_t strided = 0;
+        for (std::uint32_t w = 0; w < W; ++w) {
+          const d::StepRange sr = d::strided_groups(w, W, count, tiles);
+          CHECK(sr.k0 == 0u);
+          CHECK(sr.steps % tiles == 0);
+          strided += sr.steps;
+        }
+        CHECK(strided == std::uint64_t{count} * tiles);
+      }
+
+  // Code offsets: a bijection on each tile, lane u's two 16-byte loads holding its unit's columns in order.
+  std::set<std::uint32_t> seen;
+  for (std::uint32_t c = 0; c < 3072; ++c) {
+    const std::uint32_t tile = c / 1024, u = (c % 1024) / 32, b = c % 32;
+    CHECK(d::q8_code_offset(c) == tile * 1024 + (b < 16 ? 0u : 512u) + 16 * u + b % 16);
+    seen.insert(d::q8_code_offset(c));
+  }
+  CHECK(seen.size() == 3072);
+  CHECK(*seen.rbegin() == 3071);
 }
 }  // TEST_SUITE("cuda")
 

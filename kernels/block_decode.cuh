@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "moex/quant/half.hpp"
+#include "moex/quant/layout.hpp"
 #include "moex/types.hpp"
 
 #define MOEX_HD __host__ __device__ __forceinline__
@@ -32,39 +33,24 @@ inline constexpr int kBlockRows = 4;       ///< rows a warp streams at once (a r
 inline constexpr int kTileWeights = 1024;  ///< columns of one row in one stage: 32 units of 32
 inline constexpr int kTileUnits = kTileWeights / 32;
 
-/// Compile-time facts of a block format: weights and bytes per block, and the depth of the ring
-/// (about 10-13 KB a warp, so that 4-5 blocks of 4 warps fit an SM with 100+ KB in flight).
+/// Stages of a warp's ring (about 10-13 KB a warp, so that 4-5 blocks of 4 warps fit an SM with
+/// 100+ KB in flight).
 template <Precision P>
-struct BlockTraits;
-template <>
-struct BlockTraits<Precision::kQ8_0> {
-  static constexpr int kBlockWeights = 32, kBlockBytes = 34, kStages = 3;
-};
-template <>
-struct BlockTraits<Precision::kQ4_0> {
-  static constexpr int kBlockWeights = 32, kBlockBytes = 18, kStages = 4;
-};
-template <>
-struct BlockTraits<Precision::kQ4_K> {
-  static constexpr int kBlockWeights = 256, kBlockBytes = 144, kStages = 4;
-};
-template <>
-struct BlockTraits<Precision::kFp8E4M3> {  // "blocks" of 32 bytes; the scales live apart
-  static constexpr int kBlockWeights = 32, kBlockBytes = 32, kStages = 3;
-};
+inline constexpr int kStages = P == Precision::kQ8_0 || P == Precision::kFp8E4M3 ? 3 : 4;
 
 /// Bytes of one row's tile, of its buffer in a stage (room for the rounding to 16 bytes at both
 /// ends), of a stage (kBlockRows buffers), and of a warp's ring with its mbarriers.
 template <Precision P>
-inline constexpr int kTileBytes = kTileWeights / BlockTraits<P>::kBlockWeights * BlockTraits<P>::kBlockBytes;
+inline constexpr int kTileBytes =
+    static_cast<int>(kTileWeights / block_geometry(P).weights * block_geometry(P).bytes);
 template <Precision P>
 inline constexpr int kRowBuf = kTileBytes<P> + 32;
 template <Precision P>
 inline constexpr int kStageBytes = kBlockRows * kRowBuf<P>;
 template <Precision P>
-inline constexpr int kRingBytes = BlockTraits<P>::kStages * kStageBytes<P>;
+inline constexpr int kRingBytes = kStages<P> * kStageBytes<P>;
 template <Precision P>
-inline constexpr int kWarpBytes = (kRingBytes<P> + BlockTraits<P>::kStages * 8 + 15) / 16 * 16;
+inline constexpr int kWarpBytes = (kRingBytes<P> + kStages<P> * 8 + 15) / 16 * 16;
 static_assert(kTileBytes<Precision::kQ8_0> % 16 == 0 && kTileBytes<Precision::kQ4_0> % 16 == 0 &&
               kTileBytes<Precision::kQ4_K> % 16 == 0 && kTileBytes<Precision::kFp8E4M3> % 16 == 0);
 

@@ -313,7 +313,7 @@ template <Precision P, int T, bool Q, class RowsOf, class Sink>
 __device__ __forceinline__ void block_stream(const RowsOf& rows_of, const StepRange& sr, std::uint32_t cols,
                                              std::size_t row_bytes, std::uint32_t scale_b, const BlockIn<T>& in,
                                              unsigned char* ring, int lane, Sink&& sink) {
-  constexpr int R = kBlockRows, S = BlockTraits<P>::kStages;
+  constexpr int R = kBlockRows, S = kStages<P>;
   if (sr.steps == 0) return;  // whole warp
   auto* bars = reinterpret_cast<std::uint64_t*>(ring + kRingBytes<P>);
   const std::uint32_t tiles = row_tiles(cols);
@@ -601,15 +601,11 @@ __global__ void __launch_bounds__(kBlockWarps * 32)
 /// Bytes of one row of `cols` columns in block format P.
 template <Precision P>
 constexpr std::size_t block_row_bytes(std::size_t cols) {
-  return cols / BlockTraits<P>::kBlockWeights * BlockTraits<P>::kBlockBytes;
+  return cols / block_geometry(P).weights * block_geometry(P).bytes;
 }
 
-/// The persistent grid of a block-format kernel: `groups` row groups, spread over at most `cap`
-/// resident blocks.
-inline unsigned block_grid(std::size_t groups, std::size_t cap) {
-  const std::size_t needed = (groups + kBlockWarps - 1) / kBlockWarps;
-  return static_cast<unsigned>(needed < cap ? needed : cap);
-}
+/// Row groups of a matrix of `rows` rows.
+inline std::size_t row_groups(std::size_t rows) { return (rows + kBlockRows - 1) / kBlockRows; }
 
 /// Device facts and a check that the device has the copy engine these kernels use (sm_90+).
 inline Status block_device(DeviceFacts& d) noexcept {
@@ -645,16 +641,16 @@ Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream) noexcept {
   p.n = a.n;
   p.accumulate = a.accumulate;
   constexpr std::size_t smem = detail::block_smem_bytes<P>();
-  const std::size_t groups = (rows + detail::kBlockRows - 1) / detail::kBlockRows;
+  const std::size_t needed = (detail::row_groups(rows) + detail::kBlockWarps - 1) / detail::kBlockWarps;
   auto run = [&](auto* kernel, const char* what) -> Status {
     std::size_t cap = 0;
     MOEX_RETURN_IF_ERROR(detail::resident_blocks(kernel, detail::kBlockWarps * 32, smem, d, cap));
-    kernel<<<detail::block_grid(groups, cap), detail::kBlockWarps * 32, smem, stream>>>(p);
+    kernel<<<detail::blocks_per_task(cap, 1, needed), detail::kBlockWarps * 32, smem, stream>>>(p);
     return cuda_status(cudaGetLastError(), what);
   };
   if constexpr (P != Precision::kFp8E4M3) {
     if (!a.exact && a.workspace != nullptr) {  // q8 path: quantize x once, then integer dot products
-      const BlockQ8Rows ws = block_q8_workspace(a.workspace, cols, a.n);
+      const BlockQ8Rows ws = q8_rows_at(a.workspace, cols, a.n);
       p.xq = ws.q;
       p.xm = ws.m;
       p.ldq = ws.ldq;
@@ -705,10 +701,9 @@ Status launch_grouped_expert_block(const GroupedExpertArgs& a, cudaStream_t stre
   // kMinDownSteps a warp (each warp's ring takes a few tiles' latency to fill).
   constexpr std::size_t kMinDownSteps = 4;
   const std::size_t up_groups = (ffn + 1) / 2;
-  const std::size_t down_warps = ((hidden + detail::kBlockRows - 1) / detail::kBlockRows *
-                                      ((ffn + detail::kTileWeights - 1) / detail::kTileWeights) +
-                                  kMinDownSteps - 1) /
-                                 kMinDownSteps;
+  const std::size_t down_warps =
+      (detail::row_groups(hidden) * detail::row_tiles(static_cast<std::uint32_t>(ffn)) + kMinDownSteps - 1) /
+      kMinDownSteps;
   if constexpr (P != Precision::kFp8E4M3) {
     if (!a.exact) {  // q8 path: x, then h, quantized per 32 columns in launches of their own
       p.xq = ws.x.q;

@@ -466,8 +466,7 @@ Status launch_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
   std::size_t cap = 0;
   MOEX_RETURN_IF_ERROR(resident_blocks(kernel, kQ8Warps * 32, smem, d, cap));
   const std::size_t row_groups = (a.layout.rows + detail::kQ8Rows - 1) / detail::kQ8Rows;
-  const std::size_t needed = (row_groups + detail::kQ8Warps - 1) / detail::kQ8Warps;
-  const auto blocks = static_cast<unsigned>(needed < cap ? needed : cap);
+  const unsigned blocks = blocks_per_task(cap, 1, (row_groups + detail::kQ8Warps - 1) / detail::kQ8Warps);
   const detail::Q8Params p{a.w,
                            a.layout.scales_offset,
                            a.layout.mins_offset,

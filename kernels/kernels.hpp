@@ -124,10 +124,13 @@ struct GroupedExpertArgs {
 
 /// Device scratch that grouped_expert_ffn needs for `count` experts of `shape`: the f32 SwiGLU
 /// activations, then (q8 path of the GGUF formats) the quantized x and h of every (expert, token).
+/// Of it, the f32 SwiGLU activations [count][kMaxGemvTokens][ffn], rounded up to 256 bytes.
+constexpr std::size_t grouped_h_bytes(ExpertShape shape, std::uint32_t count) noexcept {
+  return align_up(static_cast<std::size_t>(count) * kMaxGemvTokens * shape.ffn * sizeof(float), 256);
+}
 constexpr std::size_t grouped_expert_workspace_bytes(ExpertShape shape, std::uint32_t count) noexcept {
   const std::size_t rows = static_cast<std::size_t>(count) * kMaxGemvTokens;
-  return (rows * shape.ffn * sizeof(float) + 255) / 256 * 256 + q8_rows_bytes(shape.hidden, rows) +
-         q8_rows_bytes(shape.ffn, rows);
+  return grouped_h_bytes(shape, count) + q8_rows_bytes(shape.hidden, rows) + q8_rows_bytes(shape.ffn, rows);
 }
 
 /// Fused SwiGLU experts (kernel family swiglu_gemv + down_scatter_gemv; int4/int2 by default

@@ -53,7 +53,8 @@ struct BlockQ8Rows {
   float2* m = nullptr;
   std::size_t ldq = 0, ldm = 0;
 };
-/// `rows` rows of `cols` columns at base (16-byte aligned; q8_rows_bytes(cols, rows) bytes).
+/// `rows` rows of `cols` columns at base (16-byte aligned; q8_rows_bytes(cols, rows) bytes); the
+/// GEMV's workspace holds token t in row t.
 inline BlockQ8Rows q8_rows_at(void* base, std::size_t cols, std::size_t rows) noexcept {
   BlockQ8Rows r;
   r.ldq = q8_codes_ld(cols);
@@ -61,10 +62,6 @@ inline BlockQ8Rows q8_rows_at(void* base, std::size_t cols, std::size_t rows) no
   r.q = static_cast<std::uint8_t*>(base);
   r.m = reinterpret_cast<float2*>(r.q + rows * r.ldq);
   return r;
-}
-/// The parts of GemvArgs::workspace: token t's row t.
-inline BlockQ8Rows block_q8_workspace(void* ws, std::size_t cols, std::uint32_t n) noexcept {
-  return q8_rows_at(ws, cols, n);
 }
 /// The parts of GroupedExpertArgs::workspace (grouped_expert_workspace_bytes): h, the f32 SwiGLU
 /// activations [count][kMaxGemvTokens][ffn]; then the quantized x and h of (expert e, token t) at
@@ -77,7 +74,7 @@ inline GroupedWorkspace grouped_workspace(float* ws, ExpertShape shape, std::uin
   const std::size_t rows = static_cast<std::size_t>(count) * kMaxGemvTokens;
   GroupedWorkspace g;
   g.h = ws;
-  auto* base = reinterpret_cast<std::byte*>(ws) + (rows * shape.ffn * sizeof(float) + 255) / 256 * 256;
+  auto* base = reinterpret_cast<std::byte*>(ws) + grouped_h_bytes(shape, count);
   g.x = q8_rows_at(base, shape.hidden, rows);
   g.h8 = q8_rows_at(base + q8_rows_bytes(shape.hidden, rows), shape.ffn, rows);
   return g;

@@ -202,5 +202,23 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
   });
 }
 
+Status gemv_q8_variant(const GemvArgs& a, int variant, cudaStream_t stream) noexcept {
+  return dispatch(a.layout.format, 1, [&]<Precision P, int G, int T>() -> Status {
+    if constexpr (P == Precision::kInt4 || P == Precision::kInt2)
+      return launch_gemv_q8_variant<P, G>(a, variant, stream);
+    else
+      return unsupported("gemv_q8_variant: int4/int2 only");
+  });
+}
+
+Status grouped_expert_q8_variant(const GroupedExpertArgs& a, int variant, cudaStream_t stream) noexcept {
+  return dispatch(a.layout.format, 1, [&]<Precision P, int G, int T>() -> Status {
+    if constexpr (P == Precision::kInt4 || P == Precision::kInt2)
+      return launch_grouped_expert_q8_variant<P, G>(a, variant, stream);
+    else
+      return unsupported("grouped_expert_q8_variant: int4/int2 only");
+  });
+}
+
 }  // namespace cuda
 MOEX_NAMESPACE_END

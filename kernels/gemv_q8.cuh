@@ -326,6 +326,13 @@ inline constexpr int kQ8Units = T == 1 && ((B == 2 && G <= 64) || (B == 4 && G =
                                     ? 2
                                     : 1;
 
+/// Units per lane in flight in the grouped kernels (q8_swiglu, q8_down_scatter). Measured
+/// (bench/RESULTS-gpu.md, 2026-12-07, H100, 8 Mixtral experts, grouped_q8_variant): two at batch 1
+/// in every format, int4 g64 0.83 -> 0.92 and int2 g128 0.76 -> 0.88 of the copy ceiling, the
+/// formats that already had two unchanged; T > 1 keeps one (registers).
+template <int T>
+inline constexpr int kQ8GroupUnits = T == 1 ? 2 : 1;
+
 template <Precision P, int G, int T, bool Asym, int U, int MinBlocks = 1>
 __global__ void __launch_bounds__(kQ8Warps * 32, MinBlocks) q8_gemv(const Q8Params p) {
   constexpr int B = static_cast<int>(precision_bits(P));
@@ -377,7 +384,7 @@ struct Q8GroupParams {
 
 /// h[e][t][j] = silu(W1[j] . q8(x[token])) * (W3[j] . q8(x[token])): a warp streams rows j, j+1 of
 /// w1 and of w3 together (4 rows in flight, as in q8_gemv).
-template <Precision P, int G, int T, bool Asym>
+template <Precision P, int G, int T, bool Asym, int U>
 __global__ void __launch_bounds__(kQ8Warps * 32) q8_swiglu(const __grid_constant__ Q8GroupParams p) {
   constexpr int B = static_cast<int>(precision_bits(P));
   using Geo = Q8Geo<B, G>;
@@ -402,7 +409,7 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_swiglu(const __grid_constant
     const __half* sc[4] = {m1.scales(j0), m1.scales(j1), m3.scales(j0), m3.scales(j1)};
     const __half* mn[4] = {m1.mins(j0), m1.mins(j1), m3.mins(j0), m3.mins(j1)};
     float acc[4][T];
-    q8_dot<B, G, T, Asym, 4, kQ8Units<B, G, T, Asym>>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
+    q8_dot<B, G, T, Asym, 4, U>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -415,7 +422,7 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_swiglu(const __grid_constant
 }
 
 /// out[token][r] += weight * (W2[r] . q8(h[e][t])) (atomic: several experts share a token).
-template <Precision P, int G, int T, bool Asym>
+template <Precision P, int G, int T, bool Asym, int U>
 __global__ void __launch_bounds__(kQ8Warps * 32) q8_down_scatter(const __grid_constant__ Q8GroupParams p) {
   constexpr int B = static_cast<int>(precision_bits(P));
   using Geo = Q8Geo<B, G>;
@@ -440,7 +447,7 @@ __global__ void __launch_bounds__(kQ8Warps * 32) q8_down_scatter(const __grid_co
     const __half* mn[R];
     q8_row_group<R>(m2, row0, p.hidden, codes, sc, mn);
     float acc[R][T];
-    q8_dot<B, G, T, Asym, R, kQ8Units<B, G, T, Asym>>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
+    q8_dot<B, G, T, Asym, R, U>(codes, sc, mn, units, q8_smem, stride, act, lane, acc);
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -482,7 +489,8 @@ Status launch_q8(const GemvArgs& a, cudaStream_t stream) noexcept {
   return cuda_status(cudaGetLastError(), "q8_gemv launch");
 }
 
-template <Precision P, int G, int T, bool Asym>
+/// The q8 grouped experts with U units per lane in flight in both kernels.
+template <Precision P, int G, int T, bool Asym, int U = kQ8GroupUnits<T>>
 Status launch_grouped_q8(const GroupedExpertArgs& a, cudaStream_t stream) noexcept {
   const std::size_t hidden = a.layout.shape.hidden, ffn = a.layout.shape.ffn;
   const std::size_t smem_up = q8_smem_bytes<P, G, T>(hidden);
@@ -509,12 +517,12 @@ Status launch_grouped_q8(const GroupedExpertArgs& a, cudaStream_t stream) noexce
   auto grid_x = [&](std::size_t cap, std::size_t row_groups) {
     return blocks_per_task(cap, a.count, (row_groups + kQ8Warps - 1) / kQ8Warps);
   };
-  auto* up = q8_swiglu<P, G, T, Asym>;
+  auto* up = q8_swiglu<P, G, T, Asym, U>;
   std::size_t cap = 0;
   MOEX_RETURN_IF_ERROR(resident_blocks(up, kQ8Warps * 32, smem_up, d, cap));
   up<<<dim3(grid_x(cap, (ffn + 1) / 2), a.count), kQ8Warps * 32, smem_up, stream>>>(p);
   MOEX_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "q8_swiglu launch"));
-  auto* down = q8_down_scatter<P, G, T, Asym>;
+  auto* down = q8_down_scatter<P, G, T, Asym, U>;
   MOEX_RETURN_IF_ERROR(resident_blocks(down, kQ8Warps * 32, smem_down, d, cap));
   down<<<dim3(grid_x(cap, (hidden + kQ8Rows - 1) / kQ8Rows), a.count), kQ8Warps * 32, smem_down, stream>>>(p);
   return cuda_status(cudaGetLastError(), "q8_down_scatter launch");
@@ -547,11 +555,25 @@ Status launch_grouped_expert_q8(const GroupedExpertArgs& a, cudaStream_t stream)
                                  : detail::launch_grouped_q8<P, G, T, false>(a, stream);
 }
 
+template <Precision P, int G>
+Status launch_grouped_expert_q8_variant(const GroupedExpertArgs& a, int variant, cudaStream_t stream) noexcept {
+  for (std::uint32_t i = 0; i < a.count; ++i)
+    if (a.tasks[i].n != 1) return unsupported("launch_grouped_expert_q8_variant: one token a task only");
+  const bool asym = a.layout.w1.mins_offset != 0;
+  if (variant == 0)
+    return asym ? detail::launch_grouped_q8<P, G, 1, true>(a, stream)
+                : detail::launch_grouped_q8<P, G, 1, false>(a, stream);
+  if (variant == 1)
+    return asym ? detail::launch_grouped_q8<P, G, 1, true, 1>(a, stream)
+                : detail::launch_grouped_q8<P, G, 1, false, 1>(a, stream);
+  return unsupported("launch_grouped_expert_q8_variant: unknown variant");
+}
+
 }  // namespace cuda
 MOEX_NAMESPACE_END
 
 /// Explicit instantiations of q8_gemv and the q8 grouped experts for one (precision, group), token
-/// buckets 1, 2, 4, 8, and of the batch-1 variants (benchmarks).
+/// buckets 1, 2, 4, 8, and of both's batch-1 variants (benchmarks).
 #define MOEX_INSTANTIATE_GEMV_Q8(P, G)                                                                           \
   template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 1>(const GemvArgs&, cudaStream_t) noexcept;           \
   template ::moex::Status moex::cuda::launch_gemv_q8<P, G, 2>(const GemvArgs&, cudaStream_t) noexcept;           \
@@ -565,4 +587,6 @@ MOEX_NAMESPACE_END
   template ::moex::Status moex::cuda::launch_grouped_expert_q8<P, G, 4>(const GroupedExpertArgs&,                \
                                                                         cudaStream_t) noexcept;                  \
   template ::moex::Status moex::cuda::launch_grouped_expert_q8<P, G, 8>(const GroupedExpertArgs&,                \
-                                                                        cudaStream_t) noexcept;
+                                                                        cudaStream_t) noexcept;                  \
+  template ::moex::Status moex::cuda::launch_grouped_expert_q8_variant<P, G>(const GroupedExpertArgs&, int,      \
+                                                                          cudaStream_t) noexcept;

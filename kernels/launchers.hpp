@@ -35,6 +35,17 @@ Status launch_gemv_q8_variant(const GemvArgs& args, int variant, cudaStream_t st
 template <Precision P, int G, int T>
 Status launch_grouped_expert_q8(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
 
+/// The same at batch 1 (every task's n == 1, else kUnsupported) in a named variant (benchmarks and
+/// their tests): 0 = launch_grouped_expert_q8's choice (two 16-byte units per lane in flight),
+/// 1 = one unit per lane.
+template <Precision P, int G>
+Status launch_grouped_expert_q8_variant(const GroupedExpertArgs& args, int variant, cudaStream_t stream) noexcept;
+
+/// launch_gemv_q8_variant / launch_grouped_expert_q8_variant for the layout's format (dispatch.cu;
+/// kUnsupported unless int4/int2 with group 32, 64 or 128).
+Status gemv_q8_variant(const GemvArgs& args, int variant, cudaStream_t stream) noexcept;
+Status grouped_expert_q8_variant(const GroupedExpertArgs& args, int variant, cudaStream_t stream) noexcept;
+
 /// Grouped SwiGLU experts for precision P, group G, token bucket T (every task's n <= T).
 template <Precision P, int G, int T>
 Status launch_grouped_expert(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;

@@ -315,23 +315,9 @@ void BM_gemv_variant(benchmark::State& state) {
   state.SetLabel(std::string(fc.name) + " v" + std::to_string(variant));
   GemvSetup g(fc.f);
   const mc::GemvArgs a = g.args(1);
-  auto launch = [&]() -> moex::Status {
-    const bool i4 = fc.f.precision == Precision::kInt4;
-    switch (fc.f.group_size) {
-      case 32:
-        return i4 ? mc::launch_gemv_q8_variant<Precision::kInt4, 32>(a, variant, nullptr)
-                  : mc::launch_gemv_q8_variant<Precision::kInt2, 32>(a, variant, nullptr);
-      case 64:
-        return i4 ? mc::launch_gemv_q8_variant<Precision::kInt4, 64>(a, variant, nullptr)
-                  : mc::launch_gemv_q8_variant<Precision::kInt2, 64>(a, variant, nullptr);
-      default:
-        return i4 ? mc::launch_gemv_q8_variant<Precision::kInt4, 128>(a, variant, nullptr)
-                  : mc::launch_gemv_q8_variant<Precision::kInt2, 128>(a, variant, nullptr);
-    }
-  };
   bool good = true;
   timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes), g_d2d_gbps,
-             [&] { good = good && launch().is_ok(); });
+             [&] { good = good && mc::gemv_q8_variant(a, variant, nullptr).is_ok(); });
   if (!good) state.SkipWithError("gemv variant failed");
 }
 
@@ -466,7 +452,8 @@ void BM_executor_step(benchmark::State& state) {
 
 /// Times grouped_expert_ffn over `experts` experts of layout l, back to back from w on the device,
 /// one token each (the bytes counted: every expert's blob).
-void time_grouped(benchmark::State& state, const moex::ExpertLayout& l, void* w, std::uint32_t experts, bool exact) {
+void time_grouped(benchmark::State& state, const moex::ExpertLayout& l, void* w, std::uint32_t experts, bool exact,
+                  int variant = -1) {
   const moex::ExpertShape shape = l.shape;
   float *x = nullptr, *out = nullptr, *ws = nullptr;
   ok(cudaMalloc(&x, 8 * shape.hidden * sizeof(float)));
@@ -494,8 +481,11 @@ void time_grouped(benchmark::State& state, const moex::ExpertLayout& l, void* w,
   a.workspace = ws;
   a.exact = exact;
   bool good = true;
-  timed_loop(state, nullptr, static_cast<double>(experts * l.total_bytes), g_d2d_gbps,
-             [&] { good = good && mc::grouped_expert_ffn(a, nullptr).is_ok(); });
+  // variant >= 0: the q8 path's named variant (grouped_expert_q8_variant, int4/int2, batch 1).
+  timed_loop(state, nullptr, static_cast<double>(experts * l.total_bytes), g_d2d_gbps, [&] {
+    good = good && (variant < 0 ? mc::grouped_expert_ffn(a, nullptr) : mc::grouped_expert_q8_variant(a, variant, nullptr))
+                       .is_ok();
+  });
   if (!good) state.SkipWithError("grouped expert failed");
   cudaFree(x);
   cudaFree(out);
@@ -516,12 +506,16 @@ void for_each_matrix(const moex::ExpertLayout& l, F&& fn) {
   }
 }
 
-/// All of a step's experts in one grouped launch: 8 Mixtral-shaped experts, one token each.
+/// All of a step's experts in one grouped launch: 8 Mixtral-shaped experts, one token each. Arg 1:
+/// 1 = exact f32 activations, 0 = the q8 path; arg 2 (grouped_q8_variant rows, else -1): the q8
+/// path's variant (launch_grouped_expert_q8_variant).
 void BM_grouped_experts(benchmark::State& state) {
   const FormatCase& fc = kFormats[state.range(0)];
   const bool exact = state.range(1) != 0;
+  const int variant = state.range(2) >= 0 ? static_cast<int>(state.range(2)) : -1;
   const bool quant = fc.f.precision == Precision::kInt4 || fc.f.precision == Precision::kInt2;
-  state.SetLabel(std::string(fc.name) + (quant ? (exact ? " exact-f32" : " q8-dp4a") : ""));
+  state.SetLabel(std::string(fc.name) + (quant ? (exact ? " exact-f32" : " q8-dp4a") : "") +
+                 (variant >= 0 ? " v" + std::to_string(variant) : ""));
   const moex::ExpertLayout l = moex::expert_layout(kMixtral, fc.f);
   void* w = nullptr;
   ok(cudaMalloc(&w, kGroupExperts * l.total_bytes));
@@ -530,7 +524,7 @@ void BM_grouped_experts(benchmark::State& state) {
     const auto bytes = random_matrix(m, 100 + seed);
     ok(cudaMemcpy(static_cast<std::byte*>(w) + at, bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
   });
-  time_grouped(state, l, w, kGroupExperts, exact);
+  time_grouped(state, l, w, kGroupExperts, exact, variant);
   cudaFree(w);
 }
 
@@ -744,14 +738,23 @@ int main(int argc, char** argv) {
           ->Iterations(50)
           ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("grouped_experts8", BM_grouped_experts)
-      ->Args({0, 0})
+      ->Args({0, 0, -1})
       ->UseManualTime()
       ->Iterations(20)
       ->Unit(benchmark::kMicrosecond);
   for (int f : {4, 5, 6, 7, 9})
     for (int exact : {1, 0})
       benchmark::RegisterBenchmark("grouped_experts8", BM_grouped_experts)
-          ->Args({f, exact})
+          ->Args({f, exact, -1})
+          ->UseManualTime()
+          ->Iterations(20)
+          ->Unit(benchmark::kMicrosecond);
+  // The q8 grouped path's batch-1 variants (two or one 16-byte units per lane in flight), int4
+  // g32 / g64 / g128-asym, int2 g32 / g128.
+  for (int f : {4, 5, 6, 7, 9})
+    for (int v : {0, 1})
+      benchmark::RegisterBenchmark("grouped_q8_variant", BM_grouped_experts)
+          ->Args({f, 0, v})
           ->UseManualTime()
           ->Iterations(20)
           ->Unit(benchmark::kMicrosecond);

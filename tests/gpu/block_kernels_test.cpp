@@ -48,8 +48,12 @@ constexpr double kBlockExpertTol = 1e-4;
 // rounding and, rarely, an element of h whose f32 value rounds to the other int8 code than the
 // float64 one (one step of 1/127 of its group's max): 1e-3 norm-wise, as for int4/int2.
 constexpr double kBlockExpertQ8Tol = 1e-3;
-// ... and against the exact experts: two activation roundings, each about 4e-3 for one GEMV.
+// ... and against the exact experts: two activation roundings, each about 4e-3 for one GEMV: 3e-2,
+// and 5e-2 for Q4_K, whose q8 result measured 0.0317 from the exact experts on these random
+// matrices (H100, 2026-12-07, seed 20261125) while within 1e-3 of the float64 q8 rule: the rule's
+// own error there, not the kernel's (the test prints the rule's error per format).
 constexpr double kBlockExpertQ8ExactTol = 3e-2;
+constexpr double kBlockExpertQ8ExactTolQ4K = 5e-2;
 // The fp8 block-scale side of DeepSeek-V3 (weight_block_size [128, 128]).
 constexpr std::uint32_t kFp8ScaleBlock = 128;
 
@@ -449,7 +453,11 @@ TEST_CASE("block-format grouped SwiGLU experts (Q8_0, Q4_0, Q4_K, fp8) match the
         CHECK(moex::test::rel_error(delta, ref_delta) < kBlockExpertTol);
       } else {
         CHECK(moex::test::rel_error(delta, ref_q8_delta) < kBlockExpertQ8Tol);
-        CHECK(moex::test::rel_error(delta, ref_delta) < kBlockExpertQ8ExactTol);
+        const double bound = p == Precision::kQ4_K ? kBlockExpertQ8ExactTolQ4K : kBlockExpertQ8ExactTol;
+        CHECK(moex::test::rel_error(delta, ref_delta) < bound);
+        const std::vector<float> rule(ref_q8_delta.begin(), ref_q8_delta.end());
+        MESSAGE(moex::to_string(p) << ": the q8 rule's (float64) error against the exact experts: "
+                                   << moex::test::rel_error(rule, ref_delta));
       }
     }
   }

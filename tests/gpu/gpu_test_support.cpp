@@ -16,7 +16,8 @@ bool gpu_available() {
 
 std::vector<float> run_grouped_delta(const moex::ExpertLayout& layout, const std::vector<cuda::ExpertTask>& tasks,
                                      const std::vector<float>& x, std::size_t ld, const std::vector<float>& out0,
-                                     bool exact) {
+                                     bool exact,
+                                     const std::function<Status(const cuda::GroupedExpertArgs&)>& launch) {
   const auto count = static_cast<std::uint32_t>(tasks.size());
   DeviceBuffer<float> dx(x.size()), dout(out0.size());
   DeviceBuffer<std::byte> ws(cuda::grouped_expert_workspace_bytes(layout.shape, count));
@@ -33,7 +34,7 @@ std::vector<float> run_grouped_delta(const moex::ExpertLayout& layout, const std
   a.ldo = ld;
   a.workspace = reinterpret_cast<float*>(ws.get());
   a.exact = exact;
-  const Status st = cuda::grouped_expert_ffn(a, nullptr);
+  const Status st = launch ? launch(a) : cuda::grouped_expert_ffn(a, nullptr);
   INFO(st.to_string());
   REQUIRE(st.is_ok());
   MOEX_CUDA_REQUIRE(cudaDeviceSynchronize());

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <functional>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -82,13 +83,14 @@ class DeviceBuffer {
   std::size_t n_ = 0;
 };
 
-/// Runs cuda::grouped_expert_ffn for `tasks` (experts of `layout` already on the device) on device
-/// copies of x and out0 (row stride ld), with a poisoned workspace, and returns out - out0: the
-/// experts' contributions. REQUIREs success and CHECKs that every output is finite (call inside a
-/// doctest case).
+/// Runs cuda::grouped_expert_ffn (or `launch`, when given) for `tasks` (experts of `layout`
+/// already on the device) on device copies of x and out0 (row stride ld), with a poisoned
+/// workspace, and returns out - out0: the experts' contributions. REQUIREs success and CHECKs that
+/// every output is finite (call inside a doctest case).
 std::vector<float> run_grouped_delta(const moex::ExpertLayout& layout, const std::vector<cuda::ExpertTask>& tasks,
                                      const std::vector<float>& x, std::size_t ld, const std::vector<float>& out0,
-                                     bool exact);
+                                     bool exact,
+                                     const std::function<Status(const cuda::GroupedExpertArgs&)>& launch = {});
 
 }  // namespace moex::test
 

@@ -1,6 +1,7 @@
 // The CUDA kernels against float64 references on the CPU, on fresh random data, outputs poisoned
 // (NaN) before every launch.
 #include "kernels.hpp"
+#include "launchers.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -71,6 +72,31 @@ std::vector<float> decode(const std::vector<std::byte>& blob, std::size_t rows, 
   std::vector<float> w(rows * cols);
   moex::dequantize_matrix({blob.data(), moex::matrix_layout(rows, cols, f)}, w.data());
   return w;
+}
+
+/// y = W2 (silu(W1 x) * (W3 x)) in float64 (row-major f32 weights of `shape`); with q8, x and then
+/// h pass through the CPU's q8 rule (groups of G) first, as on the q8 path.
+std::vector<double> swiglu_expert_f64(const std::vector<float>& w1, const std::vector<float>& w3,
+                                      const std::vector<float>& w2, moex::ExpertShape shape,
+                                      const std::vector<double>& xt, bool q8, std::size_t G) {
+  const std::vector<double> xin = q8 ? moex::test::q8_round(xt.data(), shape.hidden, G) : xt;
+  std::vector<double> h(shape.ffn);
+  for (std::size_t r = 0; r < shape.ffn; ++r) {
+    double g = 0, u = 0;
+    for (std::size_t c = 0; c < shape.hidden; ++c) {
+      g += double(w1[r * shape.hidden + c]) * xin[c];
+      u += double(w3[r * shape.hidden + c]) * xin[c];
+    }
+    h[r] = g / (1 + std::exp(-g)) * u;
+  }
+  if (q8) h = moex::test::q8_round(h.data(), shape.ffn, G);
+  std::vector<double> y(shape.hidden);
+  for (std::size_t r = 0; r < shape.hidden; ++r) {
+    double s = 0;
+    for (std::size_t c = 0; c < shape.ffn; ++c) s += double(w2[r * shape.ffn + c]) * h[c];
+    y[r] = s;
+  }
+  return y;
 }
 
 std::uint64_t salt_of(WeightFormat f, std::uint64_t k) {
@@ -288,26 +314,8 @@ TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the fl
       std::vector<mc::ExpertTask> tasks(experts);
       std::vector<double> ref(out0.begin(), out0.end()), ref_q8(out0.begin(), out0.end());
       moex::test::DeviceBuffer<std::byte> dw(experts * l.total_bytes);
-      // y = W2 (silu(W1 x) * (W3 x)), with x and h passed through `round` first.
       auto expert_ref = [&](std::size_t e, const std::vector<double>& xt, bool q8) {
-        const std::vector<double> xin = q8 ? moex::test::q8_round(xt.data(), shape.hidden, G) : xt;
-        std::vector<double> h(shape.ffn);
-        for (std::size_t r = 0; r < shape.ffn; ++r) {
-          double g = 0, u = 0;
-          for (std::size_t c = 0; c < shape.hidden; ++c) {
-            g += double(w1[e][r * shape.hidden + c]) * xin[c];
-            u += double(w3[e][r * shape.hidden + c]) * xin[c];
-          }
-          h[r] = g / (1 + std::exp(-g)) * u;
-        }
-        if (q8) h = moex::test::q8_round(h.data(), shape.ffn, G);
-        std::vector<double> y(shape.hidden);
-        for (std::size_t r = 0; r < shape.hidden; ++r) {
-          double s = 0;
-          for (std::size_t c = 0; c < shape.ffn; ++c) s += double(w2[e][r * shape.ffn + c]) * h[c];
-          y[r] = s;
-        }
-        return y;
+        return swiglu_expert_f64(w1[e], w3[e], w2[e], shape, xt, q8, G);
       };
       for (std::size_t e = 0; e < experts; ++e) {
         MOEX_CUDA_REQUIRE(
@@ -349,6 +357,86 @@ TEST_CASE("grouped SwiGLU experts scatter-add their weighted outputs like the fl
     }
   }
   MESSAGE("grouped q8 experts: worst norm-wise error against the exact experts: " << worst_q8_exact);
+}
+
+TEST_CASE("grouped q8 variants (two or one units per lane in flight) match the float64 reference") {
+  // 32 one-token tasks on one expert (a small grid each: warps stream several row groups); ffn
+  // 4224 gives every down row 2-5 rounds of 32U units, the last one partial.
+  const std::uint64_t seed = moex::test::seed();
+  CAPTURE(seed);
+  const moex::ExpertShape shape{1024, 4224};
+  const std::size_t tokens = 8, ld = shape.hidden;
+  const std::uint32_t count = mc::kMaxGroupExperts;
+  const WeightFormat formats[] = {moex::quant_format(Precision::kInt4, 32), moex::quant_format(Precision::kInt4, 64),
+                                  moex::quant_format(Precision::kInt4, 128, QuantScheme::kAsymmetric),
+                                  moex::quant_format(Precision::kInt2, 32),
+                                  moex::quant_format(Precision::kInt2, 64, QuantScheme::kAsymmetric),
+                                  moex::quant_format(Precision::kInt2, 128)};
+  for (const WeightFormat f : formats) {
+    CAPTURE(moex::to_string(f.precision));
+    CAPTURE(f.group_size);
+    CAPTURE(static_cast<int>(f.scheme));
+    const moex::ExpertLayout l = moex::expert_layout(shape, f);
+    const auto a = moex::test::random_normal(shape.ffn * shape.hidden, 0.05f, salt_of(f, 500));
+    const auto b = moex::test::random_normal(shape.ffn * shape.hidden, 0.05f, salt_of(f, 501));
+    const auto c = moex::test::random_normal(shape.hidden * shape.ffn, 0.05f, salt_of(f, 502));
+    std::vector<std::byte> blob(l.total_bytes);
+    REQUIRE(moex::pack_expert(a.data(), b.data(), c.data(), shape, f, blob).is_ok());
+    const moex::ExpertView hv = moex::ExpertView::contiguous(blob.data(), l);
+    std::vector<float> w1(a.size()), w3(b.size()), w2(c.size());
+    moex::dequantize_matrix(hv.w1(), w1.data());
+    moex::dequantize_matrix(hv.w3(), w3.data());
+    moex::dequantize_matrix(hv.w2(), w2.data());
+    moex::test::DeviceBuffer<std::byte> dw(l.total_bytes);
+    MOEX_CUDA_REQUIRE(cudaMemcpy(dw.get(), blob.data(), l.total_bytes, cudaMemcpyHostToDevice));
+    const moex::ExpertView v = moex::ExpertView::contiguous(dw.get(), l);
+    const auto x = moex::test::random_normal(tokens * ld, 1.f, salt_of(f, 503));
+    const auto out0 = moex::test::random_normal(tokens * ld, 1.f, salt_of(f, 504));
+    const auto gate = moex::test::random_normal(count, 0.5f, salt_of(f, 505));
+    // Task e: the one expert on token e % 8 with gate weight gate[e].
+    std::vector<mc::ExpertTask> tasks(count);
+    std::vector<double> ref_delta(tokens * ld, 0.0), ref_q8_delta(tokens * ld, 0.0);
+    std::vector<std::vector<double>> y(tokens), yq(tokens);
+    for (std::size_t t = 0; t < tokens; ++t) {
+      const std::vector<double> xt(x.begin() + static_cast<std::ptrdiff_t>(t * ld),
+                                   x.begin() + static_cast<std::ptrdiff_t>(t * ld + shape.hidden));
+      y[t] = swiglu_expert_f64(w1, w3, w2, shape, xt, false, f.group_size);
+      yq[t] = swiglu_expert_f64(w1, w3, w2, shape, xt, true, f.group_size);
+    }
+    for (std::uint32_t e = 0; e < count; ++e) {
+      const std::size_t t = e % tokens;
+      tasks[e].w1 = v.w1_data;
+      tasks[e].w3 = v.w3_data;
+      tasks[e].w2 = v.w2_data;
+      tasks[e].n = 1;
+      tasks[e].token[0] = static_cast<std::uint32_t>(t);
+      tasks[e].weight[0] = gate[e];
+      for (std::size_t r = 0; r < shape.hidden; ++r) {
+        ref_delta[t * ld + r] += double(gate[e]) * y[t][r];
+        ref_q8_delta[t * ld + r] += double(gate[e]) * yq[t][r];
+      }
+    }
+    for (int variant = 0; variant < 2; ++variant) {
+      CAPTURE(variant);
+      const auto delta = moex::test::run_grouped_delta(
+          l, tasks, x, ld, out0, false,
+          [&](const mc::GroupedExpertArgs& g) { return mc::grouped_expert_q8_variant(g, variant, nullptr); });
+      CHECK(moex::test::rel_error(delta, ref_q8_delta) < kGroupedQ8Tol);
+      CHECK(moex::test::rel_error(delta, ref_delta) < kGroupedQ8ExactTol);
+    }
+  }
+  // Batch-1 only: a two-token task is refused, not run.
+  mc::GroupedExpertArgs g;
+  mc::ExpertTask two;
+  two.n = 2;
+  g.tasks = &two;
+  g.count = 1;
+  g.layout = moex::expert_layout(shape, moex::quant_format(Precision::kInt4, 32));
+  CHECK(mc::grouped_expert_q8_variant(g, 0, nullptr).code() == moex::StatusCode::kUnsupported);
+  // ... and so is a format without a q8 path.
+  two.n = 1;
+  g.layout = moex::expert_layout(shape, moex::float_format(Precision::kBF16));
+  CHECK(mc::grouped_expert_q8_variant(g, 0, nullptr).code() == moex::StatusCode::kUnsupported);
 }
 
 TEST_CASE("route_topk matches the Mixtral, Qwen2-MoE and DeepSeek-V3 routers") {

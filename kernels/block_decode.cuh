@@ -41,14 +41,16 @@ inline constexpr int kStages = P == Precision::kQ8_0 || P == Precision::kFp8E4M3
 /// Bytes of one row's tile, of its buffer in a stage (room for the rounding to 16 bytes at both
 /// ends), of a stage (kBlockRows buffers), and of a warp's ring with its mbarriers.
 template <Precision P>
-inline constexpr int kTileBytes =
-    static_cast<int>(kTileWeights / block_geometry(P).weights * block_geometry(P).bytes);
+inline constexpr int kTileBytes = static_cast<int>(kTileWeights / block_geometry(P).weights * block_geometry(P).bytes);
 template <Precision P>
 inline constexpr int kRowBuf = kTileBytes<P> + 32;
+// clang-format 14 reads `a * b<P>` below as a pointer declaration.
+// clang-format off
 template <Precision P>
 inline constexpr int kStageBytes = kBlockRows * kRowBuf<P>;
 template <Precision P>
 inline constexpr int kRingBytes = kStages<P> * kStageBytes<P>;
+// clang-format on
 template <Precision P>
 inline constexpr int kWarpBytes = (kRingBytes<P> + kStages<P> * 8 + 15) / 16 * 16;
 static_assert(kTileBytes<Precision::kQ8_0> % 16 == 0 && kTileBytes<Precision::kQ4_0> % 16 == 0 &&
@@ -74,8 +76,7 @@ MOEX_HD std::uint32_t funnel_rc(std::uint32_t lo, std::uint32_t hi, std::uint32_
 }
 
 /// Q4_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes at sc (ggml's layout).
-MOEX_HD void q4k_scale_min(const std::uint8_t* sc, int j, std::uint32_t& scale,
-                                              std::uint32_t& mins) {
+MOEX_HD void q4k_scale_min(const std::uint8_t* sc, int j, std::uint32_t& scale, std::uint32_t& mins) {
   if (j < 4) {
     scale = sc[j] & 63u;
     mins = sc[j + 4] & 63u;
@@ -94,8 +95,7 @@ MOEX_HD const std::uint32_t* word_at_or_below(const std::uint8_t* p) {
 /// column order (word i: columns 4i..4i+3; Q8_0 signed bytes, 4-bit formats unsigned 0..15), and
 /// (dw, mn) with the unit's dot against a quantized group = d_x (dw sum c q + mn sum q).
 template <Precision P>
-MOEX_HD void unit_codes(const std::uint8_t* s, int u, std::uint32_t (&c)[8], float& dw,
-                                           float& mn) {
+MOEX_HD void unit_codes(const std::uint8_t* s, int u, std::uint32_t (&c)[8], float& dw, float& mn) {
   if constexpr (P == Precision::kQ8_0 || P == Precision::kQ4_0) {
     // A block starts 0 or 2 bytes past a word; its codes start 2 bytes into it. Aligned words
     // and funnel shifts (a shift of 32 takes the high word whole) give the code words.
@@ -105,16 +105,16 @@ MOEX_HD void unit_codes(const std::uint8_t* s, int u, std::uint32_t (&c)[8], flo
     const std::uint32_t* w = word_at_or_below(b);
     const std::uint32_t sh = static_cast<std::uint32_t>(reinterpret_cast<std::uintptr_t>(b) & 3u) * 8u;
     std::uint32_t v[kWords];
-MOEX_DEVICE_UNROLL
+    MOEX_DEVICE_UNROLL
     for (int i = 0; i < kWords; ++i) v[i] = w[i];
     const float d = half_bits((v[0] >> sh) & 0xffffu);
     if constexpr (P == Precision::kQ8_0) {
-MOEX_DEVICE_UNROLL
+      MOEX_DEVICE_UNROLL
       for (int i = 0; i < 8; ++i) c[i] = funnel_rc(v[i], v[i + 1], sh + 16u);
       dw = d;
       mn = 0.f;
     } else {
-MOEX_DEVICE_UNROLL
+      MOEX_DEVICE_UNROLL
       for (int i = 0; i < 4; ++i) {
         const std::uint32_t q = funnel_rc(v[i], v[i + 1], sh + 16u);
         c[i] = q & 0x0F0F0F0Fu;             // weights 4i..4i+3: low nibbles
@@ -134,7 +134,7 @@ MOEX_DEVICE_UNROLL
     const uint4 qa = q[0], qb = q[1];
     const std::uint32_t words[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
     const int sh = (j & 1) * 4;  // odd sub-blocks are the high nibbles
-MOEX_DEVICE_UNROLL
+    MOEX_DEVICE_UNROLL
     for (int i = 0; i < 8; ++i) c[i] = (words[i] >> sh) & 0x0F0F0F0Fu;
     dw = half_bits(dd & 0xffffu) * static_cast<float>(scale);
     mn = -half_bits(dd >> 16) * static_cast<float>(mins);
@@ -147,8 +147,7 @@ struct TileSpan {
   std::uintptr_t a0, a1, tb, te;
 };
 template <Precision P>
-MOEX_HD TileSpan tile_span(const std::uint8_t* row, const std::uint8_t* end, std::size_t row_bytes,
-                                              std::uint32_t k) {
+MOEX_HD TileSpan tile_span(const std::uint8_t* row, const std::uint8_t* end, std::size_t row_bytes, std::uint32_t k) {
   TileSpan s;
   const auto r0 = reinterpret_cast<std::uintptr_t>(row);
   s.tb = r0 + static_cast<std::uintptr_t>(k) * kTileBytes<P>;
@@ -170,8 +169,7 @@ struct StepRange {
 };
 /// Whole row groups first, first + stride, ... (< count): every group's full sums reach the sink
 /// (the GEMV, whose output is stored, and SwiGLU, which is not linear in its partial sums).
-MOEX_HD StepRange strided_groups(std::uint32_t first, std::uint32_t stride, std::uint32_t count,
-                                                    std::uint32_t tiles) {
+MOEX_HD StepRange strided_groups(std::uint32_t first, std::uint32_t stride, std::uint32_t count, std::uint32_t tiles) {
   StepRange r;
   r.rg0 = first;
   r.stride = stride;
@@ -180,8 +178,7 @@ MOEX_HD StepRange strided_groups(std::uint32_t first, std::uint32_t stride, std:
 }
 /// Warp w of W takes the w-th of W equal contiguous parts of all count x tiles steps: balanced to
 /// one step, with partial sums of the groups cut at either end (sinks that add atomically).
-MOEX_HD StepRange even_steps(std::uint32_t w, std::uint32_t W, std::uint32_t count,
-                                                std::uint32_t tiles) {
+MOEX_HD StepRange even_steps(std::uint32_t w, std::uint32_t W, std::uint32_t count, std::uint32_t tiles) {
   const std::uint64_t total = static_cast<std::uint64_t>(count) * tiles;
   const std::uint64_t s0 = total * w / W, s1 = total * (w + 1) / W;
   StepRange r;

@@ -96,6 +96,18 @@ Status dispatch(WeightFormat f, std::uint32_t n, F&& fn) noexcept {
   }
 }
 
+/// Calls fn.template operator()<P, G>() for an int4/int2 format (the q8 kernels' variants, batch
+/// 1), else kUnsupported naming `what`.
+template <class F>
+Status dispatch_q8(WeightFormat f, const char* what, F&& fn) noexcept {
+  return dispatch(f, 1, [&]<Precision P, int G, int T>() -> Status {
+    if constexpr (P == Precision::kInt4 || P == Precision::kInt2)
+      return fn.template operator()<P, G>();
+    else
+      return unsupported(std::string(what) + ": int4/int2 only");
+  });
+}
+
 template <class F>
 Status dispatch_block(Precision p, std::uint32_t n, F&& fn) noexcept {
   const int t = token_bucket(n);
@@ -173,8 +185,8 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
   const ExpertShape s = a.layout.shape;
   const Precision prec = a.layout.format.precision;
   const bool block = block_cols(prec) != 0;
-  if (prec == Precision::kFp8E4M3 && (a.layout.w1.scales_offset == 0 || a.layout.w3.scales_offset == 0 ||
-                                      a.layout.w2.scales_offset == 0))
+  if (prec == Precision::kFp8E4M3 &&
+      (a.layout.w1.scales_offset == 0 || a.layout.w3.scales_offset == 0 || a.layout.w2.scales_offset == 0))
     return invalid_argument("grouped_expert_ffn: fp8 e4m3 experts need the layout's block-scale sections");
   if (block ? (s.hidden == 0 || s.ffn == 0) : !expert_format_is_valid(s, a.layout.format))
     return invalid_argument("grouped_expert_ffn: bad layout");
@@ -203,21 +215,13 @@ Status grouped_expert_ffn(const GroupedExpertArgs& a, cudaStream_t stream) noexc
 }
 
 Status gemv_q8_variant(const GemvArgs& a, int variant, cudaStream_t stream) noexcept {
-  return dispatch(a.layout.format, 1, [&]<Precision P, int G, int T>() -> Status {
-    if constexpr (P == Precision::kInt4 || P == Precision::kInt2)
-      return launch_gemv_q8_variant<P, G>(a, variant, stream);
-    else
-      return unsupported("gemv_q8_variant: int4/int2 only");
-  });
+  return dispatch_q8(a.layout.format, "gemv_q8_variant",
+                     [&]<Precision P, int G>() { return launch_gemv_q8_variant<P, G>(a, variant, stream); });
 }
 
 Status grouped_expert_q8_variant(const GroupedExpertArgs& a, int variant, cudaStream_t stream) noexcept {
-  return dispatch(a.layout.format, 1, [&]<Precision P, int G, int T>() -> Status {
-    if constexpr (P == Precision::kInt4 || P == Precision::kInt2)
-      return launch_grouped_expert_q8_variant<P, G>(a, variant, stream);
-    else
-      return unsupported("grouped_expert_q8_variant: int4/int2 only");
-  });
+  return dispatch_q8(a.layout.format, "grouped_expert_q8_variant",
+                     [&]<Precision P, int G>() { return launch_grouped_expert_q8_variant<P, G>(a, variant, stream); });
 }
 
 }  // namespace cuda

@@ -559,13 +559,10 @@ template <Precision P, int G>
 Status launch_grouped_expert_q8_variant(const GroupedExpertArgs& a, int variant, cudaStream_t stream) noexcept {
   for (std::uint32_t i = 0; i < a.count; ++i)
     if (a.tasks[i].n != 1) return unsupported("launch_grouped_expert_q8_variant: one token a task only");
-  const bool asym = a.layout.w1.mins_offset != 0;
-  if (variant == 0)
-    return asym ? detail::launch_grouped_q8<P, G, 1, true>(a, stream)
-                : detail::launch_grouped_q8<P, G, 1, false>(a, stream);
+  if (variant == 0) return launch_grouped_expert_q8<P, G, 1>(a, stream);
   if (variant == 1)
-    return asym ? detail::launch_grouped_q8<P, G, 1, true, 1>(a, stream)
-                : detail::launch_grouped_q8<P, G, 1, false, 1>(a, stream);
+    return a.layout.w1.mins_offset ? detail::launch_grouped_q8<P, G, 1, true, 1>(a, stream)
+                                   : detail::launch_grouped_q8<P, G, 1, false, 1>(a, stream);
   return unsupported("launch_grouped_expert_q8_variant: unknown variant");
 }
 
@@ -589,4 +586,4 @@ MOEX_NAMESPACE_END
   template ::moex::Status moex::cuda::launch_grouped_expert_q8<P, G, 8>(const GroupedExpertArgs&,                \
                                                                         cudaStream_t) noexcept;                  \
   template ::moex::Status moex::cuda::launch_grouped_expert_q8_variant<P, G>(const GroupedExpertArgs&, int,      \
-                                                                          cudaStream_t) noexcept;
+                                                                             cudaStream_t) noexcept;

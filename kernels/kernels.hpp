@@ -122,12 +122,13 @@ struct GroupedExpertArgs {
   bool exact = false;
 };
 
-/// Device scratch that grouped_expert_ffn needs for `count` experts of `shape`: the f32 SwiGLU
-/// activations, then (q8 path of the GGUF formats) the quantized x and h of every (expert, token).
-/// Of it, the f32 SwiGLU activations [count][kMaxGemvTokens][ffn], rounded up to 256 bytes.
+/// The first part of grouped_expert_ffn's scratch: the f32 SwiGLU activations
+/// [count][kMaxGemvTokens][ffn], rounded up to 256 bytes.
 constexpr std::size_t grouped_h_bytes(ExpertShape shape, std::uint32_t count) noexcept {
   return align_up(static_cast<std::size_t>(count) * kMaxGemvTokens * shape.ffn * sizeof(float), 256);
 }
+/// Device scratch that grouped_expert_ffn needs for `count` experts of `shape`: the f32 SwiGLU
+/// activations, then (q8 path of the GGUF formats) the quantized x and h of every (expert, token).
 constexpr std::size_t grouped_expert_workspace_bytes(ExpertShape shape, std::uint32_t count) noexcept {
   const std::size_t rows = static_cast<std::size_t>(count) * kMaxGemvTokens;
   return grouped_h_bytes(shape, count) + q8_rows_bytes(shape.hidden, rows) + q8_rows_bytes(shape.ffn, rows);

@@ -483,8 +483,9 @@ void time_grouped(benchmark::State& state, const moex::ExpertLayout& l, void* w,
   bool good = true;
   // variant >= 0: the q8 path's named variant (grouped_expert_q8_variant, int4/int2, batch 1).
   timed_loop(state, nullptr, static_cast<double>(experts * l.total_bytes), g_d2d_gbps, [&] {
-    good = good && (variant < 0 ? mc::grouped_expert_ffn(a, nullptr) : mc::grouped_expert_q8_variant(a, variant, nullptr))
-                       .is_ok();
+    good =
+        good &&
+        (variant < 0 ? mc::grouped_expert_ffn(a, nullptr) : mc::grouped_expert_q8_variant(a, variant, nullptr)).is_ok();
   });
   if (!good) state.SkipWithError("grouped expert failed");
   cudaFree(x);

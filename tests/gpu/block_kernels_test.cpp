@@ -304,9 +304,9 @@ TEST_CASE("block-format GEMV (Q8_0, Q4_0, Q4_K, fp8 e4m3) matches the float64 re
     // and Q8_0/Q4_0 rows of 1440 or 800 columns start off 16-byte boundaries (the matrix then ends
     // off one too: its last bytes are not reachable by a 16-byte bulk copy). 20011 rows are more row
     // groups than the device holds warps at once, so warps stream several groups through one ring.
-    const std::vector<Shape> shapes =
-        p == Precision::kQ4_K ? std::vector<Shape>{{37, 1536}, {131, 2304}, {20011, 768}}
-                              : std::vector<Shape>{{37, 1440}, {131, 2304}, {5, 32}, {20011, 800}};
+    const std::vector<Shape> shapes = p == Precision::kQ4_K
+                                          ? std::vector<Shape>{{37, 1536}, {131, 2304}, {20011, 768}}
+                                          : std::vector<Shape>{{37, 1440}, {131, 2304}, {5, 32}, {20011, 800}};
     for (const Shape sh : shapes) {
       const std::vector<std::uint32_t> ns =
           sh.rows > 1000 ? std::vector<std::uint32_t>{1, 8} : std::vector<std::uint32_t>{1, 2, 3, 8};
@@ -377,7 +377,8 @@ TEST_CASE("block-format grouped SwiGLU experts (Q8_0, Q4_0, Q4_K, fp8) match the
   for (const Precision p : kBlockFormats) {
     // 1312 / 2336 columns: rows of 41 / 73 blocks, so Q8_0/Q4_0 rows start off 16-byte boundaries,
     // two and three tiles a row (the last partial), and fp8 ends in partial 128x128 scale blocks.
-    const moex::ExpertShape shape = p == Precision::kQ4_K ? moex::ExpertShape{1280, 2304} : moex::ExpertShape{1312, 2336};
+    const moex::ExpertShape shape =
+        p == Precision::kQ4_K ? moex::ExpertShape{1280, 2304} : moex::ExpertShape{1312, 2336};
     const std::size_t ld = shape.hidden + 4;
     moex::WeightFormat fmt = moex::float_format(Precision::kBF16);
     fmt.precision = p;

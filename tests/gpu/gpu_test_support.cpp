@@ -16,8 +16,7 @@ bool gpu_available() {
 
 std::vector<float> run_grouped_delta(const moex::ExpertLayout& layout, const std::vector<cuda::ExpertTask>& tasks,
                                      const std::vector<float>& x, std::size_t ld, const std::vector<float>& out0,
-                                     bool exact,
-                                     const std::function<Status(const cuda::GroupedExpertArgs&)>& launch) {
+                                     bool exact, const std::function<Status(const cuda::GroupedExpertArgs&)>& launch) {
   const auto count = static_cast<std::uint32_t>(tasks.size());
   DeviceBuffer<float> dx(x.size()), dout(out0.size());
   DeviceBuffer<std::byte> ws(cuda::grouped_expert_workspace_bytes(layout.shape, count));

@@ -1,7 +1,6 @@
 // The CUDA kernels against float64 references on the CPU, on fresh random data, outputs poisoned
 // (NaN) before every launch.
 #include "kernels.hpp"
-#include "launchers.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +16,7 @@
 #include "moex/route/router.hpp"
 
 #include "gpu_test_support.hpp"
+#include "launchers.hpp"
 #include "support/test_support.hpp"
 
 namespace {
@@ -367,7 +367,8 @@ TEST_CASE("grouped q8 variants (two or one units per lane in flight) match the f
   const moex::ExpertShape shape{1024, 4224};
   const std::size_t tokens = 8, ld = shape.hidden;
   const std::uint32_t count = mc::kMaxGroupExperts;
-  const WeightFormat formats[] = {moex::quant_format(Precision::kInt4, 32), moex::quant_format(Precision::kInt4, 64),
+  const WeightFormat formats[] = {moex::quant_format(Precision::kInt4, 32),
+                                  moex::quant_format(Precision::kInt4, 64),
                                   moex::quant_format(Precision::kInt4, 128, QuantScheme::kAsymmetric),
                                   moex::quant_format(Precision::kInt2, 32),
                                   moex::quant_format(Precision::kInt2, 64, QuantScheme::kAsymmetric),

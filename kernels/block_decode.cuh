@@ -75,16 +75,43 @@ MOEX_HD std::uint32_t funnel_rc(std::uint32_t lo, std::uint32_t hi, std::uint32_
 #endif
 }
 
-/// Q4_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes at sc (ggml's layout).
-MOEX_HD void q4k_scale_min(const std::uint8_t* sc, int j, std::uint32_t& scale, std::uint32_t& mins) {
-  if (j < 4) {
-    scale = sc[j] & 63u;
-    mins = sc[j + 4] & 63u;
-  } else {
-    scale = (sc[j + 4] & 0xFu) | ((sc[j - 4] >> 6) << 4);
-    mins = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-  }
+/// Q4_K: 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes of ggml's layout, given
+/// as three words (w0 = bytes 0-3, w1 = 4-7, w2 = 8-11); branch-free, since the lanes of a warp take
+/// different sub-blocks and the rules of j < 4 and j >= 4 would diverge.
+MOEX_HD void q4k_scale_min_words(std::uint32_t w0, std::uint32_t w1, std::uint32_t w2, int j, std::uint32_t& scale,
+                                 std::uint32_t& mins) {
+  const std::uint32_t sh = 8u * static_cast<std::uint32_t>(j & 3);
+  const std::uint32_t a = (w0 >> sh) & 0xFFu, b = (w1 >> sh) & 0xFFu, c = (w2 >> sh) & 0xFFu;
+  const bool hi = j >= 4;
+  scale = hi ? (c & 0xFu) | ((a >> 6) << 4) : a & 63u;
+  mins = hi ? (c >> 4) | ((b >> 6) << 4) : b & 63u;
 }
+
+/// float(v) for v < 2^23 by placing v in the mantissa of 2^23 (I2F is quarter rate on sm_90).
+MOEX_HD float small_uint_to_float(std::uint32_t v) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(0x4B000000u | v) - 8388608.f;
+#else
+  return static_cast<float>(v);
+#endif
+}
+
+/// Division by a launch-time constant b (the fp8 scale block): a shift when b is a power of two
+/// (the usual 128; a 32-bit division is some twenty instructions, taken once per 8 weights), else
+/// the division. The branch is uniform across a grid.
+struct BlockDiv {
+  std::uint32_t b = 1;
+  int shift = 0;  ///< log2 b, or -1 when b is no power of two
+  static BlockDiv of(std::uint32_t b) {
+    BlockDiv d;
+    d.b = b == 0 ? 1 : b;
+    d.shift = -1;
+    for (int k = 0; k < 32; ++k)
+      if (d.b == (1u << k)) d.shift = k;
+    return d;
+  }
+  MOEX_HD std::uint32_t operator()(std::uint32_t v) const { return shift >= 0 ? v >> shift : v / b; }
+};
 
 /// The 4-byte-aligned word at or below p.
 MOEX_HD const std::uint32_t* word_at_or_below(const std::uint8_t* p) {
@@ -127,17 +154,18 @@ MOEX_HD void unit_codes(const std::uint8_t* s, int u, std::uint32_t (&c)[8], flo
     static_assert(P == Precision::kQ4_K);
     const std::uint8_t* b = s + 144 * (u / 8);  // 16-byte aligned: Q4_K rows are whole 144-byte super-blocks
     const int j = u % 8;
-    const std::uint32_t dd = *reinterpret_cast<const std::uint32_t*>(b);
+    const uint4 head = *reinterpret_cast<const uint4*>(b);  // d, dmin (f16) and the 12 scale bytes
+    const std::uint32_t dd = head.x;
     std::uint32_t scale, mins;
-    q4k_scale_min(b + 4, j, scale, mins);
+    q4k_scale_min_words(head.y, head.z, head.w, j, scale, mins);
     const uint4* q = reinterpret_cast<const uint4*>(b + 16 + 32 * (j / 2));
     const uint4 qa = q[0], qb = q[1];
     const std::uint32_t words[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
     const int sh = (j & 1) * 4;  // odd sub-blocks are the high nibbles
     MOEX_DEVICE_UNROLL
     for (int i = 0; i < 8; ++i) c[i] = (words[i] >> sh) & 0x0F0F0F0Fu;
-    dw = half_bits(dd & 0xffffu) * static_cast<float>(scale);
-    mn = -half_bits(dd >> 16) * static_cast<float>(mins);
+    dw = half_bits(dd & 0xffffu) * small_uint_to_float(scale);
+    mn = -half_bits(dd >> 16) * small_uint_to_float(mins);
   }
 }
 

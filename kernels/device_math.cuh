@@ -13,6 +13,23 @@ MOEX_NAMESPACE_BEGIN
 namespace cuda {
 namespace detail {
 
+/// Programmatic dependent launch (sm_90+; both are no-ops before sm_90, and pdl_wait returns at
+/// once when the grid was launched without the attribute, see launch_kernel). pdl_wait blocks
+/// until the grid launched before this one in the stream has completed and its writes are
+/// visible: a PDL-launched kernel may read only data that existed before that grid started (the
+/// weights) until it has waited, and writes nothing before. pdl_trigger lets the next PDL-launched
+/// grid start once every block of this one has called it or exited.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 /// Sums acc over the warp; every lane ends with the totals.
 template <int NR, int T>
 __device__ __forceinline__ void warp_sum(float (&acc)[NR][T]) {

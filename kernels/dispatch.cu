@@ -224,5 +224,10 @@ Status grouped_expert_q8_variant(const GroupedExpertArgs& a, int variant, cudaSt
                      [&]<Precision P, int G>() { return launch_grouped_expert_q8_variant<P, G>(a, variant, stream); });
 }
 
+Status gemv_block_variant(const GemvArgs& a, int variant, cudaStream_t stream) noexcept {
+  return dispatch_block(a.layout.format.precision, a.n,
+                        [&]<Precision P, int T>() { return launch_gemv_block<P, T>(a, stream, variant == 0); });
+}
+
 }  // namespace cuda
 MOEX_NAMESPACE_END

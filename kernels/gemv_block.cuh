@@ -7,9 +7,10 @@
 /// ## Streaming: bulk copies into a per-warp ring (sm_90)
 /// A warp owns R = 4 rows at a time (a row group) and walks them in tiles of 1024 columns: one
 /// stage of its ring holds the tile's bytes of all R rows (Q8_0 1088, Q4_0/Q4_K 576, fp8 1024
-/// bytes a row). Lane 0 brings a stage in with one `cp.async.bulk` per row (the copy engine, no
-/// registers), completing on the stage's mbarrier with the byte count; the lanes wait on it, decode
-/// from shared memory, and lane 0 refills the stage with the tile kStages steps ahead. The grid is
+/// bytes a row). Lane r (r < R) brings row r's part of a stage in with one `cp.async.bulk` (the copy
+/// engine, no registers), arriving on the stage's mbarrier (R arrivals) with its byte count; the
+/// lanes wait on it, decode from shared memory, and lanes 0..R-1 refill the stage with the tile
+/// kStages steps ahead. The grid is
 /// persistent and a warp's stream of (row group, tile) steps runs on across its row groups, so the
 /// ring stays full from the first tile to the last. The previous design staged each tile through
 /// registers (48 of 128 registers a thread) and was latency bound on the H100 (ncu: 16 warps per SM,
@@ -18,7 +19,7 @@
 /// Rows of 34- or 18-byte blocks need not start 16-byte aligned (what a bulk copy needs): a row's
 /// tile is copied from its start rounded down to 16 bytes, up to its end rounded up, never past
 /// the allocation (the matrix's last < 16 bytes, when its size is no multiple of 16, are copied by
-/// lane 0 with plain loads); the decoders start at the tile's offset inside the copied range.
+/// the row's lane with plain loads); the decoders start at the tile's offset inside the copied range.
 ///
 /// ## q8 path (GGUF formats; GemvArgs::workspace given, exact == false): one unit a lane
 /// x is first quantized to int8 per 32-column group with the CPU's Q8 rule (quantize_rows,
@@ -68,10 +69,10 @@ __device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
 }
 
-/// An mbarrier that completes a phase on one arrival plus the bytes announced with it.
-__device__ __forceinline__ void mbar_init(std::uint64_t* bar) {
+/// An mbarrier that completes a phase on `count` arrivals plus the bytes announced with them.
+__device__ __forceinline__ void mbar_init(std::uint64_t* bar, std::uint32_t count) {
 #if __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
 #endif
 }
 /// Makes initialized mbarriers visible to the copy engine (after mbar_init, before any copy).
@@ -123,10 +124,10 @@ __device__ __forceinline__ float one_plus(std::uint32_t bits) { return __uint_as
 
 /// f32 path: (d, mn) of 32-weight unit u of a tile (shared memory at s: the tile's first byte) such
 /// that every weight of the unit is d * f + mn, f as decode8 makes it. fp8: the block scale at
-/// scale_row[col / scale_b] (col: the unit's first column).
+/// scale_row[scale_b(col)] (col: the unit's first column).
 template <Precision P>
 __device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const float* scale_row, std::uint32_t col,
-                                             std::uint32_t scale_b) {
+                                             BlockDiv scale_b) {
   if constexpr (P == Precision::kQ8_0) {
     const float dh = half_bits(lds16(s + 34 * u));
     return make_float2(256.f * dh, -384.f * dh);  // q = 256 f - 384
@@ -134,18 +135,17 @@ __device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const
     const float dh = half_bits(lds16(s + 18 * u));
     return make_float2(16.f * dh, -24.f * dh);  // q = 16 f - 24
   } else if constexpr (P == Precision::kQ4_K) {
-    const std::uint8_t* b = s + 144 * (u / 8);
-    const std::uint32_t dd = *reinterpret_cast<const std::uint32_t*>(b);
+    const uint4 head = *reinterpret_cast<const uint4*>(s + 144 * (u / 8));
     std::uint32_t scale, mins;
-    q4k_scale_min(b + 4, u % 8, scale, mins);
-    const float dsc = half_bits(dd & 0xffffu) * static_cast<float>(scale);
-    const float dm = half_bits(dd >> 16) * static_cast<float>(mins);
+    q4k_scale_min_words(head.y, head.z, head.w, u % 8, scale, mins);
+    const float dsc = half_bits(head.x & 0xffffu) * small_uint_to_float(scale);
+    const float dm = half_bits(head.x >> 16) * small_uint_to_float(mins);
     return make_float2(16.f * dsc, -(16.f * dsc + dm));  // (d sc) 16 (f - 1) - dmin m
   } else {
     static_assert(P == Precision::kFp8E4M3);
     (void)s;
     (void)u;
-    return make_float2(__ldg(scale_row + col / scale_b), 0.f);
+    return make_float2(__ldg(scale_row + scale_b(col)), 0.f);
   }
 }
 
@@ -267,7 +267,7 @@ __device__ __forceinline__ void tile_dot_q8(const std::uint8_t* const (&sb)[kBlo
 /// f32 path over one stage: lane l takes 8-weight parts l, l + 32, l + 64, l + 96 of the tile.
 template <Precision P, int T>
 __device__ __forceinline__ void tile_dot_f32(const std::uint8_t* const (&sb)[kBlockRows], const RowSet& rs,
-                                             std::uint32_t col0, int units, std::uint32_t scale_b,
+                                             std::uint32_t col0, int units, BlockDiv scale_b,
                                              const BlockIn<T>& in, int lane, float (&acc)[kBlockRows][T]) {
   constexpr int R = kBlockRows;
   constexpr bool kHasMin = P != Precision::kFp8E4M3;
@@ -311,52 +311,59 @@ __device__ __forceinline__ void tile_dot_f32(const std::uint8_t* const (&sb)[kBl
 /// row_bytes are shared by them. Q: the q8 path.
 template <Precision P, int T, bool Q, class RowsOf, class Sink>
 __device__ __forceinline__ void block_stream(const RowsOf& rows_of, const StepRange& sr, std::uint32_t cols,
-                                             std::size_t row_bytes, std::uint32_t scale_b, const BlockIn<T>& in,
+                                             std::size_t row_bytes, BlockDiv scale_b, const BlockIn<T>& in,
                                              unsigned char* ring, int lane, Sink&& sink) {
   constexpr int R = kBlockRows, S = kStages<P>;
-  if (sr.steps == 0) return;  // whole warp
+  pdl_trigger();
+  if (sr.steps == 0) {  // whole warp; it still waits, so this grid ends only after the one before it
+    pdl_wait();
+    return;
+  }
   auto* bars = reinterpret_cast<std::uint64_t*>(ring + kRingBytes<P>);
   const std::uint32_t tiles = row_tiles(cols);
   const std::uint64_t steps = sr.steps;
   if (lane == 0) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) mbar_init(bars + s);
+    for (int s = 0; s < S; ++s) mbar_init(bars + s, R);
     mbar_init_fence();
   }
   __syncwarp();
 
-  // Producer (lane 0): the next step to bring in, its row group's rows and tile.
+  // Producers (lanes 0..R-1, lane r bringing in row r): the next step to bring in, its row group's
+  // rows and tile. One lane per row keeps the serial part of a step short: a single producer lane
+  // took about 40% of the warp's issue slots (ncu, Q4_0 q8: 18 of 32 lanes active on average).
   std::uint32_t p_rg = sr.rg0, p_k = sr.k0;
   RowSet p_rows = rows_of(p_rg);
   auto issue = [&](int stage) {
-    unsigned char* buf = ring + stage * kStageBytes<P>;
-    TileSpan sp[R];
-    std::uint32_t tx = 0;
+    unsigned char* buf = ring + stage * kStageBytes<P> + lane * kRowBuf<P>;
+    const std::uint8_t* row = p_rows.row[0];
+    const std::uint8_t* end = p_rows.end[0];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      sp[r] = tile_span<P>(p_rows.row[r], p_rows.end[r], row_bytes, p_k);
-      tx += static_cast<std::uint32_t>(sp[r].a1 - sp[r].a0);
-    }
-    mbar_arrive_expect_tx(bars + stage, tx);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (sp[r].a1 > sp[r].a0)
-        bulk_load(buf + r * kRowBuf<P>, reinterpret_cast<const void*>(sp[r].a0),
-                  static_cast<std::uint32_t>(sp[r].a1 - sp[r].a0), bars + stage);
-      for (std::uintptr_t a = sp[r].a1; a < sp[r].te; ++a)  // the allocation's last < 16 bytes
-        buf[r * kRowBuf<P> + (a - sp[r].a0)] = *reinterpret_cast<const std::uint8_t*>(a);
-    }
+    for (int r = 1; r < R; ++r)
+      if (lane == r) {
+        row = p_rows.row[r];
+        end = p_rows.end[r];
+      }
+    const TileSpan sp = tile_span<P>(row, end, row_bytes, p_k);
+    mbar_arrive_expect_tx(bars + stage, static_cast<std::uint32_t>(sp.a1 - sp.a0));
+    if (sp.a1 > sp.a0)
+      bulk_load(buf, reinterpret_cast<const void*>(sp.a0), static_cast<std::uint32_t>(sp.a1 - sp.a0), bars + stage);
+    for (std::uintptr_t a = sp.a1; a < sp.te; ++a)  // the allocation's last < 16 bytes
+      buf[a - sp.a0] = *reinterpret_cast<const std::uint8_t*>(a);
     if (++p_k == tiles) {
       p_k = 0;
       p_rg += sr.stride;
       p_rows = rows_of(p_rg);
     }
   };
-  if (lane == 0) {
+  if (lane < R) {
     const int pro = steps < static_cast<std::uint64_t>(S) ? static_cast<int>(steps) : S;
     for (int s = 0; s < pro; ++s) issue(s);
   }
   __syncwarp();  // the prologue's plain-store tail bytes are visible to every lane
+  // Launched as a dependent of the activations' quantization (launch_kernel), the ring fills with
+  // weights while that kernel still runs; its outputs are read, and ours written, only after this.
+  pdl_wait();
 
   float acc[R][T];
 #pragma unroll
@@ -386,7 +393,7 @@ __device__ __forceinline__ void block_stream(const RowsOf& rows_of, const StepRa
       tile_dot_f32<P, T>(sb, rows, col0, units, scale_b, in, lane, acc);
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
-    if (lane == 0 && j + S < steps) issue(stage);
+    if (lane < R && j + S < steps) issue(stage);
     const bool group_end = ++k == tiles;
     if (group_end || j + 1 == steps) {
       warp_sum<R, T>(acc);
@@ -415,7 +422,7 @@ struct BlockGemvParams {
   std::size_t row_bytes;
   const float* scales;     ///< fp8: [ceil(rows/B) x scale_ld] f32 block scales
   std::size_t scale_ld;    ///< fp8: ceil(cols/B)
-  std::uint32_t scale_b;   ///< fp8: B
+  BlockDiv scale_b;        ///< fp8: B
   const float* x;          ///< f32 path
   std::size_t ldx;
   const std::uint8_t* xq;  ///< q8 path: token t's codes at xq + t * ldq
@@ -430,7 +437,7 @@ struct BlockGemvParams {
 /// The row group's rows of one matrix of `rows` rows (rows past the end repeat the last row, so a
 /// partial group reads valid memory; its results are not stored).
 __device__ __forceinline__ RowSet matrix_rows(const std::uint8_t* w, std::uint32_t rows, std::size_t row_bytes,
-                                              const float* scales, std::size_t scale_ld, std::uint32_t scale_b,
+                                              const float* scales, std::size_t scale_ld, BlockDiv scale_b,
                                               std::uint32_t row0) {
   RowSet rs;
   const std::uint8_t* end = w + static_cast<std::size_t>(rows) * row_bytes;
@@ -439,7 +446,7 @@ __device__ __forceinline__ RowSet matrix_rows(const std::uint8_t* w, std::uint32
     const std::uint32_t row = row0 + r < rows ? row0 + r : rows - 1;
     rs.row[r] = w + static_cast<std::size_t>(row) * row_bytes;
     rs.end[r] = end;
-    rs.scale[r] = scales ? scales + static_cast<std::size_t>(row / scale_b) * scale_ld : nullptr;
+    rs.scale[r] = scales ? scales + static_cast<std::size_t>(scale_b(row)) * scale_ld : nullptr;
   }
   return rs;
 }
@@ -485,7 +492,7 @@ struct BlockGroupParams {
   std::size_t up_row_bytes, down_row_bytes;
   std::size_t up_scales, down_scales;      ///< fp8: offset of a matrix's block scales from its codes
   std::size_t up_scale_ld, down_scale_ld;  ///< fp8: ceil(cols / B)
-  std::uint32_t scale_b;                   ///< fp8: B
+  BlockDiv scale_b;                        ///< fp8: B
   const float* x;                          ///< f32 path: token rows
   std::size_t ldx;
   float* h;  ///< [count][kMaxGemvTokens][ffn]: the SwiGLU activations (f32)
@@ -617,7 +624,7 @@ inline Status block_device(DeviceFacts& d) noexcept {
 }  // namespace detail
 
 template <Precision P, int T>
-Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream) noexcept {
+Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream, bool pdl) noexcept {
   const std::size_t rows = a.layout.rows, cols = a.layout.cols;
   if (rows > 0xFFFFFFF0u || cols > 0xFFFFFFF0u) return unsupported("block gemv: more than 2^32 rows or columns");
   detail::DeviceFacts d;
@@ -629,10 +636,10 @@ Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream) noexcept {
   p.row_bytes = detail::block_row_bytes<P>(cols);
   if constexpr (P == Precision::kFp8E4M3) {
     p.scales = a.block_scales;
-    p.scale_b = a.scale_block;
+    p.scale_b = detail::BlockDiv::of(a.scale_block);
     p.scale_ld = (cols + a.scale_block - 1) / a.scale_block;
   } else {
-    p.scale_b = 1;
+    p.scale_b = detail::BlockDiv::of(1);
   }
   p.x = a.x;
   p.ldx = a.ldx;
@@ -642,11 +649,12 @@ Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream) noexcept {
   p.accumulate = a.accumulate;
   constexpr std::size_t smem = detail::block_smem_bytes<P>();
   const std::size_t needed = (detail::row_groups(rows) + detail::kBlockWarps - 1) / detail::kBlockWarps;
-  auto run = [&](auto* kernel, const char* what) -> Status {
+  // pdl: launched as a dependent of the quantize kernel before it (launch_kernel).
+  auto run = [&](auto* kernel, bool pdl, const char* what) -> Status {
     std::size_t cap = 0;
     MOEX_RETURN_IF_ERROR(detail::resident_blocks(kernel, detail::kBlockWarps * 32, smem, d, cap));
-    kernel<<<detail::blocks_per_task(cap, 1, needed), detail::kBlockWarps * 32, smem, stream>>>(p);
-    return cuda_status(cudaGetLastError(), what);
+    return detail::launch_kernel(kernel, dim3(detail::blocks_per_task(cap, 1, needed)), dim3(detail::kBlockWarps * 32),
+                                 smem, stream, pdl, what, p);
   };
   if constexpr (P != Precision::kFp8E4M3) {
     if (!a.exact && a.workspace != nullptr) {  // q8 path: quantize x once, then integer dot products
@@ -656,10 +664,10 @@ Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream) noexcept {
       p.ldq = ws.ldq;
       p.ldm = ws.ldm;
       MOEX_RETURN_IF_ERROR(launch_quantize_x32(a.x, a.ldx, cols, a.n, ws, stream));
-      return run(detail::block_gemv<P, T, true>, "block_gemv (q8) launch");
+      return run(detail::block_gemv<P, T, true>, pdl, "block_gemv (q8) launch");
     }
   }
-  return run(detail::block_gemv<P, T, false>, "block_gemv launch");
+  return run(detail::block_gemv<P, T, false>, false, "block_gemv launch");
 }
 
 template <Precision P, int T>
@@ -674,9 +682,9 @@ Status launch_grouped_expert_block(const GroupedExpertArgs& a, cudaStream_t stre
   p.ffn = static_cast<std::uint32_t>(ffn);
   p.up_row_bytes = detail::block_row_bytes<P>(hidden);
   p.down_row_bytes = detail::block_row_bytes<P>(ffn);
-  p.scale_b = 1;
+  p.scale_b = detail::BlockDiv::of(1);
   if constexpr (P == Precision::kFp8E4M3) {
-    p.scale_b = static_cast<std::uint32_t>(kFp8ScaleBlockSize);
+    p.scale_b = detail::BlockDiv::of(static_cast<std::uint32_t>(kFp8ScaleBlockSize));
     p.up_scales = a.layout.w1.scales_offset;
     p.down_scales = a.layout.w2.scales_offset;
     p.up_scale_ld = (hidden + kFp8ScaleBlockSize - 1) / kFp8ScaleBlockSize;
@@ -690,12 +698,14 @@ Status launch_grouped_expert_block(const GroupedExpertArgs& a, cudaStream_t stre
   p.h = ws.h;
   constexpr std::size_t smem = detail::block_smem_bytes<P>();
   // Blocks per task: as many as the resident share allows, up to one warp per `warp_work` items.
-  auto run = [&](auto* kernel, std::size_t warp_work, const char* what) -> Status {
+  // Every launch after the first is a dependent launch (launch_kernel): its ring fills with
+  // weights while the kernel before it finishes.
+  auto run = [&](auto* kernel, std::size_t warp_work, bool pdl, const char* what) -> Status {
     std::size_t cap = 0;
     MOEX_RETURN_IF_ERROR(detail::resident_blocks(kernel, detail::kBlockWarps * 32, smem, d, cap));
     const std::size_t needed = (warp_work + detail::kBlockWarps - 1) / detail::kBlockWarps;
-    kernel<<<dim3(detail::blocks_per_task(cap, a.count, needed), a.count), detail::kBlockWarps * 32, smem, stream>>>(p);
-    return cuda_status(cudaGetLastError(), what);
+    return detail::launch_kernel(kernel, dim3(detail::blocks_per_task(cap, a.count, needed), a.count),
+                                 dim3(detail::kBlockWarps * 32), smem, stream, pdl, what, p);
   };
   // SwiGLU: whole row groups a warp. Down: even shares of its (group, tile) steps, at least
   // kMinDownSteps a warp (each warp's ring takes a few tiles' latency to fill).
@@ -715,13 +725,14 @@ Status launch_grouped_expert_block(const GroupedExpertArgs& a, cudaStream_t stre
       p.hq_ld = ws.h8.ldq;
       p.hm_ld = ws.h8.ldm;
       MOEX_RETURN_IF_ERROR(launch_quantize_task_rows(a.x, a.ldx, hidden, a.tasks, a.count, false, ws.x, stream));
-      MOEX_RETURN_IF_ERROR(run(detail::block_swiglu_gemv<P, T, true>, up_groups, "block_swiglu_gemv (q8) launch"));
-      MOEX_RETURN_IF_ERROR(launch_quantize_task_rows(ws.h, ffn, ffn, a.tasks, a.count, true, ws.h8, stream));
-      return run(detail::block_down_scatter_gemv<P, T, true>, down_warps, "block_down_scatter_gemv (q8) launch");
+      MOEX_RETURN_IF_ERROR(
+          run(detail::block_swiglu_gemv<P, T, true>, up_groups, true, "block_swiglu_gemv (q8) launch"));
+      MOEX_RETURN_IF_ERROR(launch_quantize_task_rows(ws.h, ffn, ffn, a.tasks, a.count, true, ws.h8, stream, true));
+      return run(detail::block_down_scatter_gemv<P, T, true>, down_warps, true, "block_down_scatter_gemv (q8) launch");
     }
   }
-  MOEX_RETURN_IF_ERROR(run(detail::block_swiglu_gemv<P, T, false>, up_groups, "block_swiglu_gemv launch"));
-  return run(detail::block_down_scatter_gemv<P, T, false>, down_warps, "block_down_scatter_gemv launch");
+  MOEX_RETURN_IF_ERROR(run(detail::block_swiglu_gemv<P, T, false>, up_groups, false, "block_swiglu_gemv launch"));
+  return run(detail::block_down_scatter_gemv<P, T, false>, down_warps, true, "block_down_scatter_gemv launch");
 }
 
 }  // namespace cuda
@@ -730,10 +741,10 @@ MOEX_NAMESPACE_END
 /// Explicit instantiations of one block format for every token bucket (1, 2, 4, 8): the GEMV and
 /// the grouped experts.
 #define MOEX_INSTANTIATE_GEMV_BLOCK(P)                                                                 \
-  template ::moex::Status moex::cuda::launch_gemv_block<P, 1>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv_block<P, 2>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv_block<P, 4>(const GemvArgs&, cudaStream_t) noexcept; \
-  template ::moex::Status moex::cuda::launch_gemv_block<P, 8>(const GemvArgs&, cudaStream_t) noexcept; \
+  template ::moex::Status moex::cuda::launch_gemv_block<P, 1>(const GemvArgs&, cudaStream_t, bool) noexcept; \
+  template ::moex::Status moex::cuda::launch_gemv_block<P, 2>(const GemvArgs&, cudaStream_t, bool) noexcept; \
+  template ::moex::Status moex::cuda::launch_gemv_block<P, 4>(const GemvArgs&, cudaStream_t, bool) noexcept; \
+  template ::moex::Status moex::cuda::launch_gemv_block<P, 8>(const GemvArgs&, cudaStream_t, bool) noexcept; \
   template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 1>(const GroupedExpertArgs&,      \
                                                                         cudaStream_t) noexcept;        \
   template ::moex::Status moex::cuda::launch_grouped_expert_block<P, 2>(const GroupedExpertArgs&,      \

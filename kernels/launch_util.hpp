@@ -4,6 +4,7 @@
 /// the device facts a grid is sized by, and how many blocks of a kernel fit on the device at once.
 
 #include <cstddef>
+#include <utility>
 
 #include <cuda_runtime.h>
 
@@ -55,6 +56,28 @@ inline unsigned blocks_per_task(std::size_t cap, std::size_t count, std::size_t 
   std::size_t share = cap / count;
   if (share < 1) share = 1;
   return static_cast<unsigned>(needed < share ? needed : share);
+}
+
+/// Launches kernel<<<grid, block, smem, stream>>>(args...); with pdl, as a programmatic dependent
+/// launch: the kernel may start while the kernel before it in the stream still runs, so it must
+/// call pdl_wait (device_math.cuh) before reading that kernel's results or writing anything. Only
+/// a launch that follows one of this library's own kernels of the same operation may pass pdl (the
+/// kernel before it was launched after everything earlier in the stream had finished, so the
+/// weights are in place).
+template <class... KArgs, class... Args>
+Status launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, bool pdl,
+                     const char* what, Args&&... args) noexcept {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cuda_status(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...), what);
 }
 
 }  // namespace detail

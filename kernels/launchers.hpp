@@ -51,9 +51,13 @@ template <Precision P, int G, int T>
 Status launch_grouped_expert(const GroupedExpertArgs& args, cudaStream_t stream) noexcept;
 
 /// Block-format GEMV (kernels/gemv_block.cuh) for P in Q8_0, Q4_0, Q4_K, fp8 e4m3, token bucket T
-/// (needs compute capability 9.0: kUnsupported below).
+/// (needs compute capability 9.0: kUnsupported below). pdl false: the q8 path's GEMV is launched
+/// after its x-quantize kernel has finished instead of as its programmatic dependent (benchmarks).
 template <Precision P, int T>
-Status launch_gemv_block(const GemvArgs& args, cudaStream_t stream) noexcept;
+Status launch_gemv_block(const GemvArgs& args, cudaStream_t stream, bool pdl = true) noexcept;
+
+/// launch_gemv_block for the layout's format with pdl = (variant == 0) (benchmarks).
+Status gemv_block_variant(const GemvArgs& args, int variant, cudaStream_t stream) noexcept;
 
 /// Quantized activation rows in a workspace (the q8 path of the block formats): row i's int8
 /// codes at q + i * ldq, each 1024-column tile's 32 units interleaved (bytes 0-15 of units 0..31,
@@ -97,9 +101,11 @@ Status launch_quantize_x32(const float* x, std::size_t ldx, std::size_t cols, st
                            cudaStream_t stream) noexcept;
 /// Quantizes the activations of `count` grouped tasks into row e * kMaxGemvTokens + t of `out`
 /// for t < tasks[e].n: from row tasks[e].token[t] of x, or (h_rows) from row e * kMaxGemvTokens + t.
+/// pdl: launched as a programmatic dependent of the kernel before it (launch_util.hpp's
+/// launch_kernel), which must be this library's kernel of the same operation.
 Status launch_quantize_task_rows(const float* x, std::size_t ldx, std::size_t cols, const ExpertTask* tasks,
-                                 std::uint32_t count, bool h_rows, const BlockQ8Rows& out,
-                                 cudaStream_t stream) noexcept;
+                                 std::uint32_t count, bool h_rows, const BlockQ8Rows& out, cudaStream_t stream,
+                                 bool pdl = false) noexcept;
 
 /// Grouped SwiGLU experts in block format P (Q8_0, Q4_0, Q4_K, fp8 e4m3), token bucket T.
 template <Precision P, int T>

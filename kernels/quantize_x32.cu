@@ -8,6 +8,7 @@
 #include "block_decode.cuh"
 #include "device_math.cuh"
 #include "kernels.hpp"
+#include "launch_util.hpp"
 #include "launchers.hpp"
 
 MOEX_NAMESPACE_BEGIN
@@ -31,6 +32,8 @@ struct QuantizeRowsParams {
 /// grid (groups / 8 rounded up, most rows of a task, tasks). Codes land in the tile-interleaved
 /// order of BlockQ8Rows, so lanes 0-15 and 16-31 each write 16 contiguous bytes.
 __global__ void __launch_bounds__(256) quantize_rows(const __grid_constant__ QuantizeRowsParams p) {
+  pdl_trigger();
+  pdl_wait();  // as a dependent launch (the SwiGLU activations h), after the kernel writing them
   const std::uint32_t g = blockIdx.x * 8 + threadIdx.x / 32;
   const std::uint32_t t = blockIdx.y, e = blockIdx.z;
   if (g * 32 >= p.cols || t >= p.n[e]) return;  // whole warp
@@ -58,10 +61,11 @@ QuantizeRowsParams params(const float* x, std::size_t ldx, std::size_t cols, con
   return p;
 }
 
-Status launch(const QuantizeRowsParams& p, std::uint32_t tasks, std::uint32_t max_rows, cudaStream_t stream) noexcept {
+Status launch(const QuantizeRowsParams& p, std::uint32_t tasks, std::uint32_t max_rows, cudaStream_t stream,
+              bool pdl) noexcept {
   if (max_rows == 0) return Status::ok();
-  quantize_rows<<<dim3((p.cols / 32 + 7) / 8, max_rows, tasks), 256, 0, stream>>>(p);
-  return cuda_status(cudaGetLastError(), "quantize_rows launch");
+  return launch_kernel(quantize_rows, dim3((p.cols / 32 + 7) / 8, max_rows, tasks), dim3(256), 0, stream, pdl,
+                       "quantize_rows launch", p);
 }
 
 }  // namespace
@@ -72,12 +76,12 @@ Status launch_quantize_x32(const float* x, std::size_t ldx, std::size_t cols, st
   detail::QuantizeRowsParams p = detail::params(x, ldx, cols, out);
   p.n[0] = n;
   for (std::uint32_t t = 0; t < n && t < kMaxGemvTokens; ++t) p.src[0][t] = t;
-  return detail::launch(p, 1, n, stream);
+  return detail::launch(p, 1, n, stream, false);
 }
 
 Status launch_quantize_task_rows(const float* x, std::size_t ldx, std::size_t cols, const ExpertTask* tasks,
-                                 std::uint32_t count, bool h_rows, const BlockQ8Rows& out,
-                                 cudaStream_t stream) noexcept {
+                                 std::uint32_t count, bool h_rows, const BlockQ8Rows& out, cudaStream_t stream,
+                                 bool pdl) noexcept {
   detail::QuantizeRowsParams p = detail::params(x, ldx, cols, out);
   std::uint32_t max_rows = 0;
   for (std::uint32_t e = 0; e < count; ++e) {
@@ -85,7 +89,7 @@ Status launch_quantize_task_rows(const float* x, std::size_t ldx, std::size_t co
     if (tasks[e].n > max_rows) max_rows = tasks[e].n;
     for (std::uint32_t t = 0; t < tasks[e].n; ++t) p.src[e][t] = h_rows ? e * kMaxGemvTokens + t : tasks[e].token[t];
   }
-  return detail::launch(p, count, max_rows, stream);
+  return detail::launch(p, count, max_rows, stream, pdl);
 }
 
 }  // namespace cuda

@@ -286,7 +286,8 @@ void BM_gemv_block(benchmark::State& state) {
   const BlockCase& bc = kBlockFormats[state.range(0)];
   const auto n = static_cast<std::uint32_t>(state.range(1));
   const bool q8 = state.range(2) != 0;
-  state.SetLabel(std::string(bc.name) + (q8 ? " q8-dp4a" : " exact-f32"));
+  const int variant = state.range(3) > 0 ? static_cast<int>(state.range(3)) : 0;  // 1: no dependent launch
+  state.SetLabel(std::string(bc.name) + (q8 ? " q8-dp4a" : " exact-f32") + (variant ? " no-pdl" : ""));
   BlockSetup g(bc);
   void* ws = nullptr;
   if (q8) ok(cudaMalloc(&ws, mc::gemv_workspace_bytes(kCols, n)));
@@ -302,8 +303,9 @@ void BM_gemv_block(benchmark::State& state) {
   a.scale_block = kFp8Block;
   a.workspace = ws;
   bool good = true;
-  timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes + g.scale_bytes), g_d2d_gbps,
-             [&] { good = good && mc::gemv(a, nullptr).is_ok(); });
+  timed_loop(state, nullptr, static_cast<double>(g.l.total_bytes + g.scale_bytes), g_d2d_gbps, [&] {
+    good = good && (variant ? mc::gemv_block_variant(a, variant, nullptr) : mc::gemv(a, nullptr)).is_ok();
+  });
   cudaFree(ws);
   if (!good) state.SkipWithError("block gemv failed");
 }
@@ -688,7 +690,7 @@ int main(int argc, char** argv) {
     for (int q8 : {1, 0}) {
       if (q8 && kBlockFormats[f].p == Precision::kFp8E4M3) continue;
       benchmark::RegisterBenchmark("gemv/batch1", BM_gemv_block)
-          ->Args({f, 1, q8})
+          ->Args({f, 1, q8, 0})
           ->UseManualTime()
           ->Iterations(50)
           ->Unit(benchmark::kMicrosecond);
@@ -696,6 +698,14 @@ int main(int argc, char** argv) {
   for (int f = 2; f < nf; ++f)
     benchmark::RegisterBenchmark("gemv/batch1", BM_gemv)
         ->Args({f, 1, 1})
+        ->UseManualTime()
+        ->Iterations(50)
+        ->Unit(benchmark::kMicrosecond);
+  // The q8 block GEMV launched after its quantize kernel has finished (no programmatic dependent
+  // launch): what the dependent launch gains.
+  for (int f = 0; f < 3; ++f)
+    benchmark::RegisterBenchmark("gemv_block_nopdl", BM_gemv_block)
+        ->Args({f, 1, 1, 1})
         ->UseManualTime()
         ->Iterations(50)
         ->Unit(benchmark::kMicrosecond);
@@ -714,7 +724,7 @@ int main(int argc, char** argv) {
           ->Unit(benchmark::kMicrosecond);
   for (int f = 0; f < static_cast<int>(std::size(kBlockFormats)); ++f)
     benchmark::RegisterBenchmark("gemv/batch8", BM_gemv_block)
-        ->Args({f, 8, kBlockFormats[f].p == Precision::kFp8E4M3 ? 0 : 1})
+        ->Args({f, 8, kBlockFormats[f].p == Precision::kFp8E4M3 ? 0 : 1, 0})
         ->UseManualTime()
         ->Iterations(30)
         ->Unit(benchmark::kMicrosecond);

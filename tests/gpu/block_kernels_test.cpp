@@ -254,6 +254,16 @@ TEST_CASE("block kernels' host-checkable parts: q8 unit decoders, tile spans, st
   check_spans.operator()<Precision::kQ4_K>(131, 2304);
   check_spans.operator()<Precision::kFp8E4M3>(20, 800);
 
+  // BlockDiv (the fp8 scale block's division): a shift for powers of two, the division otherwise.
+  for (const std::uint32_t b : {1u, 32u, 96u, 128u, 160u, 4096u}) {
+    CAPTURE(b);
+    const d::BlockDiv div = d::BlockDiv::of(b);
+    CHECK((div.shift >= 0) == ((b & (b - 1)) == 0));
+    for (const std::uint32_t v : {0u, 1u, 31u, 127u, 128u, 129u, 4095u, 4096u, 123457u, 0xFFFFFFF0u, 0xFFFFFFFFu})
+      CHECK(div(v) == v / b);
+  }
+  CHECK(d::BlockDiv::of(0)(7u) == 7u);  // never a division by zero
+
   // Step shares: even_steps partitions all steps in order, balanced to one; strided_groups covers
   // whole groups.
   for (const std::uint32_t count : {1u, 7u, 1024u, 5003u})

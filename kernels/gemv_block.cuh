@@ -345,11 +345,12 @@ __device__ __forceinline__ void block_stream(const RowsOf& rows_of, const StepRa
         end = p_rows.end[r];
       }
     const TileSpan sp = tile_span<P>(row, end, row_bytes, p_k);
+    // The allocation's last < 16 bytes, stored before the arrival, whose release makes them
+    // visible to the lanes that wait on the barrier.
+    for (std::uintptr_t a = sp.a1; a < sp.te; ++a) buf[a - sp.a0] = *reinterpret_cast<const std::uint8_t*>(a);
     mbar_arrive_expect_tx(bars + stage, static_cast<std::uint32_t>(sp.a1 - sp.a0));
     if (sp.a1 > sp.a0)
       bulk_load(buf, reinterpret_cast<const void*>(sp.a0), static_cast<std::uint32_t>(sp.a1 - sp.a0), bars + stage);
-    for (std::uintptr_t a = sp.a1; a < sp.te; ++a)  // the allocation's last < 16 bytes
-      buf[a - sp.a0] = *reinterpret_cast<const std::uint8_t*>(a);
     if (++p_k == tiles) {
       p_k = 0;
       p_rg += sr.stride;
@@ -360,7 +361,7 @@ __device__ __forceinline__ void block_stream(const RowsOf& rows_of, const StepRa
     const int pro = steps < static_cast<std::uint64_t>(S) ? static_cast<int>(steps) : S;
     for (int s = 0; s < pro; ++s) issue(s);
   }
-  __syncwarp();  // the prologue's plain-store tail bytes are visible to every lane
+  __syncwarp();
   // Launched as a dependent of the activations' quantization (launch_kernel), the ring fills with
   // weights while that kernel still runs; its outputs are read, and ours written, only after this.
   pdl_wait();

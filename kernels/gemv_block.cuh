@@ -124,10 +124,10 @@ __device__ __forceinline__ float one_plus(std::uint32_t bits) { return __uint_as
 
 /// f32 path: (d, mn) of 32-weight unit u of a tile (shared memory at s: the tile's first byte) such
 /// that every weight of the unit is d * f + mn, f as decode8 makes it. fp8: the block scale at
-/// scale_row[scale_b(col)] (col: the unit's first column).
+/// scale_row[sblk] (sblk: the scale block of the unit's columns).
 template <Precision P>
-__device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const float* scale_row, std::uint32_t col,
-                                             BlockDiv scale_b) {
+__device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const float* scale_row,
+                                             std::uint32_t sblk) {
   if constexpr (P == Precision::kQ8_0) {
     const float dh = half_bits(lds16(s + 34 * u));
     return make_float2(256.f * dh, -384.f * dh);  // q = 256 f - 384
@@ -145,7 +145,7 @@ __device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const
     static_assert(P == Precision::kFp8E4M3);
     (void)s;
     (void)u;
-    return make_float2(__ldg(scale_row + scale_b(col)), 0.f);
+    return make_float2(__ldg(scale_row + sblk), 0.f);
   }
 }
 
@@ -277,12 +277,13 @@ __device__ __forceinline__ void tile_dot_f32(const std::uint8_t* const (&sb)[kBl
     const int u = c >> 2;
     if (u >= units) break;
     const std::uint32_t col = col0 + 8u * static_cast<std::uint32_t>(c);
+    const std::uint32_t sblk = kHasMin ? 0u : scale_b(col);  // fp8: one division for the R rows
     float f[R][8];
     float2 ds[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       decode8<P>(sb[r], u, c & 3, f[r]);
-      ds[r] = unit_scale<P>(sb[r], u, rs.scale[r], col, scale_b);
+      ds[r] = unit_scale<P>(sb[r], u, rs.scale[r], sblk);
     }
 #pragma unroll
     for (int t = 0; t < T; ++t) {

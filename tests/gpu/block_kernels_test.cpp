@@ -254,13 +254,22 @@ TEST_CASE("block kernels' host-checkable parts: q8 unit decoders, tile spans, st
   check_spans.operator()<Precision::kQ4_K>(131, 2304);
   check_spans.operator()<Precision::kFp8E4M3>(20, 800);
 
-  // BlockDiv (the fp8 scale block's division): a shift for powers of two, the division otherwise.
-  for (const std::uint32_t b : {1u, 32u, 96u, 128u, 160u, 4096u}) {
+  // BlockDiv (the fp8 scale block's division by multiply-high): exact for every 32-bit v, at the
+  // edges (multiples of b and their neighbours, the top of the range) and on random values.
+  std::mt19937_64 div_rng(0xd1d1);
+  for (const std::uint32_t b : {1u, 2u, 3u, 7u, 32u, 96u, 100u, 128u, 160u, 4096u, 1000003u, 0x7FFFFFFFu, 0x80000000u,
+                                0xFFFFFFFFu}) {
     CAPTURE(b);
     const d::BlockDiv div = d::BlockDiv::of(b);
-    CHECK((div.shift >= 0) == ((b & (b - 1)) == 0));
-    for (const std::uint32_t v : {0u, 1u, 31u, 127u, 128u, 129u, 4095u, 4096u, 123457u, 0xFFFFFFF0u, 0xFFFFFFFFu})
+    for (const std::uint32_t v : {0u, 1u, 31u, 127u, 128u, 129u, 4095u, 4096u, 123457u, 0x7FFFFFFFu, 0x80000000u,
+                                  0xFFFFFFF0u, 0xFFFFFFFFu, b - 1, b, b + 1, 2 * b - 1, 2 * b, 3 * b + 1})
       CHECK(div(v) == v / b);
+    int wrong = 0;
+    for (int i = 0; i < 20000; ++i) {
+      const auto v = static_cast<std::uint32_t>(div_rng());
+      wrong += div(v) != v / b;
+    }
+    CHECK(wrong == 0);
   }
   CHECK(d::BlockDiv::of(0)(7u) == 7u);  // never a division by zero
 

@@ -21,6 +21,13 @@
 /// the allocation (the matrix's last < 16 bytes, when its size is no multiple of 16, are copied by
 /// the row's lane with plain loads); the decoders start at the tile's offset inside the copied range.
 ///
+/// ## Dependent launches
+/// The q8 GEMV is launched as a programmatic dependent of its x-quantize kernel, and each grouped
+/// launch after the first as a dependent of the one before (launch_util.hpp's launch_kernel): a
+/// warp fills its ring with weights, which existed before that kernel started, then waits
+/// (`griddepcontrol.wait`) before it reads the kernel's output or writes anything. Worth about 1%
+/// of the copy ceiling on the H100 (bench rows gemv_block_nopdl).
+///
 /// ## q8 path (GGUF formats; GemvArgs::workspace given, exact == false): one unit a lane
 /// x is first quantized to int8 per 32-column group with the CPU's Q8 rule (quantize_rows,
 /// kernels/quantize_x32.cu) together with each group's sum of codes. Lane u of a tile takes the

@@ -87,12 +87,13 @@ MOEX_HD void q4k_scale_min_words(std::uint32_t w0, std::uint32_t w1, std::uint32
   mins = hi ? (c >> 4) | ((b >> 6) << 4) : b & 63u;
 }
 
-/// float(v) for v < 2^23 by placing v in the mantissa of 2^23 (I2F is quarter rate on sm_90).
-MOEX_HD float small_uint_to_float(std::uint32_t v) {
+/// float(i) for |i| < 2^22 at full rate (I2F is quarter rate on sm_90): the integer is placed in
+/// the mantissa of 1.5 * 2^23 and the bias subtracted.
+MOEX_HD float small_int_to_float(int i) {
 #ifdef __CUDA_ARCH__
-  return __uint_as_float(0x4B000000u | v) - 8388608.f;
+  return __int_as_float(i + 0x4B400000) - 12582912.f;
 #else
-  return static_cast<float>(v);
+  return static_cast<float>(i);
 #endif
 }
 
@@ -105,7 +106,7 @@ struct BlockDiv {
   std::uint32_t m = 1;    ///< floor(2^32 (2^l - b) / b) + 1, l = ceil(log2 b)
   std::uint32_t sh1 = 0;  ///< min(l, 1)
   std::uint32_t sh2 = 0;  ///< max(l - 1, 0)
-  /// The divider for b (b = 0 is taken as 1: never a division by zero).
+  /// The divider for b (b = 0 is taken as 1: never a division by zero); default-constructed, b = 1.
   static BlockDiv of(std::uint32_t b) {
     const std::uint64_t d = b == 0 ? 1 : b;
     std::uint32_t l = 0;
@@ -177,8 +178,8 @@ MOEX_HD void unit_codes(const std::uint8_t* s, int u, std::uint32_t (&c)[8], flo
     const int sh = (j & 1) * 4;  // odd sub-blocks are the high nibbles
     MOEX_DEVICE_UNROLL
     for (int i = 0; i < 8; ++i) c[i] = (words[i] >> sh) & 0x0F0F0F0Fu;
-    dw = half_bits(dd & 0xffffu) * small_uint_to_float(scale);
-    mn = -half_bits(dd >> 16) * small_uint_to_float(mins);
+    dw = half_bits(dd & 0xffffu) * small_int_to_float(static_cast<int>(scale));
+    mn = -half_bits(dd >> 16) * small_int_to_float(static_cast<int>(mins));
   }
 }
 

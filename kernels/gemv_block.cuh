@@ -145,8 +145,8 @@ __device__ __forceinline__ float2 unit_scale(const std::uint8_t* s, int u, const
     const uint4 head = *reinterpret_cast<const uint4*>(s + 144 * (u / 8));
     std::uint32_t scale, mins;
     q4k_scale_min_words(head.y, head.z, head.w, u % 8, scale, mins);
-    const float dsc = half_bits(head.x & 0xffffu) * small_uint_to_float(scale);
-    const float dm = half_bits(head.x >> 16) * small_uint_to_float(mins);
+    const float dsc = half_bits(head.x & 0xffffu) * small_int_to_float(static_cast<int>(scale));
+    const float dm = half_bits(head.x >> 16) * small_int_to_float(static_cast<int>(mins));
     return make_float2(16.f * dsc, -(16.f * dsc + dm));  // (d sc) 16 (f - 1) - dmin m
   } else {
     static_assert(P == Precision::kFp8E4M3);
@@ -218,9 +218,6 @@ __device__ __forceinline__ int dp4a_us4(std::uint32_t a, std::uint32_t b, int c)
   asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
 }
-/// float(i) for |i| < 2^22 at full rate (I2F is quarter rate on sm_90): the integer is placed in
-/// the mantissa of 1.5 * 2^23 and the bias subtracted.
-__device__ __forceinline__ float small_int_to_float(int i) { return __int_as_float(i + 0x4B400000) - 12582912.f; }
 
 /// Where the activations of T tokens come from: f32 rows (f32 path), or on the q8 path each
 /// token's int8 codes (tile-interleaved, kernels.hpp) and its (d_x, sum q) per 32-column group.
@@ -369,7 +366,7 @@ __device__ __forceinline__ void block_stream(const RowsOf& rows_of, const StepRa
     const int pro = steps < static_cast<std::uint64_t>(S) ? static_cast<int>(steps) : S;
     for (int s = 0; s < pro; ++s) issue(s);
   }
-  __syncwarp();
+  __syncwarp();  // the warp reconverges after the producers' prologue
   // Launched as a dependent of the activations' quantization (launch_kernel), the ring fills with
   // weights while that kernel still runs; its outputs are read, and ours written, only after this.
   pdl_wait();
@@ -647,8 +644,6 @@ Status launch_gemv_block(const GemvArgs& a, cudaStream_t stream, bool pdl) noexc
     p.scales = a.block_scales;
     p.scale_b = detail::BlockDiv::of(a.scale_block);
     p.scale_ld = (cols + a.scale_block - 1) / a.scale_block;
-  } else {
-    p.scale_b = detail::BlockDiv::of(1);
   }
   p.x = a.x;
   p.ldx = a.ldx;
@@ -691,7 +686,6 @@ Status launch_grouped_expert_block(const GroupedExpertArgs& a, cudaStream_t stre
   p.ffn = static_cast<std::uint32_t>(ffn);
   p.up_row_bytes = detail::block_row_bytes<P>(hidden);
   p.down_row_bytes = detail::block_row_bytes<P>(ffn);
-  p.scale_b = detail::BlockDiv::of(1);
   if constexpr (P == Precision::kFp8E4M3) {
     p.scale_b = detail::BlockDiv::of(static_cast<std::uint32_t>(kFp8ScaleBlockSize));
     p.up_scales = a.layout.w1.scales_offset;

@@ -286,7 +286,7 @@ void BM_gemv_block(benchmark::State& state) {
   const BlockCase& bc = kBlockFormats[state.range(0)];
   const auto n = static_cast<std::uint32_t>(state.range(1));
   const bool q8 = state.range(2) != 0;
-  const int variant = state.range(3) > 0 ? static_cast<int>(state.range(3)) : 0;  // 1: no dependent launch
+  const int variant = static_cast<int>(state.range(3));  // 1: no dependent launch
   state.SetLabel(std::string(bc.name) + (q8 ? " q8-dp4a" : " exact-f32") + (variant ? " no-pdl" : ""));
   BlockSetup g(bc);
   void* ws = nullptr;

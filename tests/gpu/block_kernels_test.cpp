@@ -272,6 +272,7 @@ TEST_CASE("block kernels' host-checkable parts: q8 unit decoders, tile spans, st
     CHECK(wrong == 0);
   }
   CHECK(d::BlockDiv::of(0)(7u) == 7u);  // never a division by zero
+  CHECK(d::BlockDiv{}(0xFFFFFFFFu) == 0xFFFFFFFFu);  // default-constructed: b = 1 (the GGUF formats)
 
   // Step shares: even_steps partitions all steps in order, balanced to one; strided_groups covers
   // whole groups.

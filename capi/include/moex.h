@@ -442,8 +442,14 @@ MOEX_API moex_status moex_executor_create(const moex_model* model, const moex_ex
 MOEX_API void moex_executor_destroy(moex_executor* executor);
 
 /**
- * One MoE layer for n tokens: out[n x hidden] = sum over each token's top-k experts of
- * gate weight * expert(hidden) (the MoE output only; the caller adds the residual).
+ * One MoE layer for n tokens: out[n x hidden] = the whole MoE block's output, as the model
+ * defines it: the sum over each token's top-k experts of gate weight * expert(hidden), each
+ * expert with its own biases and activation where the architecture has them (gpt-oss), plus the
+ * layer's shared expert where it has one (DeepSeek-V2/V3; Qwen2-MoE's scaled by its sigmoid gate).
+ * The caller adds the residual. Shared experts stay resident beside the expert cache and do not
+ * count against cache_bytes (moex_executor_stats_json reports "resident_shared_bytes").
+ * docs/formats.md tables what each architecture computes; a block moex cannot compute exactly
+ * is refused by moex_executor_create (MOEX_ERR_UNSUPPORTED), never computed in part.
  * @param layer   0 <= layer < moex_model_info.n_layers.
  * @param hidden  borrowed, n_tokens x hidden floats, row-major.
  * @param out     borrowed, n_tokens x hidden floats; must not overlap `hidden`.

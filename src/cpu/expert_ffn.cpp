@@ -45,6 +45,16 @@ void matmul_rows_decoded(const MatrixView& w, const detail::MatmulArgs& a) noexc
 
 float silu(float v) noexcept { return v / (1.f + std::exp(-v)); }
 
+// The activation of ExpertMath on one pair (gate, up), biases already added.
+float activate(const ExpertMath& m, float g, float u) noexcept {
+  if (m.activation == FfnActivation::kClampedSwiGlu) {
+    g = std::min(g, m.limit);
+    u = std::clamp(u, -m.limit, m.limit);
+    return g / (1.f + std::exp(-m.alpha * g)) * (u + 1.f);
+  }
+  return silu(g) * u;
+}
+
 struct FfnJob {
   ExpertView e;
   const float* x;
@@ -57,15 +67,28 @@ struct FfnJob {
     const std::size_t hidden = e.layout.shape.hidden, ffn = e.layout.shape.ffn;
     matmul_rows(e.w1(), x, n, hidden, gate, ffn, b, end);
     matmul_rows(e.w3(), x, n, hidden, up, ffn, b, end);
+    if (e.math == nullptr) {  // Mixtral's expert: the common path, unchanged
+      for (std::size_t t = 0; t < n; ++t) {
+        float* g = gate + t * ffn;
+        const float* u = up + t * ffn;
+        for (std::size_t r = b; r < end; ++r) g[r] = silu(g[r]) * u[r];
+      }
+      return;
+    }
+    const ExpertMath& m = *e.math;
     for (std::size_t t = 0; t < n; ++t) {
       float* g = gate + t * ffn;
       const float* u = up + t * ffn;
-      for (std::size_t r = b; r < end; ++r) g[r] = silu(g[r]) * u[r];
+      for (std::size_t r = b; r < end; ++r)
+        g[r] = activate(m, g[r] + (m.b1 ? m.b1[r] : 0.f), u[r] + (m.b3 ? m.b3[r] : 0.f));
     }
   }
   void down_rows(std::size_t b, std::size_t end) const noexcept {
     const std::size_t hidden = e.layout.shape.hidden, ffn = e.layout.shape.ffn;
     matmul_rows(e.w2(), gate, n, ffn, y, hidden, b, end);
+    if (e.math != nullptr && e.math->b2 != nullptr)
+      for (std::size_t t = 0; t < n; ++t)
+        for (std::size_t r = b; r < end; ++r) y[t * hidden + r] += e.math->b2[r];
   }
 };
 

@@ -87,6 +87,7 @@ std::string ExecutorStats::to_json() const {
                                     {"selected", depths[d].selected},
                                     {"predicted_correct", depths[d].predicted_correct},
                                     {"recall", depths[d].recall()}});
+  if (resident_shared_bytes) j["resident_shared_bytes"] = resident_shared_bytes;
   return j.dump(2);
 }
 

@@ -131,6 +131,10 @@ Result<ModelConfig> parse_impl(std::string_view text, const std::string& src) {
   MOEX_RETURN_IF_ERROR(r.opt_bool("tie_word_embeddings", c.tie_embeddings));
   MOEX_RETURN_IF_ERROR(r.opt_u32("intermediate_size", c.dense_ffn));
   MOEX_RETURN_IF_ERROR(r.u32_any({"num_experts_per_tok", "experts_per_token"}, c.top_k, true));
+  // Every architecture moex reads gates its experts with silu (gpt-oss: its clamped variant);
+  // anything else would be computed wrong, so it is refused here.
+  if (const std::string act = r.opt_string("hidden_act"); !act.empty() && act != "silu" && act != "swish")
+    return unsupported(src + ": hidden_act '" + act + "' (moex computes SwiGLU experts, whose activation is silu)");
   switch (c.arch) {
     case Architecture::kMixtral:
     case Architecture::kGptOss:
@@ -138,6 +142,10 @@ Result<ModelConfig> parse_impl(std::string_view text, const std::string& src) {
       MOEX_RETURN_IF_ERROR(r.u32("intermediate_size", c.expert_ffn));
       c.router = RouterKind::kSoftmaxTopKRenorm;
       c.norm_topk_prob = true;
+      if (c.arch == Architecture::kGptOss) {
+        MOEX_RETURN_IF_ERROR(r.opt_f32("swiglu_limit", c.swiglu_limit));
+        if (!(c.swiglu_limit > 0.f)) return corrupt(src + ": 'swiglu_limit' must be > 0");
+      }
       break;
     case Architecture::kOlmoe:
       MOEX_RETURN_IF_ERROR(r.u32("num_experts", c.n_experts));
@@ -184,8 +192,11 @@ Result<ModelConfig> parse_impl(std::string_view text, const std::string& src) {
       MOEX_RETURN_IF_ERROR(r.opt_bool("norm_topk_prob", c.norm_topk_prob));
       if (scoring == "sigmoid") {
         c.router = RouterKind::kSigmoidBiasScaled;
+      } else if (scoring == "softmax" && c.arch == Architecture::kDeepseekV3) {
+        return unsupported(src + ": deepseek_v3 with scoring_func 'softmax' (its reference routes by sigmoid only)");
       } else if (scoring == "softmax") {
-        c.router = c.norm_topk_prob ? RouterKind::kSoftmaxTopKRenorm : RouterKind::kSoftmaxTopK;
+        // DeepSeek-V2 normalizes only when top_k > 1; otherwise it scales by routed_scaling_factor.
+        c.router = c.norm_topk_prob && c.top_k > 1 ? RouterKind::kSoftmaxTopKRenorm : RouterKind::kSoftmaxTopK;
       } else {
         return unsupported(src + ": scoring_func '" + scoring + "' (moex reads softmax and sigmoid)");
       }
@@ -347,6 +358,8 @@ Result<ModelConfig> model_config_from_gguf(const GgufFile& g, std::string_view s
   }
   if (c.arch == Architecture::kDeepseekV3)
     c.router = RouterKind::kSigmoidBiasScaled;
+  else if (c.arch == Architecture::kDeepseekV2)  // normalized only when top_k > 1 (as in its reference)
+    c.router = c.norm_topk_prob && c.top_k > 1 ? RouterKind::kSoftmaxTopKRenorm : RouterKind::kSoftmaxTopK;
   else
     c.router = c.norm_topk_prob ? RouterKind::kSoftmaxTopKRenorm : RouterKind::kSoftmaxTopK;
   MOEX_RETURN_IF_ERROR(u32("attention.head_count", c.n_heads, false));

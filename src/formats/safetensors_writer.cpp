@@ -170,6 +170,7 @@ Status write_config_json(const fs::path& dir, const ModelConfig& c) {
       case Architecture::kGptOss:
         j["num_local_experts"] = c.n_experts;
         j["intermediate_size"] = c.expert_ffn;
+        if (c.arch == Architecture::kGptOss) j["swiglu_limit"] = c.swiglu_limit;
         break;
       case Architecture::kOlmoe:
         j["num_experts"] = c.n_experts;

@@ -67,11 +67,15 @@ Status route_token(const RouterConfig& cfg, std::span<const float> logits, std::
       keys[e] = scores[e] + (bias.empty() ? 0.f : bias[e]);
     }
   } else {
-    const float mx = *std::max_element(logits.begin(), logits.end());
+    // A softmax router's bias is part of its linear layer (gpt-oss): it shifts the logits.
+    float* z = keys;  // the biased logits, overwritten by the keys below
+    for (std::uint32_t e = 0; e < n; ++e) z[e] = bias.empty() ? logits[e] : logits[e] + bias[e];
+    float mx = z[0];
+    for (std::uint32_t e = 1; e < n; ++e) mx = std::max(mx, z[e]);
     double sum = 0;
-    for (std::uint32_t e = 0; e < n; ++e) sum += std::exp(static_cast<double>(logits[e] - mx));
+    for (std::uint32_t e = 0; e < n; ++e) sum += std::exp(static_cast<double>(z[e] - mx));
     for (std::uint32_t e = 0; e < n; ++e) {
-      scores[e] = static_cast<float>(std::exp(static_cast<double>(logits[e] - mx)) / sum);
+      scores[e] = static_cast<float>(std::exp(static_cast<double>(z[e] - mx)) / sum);
       keys[e] = scores[e];
     }
   }
@@ -94,11 +98,13 @@ Status route_token(const RouterConfig& cfg, std::span<const float> logits, std::
     top_k_indices(
         std::span<const float>(group_score, cfg.n_group), cfg.topk_group, [](std::uint32_t) { return true; }, kept);
     for (std::uint32_t j = 0; j < cfg.topk_group; ++j) group_kept[kept[j]] = true;
-  } else {
-    group_kept[0] = true;
+    // The experts of the other groups keep a key of 0, as the reference models mask them
+    // (masked_fill(~mask, 0.0)): with a negative selection bias a kept expert can rank below them.
+    for (std::uint32_t e = 0; e < n; ++e)
+      if (!group_kept[e / per_group]) keys[e] = 0.f;
   }
-  auto allowed = [&](std::uint32_t e) { return cfg.n_group == 1 || group_kept[e / per_group]; };
-  top_k_indices(std::span<const float>(keys, n), cfg.top_k, allowed, out.experts);
+  top_k_indices(
+      std::span<const float>(keys, n), cfg.top_k, [](std::uint32_t) { return true; }, out.experts);
   out.k = cfg.top_k;
 
   double wsum = 0;

@@ -21,7 +21,26 @@ Status validate(const MoeModelSpec& s) noexcept {
     return invalid_argument("model spec: more than 2^24 experts");
   if (static_cast<std::uint64_t>(s.shape.hidden) * s.shape.ffn > (1ull << 34))
     return invalid_argument("model spec: expert larger than 2^34 weights per matrix");
+  const MoeBlockSpec& b = s.block;
+  if (b.activation != FfnActivation::kSwiGlu && b.activation != FfnActivation::kClampedSwiGlu)
+    return invalid_argument("model spec: unknown expert activation");
+  if (b.activation == FfnActivation::kClampedSwiGlu &&
+      !(std::isfinite(b.activation_alpha) && b.activation_alpha > 0.f && std::isfinite(b.activation_limit) &&
+        b.activation_limit > 0.f))
+    return invalid_argument("model spec: the clamped SwiGLU needs a finite alpha > 0 and limit > 0");
+  if (static_cast<std::uint64_t>(s.shape.hidden) * b.shared_ffn > (1ull << 34))
+    return invalid_argument("model spec: shared expert larger than 2^34 weights per matrix");
+  if (b.shared_gate && b.shared_ffn == 0) return invalid_argument("model spec: a shared gate without a shared expert");
   return validate(s.router);
+}
+
+std::string MoeBlockSpec::extras() const {
+  std::string r;
+  auto add = [&](const std::string& x) { r += (r.empty() ? "" : ", ") + x; };
+  if (shared_ffn) add(shared_gate ? "a gated shared expert" : "shared experts");
+  if (expert_biases) add("expert biases");
+  if (activation != FfnActivation::kSwiGlu) add("the " + std::string(to_string(activation)) + " activation");
+  return r;
 }
 
 Result<ExpertStore> ExpertStore::create(const MoeModelSpec& spec, WeightFormat master_format) {
@@ -35,9 +54,26 @@ Result<ExpertStore> ExpertStore::create(const MoeModelSpec& spec, WeightFormat m
   s.master_format_ = master_format;
   s.master_layout_ = expert_layout(spec.shape, master_format);
   const std::size_t n = std::size_t{spec.n_layers} * spec.n_experts;
-  s.master_views_.assign(n, ExpertView{nullptr, nullptr, nullptr, s.master_layout_});
+  s.master_views_.assign(n, ExpertView{nullptr, nullptr, nullptr, s.master_layout_, nullptr});
   s.routers_.assign(std::size_t{spec.n_layers} * spec.n_experts * spec.shape.hidden, 0.f);
   s.biases_.resize(spec.n_layers);
+  const MoeBlockSpec& b = spec.block;
+  s.activation_math_.activation = b.activation;
+  s.activation_math_.alpha = b.activation_alpha;
+  s.activation_math_.limit = b.activation_limit;
+  if (b.expert_biases) {
+    const std::size_t per = 2 * std::size_t{spec.shape.ffn} + spec.shape.hidden;
+    s.expert_bias_values_.assign(n * per, 0.f);
+    s.expert_math_.assign(n, s.activation_math_);
+    for (std::size_t i = 0; i < n; ++i) {
+      float* base = s.expert_bias_values_.data() + i * per;
+      s.expert_math_[i].b1 = base;
+      s.expert_math_[i].b3 = base + spec.shape.ffn;
+      s.expert_math_[i].b2 = base + 2 * std::size_t{spec.shape.ffn};
+    }
+    s.biases_set_.assign(n, 0);
+  }
+  if (b.shared_ffn) s.shared_.resize(spec.n_layers);
   return s;
 }
 
@@ -139,7 +175,110 @@ std::span<const float> ExpertStore::router_bias(std::uint32_t layer) const noexc
 
 bool ExpertStore::complete() const noexcept {
   if (virtual_) return true;
-  return std::all_of(master_views_.begin(), master_views_.end(), [](const ExpertView& v) { return v.valid(); });
+  if (!std::all_of(master_views_.begin(), master_views_.end(), [](const ExpertView& v) { return v.valid(); }))
+    return false;
+  if (!std::all_of(biases_set_.begin(), biases_set_.end(), [](std::uint8_t b) { return b != 0; })) return false;
+  return std::all_of(shared_.begin(), shared_.end(), [&](const Shared& sh) {
+    return !sh.blob.empty() && (!spec_.block.shared_gate || !sh.gate.empty());
+  });
+}
+
+std::string ExpertStore::missing() const {
+  if (virtual_) return {};
+  for (std::size_t i = 0; i < master_views_.size(); ++i)
+    if (!master_views_[i].valid())
+      return "expert " + std::to_string(i % spec_.n_experts) + " of layer " + std::to_string(i / spec_.n_experts) +
+             " has no master copy";
+  for (std::size_t i = 0; i < biases_set_.size(); ++i)
+    if (!biases_set_[i])
+      return "expert " + std::to_string(i % spec_.n_experts) + " of layer " + std::to_string(i / spec_.n_experts) +
+             " has no biases (set_expert_biases)";
+  for (std::size_t l = 0; l < shared_.size(); ++l) {
+    if (shared_[l].blob.empty()) return "layer " + std::to_string(l) + " has no shared expert (set_shared_expert)";
+    if (spec_.block.shared_gate && shared_[l].gate.empty())
+      return "layer " + std::to_string(l) + " has no shared-expert gate (set_shared_gate)";
+  }
+  return {};
+}
+
+Status ExpertStore::set_expert_biases(ExpertKey key, std::span<const float> b1, std::span<const float> b3,
+                                      std::span<const float> b2) {
+  if (virtual_) return unsupported("set_expert_biases: a virtual store has no data");
+  MOEX_RETURN_IF_ERROR(check_key(key));
+  if (!spec_.block.expert_biases)
+    return invalid_argument("set_expert_biases: this model's experts have no biases (MoeBlockSpec::expert_biases)");
+  const std::size_t f = spec_.shape.ffn, h = spec_.shape.hidden;
+  if (b1.size() != f || b3.size() != f || b2.size() != h)
+    return invalid_argument("set_expert_biases: expected " + std::to_string(f) + ", " + std::to_string(f) + " and " +
+                            std::to_string(h) + " values, got " + std::to_string(b1.size()) + ", " +
+                            std::to_string(b3.size()) + " and " + std::to_string(b2.size()));
+  for (auto sp : {b1, b3, b2})
+    for (float v : sp)
+      if (!std::isfinite(v)) return invalid_argument("set_expert_biases: non-finite bias");
+  float* base = expert_bias_values_.data() + index(key) * (2 * f + h);  // b1, b3, b2 as expert_math_ points
+  std::copy(b1.begin(), b1.end(), base);
+  std::copy(b3.begin(), b3.end(), base + f);
+  std::copy(b2.begin(), b2.end(), base + 2 * f);
+  biases_set_[index(key)] = 1;
+  return Status::ok();
+}
+
+const ExpertMath* ExpertStore::expert_math(ExpertKey key) const noexcept {
+  if (key.layer >= spec_.n_layers || key.expert >= spec_.n_experts) return nullptr;
+  if (spec_.block.expert_biases) return &expert_math_[index(key)];
+  if (spec_.block.activation != FfnActivation::kSwiGlu) return &activation_math_;
+  return nullptr;
+}
+
+Status ExpertStore::set_shared_expert(std::uint32_t layer, const float* w1, const float* w3, const float* w2,
+                                      WeightFormat format) {
+  if (virtual_) return unsupported("set_shared_expert: a virtual store has no data");
+  if (spec_.block.shared_ffn == 0)
+    return invalid_argument("set_shared_expert: this model has no shared expert (MoeBlockSpec::shared_ffn)");
+  if (layer >= spec_.n_layers) return invalid_argument("set_shared_expert: layer out of range");
+  if (!w1 || !w3 || !w2) return invalid_argument("set_shared_expert: null weights");
+  const Precision p = format.precision;
+  if (p != Precision::kF32 && p != Precision::kF16 && p != Precision::kBF16)
+    return invalid_argument("set_shared_expert: shared experts are held in f32, f16 or bf16");
+  const ExpertShape shape{spec_.shape.hidden, spec_.block.shared_ffn};
+  if (!expert_format_is_valid(shape, format)) return invalid_argument("set_shared_expert: invalid format");
+  Shared& sh = shared_[layer];
+  sh.layout = expert_layout(shape, format);
+  std::vector<std::byte> blob(sh.layout.total_bytes);
+  MOEX_RETURN_IF_ERROR(pack_expert(w1, w3, w2, shape, format, blob));
+  sh.blob = std::move(blob);
+  return Status::ok();
+}
+
+Status ExpertStore::set_shared_gate(std::uint32_t layer, std::span<const float> gate) {
+  if (virtual_) return unsupported("set_shared_gate: a virtual store has no data");
+  if (!spec_.block.shared_gate)
+    return invalid_argument("set_shared_gate: this model's shared expert has no gate (MoeBlockSpec::shared_gate)");
+  if (layer >= spec_.n_layers) return invalid_argument("set_shared_gate: layer out of range");
+  if (gate.size() != spec_.shape.hidden)
+    return invalid_argument("set_shared_gate: expected " + std::to_string(spec_.shape.hidden) + " values, got " +
+                            std::to_string(gate.size()));
+  for (float v : gate)
+    if (!std::isfinite(v)) return invalid_argument("set_shared_gate: non-finite weight");
+  shared_[layer].gate.assign(gate.begin(), gate.end());
+  return Status::ok();
+}
+
+Result<ExpertView> ExpertStore::shared_expert(std::uint32_t layer) const noexcept {
+  if (layer >= shared_.size() || shared_[layer].blob.empty())
+    return not_found("layer " + std::to_string(layer) + " has no shared expert");
+  return ExpertView::contiguous(shared_[layer].blob.data(), shared_[layer].layout);
+}
+
+std::span<const float> ExpertStore::shared_gate(std::uint32_t layer) const noexcept {
+  if (layer >= shared_.size()) return {};
+  return shared_[layer].gate;
+}
+
+std::uint64_t ExpertStore::shared_expert_bytes() const noexcept {
+  std::uint64_t n = 0;
+  for (const Shared& sh : shared_) n += sh.blob.size();
+  return n;
 }
 
 Status ExpertStore::build_precision(WeightFormat format, ThreadPool* pool, const ProgressFn& progress) {
@@ -240,17 +379,18 @@ std::size_t ExpertStore::expert_bytes(Precision p) const noexcept {
 Result<ExpertView> ExpertStore::view(ExpertKey key, Precision p) const noexcept {
   MOEX_RETURN_IF_ERROR(check_key(key));
   if (virtual_) {
-    if (auto f = format(p)) return ExpertView{nullptr, nullptr, nullptr, expert_layout(spec_.shape, *f)};
+    if (auto f = format(p)) return ExpertView{nullptr, nullptr, nullptr, expert_layout(spec_.shape, *f), nullptr};
     return not_found("the store holds no " + std::string(to_string(p)) + " copy of its experts");
   }
   if (p == master_format_.precision) {
-    const ExpertView& v = master_views_[index(key)];
+    ExpertView v = master_views_[index(key)];
     if (!v.valid()) return not_found("expert has no master copy yet");
+    v.math = expert_math(key);
     return v;
   }
   for (const Copy& c : copies_)
     if (c.format.precision == p)
-      return ExpertView::contiguous(c.blob.data() + index(key) * c.layout.total_bytes, c.layout);
+      return ExpertView::contiguous(c.blob.data() + index(key) * c.layout.total_bytes, c.layout, expert_math(key));
   return not_found("the store holds no " + std::string(to_string(p)) + " copy of its experts");
 }
 

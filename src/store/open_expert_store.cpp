@@ -113,6 +113,77 @@ std::filesystem::path cache_path(const Checkpoint& ck, const StoreOptions& o, We
           (f.scheme == QuantScheme::kAsymmetric ? "-asym" : "-sym") + "-g" + std::to_string(f.group_size) + ".bin");
 }
 
+// What the MoE block of this checkpoint computes beyond Mixtral's (docs/formats.md).
+MoeBlockSpec block_spec(const Checkpoint& ck, const ExpertTensors& first) {
+  const ModelConfig& cfg = ck.config();
+  MoeBlockSpec b;
+  if (cfg.arch == Architecture::kGptOss) {
+    b.activation = FfnActivation::kClampedSwiGlu;
+    b.activation_alpha = 1.702f;
+    b.activation_limit = cfg.swiglu_limit;
+  }
+  b.expert_biases = first.b1.has_value() || first.b3.has_value() || first.b2.has_value();
+  if (cfg.n_shared_experts > 0 && cfg.shared_ffn > 0) {
+    b.shared_ffn = cfg.shared_ffn;
+    b.shared_gate = cfg.arch == Architecture::kQwen2Moe;
+  }
+  return b;
+}
+
+// Decodes an optional bias of `n` values (zeros when absent).
+Status bias_values(const std::optional<TensorRef>& t, std::size_t n, std::vector<float>& out) {
+  out.assign(n, 0.f);
+  if (!t) return Status::ok();
+  if (t->numel() != n)
+    return corrupt(t->file + ": bias " + t->name + " has " + std::to_string(t->numel()) + " values, expected " +
+                   std::to_string(n));
+  return tensor_to_f32(*t, out);
+}
+
+// The store format that holds a shared expert's tensors exactly: their own dense float dtype when
+// all three share one, else f32 (quantized shared experts are decoded).
+WeightFormat shared_format(const ExpertTensors& x) {
+  const auto p = dense_float_precision(x.w1);
+  if (p && dense_float_precision(x.w3) == p && dense_float_precision(x.w2) == p) return float_format(*p);
+  return float_format(Precision::kF32);
+}
+
+// Reads the rest of MoE layer `l`'s block (stored as `sl`): expert biases, the shared expert and
+// its gate, as the store's spec asks.
+Status read_block_extras(const Checkpoint& ck, std::uint32_t l, std::uint32_t sl, ExpertStore& store) {
+  const MoeModelSpec& spec = store.spec();
+  const std::uint64_t h = spec.shape.hidden, f = spec.shape.ffn;
+  if (spec.block.expert_biases) {
+    std::vector<float> b1, b3, b2;
+    for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
+      auto ex = ck.expert(l, e);
+      if (!ex) return ex.status();
+      MOEX_RETURN_IF_ERROR(bias_values(ex->b1, f, b1));
+      MOEX_RETURN_IF_ERROR(bias_values(ex->b3, f, b3));
+      MOEX_RETURN_IF_ERROR(bias_values(ex->b2, h, b2));
+      MOEX_RETURN_IF_ERROR(store.set_expert_biases({sl, e}, b1, b3, b2));
+    }
+  }
+  if (spec.block.shared_ffn) {
+    auto sh = ck.shared_expert(l);
+    if (!sh) return sh.status();
+    const std::uint64_t s = spec.block.shared_ffn;
+    std::vector<float> w1, w3, w2;
+    MOEX_RETURN_IF_ERROR(decode(sh->w1, s, h, w1));
+    MOEX_RETURN_IF_ERROR(decode(sh->w3, s, h, w3));
+    MOEX_RETURN_IF_ERROR(decode(sh->w2, h, s, w2));
+    MOEX_RETURN_IF_ERROR(store.set_shared_expert(sl, w1.data(), w3.data(), w2.data(), shared_format(*sh)));
+  }
+  if (spec.block.shared_gate) {
+    auto g = ck.shared_expert_gate(l);
+    if (!g) return g.status();
+    std::vector<float> gate;
+    MOEX_RETURN_IF_ERROR(decode(*g, 1, h, gate));
+    MOEX_RETURN_IF_ERROR(store.set_shared_gate(sl, gate));
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
 Result<OpenedModel> open_expert_store(const std::filesystem::path& path, const StoreOptions& options) {
@@ -128,15 +199,15 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
   for (std::uint32_t l = 0; l < cfg.n_layers; ++l)
     if (cfg.is_moe_layer(l)) m.moe_layers.push_back(l);
   if (m.moe_layers.empty()) return invalid_argument("open_expert_store: the model has no MoE layers");
-  MoeModelSpec spec{static_cast<std::uint32_t>(m.moe_layers.size()),
-                    cfg.n_experts,
-                    {cfg.hidden, cfg.expert_ffn},
-                    cfg.router_config()};
-  MOEX_RETURN_IF_ERROR(validate(spec));
-
   // In place when the first expert is a dense float tensor of the right shape.
   auto first = ck->expert(m.moe_layers[0], 0);
   if (!first) return first.status();
+  MoeModelSpec spec{static_cast<std::uint32_t>(m.moe_layers.size()),
+                    cfg.n_experts,
+                    {cfg.hidden, cfg.expert_ffn},
+                    cfg.router_config(),
+                    block_spec(*ck, *first)};
+  MOEX_RETURN_IF_ERROR(validate(spec));
   const auto pf = dense_float_precision(first->w1);
   const bool in_place = options.in_place && pf.has_value();
   // Native block format: the first expert's precision, when the layout can hold this shape.
@@ -171,7 +242,7 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
                             dense_float_precision(ex->w2) == pf && shape_is(ex->w1, f, h) && shape_is(ex->w3, f, h) &&
                             shape_is(ex->w2, h, f);
       if (dense_ok) {
-        ExpertView v{ex->w1.bytes.data(), ex->w3.bytes.data(), ex->w2.bytes.data(), layout};
+        ExpertView v{ex->w1.bytes.data(), ex->w3.bytes.data(), ex->w2.bytes.data(), layout, nullptr};
         MOEX_RETURN_IF_ERROR(store->set_expert_view({sl, e}, v, Tier::kDisk));
       } else if (native) {
         std::fill(blob.begin(), blob.end(), std::byte{0});
@@ -202,6 +273,7 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
       return b.status();
     }
     MOEX_RETURN_IF_ERROR(store->set_router(sl, router, bias));
+    MOEX_RETURN_IF_ERROR(read_block_extras(*ck, l, sl, *store));
   }
   if (in_place) store->keep_alive(ck);
   const std::uint64_t fp =

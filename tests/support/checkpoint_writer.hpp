@@ -242,8 +242,8 @@ inline WrittenModel write_hf_model(const std::filesystem::path& dir, const Model
       continue;
     }
     bf16_tensor(hf_router_tensor_name(c.arch, l), {E, H}, &w.router_values[l]);
-    if (c.arch == Architecture::kDeepseekV3) {
-      std::vector<float> bias(E, 0.25f);
+    if (c.arch == Architecture::kDeepseekV3) {  // varied, some negative: it reorders the selection
+      std::vector<float> bias = random_normal(E, 0.3f, salt++);
       REQUIRE(st.add_floats(p + "mlp.gate.e_score_correction_bias", DType::kF32, {E}, bias).is_ok());
     }
     if (c.arch == Architecture::kGptOss) {
@@ -470,6 +470,11 @@ inline WrittenModel write_gguf_model(const std::filesystem::path& path, const Mo
       g.tensor(p + "exp_probs_b.bias", GgmlType::kF32, {E}, make(E, GgmlType::kF32, tmp));
     if (c.arch == Architecture::kGptOss)
       g.tensor(p + "ffn_gate_inp.bias", GgmlType::kF32, {E}, make(E, GgmlType::kF32, tmp));
+    if (c.arch == Architecture::kGptOss) {  // expert biases, as llama.cpp's converter splits them
+      g.tensor(p + "ffn_gate_exps.bias", GgmlType::kF32, {E, F}, make(E * F, GgmlType::kF32, tmp));
+      g.tensor(p + "ffn_up_exps.bias", GgmlType::kF32, {E, F}, make(E * F, GgmlType::kF32, tmp));
+      g.tensor(p + "ffn_down_exps.bias", GgmlType::kF32, {E, H}, make(E * H, GgmlType::kF32, tmp));
+    }
     static constexpr const char* kNames[] = {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"};
     for (int which = 0; which < 3; ++which) {
       const std::uint64_t rows = which == 2 ? H : F, cols = which == 2 ? F : H;

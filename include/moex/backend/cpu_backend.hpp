@@ -46,6 +46,8 @@ class CpuBackend {
  public:
   /// Experts carry real weights here (see ExecutionBackend).
   static constexpr bool kHasData = true;
+  /// Honours ExpertView::math and runs shared experts at the source (backend_computes_expert_math).
+  static constexpr bool kComputesExpertMath = true;
 
   /// Implicit, so that a CpuBackendConfig can stand where a backend is expected.
   CpuBackend(CpuBackendConfig config = {});  // NOLINT(google-explicit-constructor)

@@ -93,7 +93,7 @@ class SimExecutionBackend {
     jobs_.erase(it);
   }
   ExpertView slot_view(Precision, std::size_t, const ExpertLayout& layout) const noexcept {
-    return ExpertView{nullptr, nullptr, nullptr, layout};
+    return ExpertView{nullptr, nullptr, nullptr, layout, nullptr};
   }
   /// Queues the expert on the compute device (weight bytes read once, 6·hidden·ffn FLOPs a token).
   Status expert_ffn(const ExpertView& e, const float*, std::size_t n, float*) noexcept {

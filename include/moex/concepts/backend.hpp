@@ -69,4 +69,14 @@ concept ExecutionBackend = std::move_constructible<B> &&
   noexcept->std::same_as<std::uint64_t>;
 };
 
+/// True for a backend that declares `static constexpr bool kComputesExpertMath = true`: its
+/// expert_ffn and expert_ffn_at_source honour ExpertView::math (expert biases, gpt-oss's clamped
+/// SwiGLU), and expert_ffn_at_source runs experts of another shape than the routed ones (a model's
+/// shared experts, held by the store). An executor refuses a model that needs any of this on a
+/// backend without it (kUnsupported naming the missing piece) instead of computing it wrong.
+template <class B>
+inline constexpr bool backend_computes_expert_math = requires {
+  requires B::kComputesExpertMath;
+};
+
 MOEX_NAMESPACE_END

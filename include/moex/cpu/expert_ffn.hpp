@@ -54,7 +54,9 @@ constexpr std::size_t expert_ffn_workspace(ExpertShape shape, std::size_t n) noe
 }
 
 /// SwiGLU expert: y = W2 (silu(W1 x) * (W3 x)) for n tokens; x is [n x hidden], y is
-/// [n x hidden], both row-major f32. `workspace` holds expert_ffn_workspace(shape, n) floats.
+/// [n x hidden], both row-major f32. With `e.math` set, its activation and biases apply:
+/// y = W2 act(W1 x + b1, W3 x + b3) + b2 (gpt-oss's clamped SwiGLU; ExpertMath in layout.hpp),
+/// computed in f32. `workspace` holds expert_ffn_workspace(shape, n) floats.
 /// Rows are split across `pool` (null: the calling thread only); w1 and w3 rows are computed
 /// together with the SwiGLU activation in one pass. y may alias x.
 /// Errors: kInvalidArgument for null pointers, views whose layouts do not match the shape, an

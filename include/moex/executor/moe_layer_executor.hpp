@@ -74,8 +74,10 @@ class MoeLayerExecutor {
   /// Routes n tokens of `layer` with its router: out[t] gets token t's experts and weights.
   Status route(std::uint32_t layer, const float* hidden, std::size_t n, std::span<TokenRouting> out);
 
-  /// out[n x hidden] = sum over each token's experts of weight * expert(hidden) (the MoE output;
-  /// the caller adds the residual). hidden and out must not alias.
+  /// out[n x hidden] = the whole MoE block's output: sum over each token's experts of weight *
+  /// expert(hidden), plus the layer's shared expert where the model has one (Qwen2-MoE's scaled
+  /// by its sigmoid gate; see MoeBlockSpec). The caller adds the residual. hidden and out must not
+  /// alias.
   Status forward(std::uint32_t layer, const float* hidden, std::size_t n, float* out);
 
   /// Like forward with the routing given (from a trace, or routed by the caller). On a backend
@@ -206,6 +208,10 @@ class MoeLayerExecutor {
   /// Loads miss `s` of `layer` (demand) and counts it in `ls`.
   Status load_miss(std::uint32_t layer, Serve& s, LayerStats& ls);
   void release_prefetch_protection() noexcept;
+  /// Runs the shared expert of `layer` on all n tokens into shared_y_ (where the store holds it).
+  Status run_shared(std::uint32_t layer, const float* hidden, std::size_t n, std::uint64_t& compute_ns);
+  /// out[t] += (its gate, or 1) * shared_y_[t], after sync().
+  void add_shared(std::uint32_t layer, const float* hidden, std::size_t n, float* out) const;
   /// A prefetch issued while serving `layer` may take free room, or the slot of the expert the
   /// eviction policy would give up, if that expert is not about to be used: one no layer has used
   /// for a whole pass, or one of a predicted layer that the prediction left out. It never
@@ -241,7 +247,7 @@ class MoeLayerExecutor {
   RoutingTrace trace_;
   std::vector<std::uint32_t> trace_next_;
   // Scratch reused across steps.
-  std::vector<float> logits_, xg_, ys_;
+  std::vector<float> logits_, xg_, ys_, shared_y_;
   std::vector<TokenRouting> routing_, gated_;
   std::vector<std::vector<std::pair<std::uint32_t, float>>> users_;
   std::vector<std::uint32_t> selected_;  // experts with users_ this step, ascending
@@ -267,10 +273,14 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
                                                         Backend backend, Eviction eviction, Gate gate,
                                                         PredictorType predictor, Miss miss,
                                                         PrefetchPrecision prefetch_precision) {
-  if (!store.complete()) return invalid_argument("executor: the store has experts without a master copy");
+  if (!store.complete()) return invalid_argument("executor: the store is incomplete: " + store.missing());
   if (Backend::kHasData && store.is_virtual())
     return invalid_argument("executor: a virtual (shape-only) store needs a simulated backend");
   const MoeModelSpec& spec = store.spec();
+  // A backend that would compute only part of the block is refused, never run wrong.
+  if (Backend::kHasData && !spec.block.plain() && !backend_computes_expert_math<Backend>)
+    return unsupported("executor: this model's MoE block has " + spec.block.extras() +
+                       ", which this backend does not compute (the CPU backend does)");
   const Precision p = config.cache_precision.value_or(store.master_format().precision);
   auto fmt = store.format(p);
   if (!fmt)
@@ -366,6 +376,7 @@ Result<MoeLayerExecutor<P>> MoeLayerExecutor<P>::create(const ExpertStore& store
   ex.master_layout_ = expert_layout(spec.shape, store.master_format());
   ex.in_flight_.reset(std::size_t{spec.n_layers} * spec.n_experts);
   ex.victim_watch_.assign(std::size_t{spec.n_layers} * spec.n_experts, 0);
+  ex.stats_.resident_shared_bytes = store.shared_expert_bytes();
   return ex;
 }
 
@@ -515,7 +526,7 @@ Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std:
   const bool known = p == full_.format.precision || (has_low_ && p == low_.format.precision);
   auto src = (!Backend::kHasData && store_->is_virtual() && known && key.layer < store_->spec().n_layers &&
               key.expert < n_experts_)
-                 ? Result<ExpertView>(ExpertView{nullptr, nullptr, nullptr, layout_of(p)})
+                 ? Result<ExpertView>(ExpertView{nullptr, nullptr, nullptr, layout_of(p), nullptr})
                  : store_->view(key, p);
   if (!src) return src.status();
   const std::uint64_t bytes = layout_of(p).total_bytes;
@@ -552,6 +563,36 @@ Status MoeLayerExecutor<P>::load(ExpertKey key, Precision p, bool prefetch, std:
   if (prefetch) prefetch_bytes_in_flight_ += bytes;
   slot_out = ins->slot;
   return Status::ok();
+}
+
+template <ExecutorPolicies P>
+Status MoeLayerExecutor<P>::run_shared(std::uint32_t layer, const float* hidden, std::size_t n,
+                                       std::uint64_t& compute_ns) {
+  auto v = store_->shared_expert(layer);
+  if (!v) return v.status();
+  shared_y_.resize(n * store_->spec().shape.hidden);
+  const std::uint64_t t0 = backend_.now_ns();
+  // The store's copy is the resident one (host RAM): run where it lives.
+  const Status st = backend_.expert_ffn_at_source(*v, hidden, n, shared_y_.data());
+  compute_ns += backend_.now_ns() - t0;
+  return st;
+}
+
+template <ExecutorPolicies P>
+void MoeLayerExecutor<P>::add_shared(std::uint32_t layer, const float* hidden, std::size_t n, float* out) const {
+  const std::size_t h = store_->spec().shape.hidden;
+  const std::span<const float> g = store_->shared_gate(layer);
+  for (std::size_t t = 0; t < n; ++t) {
+    float scale = 1.f;
+    if (!g.empty()) {  // Qwen2-MoE: sigmoid(g . x), accumulated in double like the router
+      double z = 0;
+      for (std::size_t c = 0; c < h; ++c) z += static_cast<double>(g[c]) * hidden[t * h + c];
+      scale = static_cast<float>(1.0 / (1.0 + std::exp(-z)));
+    }
+    float* o = out + t * h;
+    const float* y = &shared_y_[t * h];
+    for (std::size_t c = 0; c < h; ++c) o[c] += scale * y[c];
+  }
 }
 
 template <ExecutorPolicies P>
@@ -769,11 +810,13 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
     const std::uint64_t t0 = backend_.now_ns();
     Status st;
     if (s.kind == Serve::kAtSource) {
-      auto v = store_->master({layer, s.expert});
+      auto v = store_->master({layer, s.expert});  // carries the expert's math
       if (!v) return v.status();
       st = backend_.expert_ffn_at_source(*v, x, u.size(), y);
     } else {
-      st = backend_.expert_ffn(backend_.slot_view(s.precision, s.slot, layout_of(s.precision)), x, u.size(), y);
+      ExpertView v = backend_.slot_view(s.precision, s.slot, layout_of(s.precision));
+      v.math = store_->expert_math({layer, s.expert});  // biases stay in the store, whatever the slot
+      st = backend_.expert_ffn(v, x, u.size(), y);
     }
     compute_ns += backend_.now_ns() - t0;
     ++ls.expert_calls;
@@ -809,6 +852,7 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
   }
 
   if (depths != 0) std::fill(pred.begin(), pred.end(), 0);  // this layer's predictions are settled
+  if (data && spec.block.shared_ffn != 0) MOEX_RETURN_IF_ERROR(run_shared(layer, hidden, n, compute_ns));
 
   // 6. Start the predicted transfers, behind this layer's own loads on the link; they overlap
   //    the compute still queued and the next layers' routing.
@@ -857,6 +901,7 @@ Status MoeLayerExecutor<P>::forward_routed(std::uint32_t layer, std::span<const 
         for (std::size_t c = 0; c < h; ++c) o[c] += w * y[c];
       }
     }
+    if (spec.block.shared_ffn != 0) add_shared(layer, hidden, n, out);
   }
   ls.total_ns += backend_.now_ns() - t_begin;
   ++step_;

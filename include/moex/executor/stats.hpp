@@ -60,10 +60,14 @@ struct DepthStats {
 struct ExecutorStats {
   std::vector<LayerStats> layers;
   std::vector<DepthStats> depths;
+  /// Bytes of the model's shared experts, resident in the store's memory beside the routed cache
+  /// (not counted in its budget; 0 for models without shared experts). Not cleared by reset().
+  std::uint64_t resident_shared_bytes = 0;
 
   LayerStats total() const noexcept;
   void reset() noexcept;
-  /// {"total": {...}, "layers": [{...}, ...]} with every counter and the derived rates.
+  /// {"total": {...}, "layers": [{...}, ...]} with every counter and the derived rates (and
+  /// "resident_shared_bytes" when the model has shared experts).
   std::string to_json() const;
 };
 

@@ -45,6 +45,8 @@ struct ModelConfig {
   std::uint32_t n_group = 1;
   std::uint32_t topk_group = 1;
   bool norm_topk_prob = true;
+  /// gpt-oss's clamp of its SwiGLU (config.json `swiglu_limit`; llama.cpp fixes it at 7).
+  float swiglu_limit = 7.f;
   // attention etc. (for the mini engine)
   std::uint32_t n_heads = 0;
   std::uint32_t n_kv_heads = 0;

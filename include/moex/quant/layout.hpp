@@ -51,6 +51,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 #include "moex/types.hpp"
 
@@ -189,17 +190,53 @@ struct MatrixView {
   MatrixLayout layout{};
 };
 
+/// The activation between an expert's up and down projections.
+enum class FfnActivation : std::uint8_t {
+  /// silu(W1 x) * (W3 x): Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE.
+  kSwiGlu = 0,
+  /// gpt-oss: g = min(W1 x, limit), u = clamp(W3 x, -limit, limit), g * sigmoid(alpha * g) * (u + 1).
+  kClampedSwiGlu = 1,
+};
+
+/// "swiglu", "clamped_swiglu".
+constexpr std::string_view to_string(FfnActivation a) noexcept {
+  return a == FfnActivation::kSwiGlu ? "swiglu" : a == FfnActivation::kClampedSwiGlu ? "clamped_swiglu" : "?";
+}
+
+/// What an expert computes beyond Mixtral's bias-free SwiGLU: its activation and its biases
+/// (gpt-oss). Biases are f32 and live apart from the weight blob (they do not move with the expert
+/// into a cache slot: the store keeps them, and every precision of the expert shares them).
+///   y = W2 act(W1 x + b1, W3 x + b3) + b2
+/// Null bias pointers mean zero. A view without ExpertMath (ExpertView::math == nullptr) computes
+/// silu(W1 x) * (W3 x) with no biases.
+struct ExpertMath {
+  FfnActivation activation = FfnActivation::kSwiGlu;
+  float alpha = 1.702f;       ///< kClampedSwiGlu: the sigmoid's slope
+  float limit = 7.f;          ///< kClampedSwiGlu: the clamp (gpt-oss swiglu_limit)
+  const float* b1 = nullptr;  ///< [ffn], added to W1 x
+  const float* b3 = nullptr;  ///< [ffn], added to W3 x
+  const float* b2 = nullptr;  ///< [hidden], added to the output
+  /// True when this computes exactly Mixtral's expert (no bias, plain SwiGLU).
+  constexpr bool plain() const noexcept {
+    return activation == FfnActivation::kSwiGlu && b1 == nullptr && b3 == nullptr && b2 == nullptr;
+  }
+};
+
 /// A read-only view of one expert: three matrices that may live apart (a checkpoint read in place
-/// keeps w1, w3 and w2 wherever the file has them) or in one blob (a cache slot, a built copy).
+/// keeps w1, w3 and w2 wherever the file has them) or in one blob (a cache slot, a built copy),
+/// and, where the architecture has them, its activation and biases (`math`, not owned).
 struct ExpertView {
   const std::byte* w1_data = nullptr;
   const std::byte* w3_data = nullptr;
   const std::byte* w2_data = nullptr;
   ExpertLayout layout{};
+  /// Null: Mixtral's expert (silu(W1 x) * (W3 x), no biases). Kept alive by its owner (the store).
+  const ExpertMath* math = nullptr;
 
   /// A view of a contiguous blob laid out by expert_layout().
-  static ExpertView contiguous(const std::byte* blob, const ExpertLayout& l) noexcept {
-    return {blob + l.w1_offset, blob + l.w3_offset, blob + l.w2_offset, l};
+  static ExpertView contiguous(const std::byte* blob, const ExpertLayout& l,
+                               const ExpertMath* math = nullptr) noexcept {
+    return {blob + l.w1_offset, blob + l.w3_offset, blob + l.w2_offset, l, math};
   }
   bool valid() const noexcept { return w1_data && w3_data && w2_data; }
   MatrixView w1() const noexcept { return {w1_data, layout.w1}; }

@@ -21,9 +21,12 @@ struct TokenRouting {
 /// Checks a RouterConfig: kInvalidArgument naming the bad field.
 Status validate(const RouterConfig& cfg) noexcept;
 
-/// Routes one token. `logits` has cfg.n_experts entries; `bias` is empty or has n_experts entries
-/// (selection bias, used by kSigmoidBiasScaled only). Non-finite logits are kInvalidArgument.
-/// Deterministic; O(n_experts * top_k).
+/// Routes one token. `logits` has cfg.n_experts entries; `bias` is empty or has n_experts entries:
+/// for kSigmoidBiasScaled a selection bias (DeepSeek-V3's e_score_correction_bias: it ranks the
+/// experts, the weights come from the unbiased scores); for the softmax kinds the router's own
+/// bias, added to the logits before the softmax (gpt-oss). Group-limited routing follows the
+/// reference models: the experts of groups not kept get a selection key of 0 (not minus
+/// infinity). Non-finite logits are kInvalidArgument. Deterministic; O(n_experts * top_k).
 Status route_token(const RouterConfig& cfg, std::span<const float> logits, std::span<const float> bias,
                    TokenRouting& out) noexcept;
 

@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -24,12 +25,35 @@ class ThreadPool;
 /// as in formats/checkpoint.hpp).
 using ProgressFn = std::function<void(std::uint64_t done, std::uint64_t total, std::string_view what)>;
 
+/// What one MoE block computes besides its routed experts' plain SwiGLU (docs/formats.md has the
+/// table per architecture). The default is Mixtral's block: routed experts only, no biases.
+///   out = sum_k w_k E_k(x) + [sigmoid(g . x)] S(x)
+/// where E_k uses `activation` and, with `expert_biases`, each expert's b1, b3, b2 (ExpertMath),
+/// and S is the layer's shared expert (intermediate size `shared_ffn`; several DeepSeek shared
+/// experts are one merged expert), scaled by the sigmoid gate when `shared_gate` (Qwen2-MoE).
+struct MoeBlockSpec {
+  FfnActivation activation = FfnActivation::kSwiGlu;  ///< of the routed experts
+  float activation_alpha = 1.702f;                    ///< kClampedSwiGlu's slope (gpt-oss)
+  float activation_limit = 7.f;                       ///< kClampedSwiGlu's clamp (swiglu_limit)
+  bool expert_biases = false;                         ///< routed experts carry b1, b3, b2 (gpt-oss)
+  std::uint32_t shared_ffn = 0;                       ///< 0: no shared expert
+  bool shared_gate = false;                           ///< sigmoid gate on the shared expert (Qwen2-MoE)
+
+  /// True for Mixtral's block (what every backend computes).
+  bool plain() const noexcept {
+    return activation == FfnActivation::kSwiGlu && !expert_biases && shared_ffn == 0 && !shared_gate;
+  }
+  /// The pieces of this block beyond Mixtral's, comma-separated ("" when plain()): for messages.
+  std::string extras() const;
+};
+
 /// The MoE part of a model: what every component needs to know about its shape.
 struct MoeModelSpec {
   std::uint32_t n_layers = 0;  ///< MoE layers (dense layers of the checkpoint are not counted)
   std::uint32_t n_experts = 0;
   ExpertShape shape{};
   RouterConfig router{};  ///< router.n_experts == n_experts
+  MoeBlockSpec block{};   ///< shared experts, biases, activation (default: Mixtral's block)
 };
 
 /// Checks a spec: kInvalidArgument naming the bad field.
@@ -78,7 +102,9 @@ class ExpertStore {
   /// Keeps `owner` alive as long as the store (the mapping behind set_expert_view views).
   void keep_alive(std::shared_ptr<const void> owner);
 
-  /// Router weights [n_experts x hidden] (f32) and optional selection bias [n_experts].
+  /// Router weights [n_experts x hidden] (f32) and optional bias [n_experts]: a selection bias
+  /// for sigmoid routers (DeepSeek-V3), added to the logits for softmax routers (gpt-oss); see
+  /// route_token.
   Status set_router(std::uint32_t layer, std::span<const float> weights, std::span<const float> bias = {});
   const float* router_weights(std::uint32_t layer) const noexcept;
   std::span<const float> router_bias(std::uint32_t layer) const noexcept;
@@ -111,8 +137,37 @@ class ExpertStore {
   /// The master copy (set_expert or set_expert_view).
   Result<ExpertView> master(ExpertKey key) const noexcept { return view(key, master_format_.precision); }
 
-  /// True once every expert has a master copy.
+  /// True once every expert has a master copy, and, where spec().block asks for them, every
+  /// expert its biases and every layer its shared expert (and gate).
   bool complete() const noexcept;
+  /// What complete() lacks, as a message ("" when complete).
+  std::string missing() const;
+
+  // ---- the rest of the block (MoeBlockSpec) ---------------------------------------------------
+
+  /// Sets the biases of a routed expert (spec().block.expert_biases): b1, b3 [ffn], b2 [hidden],
+  /// copied. kInvalidArgument when the block has no expert biases, or for a size mismatch or a
+  /// non-finite value.
+  Status set_expert_biases(ExpertKey key, std::span<const float> b1, std::span<const float> b3,
+                           std::span<const float> b2);
+  /// The activation and biases of a routed expert, the same for every precision; null for a
+  /// plain block (Mixtral's expert). Views from view() carry it already.
+  const ExpertMath* expert_math(ExpertKey key) const noexcept;
+
+  /// Sets the shared expert of MoE layer `layer` from f32 weights (w1, w3: [shared_ffn x hidden],
+  /// w2: [hidden x shared_ffn]), encoded in `format` (f32, f16 or bf16: pick the checkpoint's own
+  /// dtype to keep it exact) into memory the store owns: the shared expert is resident, never
+  /// evicted, and does not count against an executor's cache budget. kInvalidArgument when the
+  /// block has no shared expert, or for a bad layer or format.
+  Status set_shared_expert(std::uint32_t layer, const float* w1, const float* w3, const float* w2, WeightFormat format);
+  /// Sets Qwen2-MoE's shared-expert gate of `layer`: [hidden] f32 (spec().block.shared_gate).
+  Status set_shared_gate(std::uint32_t layer, std::span<const float> gate);
+  /// The shared expert of `layer` (kNotFound when the block has none or it was never set).
+  Result<ExpertView> shared_expert(std::uint32_t layer) const noexcept;
+  /// The shared-expert gate of `layer`: [hidden], empty when there is none.
+  std::span<const float> shared_gate(std::uint32_t layer) const noexcept;
+  /// Bytes of every shared expert held (resident beside the routed cache; 0 when none).
+  std::uint64_t shared_expert_bytes() const noexcept;
 
  private:
   struct Copy {
@@ -137,6 +192,17 @@ class ExpertStore {
   std::vector<float> routers_;              // n_layers * n_experts * hidden
   std::vector<std::vector<float>> biases_;  // per layer, may be empty
   std::vector<std::shared_ptr<const void>> owners_;
+  // The block beyond Mixtral's (MoeBlockSpec).
+  ExpertMath activation_math_{};           // activation only (no biases): shared by every expert
+  std::vector<float> expert_bias_values_;  // per expert: b1 [ffn], b3 [ffn], b2 [hidden]
+  std::vector<ExpertMath> expert_math_;    // per expert, pointing into expert_bias_values_
+  std::vector<std::uint8_t> biases_set_;   // per expert
+  struct Shared {
+    std::vector<std::byte> blob;  // expert_layout({hidden, shared_ffn}, format)
+    ExpertLayout layout{};
+    std::vector<float> gate;  // [hidden] or empty
+  };
+  std::vector<Shared> shared_;  // per layer (empty when the block has none)
 };
 
 MOEX_NAMESPACE_END

@@ -154,7 +154,7 @@ TEST_CASE("a wrong prefetch gives the link back from its next chunk and later co
   moex::SimExecutionBackend be(profile(link, 0, 0), sc);
   REQUIRE(be.allocate_slots(moex::Precision::kBF16, eb, 4).is_ok());
   const moex::ExpertView v{nullptr, nullptr, nullptr,
-                           moex::expert_layout(spec.shape, moex::float_format(moex::Precision::kBF16))};
+                           moex::expert_layout(spec.shape, moex::float_format(moex::Precision::kBF16)), nullptr};
   moex::LoadTicket a = 0, b = 0, c = 0;
   REQUIRE(be.start_load(moex::Precision::kBF16, 0, v, a).is_ok());
   REQUIRE(be.start_load(moex::Precision::kBF16, 1, v, b).is_ok());

@@ -234,6 +234,36 @@ TEST_CASE("config.json: every architecture and errors naming the key") {
         std::string::npos);
 }
 
+TEST_CASE("config.json: what moex would compute wrong is refused on open") {
+  const std::string base = R"("hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_experts_per_tok":2,)";
+  auto mixtral = [&](const std::string& extra) {
+    return parse_model_config("{\"model_type\":\"mixtral\"," + base +
+                              R"("num_local_experts":4,"intermediate_size":32)" + extra + "}");
+  };
+  CHECK(mixtral("").is_ok());
+  CHECK(mixtral(R"(,"hidden_act":"silu")").is_ok());
+  auto gelu = mixtral(R"(,"hidden_act":"gelu")");
+  CHECK(gelu.status().code() == StatusCode::kUnsupported);
+  CHECK(gelu.status().message().find("gelu") != std::string::npos);
+  auto ds = [&](const std::string& extra) {
+    return parse_model_config("{" + base +
+                              R"("n_routed_experts":4,"moe_intermediate_size":32,"n_shared_experts":1)" + extra + "}");
+  };
+  CHECK(ds(R"(,"model_type":"deepseek_v3","scoring_func":"softmax")").status().code() == StatusCode::kUnsupported);
+  // DeepSeek-V2 normalizes only when top_k > 1: with one expert a token's weight is its scaled score.
+  auto v2 = parse_model_config("{\"model_type\":\"deepseek_v2\"," +
+                               std::string(R"("hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,)") +
+                               R"("num_experts_per_tok":1,"n_routed_experts":4,"moe_intermediate_size":32,)" +
+                               R"("norm_topk_prob":true,"routed_scaling_factor":2.0})");
+  REQUIRE(v2.is_ok());
+  CHECK(v2->router == RouterKind::kSoftmaxTopK);
+  // gpt-oss's clamp comes from swiglu_limit.
+  auto g = parse_model_config("{\"model_type\":\"gpt_oss\"," + base +
+                              R"("num_local_experts":4,"intermediate_size":32,"swiglu_limit":3.5})");
+  REQUIRE(g.is_ok());
+  CHECK(g->swiglu_limit == 3.5f);
+}
+
 TEST_CASE("tensor_to_f32 rejects views that reach past their bytes") {
   std::vector<std::byte> buf(8);
   TensorRef t;

@@ -95,6 +95,36 @@ TEST_CASE("group-limited routing only picks experts of the best groups") {
   CHECK(r.experts[1] == 3);
 }
 
+TEST_CASE("a softmax router's bias shifts its logits (gpt-oss); a sigmoid router's only ranks (DeepSeek-V3)") {
+  RouterConfig c{RouterKind::kSoftmaxTopKRenorm, 4, 2};
+  const float logits[4] = {1.f, 0.f, 0.5f, 0.2f};
+  const float bias[4] = {-2.f, 1.5f, 0.f, 0.f};  // z + b = {-1, 1.5, 0.5, 0.2}
+  TokenRouting r;
+  REQUIRE(moex::route_token(c, logits, bias, r).is_ok());
+  CHECK(r.experts[0] == 1);
+  CHECK(r.experts[1] == 2);
+  // softmax over the two biased logits: 1 / (1 + e^-1)
+  CHECK(r.weights[0] == doctest::Approx(1.0 / (1.0 + std::exp(-1.0))).epsilon(1e-6));
+  RouterConfig s{RouterKind::kSigmoidBiasScaled, 4, 1, 2.f};
+  s.norm_topk_prob = false;
+  REQUIRE(moex::route_token(s, logits, bias, r).is_ok());
+  CHECK(r.experts[0] == 1);                                                  // ranked by sigmoid(z) + b
+  CHECK(r.weights[0] == doctest::Approx(2.0 * 0.5).epsilon(1e-6));          // weighed by sigmoid(0), scaled
+}
+
+TEST_CASE("group-limited routing masks the other groups' keys to 0, as the reference models do") {
+  // Two groups of 2; every key is negative (sigmoid + a large negative bias), group 0 scores
+  // best and is kept, and the dropped group's experts (keys masked to 0) then outrank it, as
+  // masked_fill(~mask, 0.0) followed by top-k does in DeepSeek-V3's modeling code.
+  RouterConfig c{RouterKind::kSigmoidBiasScaled, 4, 2, 1.f, 2, 1};
+  const float logits[4] = {0.f, 0.f, 0.f, 0.f};  // sigmoid 0.5 each
+  const float bias[4] = {-0.6f, -0.9f, -0.95f, -0.97f};  // keys -0.1, -0.4 | -0.45, -0.47
+  TokenRouting r;
+  REQUIRE(moex::route_token(c, logits, bias, r).is_ok());
+  CHECK(r.experts[0] == 2);  // masked keys of 0, ties to the lower id
+  CHECK(r.experts[1] == 3);
+}
+
 TEST_CASE("every router variant matches the reference formula on random logits") {
   const std::uint64_t seed = moex::test::seed();
   CAPTURE(seed);

@@ -78,8 +78,8 @@ moex::Result<std::unique_ptr<Engine>> Engine::open(const std::string& dir, bool 
   std::unique_ptr<Engine> e(new Engine);
   e->model_ = std::move(*opened);
   const moex::ModelConfig& c = e->model_.checkpoint->config();
-  if (c.arch != moex::Architecture::kMixtral)
-    return moex::unsupported("the mini engine runs the Mixtral architecture, not " + c.architecture);
+  if (c.arch != moex::Architecture::kMixtral && c.arch != moex::Architecture::kQwen3Moe)
+    return moex::unsupported("the mini engine runs the Mixtral and Qwen3-MoE architectures, not " + c.architecture);
   if (e->model_.moe_layers.size() != c.n_layers)
     return moex::unsupported("the mini engine expects every layer to be an MoE layer");
   // The engine reads its shape from the same config.json moex parsed.
@@ -97,6 +97,7 @@ moex::Result<std::unique_ptr<Engine>> Engine::open(const std::string& dir, bool 
   s.rope_theta = c.rope_theta;
   s.rms_eps = c.rms_eps;
   s.tie_embeddings = c.tie_embeddings;
+  s.qk_norm = c.arch == moex::Architecture::kQwen3Moe;
   if (s.n_heads == 0 || s.head_dim == 0 || s.vocab == 0 || s.max_pos == 0 || s.max_pos > 65536 ||
       s.n_heads % s.n_kv_heads != 0 || s.head_dim % 2 != 0)
     return moex::invalid_argument("config.json: attention shape unusable (heads, head_dim, vocab, max_pos)");

@@ -52,8 +52,11 @@ std::string get_u32(const nlohmann::json& j, const char* key, T& out, bool requi
 std::string parse_config(const std::string& json_text, ModelShape& s) {
   nlohmann::json j = nlohmann::json::parse(json_text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return "config.json: not a JSON object";
-  if (j.value("model_type", std::string()) != "mixtral")
-    return "config.json: model_type must be \"mixtral\" (this engine runs the Mixtral architecture)";
+  const std::string type = j.value("model_type", std::string());
+  if (type != "mixtral" && type != "qwen3_moe")
+    return "config.json: model_type must be \"mixtral\" or \"qwen3_moe\" (the architectures this engine runs)";
+  const bool qwen3 = type == "qwen3_moe";
+  s.qk_norm = qwen3;
   std::string e;
   if (!(e = get_u32(j, "num_hidden_layers", s.n_layers)).empty()) return e;
   if (!(e = get_u32(j, "hidden_size", s.hidden)).empty()) return e;
@@ -64,9 +67,18 @@ std::string parse_config(const std::string& json_text, ModelShape& s) {
   if (!(e = get_u32(j, "head_dim", s.head_dim, false)).empty()) return e;
   if (!(e = get_u32(j, "vocab_size", s.vocab)).empty()) return e;
   if (!(e = get_u32(j, "max_position_embeddings", s.max_pos)).empty()) return e;
-  if (!(e = get_u32(j, "num_local_experts", s.n_experts)).empty()) return e;
+  if (!(e = get_u32(j, qwen3 ? "num_experts" : "num_local_experts", s.n_experts)).empty()) return e;
   if (!(e = get_u32(j, "num_experts_per_tok", s.top_k)).empty()) return e;
-  if (!(e = get_u32(j, "intermediate_size", s.expert_ffn)).empty()) return e;
+  if (!(e = get_u32(j, qwen3 ? "moe_intermediate_size" : "intermediate_size", s.expert_ffn)).empty()) return e;
+  if (qwen3) {
+    std::uint32_t step = 1;
+    if (!(e = get_u32(j, "decoder_sparse_step", step, false)).empty()) return e;
+    const auto mlp_only = j.find("mlp_only_layers");
+    if (step != 1 || (mlp_only != j.end() && mlp_only->is_array() && !mlp_only->empty()))
+      return "config.json: this engine needs every layer to be an MoE layer (decoder_sparse_step 1, no "
+             "mlp_only_layers)";
+    if (j.value("attention_bias", false)) return "config.json: attention_bias is not supported by this engine";
+  }
   s.rope_theta = static_cast<float>(j.value("rope_theta", 10000.0));
   s.rms_eps = static_cast<float>(j.value("rms_norm_eps", 1e-6));
   s.tie_embeddings = j.value("tie_word_embeddings", false);
@@ -109,6 +121,10 @@ std::string Transformer::load(const ModelShape& s, const TensorLoader& loader) {
     if (!(e = loader(p + "self_attn.k_proj.weight", kvd * H, L.wk)).empty()) return e;
     if (!(e = loader(p + "self_attn.v_proj.weight", kvd * H, L.wv)).empty()) return e;
     if (!(e = loader(p + "self_attn.o_proj.weight", H * qd, L.wo)).empty()) return e;
+    if (s.qk_norm) {
+      if (!(e = loader(p + "self_attn.q_norm.weight", s.head_dim, L.q_norm)).empty()) return e;
+      if (!(e = loader(p + "self_attn.k_norm.weight", s.head_dim, L.k_norm)).empty()) return e;
+    }
     L.k_cache.assign(std::size_t{s.max_pos} * kvd, 0.f);
     L.v_cache.assign(std::size_t{s.max_pos} * kvd, 0.f);
   }
@@ -163,6 +179,10 @@ std::string Transformer::forward(std::span<const std::uint32_t> tokens, const Mo
     matmul_t(xn_.data(), n, H, L.wq.data(), qd, q_.data());
     matmul_t(xn_.data(), n, H, L.wk.data(), kvd, k_.data());
     matmul_t(xn_.data(), n, H, L.wv.data(), kvd, v_.data());
+    if (s.qk_norm) {  // Qwen3: each head of q and k normalized before the rotary embedding
+      rms_norm(q_.data(), n * nh, hd, L.q_norm.data(), s.rms_eps, q_.data());
+      rms_norm(k_.data(), n * nkv, hd, L.k_norm.data(), s.rms_eps, k_.data());
+    }
     for (std::size_t t = 0; t < n; ++t) {
       const std::size_t p = pos_ + t;
       for (std::size_t h = 0; h < nh; ++h) rope(&q_[t * qd + h * hd], p);

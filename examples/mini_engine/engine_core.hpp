@@ -1,7 +1,7 @@
 #pragma once
 /// @file engine_core.hpp
-/// The dense half of the mini engine: everything of a Mixtral-architecture decoder except the
-/// routed experts (token embedding, RMSNorm, rotary attention with a KV cache, final norm,
+/// The dense half of the mini engine: everything of a Mixtral- or Qwen3-MoE-architecture decoder
+/// except the MoE blocks (token embedding, RMSNorm, rotary attention with a KV cache, final norm,
 /// lm_head). The MoE block of each layer is a callback, so the same core runs over moex's C++
 /// API (engine.hpp) and over its C API (moex_engine_capi.cpp). It depends on no part of moex.
 ///
@@ -16,8 +16,11 @@
 
 namespace moex_engine {
 
-/// The shape of a Mixtral-architecture model, from its config.json.
+/// The shape of a Mixtral- or Qwen3-MoE-architecture model, from its config.json.
 struct ModelShape {
+  /// Qwen3-MoE: RMSNorm over each head of q and k (self_attn.{q,k}_norm.weight, [head_dim])
+  /// before the rotary embedding; otherwise the attention is Mixtral's.
+  bool qk_norm = false;
   std::uint32_t n_layers = 0;
   std::uint32_t hidden = 0;
   std::uint32_t n_heads = 0;
@@ -33,7 +36,8 @@ struct ModelShape {
   bool tie_embeddings = false;
 };
 
-/// Parses a Hugging Face Mixtral config.json text into `out`; returns an error message or "".
+/// Parses a Hugging Face Mixtral or Qwen3-MoE config.json text into `out` (Qwen3-MoE: every
+/// layer an MoE layer, no attention bias); returns an error message or "".
 std::string parse_config(const std::string& json_text, ModelShape& out);
 /// Reads `<dir>/config.json`; returns an error message or "".
 std::string read_config(const std::string& dir, ModelShape& out);
@@ -51,7 +55,8 @@ using MoeFn = std::function<std::string(std::uint32_t layer, const float* x, std
 /// Not thread-safe; one Transformer per sequence being decoded.
 class Transformer {
  public:
-  /// Loads every non-expert tensor by its Hugging Face Mixtral name. Returns an error or "".
+  /// Loads every non-expert tensor by its Hugging Face name (Mixtral's; Qwen3-MoE adds the q/k
+  /// norms). Returns an error or "".
   std::string load(const ModelShape& shape, const TensorLoader& loader);
 
   const ModelShape& shape() const noexcept { return shape_; }
@@ -70,7 +75,7 @@ class Transformer {
   std::size_t pos_ = 0;
   std::vector<float> embed_, final_norm_, lm_head_;
   struct Layer {
-    std::vector<float> in_norm, post_norm, wq, wk, wv, wo;
+    std::vector<float> in_norm, post_norm, wq, wk, wv, wo, q_norm, k_norm;
     std::vector<float> k_cache, v_cache;  // [max_pos x n_kv_heads*head_dim]
   };
   std::vector<Layer> layers_;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -14,6 +15,8 @@
 #include <doctest/doctest.h>
 
 #include "moex/cpu/cpu_isa.hpp"
+#include "moex/formats/safetensors_writer.hpp"
+#include "moex/quant/half.hpp"
 
 #include "moex.h"
 #include "safetensors_lite.hpp"
@@ -38,10 +41,13 @@ Windows fixed_windows() {
   return moex_engine::make_windows(bytes, kWindow, 0, 2);
 }
 
-/// The float64 reference: the Hugging Face Mixtral forward pass, every operation in double.
+/// The float64 reference: the Hugging Face Mixtral (or Qwen3-MoE: per-head q/k RMSNorm before
+/// the rotary embedding, routing renormalized iff norm_topk_prob) forward pass, every operation
+/// in double.
 class Reference {
  public:
   explicit Reference(const moex::Checkpoint& ck) : c_(ck.config()) {
+    const bool qwen3 = c_.arch == moex::Architecture::kQwen3Moe;
     const std::size_t H = c_.hidden, qd = std::size_t{c_.n_heads} * c_.head_dim,
                       kvd = std::size_t{c_.n_kv_heads} * c_.head_dim;
     auto get = [&](const std::string& name, std::size_t numel) {
@@ -64,12 +70,16 @@ class Reference {
       L.k = get(p + "self_attn.k_proj.weight", kvd * H);
       L.v = get(p + "self_attn.v_proj.weight", kvd * H);
       L.o = get(p + "self_attn.o_proj.weight", H * qd);
-      L.gate = get(p + "block_sparse_moe.gate.weight", std::size_t{c_.n_experts} * H);
+      if (qwen3) {
+        L.qn = get(p + "self_attn.q_norm.weight", c_.head_dim);
+        L.kn = get(p + "self_attn.k_norm.weight", c_.head_dim);
+      }
+      L.gate = get(p + (qwen3 ? "mlp.gate.weight" : "block_sparse_moe.gate.weight"), std::size_t{c_.n_experts} * H);
       for (std::uint32_t e = 0; e < c_.n_experts; ++e) {
-        const std::string q = p + "block_sparse_moe.experts." + std::to_string(e) + ".";
-        L.w1.push_back(get(q + "w1.weight", std::size_t{c_.expert_ffn} * H));
-        L.w3.push_back(get(q + "w3.weight", std::size_t{c_.expert_ffn} * H));
-        L.w2.push_back(get(q + "w2.weight", H * c_.expert_ffn));
+        const std::string q = p + (qwen3 ? "mlp.experts." : "block_sparse_moe.experts.") + std::to_string(e) + ".";
+        L.w1.push_back(get(q + (qwen3 ? "gate_proj.weight" : "w1.weight"), std::size_t{c_.expert_ffn} * H));
+        L.w3.push_back(get(q + (qwen3 ? "up_proj.weight" : "w3.weight"), std::size_t{c_.expert_ffn} * H));
+        L.w2.push_back(get(q + (qwen3 ? "down_proj.weight" : "w2.weight"), H * c_.expert_ffn));
       }
       layers_.push_back(std::move(L));
     }
@@ -87,6 +97,10 @@ class Reference {
       matmul(xn, n, H, L.q, qd, q);
       matmul(xn, n, H, L.k, kvd, k);
       matmul(xn, n, H, L.v, kvd, v);
+      if (!L.qn.empty()) {  // Qwen3: RMSNorm over each head of q and k
+        for (std::size_t i = 0; i < n * nh; ++i) head_rms(&q[i * hd], L.qn);
+        for (std::size_t i = 0; i < n * nkv; ++i) head_rms(&k[i * hd], L.kn);
+      }
       for (std::size_t t = 0; t < n; ++t) {
         for (std::size_t h = 0; h < nh; ++h) rope(&q[t * qd + h * hd], t);
         for (std::size_t h = 0; h < nkv; ++h) rope(&k[t * kvd + h * hd], t);
@@ -127,9 +141,10 @@ class Reference {
         double wsum = 0;
         for (std::size_t j = 0; j < c_.top_k; ++j) wsum += p[ids[j]] / sum;
         const double* xt = &xn[t * H];
+        const bool renorm = c_.arch == moex::Architecture::kMixtral || c_.norm_topk_prob;
         for (std::size_t j = 0; j < c_.top_k; ++j) {
           const std::size_t e = ids[j];
-          const double w = p[e] / sum / wsum;
+          const double w = p[e] / sum / (renorm ? wsum : 1.0);
           std::vector<double> g(F);
           for (std::size_t f = 0; f < F; ++f) {
             double a = 0, b = 0;
@@ -155,7 +170,7 @@ class Reference {
 
  private:
   struct Layer {
-    std::vector<double> in, post, q, k, v, o, gate;
+    std::vector<double> in, post, q, k, v, o, gate, qn, kn;
     std::vector<std::vector<double>> w1, w3, w2;
   };
   void rms(const std::vector<double>& x, const std::vector<double>& w, std::vector<double>& y) const {
@@ -166,6 +181,12 @@ class Reference {
       const double r = 1.0 / std::sqrt(ss / double(H) + double(c_.rms_eps));
       for (std::size_t c = 0; c < H; ++c) y[t * H + c] = w[c] * x[t * H + c] * r;
     }
+  }
+  void head_rms(double* v, const std::vector<double>& w) const {
+    double ss = 0;
+    for (std::size_t c = 0; c < c_.head_dim; ++c) ss += v[c] * v[c];
+    const double r = 1.0 / std::sqrt(ss / double(c_.head_dim) + double(c_.rms_eps));
+    for (std::size_t c = 0; c < c_.head_dim; ++c) v[c] = w[c] * v[c] * r;
   }
   static void matmul(const std::vector<double>& x, std::size_t n, std::size_t in, const std::vector<double>& w,
                      std::size_t out, std::vector<double>& y) {
@@ -217,6 +238,78 @@ constexpr double kBf16BpbTolerance = 2e-3;
 
 const std::string kModels[] = {"tiny-mixtral-8e", "tiny-mixtral-32e"};
 
+/// Runs the windows through the engine with the exact policies (chunk 0: whole windows, else token
+/// by token) into `logits`, sized like the reference's.
+auto engine_run(Engine& eng, const Windows& windows, std::size_t chunk, const std::vector<double>& ref_logits,
+                std::vector<float>& logits) {
+  auto moe = eng.make_runner({});
+  REQUIRE(moe.is_ok());
+  auto r = moex_engine::evaluate_bpb(eng, **moe, windows, chunk, &logits);
+  REQUIRE_MESSAGE(r.is_ok(), r.status().to_string());
+  REQUIRE(logits.size() == ref_logits.size());
+  return *r;
+}
+
+/// Writes a small Qwen3-MoE checkpoint with random bf16 weights (norms near 1) into `dir`: the
+/// whole model, attention with its q/k norms included, every layer an MoE layer.
+void write_qwen3_model(const std::filesystem::path& dir, bool norm_topk_prob) {
+  moex::ModelConfig c;
+  c.arch = moex::Architecture::kQwen3Moe;
+  c.architecture = "qwen3_moe";
+  c.n_layers = 3;
+  c.n_experts = 8;
+  c.top_k = 2;
+  c.hidden = 64;
+  c.expert_ffn = 32;
+  c.dense_ffn = 96;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 32;  // Qwen3 sets head_dim apart from hidden / heads
+  c.vocab = 96;
+  c.max_pos = 64;
+  c.rms_eps = 1e-6f;
+  c.rope_theta = 1e6f;
+  c.norm_topk_prob = norm_topk_prob;
+  moex::SafetensorsWriter st;
+  std::uint64_t salt = 5150;
+  auto add = [&](const std::string& name, std::vector<std::uint64_t> shape, float mean, float sd) {
+    std::uint64_t n = 1;
+    for (auto d : shape) n *= d;
+    auto v = moex::test::random_normal(n, sd, salt++);
+    std::vector<std::byte> b(n * 2);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint16_t h = moex::float_to_bf16(v[i] + mean);
+      std::memcpy(&b[2 * i], &h, 2);
+    }
+    REQUIRE(st.add(name, moex::DType::kBF16, shape, b).is_ok());
+  };
+  const std::uint64_t H = c.hidden, qd = 4 * 32, kvd = 2 * 32, E = c.n_experts, F = c.expert_ffn;
+  add("model.embed_tokens.weight", {c.vocab, H}, 0.f, 1.f);
+  for (std::uint32_t l = 0; l < c.n_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {H}, 1.f, 0.1f);
+    add(p + "post_attention_layernorm.weight", {H}, 1.f, 0.1f);
+    add(p + "self_attn.q_proj.weight", {qd, H}, 0.f, 0.15f);
+    add(p + "self_attn.k_proj.weight", {kvd, H}, 0.f, 0.15f);
+    add(p + "self_attn.v_proj.weight", {kvd, H}, 0.f, 0.15f);
+    add(p + "self_attn.o_proj.weight", {H, qd}, 0.f, 0.1f);
+    add(p + "self_attn.q_norm.weight", {32}, 1.f, 0.2f);
+    add(p + "self_attn.k_norm.weight", {32}, 1.f, 0.2f);
+    add(p + "mlp.gate.weight", {E, H}, 0.f, 0.3f);
+    for (std::uint32_t e = 0; e < E; ++e) {
+      const std::string q = p + "mlp.experts." + std::to_string(e) + ".";
+      add(q + "gate_proj.weight", {F, H}, 0.f, 0.15f);
+      add(q + "up_proj.weight", {F, H}, 0.f, 0.15f);
+      add(q + "down_proj.weight", {H, F}, 0.f, 0.15f);
+    }
+  }
+  add("model.norm.weight", {H}, 1.f, 0.1f);
+  add("lm_head.weight", {c.vocab, H}, 0.f, 0.2f);
+  std::filesystem::create_directories(dir);
+  REQUIRE(moex::write_config_json(dir, c).is_ok());
+  REQUIRE(st.write_file(dir / "model.safetensors").is_ok());
+}
+
 }  // namespace
 
 TEST_SUITE("engine") {
@@ -250,19 +343,46 @@ TEST_CASE("engine logits and bits per byte match a float64 reference on both sha
         const std::string isa_name(moex::to_string(isa));
         CAPTURE(isa_name);
         CAPTURE(chunk);
-        auto moe = (*eng)->make_runner({});
-        REQUIRE(moe.is_ok());
         std::vector<float> logits;
-        auto r = moex_engine::evaluate_bpb(**eng, **moe, windows, chunk, &logits);
-        REQUIRE_MESSAGE(r.is_ok(), r.status().to_string());
-        REQUIRE(logits.size() == ref_logits.size());
+        const auto r = engine_run(**eng, windows, chunk, ref_logits, logits);
         const double err = moex::test::rel_error(logits.data(), ref_logits.data(), logits.size());
         MESSAGE(name << " kernels " << isa_name << " chunk " << chunk << ": logits relative error " << err << "; bpb "
-                     << r->bpb() << " vs reference " << ref_bits / double(ref_count));
+                     << r.bpb() << " vs reference " << ref_bits / double(ref_count));
         CHECK(err < (bf16 ? kBf16LogitTolerance : kLogitTolerance));
-        CHECK(r->predictions == ref_count);
-        CHECK(std::abs(r->bpb() - ref_bits / double(ref_count)) < (bf16 ? kBf16BpbTolerance : kBpbTolerance));
+        CHECK(r.predictions == ref_count);
+        CHECK(std::abs(r.bpb() - ref_bits / double(ref_count)) < (bf16 ? kBf16BpbTolerance : kBpbTolerance));
       }
+    REQUIRE(moex::set_cpu_isa(moex::detected_cpu_isa()).is_ok());
+  }
+}
+
+TEST_CASE("a generated Qwen3-MoE model runs end to end against its reference forward pass") {
+  // Qwen3-MoE's attention (q/k norms, head_dim apart from hidden / heads) and its router (with
+  // and without norm_topk_prob), through the C++ engine and the C API variant.
+  for (bool norm : {true, false}) {
+    CAPTURE(norm);
+    const auto dir = moex::test::temp_dir(norm ? "qwen3-norm" : "qwen3-plain");
+    write_qwen3_model(dir, norm);
+    auto eng = Engine::open(dir.string());
+    REQUIRE_MESSAGE(eng.is_ok(), eng.status().to_string());
+    const Reference ref(*(*eng)->model().checkpoint);
+    const Windows windows{{3, 17, 42, 8, 91, 5, 60, 33, 12, 77, 1, 50}, {9, 9, 64, 2, 31, 88, 14, 70}};
+    std::vector<double> ref_logits;
+    for (const auto& w : windows) {
+      auto l = ref.forward(w);
+      ref_logits.insert(ref_logits.end(), l.begin(), l.end());
+    }
+    REQUIRE(moex::set_cpu_isa(moex::detected_cpu_isa() >= moex::CpuIsa::kAvx512 ? moex::CpuIsa::kAvx512
+                                                                                 : moex::detected_cpu_isa())
+                .is_ok());
+    for (std::size_t chunk : {std::size_t{0}, std::size_t{1}}) {
+      CAPTURE(chunk);
+      std::vector<float> logits;
+      (void)engine_run(**eng, windows, chunk, ref_logits, logits);
+      const double err = moex::test::rel_error(logits.data(), ref_logits.data(), logits.size());
+      MESSAGE("qwen3_moe norm_topk_prob=" << norm << " chunk " << chunk << ": logits relative error " << err);
+      CHECK(err < kLogitTolerance);
+    }
     REQUIRE(moex::set_cpu_isa(moex::detected_cpu_isa()).is_ok());
   }
 }

@@ -89,10 +89,25 @@ int main(int argc, char** argv) {
   const std::uint64_t source_bytes = x->w1.bytes.size() + x->w3.bytes.size() + x->w2.bytes.size() +
                                      x->w1.scales.size() + x->w3.scales.size() + x->w2.scales.size();
   std::map<std::string, std::uint64_t> dtype_counts;
+  std::uint64_t tensor_bytes = 0;
   for (const auto& n : ck.value()->tensor_names()) {
     auto t = ck.value()->tensor(n);
-    if (t) ++dtype_counts[std::string(moex::to_string(t->dtype))];
+    if (t) {
+      ++dtype_counts[std::string(moex::to_string(t->dtype))];
+      tensor_bytes += t->bytes.size() + t->scales.size();
+    }
   }
+  // Routed experts' bytes in the source format; the rest (attention, norms, embeddings, routers,
+  // shared experts, biases) is what an engine keeps beside moex's expert budget.
+  const std::uint64_t routed_bytes = source_bytes * c.n_experts * moe_layers;
+  const std::uint64_t other_bytes = tensor_bytes > routed_bytes ? tensor_bytes - routed_bytes : 0;
+  std::uint64_t shared_bytes = 0;
+  if (auto sh = ck.value()->shared_expert(first); sh.is_ok())
+    shared_bytes = (sh->w1.bytes.size() + sh->w3.bytes.size() + sh->w2.bytes.size()) * std::uint64_t{moe_layers};
+  std::string block = c.arch == moex::Architecture::kGptOss ? "clamped SwiGLU experts" : "SwiGLU experts";
+  if (x->b1 || x->b3 || x->b2) block += " with biases";
+  if (c.n_shared_experts)
+    block += c.arch == moex::Architecture::kQwen2Moe ? " + gated shared expert" : " + shared experts";
   const moex::ExpertShape shape{c.hidden, c.expert_ffn};
   struct P {
     const char* name;
@@ -135,7 +150,10 @@ int main(int argc, char** argv) {
     auto& b = j["bytes_per_expert"];
     b["source"] = source_bytes;
     for (const auto& p : precisions) b[p.name] = moex::expert_bytes(shape, p.f);
-    j["total_expert_bytes_source"] = source_bytes * c.n_experts * moe_layers;
+    j["total_expert_bytes_source"] = routed_bytes;
+    j["non_expert_bytes"] = other_bytes;
+    j["shared_expert_bytes"] = shared_bytes;
+    j["moe_block"] = block;
     j["tier"] = "disk (mmap)";
     std::cout << j.dump(2) << "\n";
     return 0;
@@ -160,7 +178,10 @@ int main(int argc, char** argv) {
   for (const auto& [d, n] : dtype_counts) std::printf(" %s x%llu", d.c_str(), static_cast<unsigned long long>(n));
   std::printf("\nbytes/expert   source %s", human(source_bytes).c_str());
   for (const auto& p : precisions) std::printf(", %s %s", p.name, human(moex::expert_bytes(shape, p.f)).c_str());
-  std::printf("\nall experts    %s in the source format\n", human(source_bytes * c.n_experts * moe_layers).c_str());
+  std::printf("\nall experts    %s in the source format\n", human(routed_bytes).c_str());
+  std::printf("non-expert     %s (dense weights, routers, shared experts %s): outside the expert budget\n",
+              human(other_bytes).c_str(), human(shared_bytes).c_str());
+  std::printf("moe block      %s\n", block.c_str());
   std::printf("tier           disk (mmap, read in place)\n");
   return 0;
 }

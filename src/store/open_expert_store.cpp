@@ -148,22 +148,20 @@ WeightFormat shared_format(const ExpertTensors& x) {
   return float_format(Precision::kF32);
 }
 
-// Reads the rest of MoE layer `l`'s block (stored as `sl`): expert biases, the shared expert and
-// its gate, as the store's spec asks.
+// Sets the biases of expert `key` from its tensors (the store's spec asks for expert biases).
+Status read_expert_biases(const ExpertTensors& x, ExpertKey key, ExpertStore& store) {
+  const std::uint64_t h = store.spec().shape.hidden, f = store.spec().shape.ffn;
+  std::vector<float> b1, b3, b2;
+  MOEX_RETURN_IF_ERROR(bias_values(x.b1, f, b1));
+  MOEX_RETURN_IF_ERROR(bias_values(x.b3, f, b3));
+  MOEX_RETURN_IF_ERROR(bias_values(x.b2, h, b2));
+  return store.set_expert_biases(key, b1, b3, b2);
+}
+
+// Reads the shared expert of MoE layer `l` (stored as `sl`) and its gate, as the store's spec asks.
 Status read_block_extras(const Checkpoint& ck, std::uint32_t l, std::uint32_t sl, ExpertStore& store) {
   const MoeModelSpec& spec = store.spec();
-  const std::uint64_t h = spec.shape.hidden, f = spec.shape.ffn;
-  if (spec.block.expert_biases) {
-    std::vector<float> b1, b3, b2;
-    for (std::uint32_t e = 0; e < spec.n_experts; ++e) {
-      auto ex = ck.expert(l, e);
-      if (!ex) return ex.status();
-      MOEX_RETURN_IF_ERROR(bias_values(ex->b1, f, b1));
-      MOEX_RETURN_IF_ERROR(bias_values(ex->b3, f, b3));
-      MOEX_RETURN_IF_ERROR(bias_values(ex->b2, h, b2));
-      MOEX_RETURN_IF_ERROR(store.set_expert_biases({sl, e}, b1, b3, b2));
-    }
-  }
+  const std::uint64_t h = spec.shape.hidden;
   if (spec.block.shared_ffn) {
     auto sh = ck.shared_expert(l);
     if (!sh) return sh.status();
@@ -259,6 +257,7 @@ Result<OpenedModel> open_expert_store(std::shared_ptr<const Checkpoint> ck, cons
         MOEX_RETURN_IF_ERROR(decode(ex->w2, h, f, w2));
         MOEX_RETURN_IF_ERROR(store->set_expert({sl, e}, w1.data(), w3.data(), w2.data()));
       }
+      if (spec.block.expert_biases) MOEX_RETURN_IF_ERROR(read_expert_biases(*ex, {sl, e}, *store));
       if (options.progress) options.progress(std::uint64_t{sl} * spec.n_experts + e + 1, total, "reading experts");
     }
     auto r = ck->router(l);
